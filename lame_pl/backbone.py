@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import importlib.resources
 import importlib.util
+import json
 import os
 from dataclasses import dataclass
 from functools import lru_cache
@@ -122,11 +123,14 @@ class DecoderSpec:
         path: Local Hugging Face directory of a causal LM (e.g. Qwen3-0.6B).
         preset: Name of a random-weight Qwen3 config (``tiny``, ``demo``, ``qwen3-0.6b-shape``).
         dtype: Weight dtype when loading from ``path``.
+        vocab_file: JSON list of the token ids the decoder's softmax runs over (written by
+            ``tools/decoder_vocab.py``); ``None`` uses the whole vocabulary, as the paper does.
     """
 
     path: str | None = None
     preset: str | None = None
     dtype: Literal["float32", "bfloat16", "float16"] = "float32"
+    vocab_file: str | None = None
 
     def __post_init__(self) -> None:
         if (self.path is None) == (self.preset is None):
@@ -138,6 +142,17 @@ class DecoderSpec:
             raise FileNotFoundError(f"decoder.path {self.path!r} is not a directory")
         if self.preset is not None and self.preset not in DECODER_PRESETS:
             raise ValueError(f"decoder.preset {self.preset!r} is unknown; choose one of {sorted(DECODER_PRESETS)}")
+        if self.vocab_file is not None and not Path(self.vocab_file).is_file():
+            raise FileNotFoundError(f"decoder.vocab_file {self.vocab_file!r} is not a file")
+
+    def output_ids(self) -> list[int] | None:
+        """The token ids of ``vocab_file``, or ``None`` for the whole vocabulary."""
+        if self.vocab_file is None:
+            return None
+        ids = json.loads(Path(self.vocab_file).read_text())
+        if not isinstance(ids, list) or not all(isinstance(i, int) for i in ids):
+            raise ValueError(f"decoder.vocab_file {self.vocab_file!r} must hold a JSON list of token ids")
+        return ids
 
 
 def default_attn_implementation() -> str:

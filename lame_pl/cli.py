@@ -1,0 +1,29 @@
+"""The command line: LightningCLI with subclass mode for model and data.
+
+Installed as ``lightning`` and ``lame`` (Lightning 2.6 ships no ``lightning`` command; this is
+the project's own), and runnable as ``python -m lame_pl``.
+"""
+
+from __future__ import annotations
+
+from lightning import LightningDataModule, LightningModule
+from lightning.pytorch.cli import ArgsType, LightningCLI
+
+
+class LaMECLI(LightningCLI):
+    """LightningCLI that hands the model's backbone spec to the datamodule (one processor, one truth)."""
+
+    def add_arguments_to_parser(self, parser) -> None:
+        parser.link_arguments("model.init_args.backbone", "data.init_args.backbone")
+
+
+def main(args: ArgsType = None) -> LaMECLI:
+    """Runs ``fit``, ``validate``, ``test`` or ``predict`` from YAML configs and flags."""
+    return LaMECLI(
+        LightningModule,
+        LightningDataModule,
+        subclass_mode_model=True,
+        subclass_mode_data=True,
+        save_config_kwargs={"overwrite": True},
+        args=args,
+    )

@@ -1,0 +1,69 @@
+"""The latent decoder: regenerates the target's text from the K reason states alone."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+
+class LatentDecoder(nn.Module):
+    """A projector into a small causal LM that reads the K reason states as a prefix.
+
+    Trained with teacher-forced cross-entropy on the target's text; never used to embed.
+
+    Args:
+        language_model: A causal LM (e.g. ``Qwen3ForCausalLM``) that accepts ``inputs_embeds``.
+        input_dim: Hidden size of the encoder's reason states.
+        output_ids: Token ids the softmax runs over; ``None`` is the whole vocabulary. A corpus
+            with a small vocabulary (the synthetic demo) trains many times faster on a CPU with
+            the softmax restricted to its own tokens; the loss is then exact over that support.
+    """
+
+    def __init__(self, language_model: nn.Module, input_dim: int, output_ids: list[int] | None = None) -> None:
+        super().__init__()
+        self.language_model = language_model
+        width = language_model.config.hidden_size
+        self.projector = nn.Sequential(nn.Linear(input_dim, width), nn.GELU(), nn.Linear(width, width))
+        self.restricted = output_ids is not None
+        if output_ids is not None:
+            vocab = language_model.get_output_embeddings().weight.shape[0]
+            ids = torch.tensor(sorted(set(output_ids)), dtype=torch.long)
+            if ids.numel() == 0 or ids.min() < 0 or ids.max() >= vocab:
+                raise ValueError(f"decoder output ids must be non-empty and within [0, {vocab}), got {ids.tolist()[:10]}")
+            position = torch.full((vocab,), -1, dtype=torch.long)
+            position[ids] = torch.arange(ids.numel())
+            self.register_buffer("output_ids", ids, persistent=False)
+            self.register_buffer("output_position", position, persistent=False)
+
+    def forward(
+        self, reason_states: torch.Tensor, input_ids: torch.Tensor, attention_mask: torch.Tensor
+    ) -> torch.Tensor:
+        """Mean token cross-entropy of the target text given the reason-state prefix.
+
+        Args:
+            reason_states: ``(B, K, H)`` final states of the reason tokens.
+            input_ids: ``(B, T)`` right-padded target token ids.
+            attention_mask: ``(B, T)``, 1 on real target tokens.
+        """
+        batch, k = reason_states.shape[:2]
+        if k == 0:
+            raise ValueError("the latent decoder needs num_reason_tokens > 0")
+        embeddings = self.language_model.get_input_embeddings()
+        prefix = self.projector(reason_states.to(self.projector[0].weight.dtype)).to(embeddings.weight.dtype)
+        inputs_embeds = torch.cat([prefix, embeddings(input_ids)], dim=1)
+        mask = torch.cat([attention_mask.new_ones(batch, k), attention_mask], dim=1)
+        hidden = self.language_model.base_model(inputs_embeds=inputs_embeds, attention_mask=mask).last_hidden_state
+        # Position k-1+t predicts target token t. Only real target tokens go through the LM
+        # head: over a 150k vocabulary the logits are most of the decoder's cost.
+        predicts = hidden[:, k - 1 : -1][attention_mask.bool()]
+        targets = input_ids[attention_mask.bool()]
+        head = self.language_model.get_output_embeddings()
+        if not self.restricted:
+            return F.cross_entropy(head(predicts).float(), targets)
+        positions = self.output_position[targets]
+        if bool((positions < 0).any()):
+            missing = sorted(set(targets[positions < 0].tolist()))
+            raise ValueError(f"target token ids {missing[:10]} are not in the decoder's output vocabulary file")
+        logits = F.linear(predicts, head.weight[self.output_ids], None if head.bias is None else head.bias[self.output_ids])
+        return F.cross_entropy(logits.float(), positions)

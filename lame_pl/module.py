@@ -1,0 +1,289 @@
+"""The LightningModule: LaME's two training stages as switchable phases of one module."""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+from typing import Any, Literal
+
+import torch
+import torch.nn.functional as F
+from lightning import LightningModule
+from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
+from torch import nn
+
+from lame_pl.backbone import BackboneSpec, DecoderSpec, build_backbone, build_decoder, qwen2_tokenizer
+from lame_pl.decoder import LatentDecoder
+from lame_pl.losses import info_nce
+from lame_pl.model import EncoderOutput, LaMEEncoder, text_config
+from lame_pl.retrieval import chance_metrics, retrieval_metrics
+from lame_pl.stages import StageSpec, apply_stage, default_stages
+
+STAGE_KEY = "lame_stage"
+
+
+class LaMEModule(LightningModule):
+    """LaME: a Qwen-VL encoder with K reason tokens, [EMBED] pooling and a latent decoder.
+
+    Args:
+        backbone: Where the vision-language backbone comes from (a local path or a preset).
+        decoder: The latent decoder; ``None`` trains [EMBED] contrastively without it.
+        num_reason_tokens: K, the number of learnable reason tokens; 0 is the discriminative baseline.
+        bottleneck_mask: Let [EMBED] attend to the reason tokens only.
+        embed_dim: Width of an optional linear projection of [EMBED].
+        stage: The stage this run starts in: 1 (bottleneck warm-up) or 2 (joint training).
+        stage1: What stage 1 trains and its loss weights (default: the paper's warm-up).
+        stage2: What stage 2 trains and its loss weights (default: full LM, contrastive + decoder).
+        temperature: InfoNCE temperature (its start value when learnable).
+        learnable_temperature: Learn the temperature (as a log logit scale, capped at 100).
+        lr: Peak learning rate of AdamW.
+        weight_decay: AdamW weight decay.
+        warmup_steps: Linear warm-up steps at the start of each stage's optimiser.
+        lr_schedule: Shape after warm-up.
+        init_from: A checkpoint whose weights (not optimiser) start this run, e.g. stage 1's
+            ``last.ckpt`` for a stage-2 run.
+    """
+
+    def __init__(
+        self,
+        backbone: BackboneSpec,
+        decoder: DecoderSpec | None = None,
+        num_reason_tokens: int = 8,
+        bottleneck_mask: bool = False,
+        embed_dim: int | None = None,
+        stage: int = 1,
+        stage1: StageSpec | None = None,
+        stage2: StageSpec | None = None,
+        temperature: float = 0.02,
+        learnable_temperature: bool = False,
+        lr: float = 5e-5,
+        weight_decay: float = 0.0,
+        warmup_steps: int = 0,
+        lr_schedule: Literal["constant", "cosine", "linear"] = "constant",
+        init_from: str | None = None,
+    ) -> None:
+        super().__init__()
+        if stage not in (1, 2):
+            raise ValueError(f"model.stage must be 1 or 2, got {stage!r}")
+        if num_reason_tokens < 0:
+            raise ValueError(f"model.num_reason_tokens must be >= 0, got {num_reason_tokens}")
+        if decoder is not None and num_reason_tokens == 0:
+            raise ValueError("model.decoder is set but num_reason_tokens is 0: the decoder reads the reason states")
+        if not temperature > 0:
+            raise ValueError(f"model.temperature must be > 0, got {temperature}")
+        if init_from is not None and not Path(init_from).is_file():
+            raise FileNotFoundError(f"model.init_from {init_from!r} is not a file")
+        self.save_hyperparameters()
+        defaults = default_stages()
+        self.stages = {1: stage1 or defaults[1], 2: stage2 or defaults[2]}
+        self.stage = stage
+        self.configure_models()
+        if init_from is not None:
+            self.load_weights(init_from)
+        self.set_stage(stage)
+        self._eval_embeddings: dict[str, list[torch.Tensor]] = {"query": [], "target": []}
+
+    # ----------------------------------------------------------------------------- building
+
+    def configure_models(self) -> None:
+        """Builds the encoder (backbone + latent tokens), the decoder and the logit scale."""
+        hp = self.hparams
+        backbone = build_backbone(hp.backbone)
+        self.encoder = LaMEEncoder(
+            backbone,
+            num_reason_tokens=hp.num_reason_tokens,
+            bottleneck_mask=hp.bottleneck_mask,
+            embed_dim=hp.embed_dim,
+            placeholder_token_id=_pad_token_id(backbone),
+        )
+        self.decoder = None
+        if hp.decoder is not None:
+            attn = hp.backbone.attn_implementation
+            language_model = build_decoder(hp.decoder, attn)
+            self.decoder = LatentDecoder(
+                language_model, input_dim=text_config(backbone).hidden_size, output_ids=hp.decoder.output_ids()
+            )
+        log_scale = torch.tensor(math.log(1.0 / hp.temperature))
+        self.log_logit_scale = nn.Parameter(log_scale, requires_grad=hp.learnable_temperature)
+
+    @property
+    def logit_scale(self) -> torch.Tensor:
+        """``1 / temperature``, capped at 100 as in CLIP."""
+        return self.log_logit_scale.exp().clamp(max=100.0)
+
+    @property
+    def stage_spec(self) -> StageSpec:
+        """The spec of the stage in force."""
+        return self.stages[self.stage]
+
+    def set_stage(self, stage: int) -> None:
+        """Puts the module in ``stage``: freezes and unfreezes parameters (the optimiser is not rebuilt)."""
+        if stage not in (1, 2):
+            raise ValueError(f"stage must be 1 or 2, got {stage!r}")
+        spec = self.stages[stage]
+        if self.decoder is None and spec.contrastive_loss_weight == 0:
+            raise ValueError(
+                f"stage {stage} trains only the decoder loss (contrastive_loss_weight=0) but model.decoder is not set"
+            )
+        apply_stage(self.encoder.backbone, spec)
+        self.encoder.reason_embeddings.requires_grad_(True)
+        self.encoder.embed_embedding.requires_grad_(True)
+        self.encoder.projection.requires_grad_(True)
+        if self.decoder is not None:
+            self.decoder.requires_grad_(True)
+        self.log_logit_scale.requires_grad_(self.hparams.learnable_temperature)
+        self.stage = stage
+
+    def load_weights(self, path: str) -> None:
+        """Loads a checkpoint's model weights (not its optimiser) and reports what did not match."""
+        checkpoint = torch.load(path, map_location="cpu", weights_only=False)
+        state = checkpoint.get("state_dict", checkpoint)
+        result = self.load_state_dict(state, strict=False)
+        rank_zero_info(f"init_from {path}: loaded {len(state) - len(result.unexpected_keys)} tensors")
+        if result.missing_keys:
+            rank_zero_warn(f"init_from {path}: {len(result.missing_keys)} missing keys: {result.missing_keys[:10]}")
+        if result.unexpected_keys:
+            rank_zero_warn(
+                f"init_from {path}: {len(result.unexpected_keys)} unexpected keys: {result.unexpected_keys[:10]}"
+            )
+        if len(result.unexpected_keys) == len(state):
+            raise ValueError(f"init_from {path}: no key of the checkpoint matches this model")
+
+    def configure_optimizers(self) -> Any:
+        """AdamW over what the stage in force trains, with warm-up and the configured schedule."""
+        hp = self.hparams
+        params = [p for p in self.parameters() if p.requires_grad]
+        optimizer = torch.optim.AdamW(params, lr=hp.lr, weight_decay=hp.weight_decay)
+        if hp.lr_schedule == "constant" and hp.warmup_steps == 0:
+            return optimizer
+        from transformers import get_scheduler
+
+        name = "constant_with_warmup" if hp.lr_schedule == "constant" else hp.lr_schedule
+        remaining = max(1, int(self.trainer.estimated_stepping_batches) - self.global_step)
+        scheduler = get_scheduler(
+            name, optimizer, num_warmup_steps=hp.warmup_steps, num_training_steps=remaining
+        )
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
+
+    # ----------------------------------------------------------------------------- steps
+
+    def encode(self, inputs: dict[str, torch.Tensor]) -> EncoderOutput:
+        """Encodes one side of a batch (processor outputs) into embeddings and reason states."""
+        return self.encoder(**inputs)
+
+    def _gather_with_grad(self, x: torch.Tensor) -> torch.Tensor:
+        if self._trainer is None or self.trainer.world_size == 1:
+            return x
+        return self.all_gather(x, sync_grads=True).flatten(0, 1)
+
+    def model_step(self, batch: dict[str, Any], split: str) -> tuple[torch.Tensor, dict[str, torch.Tensor], dict]:
+        """The step shared by train, val and test: encode, compute each loss term, weight them.
+
+        In training, a term whose weight is 0 is skipped; in evaluation every term is computed
+        so that it can be watched, and the embeddings are returned for retrieval metrics.
+        """
+        spec = self.stage_spec
+        training = split == "train"
+        query = self.encode(batch["query"])
+        outputs = {"query": query}
+        terms: dict[str, torch.Tensor] = {}
+        if not training or spec.contrastive_loss_weight > 0:
+            target = self.encode(batch["target"])
+            outputs["target"] = target
+            negatives = self.encode(batch["negative"]).embedding if "negative" in batch else None
+            if training:
+                targets = self._gather_with_grad(target.embedding)
+                negatives = self._gather_with_grad(negatives) if negatives is not None else None
+                offset = self.global_rank * query.embedding.shape[0] if targets.shape[0] > query.embedding.shape[0] else 0
+            else:
+                targets, offset = target.embedding, 0
+            terms["contrastive"] = info_nce(query.embedding, targets, self.logit_scale, negatives, offset)
+        if self.decoder is not None and (not training or spec.decoder_loss_weight > 0):
+            terms["decoder"] = self.decoder(query.reason_states, **batch["decoder"])
+        weights = {"contrastive": spec.contrastive_loss_weight, "decoder": spec.decoder_loss_weight}
+        loss = sum(weights[name] * value for name, value in terms.items())
+        return loss, terms, outputs
+
+    def _log_losses(self, split: str, loss: torch.Tensor, terms: dict[str, torch.Tensor], batch_size: int) -> None:
+        on_step = split == "train"
+        self.log(f"{split}/loss", loss, on_step=on_step, on_epoch=not on_step, prog_bar=True, batch_size=batch_size, sync_dist=not on_step)
+        for name, value in terms.items():
+            self.log(f"{split}/loss/{name}", value, on_step=on_step, on_epoch=not on_step, batch_size=batch_size, sync_dist=not on_step)
+
+    def training_step(self, batch: dict[str, Any], batch_idx: int) -> torch.Tensor:
+        loss, terms, _ = self.model_step(batch, "train")
+        batch_size = len(batch["keys"])
+        self._log_losses("train", loss, terms, batch_size)
+        self.log("train/temperature", 1.0 / self.logit_scale.detach(), batch_size=batch_size)
+        self.log("train/stage", float(self.stage), batch_size=batch_size)
+        return loss
+
+    def _eval_step(self, batch: dict[str, Any], split: str) -> None:
+        loss, terms, outputs = self.model_step(batch, split)
+        self._log_losses(split, loss, terms, len(batch["keys"]))
+        self._eval_embeddings["query"].append(outputs["query"].embedding.detach())
+        self._eval_embeddings["target"].append(outputs["target"].embedding.detach())
+
+    def validation_step(self, batch: dict[str, Any], batch_idx: int) -> None:
+        self._eval_step(batch, "val")
+
+    def test_step(self, batch: dict[str, Any], batch_idx: int) -> None:
+        self._eval_step(batch, "test")
+
+    def predict_step(self, batch: dict[str, Any], batch_idx: int) -> dict[str, Any]:
+        """Embeddings of both sides of a batch, keyed like the samples."""
+        out = {"keys": batch["keys"], "query": self.encode(batch["query"]).embedding}
+        if "target" in batch:
+            out["target"] = self.encode(batch["target"]).embedding
+        return out
+
+    # ----------------------------------------------------------------------------- retrieval
+
+    def _gather_rows(self, x: torch.Tensor) -> torch.Tensor:
+        """All ranks' rows in rank order; ranks may hold different numbers of rows."""
+        if self._trainer is None or self.trainer.world_size == 1:
+            return x
+        sizes = self.all_gather(torch.tensor([x.shape[0]], device=x.device)).flatten().tolist()
+        padded = F.pad(x, (0, 0, 0, max(sizes) - x.shape[0]))
+        gathered = self.all_gather(padded)
+        return torch.cat([gathered[rank, :size] for rank, size in enumerate(sizes)])
+
+    def _retrieval_epoch_end(self, split: str) -> None:
+        stored = self._eval_embeddings
+        self._eval_embeddings = {"query": [], "target": []}
+        if not stored["query"]:
+            return
+        query = self._gather_rows(torch.cat(stored["query"]))
+        target = self._gather_rows(torch.cat(stored["target"]))
+        gold = torch.arange(query.shape[0], device=query.device)
+        metrics = retrieval_metrics(query @ target.T, gold)
+        for name, value in metrics.items():
+            self.log(f"{split}/{name}", value, rank_zero_only=True)
+        if split == "test":
+            self.log("test/num_candidates", float(target.shape[0]), rank_zero_only=True)
+            for name, value in chance_metrics(target.shape[0]).items():
+                self.log(f"chance/{name}", value, rank_zero_only=True)
+
+    def on_validation_epoch_end(self) -> None:
+        self._retrieval_epoch_end("val")
+
+    def on_test_epoch_end(self) -> None:
+        self._retrieval_epoch_end("test")
+
+    # ----------------------------------------------------------------------------- checkpoints
+
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        checkpoint[STAGE_KEY] = self.stage
+
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        # Runs before the weights load and before the optimiser is built, so a run resumed in
+        # stage 2 gets stage 2's trainable set (and LoRA adapters) back.
+        stage = checkpoint.get(STAGE_KEY, self.stage)
+        if stage != self.stage:
+            rank_zero_info(f"resuming in stage {stage}, the stage saved in the checkpoint")
+        self.set_stage(stage)
+
+
+def _pad_token_id(backbone: nn.Module) -> int:
+    pad = getattr(text_config(backbone), "pad_token_id", None)
+    return pad if pad is not None else qwen2_tokenizer().pad_token_id
