@@ -250,3 +250,7 @@ class ImageTextDataModule(L.LightningDataModule):
     def test_dataloader(self) -> DataLoader:
         """Every test sample once, in file order (per worker when ``num_workers > 1``)."""
         return self._eval_dataloader("test")
+
+    def predict_dataloader(self) -> DataLoader:
+        """The test split, for ``predict`` (embeddings of both sides, keyed by sample)."""
+        return self._eval_dataloader("test")

@@ -81,7 +81,7 @@ class BackboneSpec:
     Args:
         path: Local Hugging Face directory of a Qwen2-VL, Qwen2.5-VL or Qwen3-VL checkpoint.
         preset: Name of a random-weight Qwen2-VL config (``tiny``, ``demo``, ``small``,
-            ``qwen2vl-2b-shape``); used when ``path`` is not set.
+            ``qwen2vl-2b-shape``); ignored when ``path`` is set.
         min_pixels: Smallest image area the processor resizes to.
         max_pixels: Largest image area the processor resizes to.
         attn_implementation: ``sdpa``, ``eager`` or ``flash_attention_2``; ``None`` picks
@@ -97,11 +97,12 @@ class BackboneSpec:
     dtype: Literal["float32", "bfloat16", "float16"] = "float32"
 
     def __post_init__(self) -> None:
-        if (self.path is None) == (self.preset is None):
+        if self.path is None and self.preset is None:
             raise ValueError(
-                f"backbone: set exactly one of 'path' (a local checkpoint directory) or 'preset' "
-                f"(one of {sorted(BACKBONE_PRESETS)}); got path={self.path!r}, preset={self.preset!r}"
+                f"backbone: set 'path' (a local checkpoint directory) or 'preset' (one of {sorted(BACKBONE_PRESETS)})"
             )
+        if self.path is not None:
+            self.preset = None  # a path overrides a preset inherited from another config
         if self.path is not None and not Path(self.path).is_dir():
             raise FileNotFoundError(
                 f"backbone.path {self.path!r} is not a directory; point it at a local Hugging Face "
@@ -121,7 +122,8 @@ class DecoderSpec:
 
     Args:
         path: Local Hugging Face directory of a causal LM (e.g. Qwen3-0.6B).
-        preset: Name of a random-weight Qwen3 config (``tiny``, ``demo``, ``qwen3-0.6b-shape``).
+        preset: Name of a random-weight Qwen3 config (``tiny``, ``demo``, ``qwen3-0.6b-shape``);
+            ignored when ``path`` is set.
         dtype: Weight dtype when loading from ``path``.
         vocab_file: JSON list of the token ids the decoder's softmax runs over (written by
             ``tools/decoder_vocab.py``); ``None`` uses the whole vocabulary, as the paper does.
@@ -133,11 +135,10 @@ class DecoderSpec:
     vocab_file: str | None = None
 
     def __post_init__(self) -> None:
-        if (self.path is None) == (self.preset is None):
-            raise ValueError(
-                f"decoder: set exactly one of 'path' or 'preset' (one of {sorted(DECODER_PRESETS)}); "
-                f"got path={self.path!r}, preset={self.preset!r}"
-            )
+        if self.path is None and self.preset is None:
+            raise ValueError(f"decoder: set 'path' or 'preset' (one of {sorted(DECODER_PRESETS)})")
+        if self.path is not None:
+            self.preset = None  # a path overrides a preset inherited from another config
         if self.path is not None and not Path(self.path).is_dir():
             raise FileNotFoundError(f"decoder.path {self.path!r} is not a directory")
         if self.preset is not None and self.preset not in DECODER_PRESETS:

@@ -17,8 +17,8 @@ class LaMECLI(LightningCLI):
         parser.link_arguments("model.init_args.backbone", "data.init_args.backbone")
 
 
-def main(args: ArgsType = None) -> LaMECLI:
-    """Runs ``fit``, ``validate``, ``test`` or ``predict`` from YAML configs and flags."""
+def build_cli(args: ArgsType = None) -> LaMECLI:
+    """Parses ``args`` (default: the command line), then runs the subcommand it names."""
     return LaMECLI(
         LightningModule,
         LightningDataModule,
@@ -27,3 +27,8 @@ def main(args: ArgsType = None) -> LaMECLI:
         save_config_kwargs={"overwrite": True},
         args=args,
     )
+
+
+def main(args: ArgsType = None) -> None:
+    """Runs ``fit``, ``validate``, ``test`` or ``predict`` from YAML configs and flags."""
+    build_cli(args)

@@ -42,6 +42,8 @@ class LaMEModule(LightningModule):
         lr_schedule: Shape after warm-up.
         init_from: A checkpoint whose weights (not optimiser) start this run, e.g. stage 1's
             ``last.ckpt`` for a stage-2 run.
+        gradient_checkpointing: Recompute the backbone's and decoder's activations in the
+            backward pass, trading compute for memory (large batches on real backbones).
     """
 
     def __init__(
@@ -61,6 +63,7 @@ class LaMEModule(LightningModule):
         warmup_steps: int = 0,
         lr_schedule: Literal["constant", "cosine", "linear"] = "constant",
         init_from: str | None = None,
+        gradient_checkpointing: bool = False,
     ) -> None:
         super().__init__()
         if stage not in (1, 2):
@@ -74,6 +77,8 @@ class LaMEModule(LightningModule):
         if init_from is not None and not Path(init_from).is_file():
             raise FileNotFoundError(f"model.init_from {init_from!r} is not a file")
         self.save_hyperparameters()
+        # Under LightningCLI, hparams hold the raw config (dicts), so keep the typed specs here.
+        self.backbone_spec, self.decoder_spec = backbone, decoder
         defaults = default_stages()
         self.stages = {1: stage1 or defaults[1], 2: stage2 or defaults[2]}
         self.stage = stage
@@ -88,7 +93,7 @@ class LaMEModule(LightningModule):
     def configure_models(self) -> None:
         """Builds the encoder (backbone + latent tokens), the decoder and the logit scale."""
         hp = self.hparams
-        backbone = build_backbone(hp.backbone)
+        backbone = build_backbone(self.backbone_spec)
         self.encoder = LaMEEncoder(
             backbone,
             num_reason_tokens=hp.num_reason_tokens,
@@ -97,12 +102,17 @@ class LaMEModule(LightningModule):
             placeholder_token_id=_pad_token_id(backbone),
         )
         self.decoder = None
-        if hp.decoder is not None:
-            attn = hp.backbone.attn_implementation
-            language_model = build_decoder(hp.decoder, attn)
+        if self.decoder_spec is not None:
+            language_model = build_decoder(self.decoder_spec, self.backbone_spec.attn_implementation)
             self.decoder = LatentDecoder(
-                language_model, input_dim=text_config(backbone).hidden_size, output_ids=hp.decoder.output_ids()
+                language_model, input_dim=text_config(backbone).hidden_size, output_ids=self.decoder_spec.output_ids()
             )
+        if hp.gradient_checkpointing:
+            backbone.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+            if self.decoder is not None:
+                self.decoder.language_model.gradient_checkpointing_enable(
+                    gradient_checkpointing_kwargs={"use_reentrant": False}
+                )
         log_scale = torch.tensor(math.log(1.0 / hp.temperature))
         self.log_logit_scale = nn.Parameter(log_scale, requires_grad=hp.learnable_temperature)
 
@@ -153,7 +163,8 @@ class LaMEModule(LightningModule):
         """AdamW over what the stage in force trains, with warm-up and the configured schedule."""
         hp = self.hparams
         params = [p for p in self.parameters() if p.requires_grad]
-        optimizer = torch.optim.AdamW(params, lr=hp.lr, weight_decay=hp.weight_decay)
+        # fused: one kernel per step over all parameters, several times faster on a CPU too.
+        optimizer = torch.optim.AdamW(params, lr=hp.lr, weight_decay=hp.weight_decay, fused=True)
         if hp.lr_schedule == "constant" and hp.warmup_steps == 0:
             return optimizer
         from transformers import get_scheduler

@@ -52,8 +52,9 @@ def test_stage1_trains_only_latent_tokens_and_decoder(build, make_batch):
     assert changed(module, before, "encoder.embed_embedding")[0] == 0
 
 
-def test_stage2_trains_the_language_model_not_the_vision_tower(build, make_batch):
-    module = build(stage=2)
+@pytest.mark.parametrize("gradient_checkpointing", [False, True])
+def test_stage2_trains_the_language_model_not_the_vision_tower(build, make_batch, gradient_checkpointing):
+    module = build(stage=2, gradient_checkpointing=gradient_checkpointing)
     before = one_step(module, make_batch(4))
     assert changed(module, before, "encoder.backbone.visual.")[0] == 0
     moved, total = changed(module, before, "encoder.backbone.language_model.")

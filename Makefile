@@ -1,0 +1,42 @@
+# The two commands a newcomer runs: `make demo` and `make test`.
+PYTHON ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+DATA := data/demo
+RUNS := runs/demo
+
+.PHONY: demo test install data lint clean
+
+$(BIN)/python:
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install --quiet --upgrade pip
+
+# Reinstalls when the package metadata changes.
+$(VENV)/.installed: setup.cfg pyproject.toml | $(BIN)/python
+	$(BIN)/pip install --quiet -e '.[dev]'
+	touch $@
+
+install: $(VENV)/.installed
+
+## data: the synthetic scenes as WebDataset shards, and the caption vocabulary for the decoder
+data: install
+	$(BIN)/python tools/make_shards.py synthetic --out $(DATA) --overwrite
+	$(BIN)/python tools/decoder_vocab.py $(DATA)/train $(DATA)/val $(DATA)/test --out $(DATA)/decoder_vocab.json
+
+## demo: stage 1, stage 2 (initialised from stage 1), test, metrics beside chance
+demo: data
+	rm -rf $(RUNS)
+	$(BIN)/lightning fit --config configs/demo/stage1.yaml
+	$(BIN)/lightning fit --config configs/demo/stage2.yaml
+	$(BIN)/lightning test --config configs/demo/stage2.yaml --ckpt_path $(RUNS)/stage2/checkpoints/last.ckpt
+	$(BIN)/python tools/show_metrics.py $(RUNS)/test_metrics.json
+
+## test: the CPU test suite (slow tests: `make test PYTEST_ARGS="-m slow"`)
+test: install
+	$(BIN)/python -m pytest $(PYTEST_ARGS)
+
+lint: install
+	$(BIN)/ruff check .
+
+clean:
+	rm -rf $(RUNS) $(DATA)

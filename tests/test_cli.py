@@ -1,0 +1,149 @@
+"""The real command line: fit for both stage configs, stage switching, resume, and bad input."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from lame_pl.cli import build_cli
+
+ROOT = Path(__file__).resolve().parents[1]
+CONF = ROOT / "tests" / "conf" / "tiny.yaml"
+LIGHTNING = Path(sys.executable).with_name("lightning")
+
+
+@pytest.fixture(scope="module")
+def shards(tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("shards")
+    subprocess.run(
+        [sys.executable, str(ROOT / "tools" / "make_shards.py"), "synthetic", "--out", str(out), "--overwrite",
+         "--train", "48", "--val", "8", "--test", "8", "--image-size", "56", "--samples-per-shard", "16"],
+        check=True, capture_output=True,
+    )
+    subprocess.run(
+        [sys.executable, str(ROOT / "tools" / "decoder_vocab.py"), str(out / "train"), str(out / "val"),
+         str(out / "test"), "--out", str(out / "vocab.json")],
+        check=True, capture_output=True,
+    )
+    return out
+
+
+def data_args(shards: Path) -> list[str]:
+    return [f"--data.init_args.{split}_shards={shards / split}" for split in ("train", "val", "test")]
+
+
+def run_args(tmp: Path, name: str) -> list[str]:
+    """A TensorBoard logger with a pinned version and a checkpoint callback that keeps last.ckpt."""
+    return [
+        "--trainer.logger=lightning.pytorch.loggers.TensorBoardLogger",
+        f"--trainer.logger.save_dir={tmp}", "--trainer.logger.name=", f"--trainer.logger.version={name}",
+        "--trainer.callbacks+=lightning.pytorch.callbacks.ModelCheckpoint",
+        f"--trainer.callbacks.dirpath={tmp / name / 'checkpoints'}", "--trainer.callbacks.save_last=true",
+    ]
+
+
+@pytest.fixture(autouse=True)
+def _no_pytest_argv(monkeypatch):
+    """LightningCLI warns when both sys.argv and ``args`` are given."""
+    monkeypatch.setattr(sys, "argv", ["lightning"])
+
+
+def fit(*args: str):
+    return build_cli(["fit", f"--config={CONF}", *args])
+
+
+@pytest.mark.parametrize("stage", ["stage1", "stage2"])
+def test_demo_configs_fit_through_the_console_script(stage, shards, tmp_path):
+    """`lightning fit --config configs/demo/stageN.yaml` with fast_dev_run (data paths redirected)."""
+    cmd = [
+        str(LIGHTNING), "fit", f"--config={ROOT / 'configs' / 'demo' / f'{stage}.yaml'}", *data_args(shards),
+        f"--model.init_args.decoder.vocab_file={shards / 'vocab.json'}", "--model.init_args.init_from=null",
+        "--trainer.fast_dev_run=2", f"--trainer.logger.init_args.save_dir={tmp_path}",
+        "--data.init_args.batch_size=4", "--data.init_args.num_workers=0",
+        "--trainer.callbacks=[]",
+    ]
+    result = subprocess.run(cmd, cwd=tmp_path, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "fast_dev_run" in result.stderr + result.stdout
+
+
+def test_python_dash_m_entry_prints_help():
+    result = subprocess.run([sys.executable, "-m", "lame_pl", "--help"], capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0 and "fit" in result.stdout and "predict" in result.stdout
+
+
+def test_resume_continues_global_step_and_tensorboard_run(shards, tmp_path):
+    first = fit(*data_args(shards), *run_args(tmp_path, "run"), "--trainer.max_steps=2")
+    assert first.trainer.global_step == 2
+    last = tmp_path / "run" / "checkpoints" / "last.ckpt"
+    assert last.is_file()
+    os.chdir(tmp_path)  # `--ckpt_path last` finds last.ckpt through the checkpoint callback's dirpath
+    second = fit(*data_args(shards), *run_args(tmp_path, "run"), "--trainer.max_steps=4", "--ckpt_path=last")
+    assert second.trainer.global_step == 4
+    assert second.trainer.logger.log_dir == first.trainer.logger.log_dir == str(tmp_path / "run")
+    # Both runs wrote into the same TensorBoard folder, and no second version was created.
+    assert len(list((tmp_path / "run").glob("events.out.tfevents.*"))) >= 2
+    assert sorted(p.name for p in tmp_path.iterdir() if p.is_dir()) == ["run"]
+
+
+def test_stage2_initialised_from_stage1_checkpoint(shards, tmp_path):
+    first = fit(*data_args(shards), *run_args(tmp_path, "s1"), "--trainer.max_steps=2")
+    ckpt = tmp_path / "s1" / "checkpoints" / "last.ckpt"
+    trained = first.model.encoder.reason_embeddings.detach().clone()
+    second = build_cli(
+        ["fit", f"--config={CONF}", *data_args(shards), *run_args(tmp_path, "s2"), "--trainer.max_steps=0",
+         "--model.init_args.stage=2", f"--model.init_args.init_from={ckpt}"]
+    )
+    model = second.model
+    assert model.stage == 2 and second.trainer.global_step == 0
+    assert torch.equal(model.encoder.reason_embeddings.detach(), trained)
+    assert all(p.requires_grad for p in model.encoder.backbone.language_model.parameters())
+    assert not any(p.requires_grad for p in model.encoder.backbone.visual.parameters())
+
+
+def test_stage_switch_callback_switches_saves_and_resumes_in_stage2(shards, tmp_path):
+    switch = ["--trainer.callbacks+=callbacks.StageSwitch", "--trainer.callbacks.at_step=2"]
+    cli = fit(*data_args(shards), *run_args(tmp_path, "sw"), *switch, "--trainer.max_steps=3")
+    model = cli.model
+    assert model.stage == 2
+    # The optimiser was rebuilt over stage 2's trainable set: the language model is in it.
+    optimised = {id(p) for group in cli.trainer.optimizers[0].param_groups for p in group["params"]}
+    assert all(id(p) in optimised for p in model.encoder.backbone.language_model.parameters())
+    checkpoint = torch.load(tmp_path / "sw" / "checkpoints" / "last.ckpt", weights_only=False)
+    assert checkpoint["lame_stage"] == 2
+    os.chdir(tmp_path)
+    resumed = fit(*data_args(shards), *run_args(tmp_path, "sw"), *switch, "--trainer.max_steps=4", "--ckpt_path=last")
+    assert resumed.model.stage == 2 and resumed.trainer.global_step == 4
+
+
+def test_test_writes_retrieval_metrics_beside_chance(shards, tmp_path):
+    out = tmp_path / "metrics.json"
+    build_cli(["test", f"--config={CONF}", *data_args(shards), "--model.init_args.stage=2",
+               "--trainer.callbacks+=callbacks.MetricsFile", f"--trainer.callbacks.path={out}"])
+    metrics = json.loads(out.read_text())
+    assert metrics["test/num_candidates"] == 8
+    assert metrics["chance/recall@1"] == pytest.approx(1 / 8)
+    assert 0.0 <= metrics["test/recall@1"] <= metrics["test/recall@5"] <= 1.0
+
+
+@pytest.mark.parametrize(
+    ("flag", "message"),
+    [
+        ("--model.init_args.backbone.path=/no/such/backbone", "backbone.path '/no/such/backbone' is not a directory"),
+        ("--model.init_args.num_reason_tokens=-1", "num_reason_tokens must be >= 0, got -1"),
+        ("--model.init_args.stage=3", "model.stage must be 1 or 2, got 3"),
+        ("--data.init_args.train_shards=/no/such/shard-{000..009}.tar", "matches no shard file"),
+    ],
+)
+def test_bad_input_fails_with_a_message_naming_it(flag, message, shards, tmp_path):
+    args = [*data_args(shards), flag]
+    with pytest.raises((ValueError, FileNotFoundError, SystemExit)) as error:
+        fit(*args)
+    text = str(error.value)
+    assert message in text
