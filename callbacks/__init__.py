@@ -1,6 +1,7 @@
 """Callbacks that a config can name as ``callbacks.<Name>``."""
 
+from callbacks.embedding_writer import EmbeddingWriter
 from callbacks.metrics_file import MetricsFile
 from callbacks.stage_switch import StageSwitch
 
-__all__ = ["MetricsFile", "StageSwitch"]
+__all__ = ["EmbeddingWriter", "MetricsFile", "StageSwitch"]

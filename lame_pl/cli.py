@@ -16,6 +16,32 @@ class LaMECLI(LightningCLI):
     def add_arguments_to_parser(self, parser) -> None:
         parser.link_arguments("model.init_args.backbone", "data.init_args.backbone")
 
+    def instantiate_classes(self) -> None:
+        # jsonargparse reports a failed constructor inside a long dump of the whole config;
+        # pull out the constructors' own messages so that a bad value reads as one line.
+        try:
+            super().instantiate_classes()
+        except ValueError as error:
+            reasons = config_errors(str(error))
+            if not reasons:
+                raise
+            raise SystemExit("error: " + "; ".join(reasons)) from error
+
+
+def config_errors(text: str) -> list[str]:
+    """The constructor messages in a jsonargparse "Does not validate against any of the Union
+    subtypes" error, without the alternatives that were never meant (``Expected a NoneType``)."""
+    if "Errors:" not in text:
+        return []
+    body = text.split("Errors:", 1)[1].split("Given value type:", 1)[0]
+    reasons = []
+    for line in body.splitlines():
+        line = line.strip().removeprefix("- ").strip()
+        if not line or line.startswith(("Expected a <class 'NoneType'>", "Problem with given class_path")):
+            continue
+        reasons.append(line)
+    return reasons
+
 
 def build_cli(args: ArgsType = None) -> LaMECLI:
     """Parses ``args`` (default: the command line), then runs the subcommand it names."""

@@ -80,6 +80,13 @@ class LaMEEncoder(nn.Module):
         self.projection = nn.Linear(hidden, embed_dim) if embed_dim else nn.Identity()
 
     @property
+    def embedding_dim(self) -> int:
+        """Width of the output embedding."""
+        if isinstance(self.projection, nn.Linear):
+            return self.projection.out_features
+        return text_config(self.backbone).hidden_size
+
+    @property
     def num_appended(self) -> int:
         """How many tokens the encoder appends to each input (K reason + 1 [EMBED])."""
         return self.num_reason_tokens + 1

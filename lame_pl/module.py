@@ -182,10 +182,26 @@ class LaMEModule(LightningModule):
         """Encodes one side of a batch (processor outputs) into embeddings and reason states."""
         return self.encoder(**inputs)
 
-    def _gather_with_grad(self, x: torch.Tensor) -> torch.Tensor:
-        if self._trainer is None or self.trainer.world_size == 1:
-            return x
-        return self.all_gather(x, sync_grads=True).flatten(0, 1)
+    @property
+    def distributed(self) -> bool:
+        """Whether this module runs in a multi-process trainer."""
+        return self._trainer is not None and self.trainer.world_size > 1
+
+    def contrastive_loss(
+        self, query: torch.Tensor, target: torch.Tensor, negatives: torch.Tensor | None, gather: bool
+    ) -> torch.Tensor:
+        """InfoNCE of this rank's queries; with ``gather``, against the global batch's targets.
+
+        Targets and negatives are gathered with their gradients, so every rank's loss reaches
+        every rank's encoder and DDP sees the loss of the global batch.
+        """
+        offset = 0
+        if gather and self.distributed:
+            target = self.all_gather(target, sync_grads=True).flatten(0, 1)
+            if negatives is not None:
+                negatives = self.all_gather(negatives, sync_grads=True).flatten(0, 1)
+            offset = self.global_rank * query.shape[0]
+        return info_nce(query, target, self.logit_scale, negatives, offset)
 
     def model_step(self, batch: dict[str, Any], split: str) -> tuple[torch.Tensor, dict[str, torch.Tensor], dict]:
         """The step shared by train, val and test: encode, compute each loss term, weight them.
@@ -202,13 +218,8 @@ class LaMEModule(LightningModule):
             target = self.encode(batch["target"])
             outputs["target"] = target
             negatives = self.encode(batch["negative"]).embedding if "negative" in batch else None
-            if training:
-                targets = self._gather_with_grad(target.embedding)
-                negatives = self._gather_with_grad(negatives) if negatives is not None else None
-                offset = self.global_rank * query.embedding.shape[0] if targets.shape[0] > query.embedding.shape[0] else 0
-            else:
-                targets, offset = target.embedding, 0
-            terms["contrastive"] = info_nce(query.embedding, targets, self.logit_scale, negatives, offset)
+            # Evaluation ranks each rank's batch alone: whole-split retrieval is measured apart.
+            terms["contrastive"] = self.contrastive_loss(query.embedding, target.embedding, negatives, gather=training)
         if self.decoder is not None and (not training or spec.decoder_loss_weight > 0):
             terms["decoder"] = self.decoder(query.reason_states, **batch["decoder"])
         weights = {"contrastive": spec.contrastive_loss_weight, "decoder": spec.decoder_loss_weight}
@@ -216,10 +227,12 @@ class LaMEModule(LightningModule):
         return loss, terms, outputs
 
     def _log_losses(self, split: str, loss: torch.Tensor, terms: dict[str, torch.Tensor], batch_size: int) -> None:
-        on_step = split == "train"
-        self.log(f"{split}/loss", loss, on_step=on_step, on_epoch=not on_step, prog_bar=True, batch_size=batch_size, sync_dist=not on_step)
+        # Training logs each step; evaluation logs the epoch mean, averaged over ranks.
+        per_step = split == "train"
+        options = dict(on_step=per_step, on_epoch=not per_step, batch_size=batch_size, sync_dist=not per_step)
+        self.log(f"{split}/loss", loss, prog_bar=True, **options)
         for name, value in terms.items():
-            self.log(f"{split}/loss/{name}", value, on_step=on_step, on_epoch=not on_step, batch_size=batch_size, sync_dist=not on_step)
+            self.log(f"{split}/loss/{name}", value, **options)
 
     def training_step(self, batch: dict[str, Any], batch_idx: int) -> torch.Tensor:
         loss, terms, _ = self.model_step(batch, "train")
@@ -252,7 +265,7 @@ class LaMEModule(LightningModule):
 
     def _gather_rows(self, x: torch.Tensor) -> torch.Tensor:
         """All ranks' rows in rank order; ranks may hold different numbers of rows."""
-        if self._trainer is None or self.trainer.world_size == 1:
+        if not self.distributed:
             return x
         sizes = self.all_gather(torch.tensor([x.shape[0]], device=x.device)).flatten().tolist()
         padded = F.pad(x, (0, 0, 0, max(sizes) - x.shape[0]))
@@ -262,10 +275,12 @@ class LaMEModule(LightningModule):
     def _retrieval_epoch_end(self, split: str) -> None:
         stored = self._eval_embeddings
         self._eval_embeddings = {"query": [], "target": []}
-        if not stored["query"]:
+        # A rank with no batch (fewer shards than ranks) still joins the gathers below.
+        empty = torch.zeros(0, self.encoder.embedding_dim, device=self.device)
+        query = self._gather_rows(torch.cat(stored["query"]) if stored["query"] else empty)
+        target = self._gather_rows(torch.cat(stored["target"]) if stored["target"] else empty)
+        if query.shape[0] == 0:
             return
-        query = self._gather_rows(torch.cat(stored["query"]))
-        target = self._gather_rows(torch.cat(stored["target"]))
         gold = torch.arange(query.shape[0], device=query.device)
         metrics = retrieval_metrics(query @ target.T, gold)
         for name, value in metrics.items():
