@@ -113,7 +113,7 @@ class LaMEEncoder(nn.Module):
         inputs_embeds = torch.cat([token_embeds, latent.unsqueeze(0).expand(batch, -1, -1)], dim=1)
         return input_ids, attention_mask, mm_token_type_ids, inputs_embeds
 
-    def _bottleneck_attention(self, inputs_embeds: torch.Tensor, attention_mask: torch.Tensor) -> dict:
+    def _bottleneck_attention(self, inputs_embeds: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
         """Causal + padding mask in which the last row ([EMBED]) sees only the K reason tokens and itself."""
         length = inputs_embeds.shape[1]
         first_reason = length - self.num_appended
@@ -121,7 +121,9 @@ class LaMEEncoder(nn.Module):
         def embed_sees_reason_only(batch_idx, head_idx, q_idx, kv_idx):
             return (q_idx != length - 1) | (kv_idx >= first_reason)
 
-        mask = create_causal_mask(
+        # A prepared 4-D mask in the attention implementation's own format; the language
+        # model passes such a mask through unchanged.
+        return create_causal_mask(
             config=text_config(self.backbone),
             inputs_embeds=inputs_embeds,
             attention_mask=attention_mask,
@@ -129,7 +131,6 @@ class LaMEEncoder(nn.Module):
             and_mask_function=embed_sees_reason_only,
             allow_is_causal_skip=False,
         )
-        return {"full_attention": mask}
 
     def forward(
         self,
@@ -153,8 +154,9 @@ class LaMEEncoder(nn.Module):
             attention_mask=attention_mask,
         )
         mask = self._bottleneck_attention(inputs_embeds, attention_mask) if self.bottleneck_mask else attention_mask
+        # Only the embeddings go in: the backbone finds image positions by comparing them with
+        # the image token's embedding (Qwen3-VL refuses ids and embeddings together).
         hidden = self.backbone(
-            input_ids=input_ids,
             inputs_embeds=inputs_embeds,
             attention_mask=mask,
             position_ids=position_ids,
