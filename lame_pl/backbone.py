@@ -207,9 +207,8 @@ def build_processor(spec: BackboneSpec):
     if spec.path is not None:
         from transformers import AutoProcessor
 
-        return AutoProcessor.from_pretrained(
-            spec.path, local_files_only=True, min_pixels=spec.min_pixels, max_pixels=spec.max_pixels
-        )
+        size = {"shortest_edge": spec.min_pixels, "longest_edge": spec.max_pixels}  # areas, in pixels
+        return AutoProcessor.from_pretrained(spec.path, local_files_only=True, size=size)
     from transformers import Qwen2VLImageProcessor, Qwen2VLProcessor, Qwen2VLVideoProcessor
 
     tokenizer = qwen2_tokenizer()
@@ -286,3 +285,12 @@ def build_decoder(spec: DecoderSpec, attn_implementation: str | None = None) -> 
     )
     config._attn_implementation = attn
     return Qwen3ForCausalLM(config)
+
+
+def enable_activation_checkpointing(model: nn.Module) -> None:
+    """Recomputes a transformers model's layer activations in the backward pass (non-reentrant)."""
+    kwargs = {"use_reentrant": False}
+    if hasattr(model, "activation_checkpointing_enable"):  # transformers >= 5.2x
+        model.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)
+    else:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)

@@ -13,7 +13,14 @@ from lightning.pytorch.plugins.precision import MixedPrecision
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from torch import nn
 
-from lame_pl.backbone import BackboneSpec, DecoderSpec, build_backbone, build_decoder, qwen2_tokenizer
+from lame_pl.backbone import (
+    BackboneSpec,
+    DecoderSpec,
+    build_backbone,
+    build_decoder,
+    enable_activation_checkpointing,
+    qwen2_tokenizer,
+)
 from lame_pl.decoder import LatentDecoder
 from lame_pl.losses import info_nce
 from lame_pl.model import EncoderOutput, LaMEEncoder, text_config
@@ -109,11 +116,13 @@ class LaMEModule(LightningModule):
                 language_model, input_dim=text_config(backbone).hidden_size, output_ids=self.decoder_spec.output_ids()
             )
         if hp.gradient_checkpointing:
-            backbone.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+            enable_activation_checkpointing(backbone)
             if self.decoder is not None:
-                self.decoder.language_model.gradient_checkpointing_enable(
-                    gradient_checkpointing_kwargs={"use_reentrant": False}
-                )
+                enable_activation_checkpointing(self.decoder.language_model)
+        # from_pretrained returns modules in eval mode; the module trains unless Lightning says otherwise.
+        self.encoder.train()
+        if self.decoder is not None:
+            self.decoder.train()
         log_scale = torch.tensor(math.log(1.0 / hp.temperature))
         self.log_logit_scale = nn.Parameter(log_scale, requires_grad=hp.learnable_temperature)
 

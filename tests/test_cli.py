@@ -158,3 +158,11 @@ def test_predict_writes_keyed_embeddings(shards, tmp_path):
     assert len(saved["keys"]) == len(set(saved["keys"])) == 8
     assert saved["query"].shape == saved["target"].shape and saved["query"].shape[0] == 8
     assert torch.allclose(saved["query"].norm(dim=-1), torch.ones(8), atol=1e-4)
+
+
+def test_validate_writes_whole_split_retrieval_metrics(shards, tmp_path):
+    out = tmp_path / "val.json"
+    build_cli(["validate", f"--config={CONF}", *data_args(shards), "--model.init_args.stage=2",
+               "--trainer.callbacks+=callbacks.MetricsFile", f"--trainer.callbacks.path={out}"])
+    metrics = json.loads(out.read_text())
+    assert {"val/recall@1", "val/recall@5", "val/recall@10", "val/mrr", "val/loss/contrastive", "val/loss/decoder"} <= set(metrics)
