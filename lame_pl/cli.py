@@ -16,6 +16,14 @@ class LaMECLI(LightningCLI):
     def add_arguments_to_parser(self, parser) -> None:
         parser.link_arguments("model.init_args.backbone", "data.init_args.backbone")
 
+    def before_instantiate_classes(self) -> None:
+        # A full checkpoint restores every weight, so the weights that started the run
+        # (init_from, e.g. stage 1's checkpoint) are neither needed nor required to still exist.
+        config = self.config.get(self.subcommand) if self.subcommand else self.config
+        init_args = config.model.get("init_args") if config and config.get("model") else None
+        if config and config.get("ckpt_path") and init_args and init_args.get("init_from"):
+            init_args.init_from = None
+
     def instantiate_classes(self) -> None:
         # jsonargparse reports a failed constructor inside a long dump of the whole config;
         # pull out the constructors' own messages so that a bad value reads as one line.

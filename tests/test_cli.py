@@ -96,15 +96,18 @@ def test_stage2_initialised_from_stage1_checkpoint(shards, tmp_path):
     first = fit(*data_args(shards), *run_args(tmp_path, "s1"), "--trainer.max_steps=2")
     ckpt = tmp_path / "s1" / "checkpoints" / "last.ckpt"
     trained = first.model.encoder.reason_embeddings.detach().clone()
-    second = build_cli(
-        ["fit", f"--config={CONF}", *data_args(shards), *run_args(tmp_path, "s2"), "--trainer.max_steps=0",
-         "--model.init_args.stage=2", f"--model.init_args.init_from={ckpt}"]
-    )
+    stage2 = [*data_args(shards), *run_args(tmp_path, "s2"), "--model.init_args.stage=2",
+              f"--model.init_args.init_from={ckpt}"]
+    second = build_cli(["fit", f"--config={CONF}", *stage2, "--trainer.max_steps=0"])
     model = second.model
     assert model.stage == 2 and second.trainer.global_step == 0
     assert torch.equal(model.encoder.reason_embeddings.detach(), trained)
     assert all(p.requires_grad for p in model.encoder.backbone.language_model.parameters())
     assert not any(p.requires_grad for p in model.encoder.backbone.visual.parameters())
+    # Once stage 2 has its own checkpoint, testing it does not need stage 1's any more.
+    build_cli(["fit", f"--config={CONF}", *stage2, "--trainer.max_steps=1"])
+    ckpt.unlink()
+    build_cli(["test", f"--config={CONF}", *stage2, f"--ckpt_path={tmp_path / 's2' / 'checkpoints' / 'last.ckpt'}"])
 
 
 def test_stage_switch_callback_switches_saves_and_resumes_in_stage2(shards, tmp_path):
