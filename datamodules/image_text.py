@@ -1,122 +1,24 @@
 """Streaming image-caption pairs from WebDataset shards.
 
 Training resamples shards with replacement and shuffles samples in a buffer, for a fixed number
-of batches per epoch; validation and test read every sample exactly once, in file order.
+of batches per epoch; validation and test read every sample exactly once, in file order. Bad
+samples are skipped and counted (``datamodules.samples``); ``callbacks.DataHealth`` logs them.
 """
 
 from __future__ import annotations
 
-import glob
-import json
 import math
-import os
-import random
-from collections.abc import Iterator
-from typing import Any
 
 import lightning as L
 import webdataset as wds
-from braceexpand import braceexpand
 from torch.utils.data import DataLoader
 
 from datamodules.collate import PairCollator
+from datamodules.samples import CountedBatches, DecodePairs, SkipCounter, TarSamples, WorkerShuffle
+from datamodules.shards import MANIFEST, count_samples, expand_shards
 from lame_pl.backbone import BackboneSpec, build_processor
 
-IMAGE_EXTENSIONS = ("png", "jpg", "jpeg", "webp")
-MANIFEST = "manifest.json"
 ShardSpec = str | list[str] | None
-
-
-def _is_remote(url: str) -> bool:
-    return "://" in url or url.startswith("pipe:")
-
-
-def expand_shards(spec: str | list[str], key: str) -> list[str]:
-    """Expand a shard spec into a list of shard paths or URLs.
-
-    Args:
-        spec: A brace pattern (``data/train/shard-{000000..000005}.tar``), a glob, a directory
-            (all ``*.tar`` inside, sorted), a single file, or a list of those.
-        key: The config key the spec came from, named in errors (e.g. ``data.train_shards``).
-
-    Raises:
-        ValueError: When a pattern matches no file or a directory holds no ``.tar``.
-        FileNotFoundError: When a named directory or file does not exist.
-    """
-    specs = [spec] if isinstance(spec, str) else list(spec)
-    if not specs:
-        raise ValueError(f"{key} is an empty list; give a shard pattern, a glob or a directory")
-    urls: list[str] = []
-    for item in specs:
-        item = os.path.expanduser(str(item))
-        if _is_remote(item):
-            urls.extend(braceexpand(item))  # cannot be checked from here; the loader will say
-        elif os.path.isdir(item):
-            found = sorted(glob.glob(os.path.join(item, "*.tar")))
-            if not found:
-                raise ValueError(f"{key} directory {item!r} holds no .tar shard")
-            urls.extend(found)
-        elif any(c in item for c in "{*?["):
-            candidates = [p for pattern in braceexpand(item) for p in sorted(glob.glob(pattern))]
-            if not candidates:
-                raise ValueError(f"{key} {item!r} matches no shard file")
-            urls.extend(candidates)
-        elif item.endswith(("/", os.sep)) or not os.path.splitext(item)[1]:
-            raise FileNotFoundError(f"{key} directory {item!r} does not exist")
-        elif not os.path.isfile(item):
-            raise FileNotFoundError(f"{key} shard file {item!r} does not exist")
-        else:
-            urls.append(item)
-    return urls
-
-
-def count_samples(urls: list[str]) -> int | None:
-    """Total samples in ``urls`` from the ``manifest.json`` beside them, or None if any is not listed."""
-    manifests: dict[str, dict[str, int]] = {}
-    total = 0
-    for url in urls:
-        if _is_remote(url):
-            return None
-        folder, name = os.path.split(os.path.abspath(url))
-        if folder not in manifests:
-            path = os.path.join(folder, MANIFEST)
-            try:
-                with open(path) as f:
-                    manifest = json.load(f)
-                manifests[folder] = {s["url"]: int(s["num_samples"]) for s in manifest["shards"]}
-            except (OSError, ValueError, KeyError, TypeError):
-                manifests[folder] = {}
-        if name not in manifests[folder]:
-            return None
-        total += manifests[folder][name]
-    return total
-
-
-def _to_pair(sample: dict[str, Any]) -> dict[str, Any]:
-    """A decoded WebDataset sample as ``{"key", "image", "text"}``."""
-    image = next((sample[ext] for ext in IMAGE_EXTENSIONS if ext in sample), None)
-    if image is None or "txt" not in sample:
-        raise ValueError(
-            f"sample {sample.get('__key__')!r} in {sample.get('__url__')!r} lacks an image "
-            f"({'/'.join(IMAGE_EXTENSIONS)}) or a caption (txt); it has {sorted(k for k in sample if not k.startswith('__'))}"
-        )
-    return {"key": sample["__key__"], "image": image, "text": sample["txt"]}
-
-
-class _WorkerShuffle(wds.PipelineStage):
-    """Buffer shuffle seeded by (seed, rank, worker, epoch): reproducible, yet different per worker and epoch."""
-
-    def __init__(self, bufsize: int, seed: int) -> None:
-        self.bufsize = bufsize
-        self.seed = seed
-        self.epoch = -1
-
-    def run(self, src: Iterator[dict[str, Any]]) -> Iterator[dict[str, Any]]:
-        # With persistent workers each worker keeps this object, so the count advances per epoch.
-        self.epoch += 1
-        rank, _, worker, _ = wds.utils.pytorch_worker_info()
-        rng = random.Random(f"{self.seed}-{rank}-{worker}-{self.epoch}")
-        return wds.filters.shuffle(self.bufsize, initial=min(self.bufsize, 100), rng=rng)(src)
 
 
 class ImageTextDataModule(L.LightningDataModule):
@@ -138,6 +40,11 @@ class ImageTextDataModule(L.LightningDataModule):
         max_text_length: Most text tokens per query instruction or target.
         decoder_max_length: Most decoder tokens per caption, ``<|endoftext|>`` included.
         seed: Seed for shard resampling and buffer shuffling.
+        strict: Stop at the first bad sample with a ``BadSampleError`` naming the shard, the key
+            and the reason, instead of skipping and counting it (``batch["skipped"]``).
+        max_image_pixels: Images with more pixels are skipped as ``image_too_large``, judged from
+            the image header before decoding. PIL's own limit (``Image.MAX_IMAGE_PIXELS``, twice
+            of which raises) still applies above it.
     """
 
     def __init__(
@@ -156,12 +63,14 @@ class ImageTextDataModule(L.LightningDataModule):
         max_text_length: int = 64,
         decoder_max_length: int = 32,
         seed: int = 0,
+        strict: bool = False,
+        max_image_pixels: int = 64_000_000,
     ) -> None:
         super().__init__()
         self.save_hyperparameters()
         for key, value, low in (("batch_size", batch_size, 1), ("eval_batch_size", eval_batch_size, 1),
                                 ("num_workers", num_workers, 0), ("shuffle_buffer", shuffle_buffer, 1),
-                                ("samples_per_epoch", samples_per_epoch, 1)):
+                                ("samples_per_epoch", samples_per_epoch, 1), ("max_image_pixels", max_image_pixels, 1)):
             if value is not None and (not isinstance(value, int) or value < low):
                 raise ValueError(f"data.{key} must be an integer >= {low}, got {value!r}")
         self.batch_size = batch_size
@@ -169,6 +78,8 @@ class ImageTextDataModule(L.LightningDataModule):
         self.num_workers = num_workers
         self.shuffle_buffer = shuffle_buffer
         self.seed = seed
+        self.strict = strict
+        self.max_image_pixels = max_image_pixels
         # Expanded now, so that a wrong path fails at construction rather than minutes into a run.
         self.shards = {
             split: None if spec is None else expand_shards(spec, f"data.{split}_shards")
@@ -193,6 +104,19 @@ class ImageTextDataModule(L.LightningDataModule):
             raise ValueError(f"data.{split}_shards is not set; point it at the {split} shards")
         return urls
 
+    def _shards_to_batches(
+        self, batch_size: int, partial: bool, shuffle: wds.PipelineStage | None = None
+    ) -> list[wds.PipelineStage]:
+        """Stages from shard URLs to batches, sharing one counter that carries skips into the batches."""
+        skips = SkipCounter(self.strict)
+        return [
+            TarSamples(skips),
+            # Raw bytes are shuffled, before decoding, as a decoded image takes far more memory.
+            *([shuffle] if shuffle is not None else []),
+            DecodePairs(skips, self.max_image_pixels),
+            CountedBatches(skips, batch_size, self.collator, partial=partial),
+        ]
+
     def _world_size(self) -> int:
         return self.trainer.world_size if self.trainer is not None else 1
 
@@ -209,11 +133,9 @@ class ImageTextDataModule(L.LightningDataModule):
             wds.DataPipeline(
                 # Resampling with a per-(rank, worker, epoch) seed: no node or worker split needed.
                 wds.ResampledShards(urls, seed=self.seed, deterministic=True),
-                wds.tarfile_to_samples(handler=wds.warn_and_continue),
-                _WorkerShuffle(self.shuffle_buffer, self.seed),
-                wds.decode("pil", handler=wds.warn_and_continue),
-                wds.map(_to_pair, handler=wds.warn_and_continue),
-                wds.batched(self.batch_size, collation_fn=self.collator, partial=False),
+                *self._shards_to_batches(
+                    self.batch_size, partial=False, shuffle=WorkerShuffle(self.shuffle_buffer, self.seed)
+                ),
             )
             .with_epoch(per_worker)
             # A length lets Lightning show progress and size schedules (estimated_stepping_batches).
@@ -234,11 +156,8 @@ class ImageTextDataModule(L.LightningDataModule):
             wds.SimpleShardList(urls),
             wds.split_by_node,
             wds.split_by_worker,
-            # Errors are raised, not skipped: an evaluation that silently drops samples is wrong.
-            wds.tarfile_to_samples(),
-            wds.decode("pil"),
-            wds.map(_to_pair),
-            wds.batched(self.eval_batch_size, collation_fn=self.collator, partial=True),
+            # Bad samples are skipped but never silently: each batch reports them (or strict raises).
+            *self._shards_to_batches(self.eval_batch_size, partial=True),
         )
         # Shards are split between workers, so workers beyond the shard count would idle.
         return DataLoader(dataset, batch_size=None, shuffle=False, num_workers=min(self.num_workers, len(urls)))

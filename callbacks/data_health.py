@@ -1,0 +1,122 @@
+"""Counts, logs and summarises the samples that the data pipeline skipped."""
+
+from __future__ import annotations
+
+from collections import Counter
+from typing import Any
+
+import torch.distributed as dist
+from lightning import Callback, LightningModule, Trainer
+from lightning.pytorch.utilities import rank_zero_info
+
+
+class DataHealth(Callback):
+    """Reads ``batch["skipped"]`` (``{reason: count}`` since the worker's previous batch).
+
+    Logged metrics:
+
+    - ``data/skipped/<reason>``: training, on step, the cumulative count of *this rank* since the
+      run started (resumes included). No collective runs per step, and ranks may see different
+      reasons, which a synchronised log could deadlock on; the logger shows rank 0's counts.
+    - ``<split>/data/skipped/<reason>``: validation and test, at epoch end, the epoch's count
+      summed over all ranks.
+
+    At the end of every epoch one line sums all ranks, e.g.
+    ``train epoch 3: skipped 12 samples (40 in all): bad_image 10, empty_caption 2``.
+    """
+
+    def __init__(self) -> None:
+        self.totals: dict[str, Counter[str]] = {"train": Counter(), "val": Counter(), "test": Counter()}
+        self.epoch: dict[str, Counter[str]] = {split: Counter() for split in self.totals}
+        self._restored: Counter[str] = Counter()
+
+    # ----------------------------------------------------------------------------- counting
+
+    def _count(self, split: str, batch: Any) -> dict[str, int]:
+        skipped = batch.get("skipped") if isinstance(batch, dict) else None
+        if skipped:
+            self.totals[split].update(skipped)
+            self.epoch[split].update(skipped)
+        return skipped or {}
+
+    def on_train_batch_end(
+        self, trainer: Trainer, pl_module: LightningModule, outputs: Any, batch: Any, batch_idx: int
+    ) -> None:
+        self._count("train", batch)
+        for reason, count in sorted(self.totals["train"].items()):
+            pl_module.log(f"data/skipped/{reason}", float(count), on_step=True, on_epoch=False, batch_size=1)
+
+    def on_validation_batch_end(
+        self, trainer: Trainer, pl_module: LightningModule, outputs: Any, batch: Any, batch_idx: int,
+        dataloader_idx: int = 0,
+    ) -> None:
+        if not trainer.sanity_checking:
+            self._count("val", batch)
+
+    def on_test_batch_end(
+        self, trainer: Trainer, pl_module: LightningModule, outputs: Any, batch: Any, batch_idx: int,
+        dataloader_idx: int = 0,
+    ) -> None:
+        self._count("test", batch)
+
+    # ----------------------------------------------------------------------------- epoch ends
+
+    @staticmethod
+    def _sum_over_ranks(trainer: Trainer, counts: Counter[str]) -> Counter[str]:
+        # One collective per epoch; objects, because ranks may know different reasons.
+        if trainer.world_size <= 1 or not (dist.is_available() and dist.is_initialized()):
+            return Counter(counts)
+        gathered: list[Any] = [None] * dist.get_world_size()
+        dist.all_gather_object(gathered, dict(counts))
+        total: Counter[str] = Counter()
+        for part in gathered:
+            total.update(part)
+        return total
+
+    def _epoch_end(self, split: str, trainer: Trainer, pl_module: LightningModule) -> None:
+        epoch = self._sum_over_ranks(trainer, self.epoch[split])
+        self.epoch[split] = Counter()
+        if split != "train":
+            for reason, count in sorted(epoch.items()):
+                pl_module.log(f"{split}/data/skipped/{reason}", float(count), rank_zero_only=True)
+        line = f"{split} epoch {trainer.current_epoch}: skipped {sum(epoch.values())} samples"
+        if split == "train":
+            line += f" ({sum(self._sum_over_ranks(trainer, self.totals[split]).values())} in all)"
+        if epoch:
+            line += ": " + ", ".join(f"{reason} {count}" for reason, count in sorted(epoch.items()))
+        rank_zero_info(line)
+
+    def on_train_epoch_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        self.epoch["train"] = Counter()
+
+    def on_train_epoch_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        self._epoch_end("train", trainer, pl_module)
+
+    def on_validation_epoch_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        self.epoch["val"] = Counter()
+
+    def on_validation_epoch_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        if not trainer.sanity_checking:
+            self._epoch_end("val", trainer, pl_module)
+
+    def on_test_epoch_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        self.epoch["test"] = Counter()
+
+    def on_test_epoch_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        self._epoch_end("test", trainer, pl_module)
+
+    # ----------------------------------------------------------------------------- resume
+
+    def state_dict(self) -> dict[str, Any]:
+        """The cumulative training counts of this rank (rank 0 writes the checkpoint)."""
+        return {"train": dict(self.totals["train"])}
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        """Keep the saved training counts until ``on_train_start`` knows the rank."""
+        self._restored = Counter(state_dict.get("train", {}))
+
+    def on_train_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        # The checkpoint holds rank 0's counts: restoring them on every rank would count them again.
+        if trainer.global_rank == 0:
+            self.totals["train"].update(self._restored)
+        self._restored = Counter()

@@ -1,0 +1,305 @@
+"""WebDataset pipeline stages that read tar shards, decode and check samples, and batch them.
+
+Bad input (damaged tar data, an image that will not decode or is absurdly large, a missing image,
+an empty caption) is skipped and counted by reason in a ``SkipCounter`` shared by the stages of
+one pipeline; the batching stage hands each batch its worker's counts in ``batch["skipped"]``.
+With ``strict`` the first bad sample raises a ``BadSampleError`` naming the shard, key and reason.
+"""
+
+from __future__ import annotations
+
+import io
+import logging
+import random
+import tarfile
+from collections import Counter
+from collections.abc import Callable, Iterator
+from typing import Any
+
+import webdataset as wds
+from PIL import Image
+
+IMAGE_EXTENSIONS = ("png", "jpg", "jpeg", "webp")
+SKIP_REASONS = ("corrupt_tar", "bad_image", "empty_caption", "missing_image", "image_too_large")
+# Qwen-VL's resizing refuses images longer than this ratio; one such image would fail its batch.
+MAX_ASPECT_RATIO = 200
+TAR_BLOCK = 512
+COMPRESSED_MAGIC = (b"\x1f\x8b", b"BZh", b"\xfd7zXZ")
+
+log = logging.getLogger(__name__)
+
+
+class BadSampleError(ValueError):
+    """A bad sample met with ``strict`` on; the message names the shard, the key and the reason."""
+
+
+class SkipCounter:
+    """Counts skipped samples by reason, in the process that runs the pipeline.
+
+    All stages of one pipeline share one counter; the batching stage drains it into each batch,
+    which is how counts leave a worker process.
+
+    Args:
+        strict: Raise ``BadSampleError`` at the first bad sample instead of counting it.
+    """
+
+    def __init__(self, strict: bool = False) -> None:
+        self.strict = strict
+        self.counts: Counter[str] = Counter()
+        self._warned: set[str] = set()
+
+    def skip(self, reason: str, url: str, key: str | None, detail: str) -> None:
+        """Count one skipped sample (or raise, when strict)."""
+        where = f"shard {url!r}, sample {key!r}" if key is not None else f"shard {url!r}, sample of unknown key"
+        message = f"{where}: {reason} ({detail})"
+        if self.strict:
+            raise BadSampleError(f"{message}; set data.strict false to skip and count such samples")
+        self.counts[reason] += 1
+        # One warning per reason and process names a shard to inspect; the rest are only counted.
+        (log.debug if reason in self._warned else log.warning)("skipping %s", message)
+        self._warned.add(reason)
+
+    def drain(self) -> dict[str, int]:
+        """The counts since the last drain, which start again from zero."""
+        counts, self.counts = dict(self.counts), Counter()
+        return counts
+
+
+class _WatchedStream:
+    """A read-only byte stream that remembers where its last non-zero byte was.
+
+    tarfile passes silently over garbage after the last valid header, so the end of the real data
+    is compared with the end of the last member to see damage there.
+    """
+
+    def __init__(self, raw: Any) -> None:
+        self.raw = raw
+        self.position = 0
+        self.data_end = 0
+        self.head = b""
+
+    def read(self, size: int = -1) -> bytes:
+        chunk = self.raw.read(size)
+        if not self.position:
+            self.head = chunk[:8]
+        kept = len(chunk.rstrip(b"\0"))
+        if kept:
+            self.data_end = self.position + kept
+        self.position += len(chunk)
+        return chunk
+
+    @property
+    def compressed(self) -> bool:
+        return self.head.startswith(COMPRESSED_MAGIC)
+
+
+def _split_name(name: str) -> tuple[str, str] | None:
+    """(key, extension) of a member name, the WebDataset way: the key ends at the basename's first dot."""
+    while name.startswith("./"):  # ``tar -cf x.tar -C folder .`` prefixes every member
+        name = name[2:]
+    folder, _, base = name.rpartition("/")
+    stem, dot, ext = base.partition(".")
+    if not dot or not stem:
+        return None
+    return (f"{folder}/{stem}" if folder else stem), ext.lower()
+
+
+def _complete(sample: dict[str, Any]) -> bool:
+    return "txt" in sample and any(ext in sample for ext in IMAGE_EXTENSIONS)
+
+
+class TarSamples(wds.PipelineStage):
+    """Shard URLs to raw samples ``{"__key__", "__url__", ext: bytes}``, through damaged tar data.
+
+    tarfile resynchronises at the next valid header after a damaged one (``ignore_zeros``), so
+    the samples after a corrupt member still arrive. A jump in member offsets shows where data was
+    passed over: a sample that spans it, or an incomplete neighbour of it, is marked
+    ``__corrupt__``; when no neighbour explains a jump, one sample of unknown key is counted.
+    Members of one sample must be adjacent in the tar, as WebDataset requires.
+    """
+
+    def __init__(self, skips: SkipCounter) -> None:
+        self.skips = skips
+
+    def run(self, src: Iterator[dict[str, Any]]) -> Iterator[dict[str, Any]]:
+        for shard in src:
+            yield from self._shard(shard["url"])
+
+    def _unexplained(self, url: str, after: str | None, detail: str) -> None:
+        where = "at the start of the shard" if after is None else f"after sample {after!r}"
+        self.skips.skip("corrupt_tar", url, None, f"{detail}, {where}")
+
+    def _close(self, sample: dict[str, Any], url: str) -> dict[str, Any]:
+        gap = sample.pop("__gap__", None)
+        if gap is not None and "__corrupt__" not in sample:
+            if not _complete(sample):
+                sample["__corrupt__"] = "incomplete next to damaged tar data"
+            elif not gap["explained"]:
+                self._unexplained(url, gap["after"], "tar data passed over")
+        return sample
+
+    def _shard(self, url: str) -> Iterator[dict[str, Any]]:
+        try:
+            stream = _WatchedStream(wds.gopen(url))
+        except Exception as exn:  # whatever the opener (a file, a pipe:, a URL) fails with
+            self.skips.skip("corrupt_tar", url, None, f"cannot open the shard: {exn}")
+            return
+        sample: dict[str, Any] | None = None
+        read_cleanly = False  # a close error then still means a damaged shard (a pipe: that failed late)
+        try:
+            expected, jump, reading, seen = 0, False, None, set()
+            try:
+                with tarfile.open(fileobj=stream, mode="r|*", ignore_zeros=True) as tar:
+                    for info in tar:
+                        jump = jump or info.offset != expected
+                        expected = info.offset_data + -(-info.size // TAR_BLOCK) * TAR_BLOCK
+                        parsed = _split_name(info.name) if info.isreg() else None
+                        if parsed is None:
+                            continue
+                        key, ext = parsed
+                        gap = None
+                        if jump:
+                            jump = False
+                            if sample is not None and sample["__key__"] == key:
+                                sample["__corrupt__"] = "tar data passed over inside the sample"
+                            else:
+                                explained = sample is not None and not _complete(sample)
+                                if explained:
+                                    sample["__corrupt__"] = "incomplete next to damaged tar data"
+                                gap = {"explained": explained, "after": None if sample is None else sample["__key__"]}
+                        if sample is not None and sample["__key__"] != key:
+                            yield self._close(sample, url)
+                            sample = None
+                        if sample is None:
+                            if key in seen:
+                                log.warning("%s: the members of sample %r are not adjacent; write tars with "
+                                            "`tar --sort=name`", url, key)
+                            seen.add(key)
+                            sample = {"__key__": key, "__url__": url}
+                            if gap is not None:
+                                sample["__gap__"] = gap
+                        if ext in sample:
+                            sample["__corrupt__"] = f"member {info.name!r} appears twice"
+                            continue
+                        reading = key
+                        sample[ext] = tar.extractfile(info).read()
+                        reading = None
+                if not stream.compressed and stream.data_end > expected:
+                    raise tarfile.ReadError("no valid tar header" if not expected else f"damaged data after byte {expected}")
+                read_cleanly = True
+            except BadSampleError:
+                raise
+            except Exception as exn:  # tarfile, zlib and the opener raise many types on damaged data
+                read_cleanly = False
+                if sample is not None and (reading == sample["__key__"] or not _complete(sample)):
+                    sample["__corrupt__"] = f"unreadable tar data: {exn}"
+                else:
+                    self._unexplained(url, None if sample is None else sample["__key__"], f"unreadable tar data ({exn})")
+            if sample is not None:
+                yield self._close(sample, url)
+        finally:
+            try:
+                stream.raw.close()
+            except Exception as exn:  # a pipe: whose command failed reports it here
+                if read_cleanly:
+                    self.skips.skip("corrupt_tar", url, None, f"closing the shard failed: {exn}")
+
+
+class DecodePairs(wds.PipelineStage):
+    """Raw samples to ``{"key", "image", "text"}`` pairs; bad ones are counted and dropped.
+
+    The image header is read before any pixel is decoded, so an absurdly large image costs
+    nothing but its bytes.
+    """
+
+    def __init__(self, skips: SkipCounter, max_image_pixels: int) -> None:
+        self.skips = skips
+        self.max_image_pixels = max_image_pixels
+
+    def run(self, src: Iterator[dict[str, Any]]) -> Iterator[dict[str, Any]]:
+        for sample in src:
+            pair = self._decode(sample)
+            if pair is not None:
+                yield pair
+
+    def _decode(self, sample: dict[str, Any]) -> dict[str, Any] | None:
+        url, key = sample["__url__"], sample["__key__"]
+
+        def skip(reason: str, detail: str) -> None:
+            self.skips.skip(reason, url, key, detail)
+
+        if "__corrupt__" in sample:
+            return skip("corrupt_tar", sample["__corrupt__"])
+        ext = next((e for e in IMAGE_EXTENSIONS if e in sample), None)
+        if ext is None:
+            members = sorted(k for k in sample if not k.startswith("__"))
+            return skip("missing_image", f"no {'/'.join(IMAGE_EXTENSIONS)} member; it has {members}")
+        # A stray byte should not cost a caption; a trailing newline is not part of one.
+        text = sample.get("txt", b"").decode("utf-8", errors="replace").strip()
+        if not text:
+            return skip("empty_caption", "no txt member" if "txt" not in sample else "the txt member is blank")
+        try:
+            image = Image.open(io.BytesIO(sample[ext]))
+            width, height = image.size
+        except Image.DecompressionBombError as exn:
+            return skip("image_too_large", str(exn))
+        except Exception as exn:  # PIL's format plugins raise many types on malformed headers
+            return skip("bad_image", f"{ext}: {exn}")
+        if width * height > self.max_image_pixels:
+            return skip("image_too_large", f"{width}x{height} pixels > data.max_image_pixels {self.max_image_pixels}")
+        if min(width, height) < 1 or max(width, height) > MAX_ASPECT_RATIO * min(width, height):
+            return skip("bad_image", f"{width}x{height}: aspect ratio beyond {MAX_ASPECT_RATIO}")
+        try:
+            image.load()
+        except Exception as exn:  # truncated or corrupt pixel data, in whatever form the plugin reports it
+            return skip("bad_image", f"{ext}: {exn}")
+        return {"key": key, "image": image, "text": text}
+
+
+class CountedBatches(wds.PipelineStage):
+    """Collated batches that carry ``skipped``: what this process skipped since its previous batch.
+
+    A batch goes out only when the next good sample arrives or the stream ends, so the last batch
+    of a finite stream also carries the skips behind its last sample.
+    """
+
+    def __init__(self, skips: SkipCounter, batch_size: int, collate: Callable[[list], dict], partial: bool) -> None:
+        self.skips = skips
+        self.batch_size = batch_size
+        self.collate = collate
+        self.partial = partial
+
+    def _emit(self, samples: list[dict[str, Any]]) -> dict[str, Any]:
+        batch = self.collate(samples)
+        batch["skipped"] = self.skips.drain()
+        return batch
+
+    def run(self, src: Iterator[dict[str, Any]]) -> Iterator[dict[str, Any]]:
+        samples: list[dict[str, Any]] = []
+        for sample in src:
+            if len(samples) == self.batch_size:
+                yield self._emit(samples)
+                samples = []
+            samples.append(sample)
+        if samples and (self.partial or len(samples) == self.batch_size):
+            yield self._emit(samples)
+        elif self.skips.counts:
+            # No batch is left to carry them: they ride on this process's next batch, if it has one.
+            log.warning("skipped %s at the end of a stream with no batch left to report them",
+                        dict(self.skips.counts))
+
+
+class WorkerShuffle(wds.PipelineStage):
+    """Buffer shuffle seeded by (seed, rank, worker, epoch): reproducible, yet different per worker and epoch."""
+
+    def __init__(self, bufsize: int, seed: int) -> None:
+        self.bufsize = bufsize
+        self.seed = seed
+        self.epoch = -1
+
+    def run(self, src: Iterator[dict[str, Any]]) -> Iterator[dict[str, Any]]:
+        # With persistent workers each worker keeps this object, so the count advances per epoch.
+        self.epoch += 1
+        rank, _, worker, _ = wds.utils.pytorch_worker_info()
+        rng = random.Random(f"{self.seed}-{rank}-{worker}-{self.epoch}")
+        return wds.filters.shuffle(self.bufsize, initial=min(self.bufsize, 100), rng=rng)(src)

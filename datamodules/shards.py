@@ -1,0 +1,76 @@
+"""Shard specs: from a config value (pattern, glob, folder, list) to a checked list of shard URLs."""
+
+from __future__ import annotations
+
+import glob
+import json
+import os
+
+from braceexpand import braceexpand
+
+MANIFEST = "manifest.json"
+
+
+def is_remote(url: str) -> bool:
+    return "://" in url or url.startswith("pipe:")
+
+
+def expand_shards(spec: str | list[str], key: str) -> list[str]:
+    """Expand a shard spec into a list of shard paths or URLs.
+
+    Args:
+        spec: A brace pattern (``data/train/shard-{000000..000005}.tar``), a glob, a directory
+            (all ``*.tar`` inside, sorted), a single file, or a list of those.
+        key: The config key the spec came from, named in errors (e.g. ``data.train_shards``).
+
+    Raises:
+        ValueError: When a pattern matches no file or a directory holds no ``.tar``.
+        FileNotFoundError: When a named directory or file does not exist.
+    """
+    specs = [spec] if isinstance(spec, str) else list(spec)
+    if not specs:
+        raise ValueError(f"{key} is an empty list; give a shard pattern, a glob or a directory")
+    urls: list[str] = []
+    for item in specs:
+        item = os.path.expanduser(str(item))
+        if is_remote(item):
+            urls.extend(braceexpand(item))  # cannot be checked from here; the loader will say
+        elif os.path.isdir(item):
+            found = sorted(glob.glob(os.path.join(item, "*.tar")))
+            if not found:
+                raise ValueError(f"{key} directory {item!r} holds no .tar shard")
+            urls.extend(found)
+        elif any(c in item for c in "{*?["):
+            candidates = [p for pattern in braceexpand(item) for p in sorted(glob.glob(pattern))]
+            if not candidates:
+                raise ValueError(f"{key} {item!r} matches no shard file")
+            urls.extend(candidates)
+        elif item.endswith(("/", os.sep)) or not os.path.splitext(item)[1]:
+            raise FileNotFoundError(f"{key} directory {item!r} does not exist")
+        elif not os.path.isfile(item):
+            raise FileNotFoundError(f"{key} shard file {item!r} does not exist")
+        else:
+            urls.append(item)
+    return urls
+
+
+def count_samples(urls: list[str]) -> int | None:
+    """Total samples in ``urls`` from the ``manifest.json`` beside them, or None if any is not listed."""
+    manifests: dict[str, dict[str, int]] = {}
+    total = 0
+    for url in urls:
+        if is_remote(url):
+            return None
+        folder, name = os.path.split(os.path.abspath(url))
+        if folder not in manifests:
+            path = os.path.join(folder, MANIFEST)
+            try:
+                with open(path) as f:
+                    manifest = json.load(f)
+                manifests[folder] = {s["url"]: int(s["num_samples"]) for s in manifest["shards"]}
+            except (OSError, ValueError, KeyError, TypeError):
+                manifests[folder] = {}
+        if name not in manifests[folder]:
+            return None
+        total += manifests[folder][name]
+    return total
