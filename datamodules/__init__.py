@@ -1,6 +1,7 @@
 """Data pipelines: WebDataset shards to collated model inputs."""
 
-from datamodules.collate import PairCollator
-from datamodules.image_text import ImageTextDataModule
+from datamodules.collate import InstructionCollator, PairCollator
+from datamodules.image_text import ImageTextDataModule, ShardDataModule
+from datamodules.pairs import InstructionPairDataModule
 
-__all__ = ["ImageTextDataModule", "PairCollator"]
+__all__ = ["ImageTextDataModule", "InstructionCollator", "InstructionPairDataModule", "PairCollator", "ShardDataModule"]

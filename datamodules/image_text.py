@@ -1,6 +1,7 @@
-"""Streaming image-caption pairs from WebDataset shards.
+"""Streaming samples from WebDataset shards; ``ImageTextDataModule`` reads image-caption pairs.
 
-Training resamples shards with replacement and shuffles samples in a buffer, for a fixed number
+``ShardDataModule`` holds what every shard format shares; a format supplies its decoding stage
+and its collator (``datamodules.pairs`` for instruction pairs). Training resamples shards with replacement and shuffles samples in a buffer, for a fixed number
 of batches per epoch; validation and test read every sample exactly once, in file order. Bad
 samples are skipped and counted (``datamodules.samples``); ``callbacks.DataHealth`` logs them.
 """
@@ -8,6 +9,7 @@ samples are skipped and counted (``datamodules.samples``); ``callbacks.DataHealt
 from __future__ import annotations
 
 import math
+from typing import Any
 
 import lightning as L
 import webdataset as wds
@@ -21,8 +23,12 @@ from lame_pl.backbone import BackboneSpec, build_processor
 ShardSpec = str | list[str] | None
 
 
-class ImageTextDataModule(L.LightningDataModule):
-    """WebDataset image-caption pairs, collated through the backbone's processor.
+class ShardDataModule(L.LightningDataModule):
+    """Streams WebDataset shards of one sample format, collated through the backbone's processor.
+
+    A subclass sets ``self.collator`` (samples to a batch) after calling this constructor and
+    implements ``decode_stage`` (raw tar samples to decoded samples); the rest (shard lists,
+    resampling, shuffling, epochs, skip counting) is shared.
 
     Args:
         backbone: The backbone spec; its processor tokenizes and resizes (``self.processor``).
@@ -35,10 +41,6 @@ class ImageTextDataModule(L.LightningDataModule):
         shuffle_buffer: Samples held in the training shuffle buffer.
         samples_per_epoch: Training samples per epoch over all devices; defaults to the total in
             the ``manifest.json`` beside the training shards.
-        query_instruction: Text after the image in each query.
-        target_instruction: Text before the caption in each target.
-        max_text_length: Most text tokens per query instruction or target.
-        decoder_max_length: Most decoder tokens per caption, ``<|endoftext|>`` included.
         seed: Seed for shard resampling and buffer shuffling.
         strict: Stop at the first bad sample with a ``BadSampleError`` naming the shard, the key
             and the reason, instead of skipping and counting it (``batch["skipped"]``).
@@ -46,6 +48,8 @@ class ImageTextDataModule(L.LightningDataModule):
             the image header before decoding. PIL's own limit (``Image.MAX_IMAGE_PIXELS``, twice
             of which raises) still applies above it.
     """
+
+    collator: Any
 
     def __init__(
         self,
@@ -58,15 +62,12 @@ class ImageTextDataModule(L.LightningDataModule):
         num_workers: int = 1,
         shuffle_buffer: int = 1000,
         samples_per_epoch: int | None = None,
-        query_instruction: str = "Find the caption that describes this image.",
-        target_instruction: str = "",
-        max_text_length: int = 64,
-        decoder_max_length: int = 32,
         seed: int = 0,
         strict: bool = False,
         max_image_pixels: int = 64_000_000,
     ) -> None:
         super().__init__()
+        # Records the subclass's own arguments too: Lightning reads every __init__ frame of self.
         self.save_hyperparameters()
         for key, value, low in (("batch_size", batch_size, 1), ("eval_batch_size", eval_batch_size, 1),
                                 ("num_workers", num_workers, 0), ("shuffle_buffer", shuffle_buffer, 1),
@@ -94,9 +95,14 @@ class ImageTextDataModule(L.LightningDataModule):
                     f"{train_shards!r} lists every shard; set data.samples_per_epoch"
                 )
         self.processor = build_processor(backbone)
-        self.collator = PairCollator(
-            self.processor, query_instruction, target_instruction, max_text_length, decoder_max_length
-        )
+
+    def decode_stage(self, skips: SkipCounter) -> wds.PipelineStage:
+        """The stage from raw tar samples to decoded samples, counting bad ones in ``skips``.
+
+        Its ``complete`` attribute (raw sample -> bool) tells ``TarSamples`` whether a sample
+        next to damaged tar data still has every member it needs.
+        """
+        raise NotImplementedError(f"{type(self).__name__} must implement decode_stage")
 
     def _urls(self, split: str) -> list[str]:
         urls = self.shards[split]
@@ -109,11 +115,12 @@ class ImageTextDataModule(L.LightningDataModule):
     ) -> list[wds.PipelineStage]:
         """Stages from shard URLs to batches, sharing one counter that carries skips into the batches."""
         skips = SkipCounter(self.strict)
+        decode = self.decode_stage(skips)
         return [
-            TarSamples(skips),
+            TarSamples(skips, complete=decode.complete),
             # Raw bytes are shuffled, before decoding, as a decoded image takes far more memory.
             *([shuffle] if shuffle is not None else []),
-            DecodePairs(skips, self.max_image_pixels),
+            decode,
             CountedBatches(skips, batch_size, self.collator, partial=partial),
         ]
 
@@ -173,3 +180,59 @@ class ImageTextDataModule(L.LightningDataModule):
     def predict_dataloader(self) -> DataLoader:
         """The test split, for ``predict`` (embeddings of both sides, keyed by sample)."""
         return self._eval_dataloader("test")
+
+
+class ImageTextDataModule(ShardDataModule):
+    """WebDataset image-caption pairs, collated through the backbone's processor.
+
+    Args:
+        backbone: The backbone spec; its processor tokenizes and resizes (``self.processor``).
+        train_shards: Training shards: brace pattern, glob, directory or list of those.
+        val_shards: Validation shards, same forms.
+        test_shards: Test shards, same forms.
+        batch_size: Training batch size per device.
+        eval_batch_size: Validation/test batch size; defaults to ``batch_size``.
+        num_workers: DataLoader worker processes; 0 loads in the main process.
+        shuffle_buffer: Samples held in the training shuffle buffer.
+        samples_per_epoch: Training samples per epoch over all devices; defaults to the total in
+            the ``manifest.json`` beside the training shards.
+        query_instruction: Text after the image in each query.
+        target_instruction: Text before the caption in each target.
+        max_text_length: Most text tokens per query instruction or target.
+        decoder_max_length: Most decoder tokens per caption, ``<|endoftext|>`` included.
+        seed: Seed for shard resampling and buffer shuffling.
+        strict: Stop at the first bad sample with a ``BadSampleError`` naming the shard, the key
+            and the reason, instead of skipping and counting it (``batch["skipped"]``).
+        max_image_pixels: Images with more pixels are skipped as ``image_too_large``, judged from
+            the image header before decoding. PIL's own limit (``Image.MAX_IMAGE_PIXELS``, twice
+            of which raises) still applies above it.
+    """
+
+    def __init__(
+        self,
+        backbone: BackboneSpec,
+        train_shards: ShardSpec = None,
+        val_shards: ShardSpec = None,
+        test_shards: ShardSpec = None,
+        batch_size: int = 32,
+        eval_batch_size: int | None = None,
+        num_workers: int = 1,
+        shuffle_buffer: int = 1000,
+        samples_per_epoch: int | None = None,
+        query_instruction: str = "Find the caption that describes this image.",
+        target_instruction: str = "",
+        max_text_length: int = 64,
+        decoder_max_length: int = 32,
+        seed: int = 0,
+        strict: bool = False,
+        max_image_pixels: int = 64_000_000,
+    ) -> None:
+        super().__init__(backbone, train_shards, val_shards, test_shards, batch_size, eval_batch_size, num_workers,
+                         shuffle_buffer, samples_per_epoch, seed, strict, max_image_pixels)
+        self.collator = PairCollator(
+            self.processor, query_instruction, target_instruction, max_text_length, decoder_max_length
+        )
+
+    def decode_stage(self, skips: SkipCounter) -> wds.PipelineStage:
+        """Raw samples to ``{"key", "image", "text"}`` pairs."""
+        return DecodePairs(skips, self.max_image_pixels)

@@ -1,7 +1,7 @@
 """WebDataset pipeline stages that read tar shards, decode and check samples, and batch them.
 
 Bad input (damaged tar data, an image that will not decode or is absurdly large, a missing image,
-an empty caption) is skipped and counted by reason in a ``SkipCounter`` shared by the stages of
+an empty caption, an instruction pair's JSON that does not parse or lacks a field) is skipped and counted by reason in a ``SkipCounter`` shared by the stages of
 one pipeline; the batching stage hands each batch its worker's counts in ``batch["skipped"]``.
 With ``strict`` the first bad sample raises a ``BadSampleError`` naming the shard, key and reason.
 """
@@ -9,6 +9,7 @@ With ``strict`` the first bad sample raises a ``BadSampleError`` naming the shar
 from __future__ import annotations
 
 import io
+import json
 import logging
 import random
 import tarfile
@@ -20,7 +21,7 @@ import webdataset as wds
 from PIL import Image
 
 IMAGE_EXTENSIONS = ("png", "jpg", "jpeg", "webp")
-SKIP_REASONS = ("corrupt_tar", "bad_image", "empty_caption", "missing_image", "image_too_large")
+SKIP_REASONS = ("corrupt_tar", "bad_image", "empty_caption", "missing_image", "image_too_large", "bad_json")
 # Qwen-VL's resizing refuses images longer than this ratio; one such image would fail its batch.
 MAX_ASPECT_RATIO = 200
 TAR_BLOCK = 512
@@ -108,6 +109,30 @@ def _complete(sample: dict[str, Any]) -> bool:
     return "txt" in sample and any(ext in sample for ext in IMAGE_EXTENSIONS)
 
 
+def _open_image(data: bytes, ext: str, max_pixels: int) -> tuple[Image.Image | None, str, str]:
+    """(image, "", "") for usable image bytes, else (None, skip reason, detail).
+
+    The header is read before any pixel is decoded, so an absurdly large image costs nothing
+    but its bytes.
+    """
+    try:
+        image = Image.open(io.BytesIO(data))
+        width, height = image.size
+    except Image.DecompressionBombError as exn:
+        return None, "image_too_large", str(exn)
+    except Exception as exn:  # PIL's format plugins raise many types on malformed headers
+        return None, "bad_image", f"{ext}: {exn}"
+    if width * height > max_pixels:
+        return None, "image_too_large", f"{width}x{height} pixels > data.max_image_pixels {max_pixels}"
+    if min(width, height) < 1 or max(width, height) > MAX_ASPECT_RATIO * min(width, height):
+        return None, "bad_image", f"{width}x{height}: aspect ratio beyond {MAX_ASPECT_RATIO}"
+    try:
+        image.load()
+    except Exception as exn:  # truncated or corrupt pixel data, in whatever form the plugin reports it
+        return None, "bad_image", f"{ext}: {exn}"
+    return image, "", ""
+
+
 class TarSamples(wds.PipelineStage):
     """Shard URLs to raw samples ``{"__key__", "__url__", ext: bytes}``, through damaged tar data.
 
@@ -116,10 +141,16 @@ class TarSamples(wds.PipelineStage):
     passed over: a sample that spans it, or an incomplete neighbour of it, is marked
     ``__corrupt__``; when no neighbour explains a jump, one sample of unknown key is counted.
     Members of one sample must be adjacent in the tar, as WebDataset requires.
+
+    Args:
+        skips: The pipeline's skip counter.
+        complete: Whether a raw sample has every member its format needs (judges damage
+            next to a gap); defaults to the image-caption format's.
     """
 
-    def __init__(self, skips: SkipCounter) -> None:
+    def __init__(self, skips: SkipCounter, complete: Callable[[dict[str, Any]], bool] = _complete) -> None:
         self.skips = skips
+        self.complete = complete
 
     def run(self, src: Iterator[dict[str, Any]]) -> Iterator[dict[str, Any]]:
         for shard in src:
@@ -132,7 +163,7 @@ class TarSamples(wds.PipelineStage):
     def _close(self, sample: dict[str, Any], url: str) -> dict[str, Any]:
         gap = sample.pop("__gap__", None)
         if gap is not None and "__corrupt__" not in sample:
-            if not _complete(sample):
+            if not self.complete(sample):
                 sample["__corrupt__"] = "incomplete next to damaged tar data"
             elif not gap["explained"]:
                 self._unexplained(url, gap["after"], "tar data passed over")
@@ -163,7 +194,7 @@ class TarSamples(wds.PipelineStage):
                             if sample is not None and sample["__key__"] == key:
                                 sample["__corrupt__"] = "tar data passed over inside the sample"
                             else:
-                                explained = sample is not None and not _complete(sample)
+                                explained = sample is not None and not self.complete(sample)
                                 if explained:
                                     sample["__corrupt__"] = "incomplete next to damaged tar data"
                                 gap = {"explained": explained, "after": None if sample is None else sample["__key__"]}
@@ -191,7 +222,7 @@ class TarSamples(wds.PipelineStage):
                 raise
             except Exception as exn:  # tarfile, zlib and the opener raise many types on damaged data
                 read_cleanly = False
-                if sample is not None and (reading == sample["__key__"] or not _complete(sample)):
+                if sample is not None and (reading == sample["__key__"] or not self.complete(sample)):
                     sample["__corrupt__"] = f"unreadable tar data: {exn}"
                 else:
                     self._unexplained(url, None if sample is None else sample["__key__"], f"unreadable tar data ({exn})")
@@ -211,6 +242,8 @@ class DecodePairs(wds.PipelineStage):
     The image header is read before any pixel is decoded, so an absurdly large image costs
     nothing but its bytes.
     """
+
+    complete = staticmethod(_complete)
 
     def __init__(self, skips: SkipCounter, max_image_pixels: int) -> None:
         self.skips = skips
@@ -238,22 +271,110 @@ class DecodePairs(wds.PipelineStage):
         text = sample.get("txt", b"").decode("utf-8", errors="replace").strip()
         if not text:
             return skip("empty_caption", "no txt member" if "txt" not in sample else "the txt member is blank")
-        try:
-            image = Image.open(io.BytesIO(sample[ext]))
-            width, height = image.size
-        except Image.DecompressionBombError as exn:
-            return skip("image_too_large", str(exn))
-        except Exception as exn:  # PIL's format plugins raise many types on malformed headers
-            return skip("bad_image", f"{ext}: {exn}")
-        if width * height > self.max_image_pixels:
-            return skip("image_too_large", f"{width}x{height} pixels > data.max_image_pixels {self.max_image_pixels}")
-        if min(width, height) < 1 or max(width, height) > MAX_ASPECT_RATIO * min(width, height):
-            return skip("bad_image", f"{width}x{height}: aspect ratio beyond {MAX_ASPECT_RATIO}")
-        try:
-            image.load()
-        except Exception as exn:  # truncated or corrupt pixel data, in whatever form the plugin reports it
-            return skip("bad_image", f"{ext}: {exn}")
+        image, reason, detail = _open_image(sample[ext], ext, self.max_image_pixels)
+        if image is None:
+            return skip(reason, detail)
         return {"key": key, "image": image, "text": text}
+
+
+def _pair_complete(sample: dict[str, Any]) -> bool:
+    # Only the JSON knows which image members belong; without it nothing of the sample is usable.
+    return "json" in sample
+
+
+def _side_fields(record: dict[str, Any], text_field: str, image_field: str, where: str) -> dict[str, Any]:
+    """``{"text", "image"}`` (the member name or None) of one side; ValueError names what is wrong."""
+    text, image = record.get(text_field), record.get(image_field)
+    if not isinstance(text, str):
+        raise ValueError(f"{where}{text_field!r} must be a string, got {type(text).__name__}")
+    if image is not None and (not isinstance(image, str) or not image):
+        raise ValueError(f"{where}{image_field!r} must be a member name or null, got {image!r}")
+    if not text.strip() and image is None:
+        raise ValueError(f"{where}has neither a text nor an image")
+    return {"text": text.strip(), "image": image}
+
+
+def parse_pair_json(data: bytes) -> dict[str, Any]:
+    """The fields of an instruction pair's ``KEY.json`` (``tools/make_shards.py manifest`` layout).
+
+    Returns:
+        ``{"query": {"instruction", "text", "image"}, "target": {"text", "image"},
+        "negatives": [{"text", "image"}, ...]}`` where each ``image`` is a member name or None.
+
+    Raises:
+        ValueError: When the JSON does not parse, is not an object, or lacks or mistypes a field.
+    """
+    try:
+        record = json.loads(data.decode("utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as exn:
+        raise ValueError(f"does not parse: {exn}") from None
+    if not isinstance(record, dict):
+        raise ValueError(f"not a JSON object but {type(record).__name__}")
+    instruction = record.get("query_instruction")
+    if not isinstance(instruction, str):
+        raise ValueError(f"'query_instruction' must be a string, got {type(instruction).__name__}")
+    query = _side_fields(record, "query_text", "query_image", "query: ")
+    target = _side_fields(record, "target_text", "target_image", "target: ")
+    negatives = record.get("negatives")
+    if not isinstance(negatives, list) or not all(isinstance(n, dict) for n in negatives):
+        raise ValueError(f"'negatives' must be a list of objects, got {negatives!r:.80}")
+    return {
+        "query": {"instruction": instruction.strip(), **query},
+        "target": target,
+        "negatives": [_side_fields(n, "text", "image", f"negatives[{i}]: ") for i, n in enumerate(negatives)],
+    }
+
+
+class DecodeInstructionPairs(wds.PipelineStage):
+    """Raw instruction pairs (``KEY.json`` + image members) to decoded samples; bad ones are counted and dropped.
+
+    Samples come out as ``{"key", "query": {"instruction", "text", "image"}, "target": {"text",
+    "image"}, "negatives": [{"text", "image"}, ...]}``, each ``image`` a PIL image or None. A JSON
+    that does not parse or lacks a field is ``bad_json``; an image member the JSON names but the
+    sample lacks is ``missing_image``; images get the checks of ``DecodePairs``.
+    """
+
+    complete = staticmethod(_pair_complete)
+
+    def __init__(self, skips: SkipCounter, max_image_pixels: int) -> None:
+        self.skips = skips
+        self.max_image_pixels = max_image_pixels
+
+    def run(self, src: Iterator[dict[str, Any]]) -> Iterator[dict[str, Any]]:
+        for sample in src:
+            pair = self._decode(sample)
+            if pair is not None:
+                yield pair
+
+    def _decode(self, sample: dict[str, Any]) -> dict[str, Any] | None:
+        url, key = sample["__url__"], sample["__key__"]
+
+        def skip(reason: str, detail: str) -> None:
+            self.skips.skip(reason, url, key, detail)
+
+        if "__corrupt__" in sample:
+            return skip("corrupt_tar", sample["__corrupt__"])
+        if "json" not in sample:
+            members = sorted(k for k in sample if not k.startswith("__"))
+            return skip("bad_json", f"no json member; it has {members}")
+        try:
+            pair = parse_pair_json(sample["json"])
+        except ValueError as exn:
+            return skip("bad_json", str(exn))
+        for side in (pair["query"], pair["target"], *pair["negatives"]):
+            name = side["image"]
+            if name is None:
+                continue
+            # Member extensions are read lower-cased (``_split_name``), as the writer writes them.
+            data = sample.get(name.lower())
+            if data is None:
+                members = sorted(k for k in sample if not k.startswith("__"))
+                return skip("missing_image", f"the json names member {name!r}; the sample has {members}")
+            image, reason, detail = _open_image(data, name, self.max_image_pixels)
+            if image is None:
+                return skip(reason, detail)
+            side["image"] = image
+        return {"key": key, **pair}
 
 
 class CountedBatches(wds.PipelineStage):

@@ -210,8 +210,12 @@ class LaMEModule(LightningModule):
         offset = 0
         if gather and self.distributed:
             target = self.all_gather(target, sync_grads=True).flatten(0, 1)
-            if negatives is not None:
-                negatives = self.all_gather(negatives, sync_grads=True).flatten(0, 1)
+            # Ranks may hold different numbers of hard negatives, or none: every rank joins, and
+            # with a tensor in the autograd graph (a slice), so every rank joins the backward too.
+            if negatives is None:
+                negatives = target[:0]
+            negatives = self._gather_rows(negatives, sync_grads=True)
+            negatives = negatives if negatives.shape[0] else None
             offset = self.global_rank * query.shape[0]
         return info_nce(query, target, self.logit_scale, negatives, offset)
 
@@ -275,13 +279,15 @@ class LaMEModule(LightningModule):
 
     # ----------------------------------------------------------------------------- retrieval
 
-    def _gather_rows(self, x: torch.Tensor) -> torch.Tensor:
+    def _gather_rows(self, x: torch.Tensor, sync_grads: bool = False) -> torch.Tensor:
         """All ranks' rows in rank order; ranks may hold different numbers of rows."""
         if not self.distributed:
             return x
         sizes = self.all_gather(torch.tensor([x.shape[0]], device=x.device)).flatten().tolist()
+        if max(sizes) == 0:
+            return x
         padded = F.pad(x, (0, 0, 0, max(sizes) - x.shape[0]))
-        gathered = self.all_gather(padded)
+        gathered = self.all_gather(padded, sync_grads=sync_grads)
         return torch.cat([gathered[rank, :size] for rank, size in enumerate(sizes)])
 
     def _retrieval_epoch_end(self, split: str) -> None:

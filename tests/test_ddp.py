@@ -37,3 +37,30 @@ def test_two_process_fit_and_test(tmp_path):
     # Each rank read one of the two test shards; the ranking saw all ten captions.
     assert metrics["test/num_candidates"] == 10
     assert abs(metrics["chance/recall@1"] - 0.1) < 1e-6
+
+
+def test_two_process_fit_on_instruction_pairs_with_uneven_hard_negatives(tmp_path):
+    """Ranks draw batches with different numbers of hard negatives (or none); the gather copes."""
+    import random
+
+    from PIL import Image
+    from test_pairs import ROWS, SIDES
+
+    src = tmp_path / "src"
+    src.mkdir()
+    rng = random.Random(0)
+    for name, side in SIDES.items():
+        Image.frombytes("RGB", (side, side), bytes(rng.getrandbits(8) for _ in range(side * side * 3))).save(src / name)
+    (src / "pairs.jsonl").write_text("".join(json.dumps(row) + "\n" for row in ROWS * 2))
+    subprocess.run([sys.executable, str(ROOT / "tools" / "make_shards.py"), "manifest", "--manifest",
+                    str(src / "pairs.jsonl"), "--out", str(tmp_path / "pairs"), "--samples-per-shard", "3"],
+                   check=True, capture_output=True)
+    fit = subprocess.run(
+        [str(LIGHTNING), "fit", f"--config={CONF}", "--data=datamodules.InstructionPairDataModule",
+         f"--data.init_args.train_shards={tmp_path / 'pairs' / 'train'}", "--data.init_args.batch_size=2",
+         "--data.init_args.num_workers=0", "--trainer.devices=2", "--trainer.strategy=ddp",
+         "--model.init_args.stage=2", "--trainer.max_steps=3", "--trainer.limit_val_batches=0",
+         f"--trainer.default_root_dir={tmp_path}"],
+        cwd=tmp_path, capture_output=True, text=True, timeout=300,
+    )
+    assert fit.returncode == 0, fit.stderr[-3000:]
