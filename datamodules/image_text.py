@@ -1,14 +1,23 @@
 """Streaming samples from WebDataset shards; ``ImageTextDataModule`` reads image-caption pairs.
 
 ``ShardDataModule`` holds what every shard format shares; a format supplies its decoding stage
-and its collator (``datamodules.pairs`` for instruction pairs). Training resamples shards with replacement and shuffles samples in a buffer, for a fixed number
-of batches per epoch; validation and test read every sample exactly once, in file order. Bad
-samples are skipped and counted (``datamodules.samples``); ``callbacks.DataHealth`` logs them.
+and its collator (``datamodules.pairs`` for instruction pairs). Training resamples shards with
+replacement (or, with ``resampled=False``, reads each shard once per epoch) and shuffles samples
+in a buffer, for a fixed number of batches per epoch and rank; validation and test read every
+sample exactly once, in file order. Bad samples are skipped and counted
+(``datamodules.samples``); ``callbacks.DataHealth`` logs them.
+
+Seeds are functions of (seed, epoch, rank, worker): the training loader writes the epoch
+(``trainer.current_epoch``, else ``set_epoch``, else one more than the last) into memory shared
+with its persistent workers each time it is iterated. ``state_dict`` (saved in checkpoints) holds
+the epoch and the batches this rank has consumed in it; see ``ShardDataModule.load_state_dict``
+for what a resumed run sees.
 """
 
 from __future__ import annotations
 
 import math
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import lightning as L
@@ -16,8 +25,17 @@ import webdataset as wds
 from torch.utils.data import DataLoader
 
 from datamodules.collate import PairCollator
-from datamodules.samples import CountedBatches, DecodePairs, SkipCounter, TarSamples, WorkerShuffle
-from datamodules.shards import MANIFEST, count_samples, expand_shards
+from datamodules.samples import (
+    CountedBatches,
+    DecodePairs,
+    EpochShards,
+    EpochState,
+    SkipConsumed,
+    SkipCounter,
+    TarSamples,
+    WorkerShuffle,
+)
+from datamodules.shards import MANIFEST, count_samples, expand_shards, shard_sizes
 from lame_pl.backbone import BackboneSpec, build_processor
 
 ShardSpec = str | list[str] | None
@@ -47,6 +65,10 @@ class ShardDataModule(L.LightningDataModule):
         max_image_pixels: Images with more pixels are skipped as ``image_too_large``, judged from
             the image header before decoding. PIL's own limit (``Image.MAX_IMAGE_PIXELS``, twice
             of which raises) still applies above it.
+        resampled: Draw training shards with replacement (any shard count; ``samples_per_epoch``
+            sets the epoch). False reads every shard once per epoch over all ranks and workers,
+            and needs at least ``world_size * max(1, num_workers)`` shards; see
+            ``train_batches_per_worker`` for its epoch length.
     """
 
     collator: Any
@@ -65,6 +87,7 @@ class ShardDataModule(L.LightningDataModule):
         seed: int = 0,
         strict: bool = False,
         max_image_pixels: int = 64_000_000,
+        resampled: bool = True,
     ) -> None:
         super().__init__()
         # Records the subclass's own arguments too: Lightning reads every __init__ frame of self.
@@ -94,6 +117,17 @@ class ShardDataModule(L.LightningDataModule):
                     f"data.samples_per_epoch is not set and no {MANIFEST} beside data.train_shards "
                     f"{train_shards!r} lists every shard; set data.samples_per_epoch"
                 )
+        self.resampled = resampled
+        self._train_sizes: list[int] | None = None
+        if self.shards["train"] is not None and not resampled:
+            self._train_sizes = shard_sizes(self.shards["train"])
+            self._check_train_shard_count()
+        # Shared with the training workers; made on first use (it pickles only into a new process).
+        self._epoch_state: EpochState | None = None
+        self._next_epoch: int | None = None  # from set_epoch or load_state_dict
+        self._epoch = -1
+        self._batches = 0  # training batches this rank has taken in self._epoch
+        self._resume: tuple[int, int] | None = None  # (epoch, batches) from load_state_dict
         self.processor = build_processor(backbone)
 
     def decode_stage(self, skips: SkipCounter) -> wds.PipelineStage:
@@ -124,36 +158,133 @@ class ShardDataModule(L.LightningDataModule):
             CountedBatches(skips, batch_size, self.collator, partial=partial),
         ]
 
+    def _rank_and_world_size(self) -> tuple[int, int]:
+        if self.trainer is not None:
+            return self.trainer.global_rank, self.trainer.world_size
+        # Outside a Trainer, RANK and WORLD_SIZE (torchrun's) or an initialised process group.
+        rank, world_size, _, _ = wds.utils.pytorch_worker_info()
+        return rank, world_size
+
     def _world_size(self) -> int:
-        return self.trainer.world_size if self.trainer is not None else 1
+        return self._rank_and_world_size()[1]
+
+    def _check_train_shard_count(self) -> None:
+        """Non-resampled training needs a shard for every (rank, worker); say so before training."""
+        urls = self.shards["train"]
+        if self.resampled or urls is None:
+            return
+        slots = self._world_size() * max(1, self.num_workers)
+        if len(urls) < slots:
+            raise ValueError(
+                f"data.train_shards has {len(urls)} shards, fewer than world_size x num_workers = "
+                f"{self._world_size()} x {max(1, self.num_workers)} = {slots}, which data.resampled false "
+                "needs; write more, smaller shards, lower data.num_workers, or set data.resampled true"
+            )
+
+    def setup(self, stage: str) -> None:
+        """Checks the training shard count against the world size, known only now."""
+        if stage == "fit":
+            self._check_train_shard_count()
 
     def train_batches_per_worker(self) -> int:
-        """Batches each loader worker yields per epoch (the main process counts as one worker)."""
+        """Batches each loader worker yields per epoch (the main process counts as one worker).
+
+        Resampled: ``samples_per_epoch`` split evenly over ranks and workers. Not resampled: what
+        the unluckiest worker is sure to hold, ``floor(shards / (world_size * workers))`` of the
+        smallest shard in ``manifest.json`` (else ``samples_per_epoch / shards``), in whole
+        batches. Every rank must take the same number of steps, or DDP waits forever for the
+        rank that ran out; so the workers with a spare shard leave its samples (and a partial
+        batch) for later epochs, where the per-epoch shuffle deals the shards out differently.
+        Bad samples are refilled from a second pass over the worker's shards.
+        """
+        workers = max(1, self.num_workers)
+        if not self.resampled and self.shards["train"] is not None:
+            urls = self.shards["train"]
+            smallest = min(self._train_sizes) if self._train_sizes else self.samples_per_epoch // len(urls)
+            held = len(urls) // (self._world_size() * workers) * smallest
+            if held < self.batch_size:
+                raise ValueError(
+                    f"data.batch_size {self.batch_size} exceeds the {held} samples each training worker "
+                    "is sure to hold with data.resampled false; lower it or data.num_workers"
+                )
+            return held // self.batch_size
         global_batches = max(1, self.samples_per_epoch // (self.batch_size * self._world_size()))
-        return math.ceil(global_batches / max(1, self.num_workers))
+        return math.ceil(global_batches / workers)
+
+    def set_epoch(self, epoch: int) -> None:
+        """Seed the next iteration of the training loader with ``epoch`` (outside a Trainer)."""
+        self._next_epoch = epoch
+
+    def _start_epoch(self) -> int:
+        """Called in the main process as the training loader is iterated: fix the epoch's seeds.
+
+        Returns:
+            The batches of this epoch taken before a resume, which the loader leaves out.
+        """
+        if self._next_epoch is not None:
+            epoch, self._next_epoch = self._next_epoch, None
+        elif self.trainer is not None:
+            epoch = self.trainer.current_epoch
+        else:
+            epoch = self._epoch + 1
+        resumed = 0
+        if self._resume is not None and self._resume[0] == epoch:
+            resumed = self._resume[1]
+        self._resume = None
+        self._epoch, self._batches = epoch, resumed
+        assert self._epoch_state is not None
+        self._epoch_state.set(epoch, resumed)
+        return resumed
+
+    def _took_batch(self) -> None:
+        self._batches += 1
+
+    def state_dict(self) -> dict[str, Any]:
+        """The training epoch and the batches this rank has taken in it, for checkpoints."""
+        return {"epoch": self._epoch, "batches": self._batches, "seed": self.seed, "resampled": self.resampled}
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        """Resume in the saved epoch without starting it again from its first batch.
+
+        When the training loader next starts that epoch (a Trainer resuming mid-epoch does), it
+        carries on as follows. Resampled: the shard draw is re-seeded with the batches already
+        taken, a fresh sample with replacement rather than a replay. Not resampled: the same shard
+        order and shuffle as before, with the raw samples each worker had delivered skipped, so
+        the epoch continues where it stopped (give or take the samples skipped as bad before the
+        resume, which may be seen again); this holds when ``seed``, ``batch_size``,
+        ``num_workers`` and the world size are unchanged. Another epoch starts afresh.
+        """
+        epoch, batches = int(state_dict.get("epoch", -1)), int(state_dict.get("batches", 0))
+        if epoch >= 0:
+            self._resume = (epoch, batches)
+            self._epoch, self._batches = epoch, batches
+            self._next_epoch = epoch if self.trainer is None else None
 
     def train_dataloader(self) -> DataLoader:
-        """Endless resampled stream cut into epochs of ``samples_per_epoch // batch_size`` batches."""
+        """Training batches, ``train_batches_per_worker() * max(1, num_workers)`` per epoch and rank."""
         urls = self._urls("train")
+        self._check_train_shard_count()
         per_worker = self.train_batches_per_worker()
+        rank, world_size = self._rank_and_world_size()
+        if self._epoch_state is None:
+            self._epoch_state = EpochState()
+        state = self._epoch_state
+        shuffle = WorkerShuffle(self.shuffle_buffer, self.seed, state, rank)
+        stages = self._shards_to_batches(self.batch_size, partial=False, shuffle=shuffle)
+        if not self.resampled:
+            stages.insert(2, SkipConsumed(state, self.batch_size))
         dataset = (
-            wds.DataPipeline(
-                # Resampling with a per-(rank, worker, epoch) seed: no node or worker split needed.
-                wds.ResampledShards(urls, seed=self.seed, deterministic=True),
-                *self._shards_to_batches(
-                    self.batch_size, partial=False, shuffle=WorkerShuffle(self.shuffle_buffer, self.seed)
-                ),
-            )
+            wds.DataPipeline(EpochShards(urls, self.seed, state, rank, world_size, self.resampled), *stages)
             .with_epoch(per_worker)
             # A length lets Lightning show progress and size schedules (estimated_stepping_batches).
             .with_length(per_worker * max(1, self.num_workers), silent=True)
         )
-        return DataLoader(
+        return _EpochLoader(
             dataset,
-            batch_size=None,
-            shuffle=False,
+            self._start_epoch,
+            self._took_batch,
             num_workers=self.num_workers,
-            # Persistent workers keep their pipeline, so the epoch counters behind the seeds advance.
+            # Workers keep their pipeline; the epoch reaches them through the shared EpochState.
             persistent_workers=self.num_workers > 0,
         )
 
@@ -182,6 +313,30 @@ class ShardDataModule(L.LightningDataModule):
         return self._eval_dataloader("test")
 
 
+class _EpochLoader(DataLoader):
+    """A DataLoader that tells its datamodule when an epoch starts and counts the batches it hands out.
+
+    Lightning calls ``set_epoch`` only on samplers, and an iterable dataset has none; iterating
+    the loader is the one moment both a Trainer and a plain loop go through.
+    """
+
+    def __init__(self, dataset: Any, on_epoch: Callable[[], int], on_batch: Callable[[], None], **kwargs: Any) -> None:
+        super().__init__(dataset, batch_size=None, shuffle=False, **kwargs)
+        self._on_epoch = on_epoch
+        self._on_batch = on_batch
+
+    def __iter__(self) -> Iterator[Any]:
+        # Before the workers are told to start (or resume), so they read this epoch's seeds.
+        taken = self._on_epoch()
+        return self._counted(super().__iter__(), len(self) - taken)
+
+    def _counted(self, batches: Iterator[Any], remaining: int) -> Iterator[Any]:
+        # A resumed epoch ends where it would have, as Lightning's own batch count expects.
+        for batch, _ in zip(batches, range(remaining), strict=False):
+            self._on_batch()
+            yield batch
+
+
 class ImageTextDataModule(ShardDataModule):
     """WebDataset image-caption pairs, collated through the backbone's processor.
 
@@ -206,6 +361,8 @@ class ImageTextDataModule(ShardDataModule):
         max_image_pixels: Images with more pixels are skipped as ``image_too_large``, judged from
             the image header before decoding. PIL's own limit (``Image.MAX_IMAGE_PIXELS``, twice
             of which raises) still applies above it.
+        resampled: Draw training shards with replacement; False reads each shard once per epoch
+            (see ``ShardDataModule``).
     """
 
     def __init__(
@@ -226,9 +383,10 @@ class ImageTextDataModule(ShardDataModule):
         seed: int = 0,
         strict: bool = False,
         max_image_pixels: int = 64_000_000,
+        resampled: bool = True,
     ) -> None:
         super().__init__(backbone, train_shards, val_shards, test_shards, batch_size, eval_batch_size, num_workers,
-                         shuffle_buffer, samples_per_epoch, seed, strict, max_image_pixels)
+                         shuffle_buffer, samples_per_epoch, seed, strict, max_image_pixels, resampled)
         self.collator = PairCollator(
             self.processor, query_instruction, target_instruction, max_text_length, decoder_max_length
         )

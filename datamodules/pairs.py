@@ -39,6 +39,8 @@ class InstructionPairDataModule(ShardDataModule):
             and the reason, instead of skipping and counting it (``batch["skipped"]``).
         max_image_pixels: Images with more pixels are skipped as ``image_too_large``, judged from
             the image header before decoding.
+        resampled: Draw training shards with replacement (True) or read each once per epoch
+            (False); see ``ShardDataModule``.
     """
 
     def __init__(
@@ -59,9 +61,10 @@ class InstructionPairDataModule(ShardDataModule):
         seed: int = 0,
         strict: bool = False,
         max_image_pixels: int = 64_000_000,
+        resampled: bool = True,
     ) -> None:
         super().__init__(backbone, train_shards, val_shards, test_shards, batch_size, eval_batch_size, num_workers,
-                         shuffle_buffer, samples_per_epoch, seed, strict, max_image_pixels)
+                         shuffle_buffer, samples_per_epoch, seed, strict, max_image_pixels, resampled)
         self.collator = InstructionCollator(
             self.processor, query_instruction, target_instruction, max_text_length, decoder_max_length
         )

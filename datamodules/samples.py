@@ -11,12 +11,14 @@ from __future__ import annotations
 import io
 import json
 import logging
+import multiprocessing
 import random
 import tarfile
 from collections import Counter
 from collections.abc import Callable, Iterator
 from typing import Any
 
+import torch.utils.data
 import webdataset as wds
 from PIL import Image
 
@@ -410,17 +412,158 @@ class CountedBatches(wds.PipelineStage):
                         dict(self.skips.counts))
 
 
-class WorkerShuffle(wds.PipelineStage):
-    """Buffer shuffle seeded by (seed, rank, worker, epoch): reproducible, yet different per worker and epoch."""
+class EpochState:
+    """The training epoch and resume offset, shared with loader worker processes.
 
-    def __init__(self, bufsize: int, seed: int) -> None:
+    Workers are persistent, so they keep the pipeline they were started with; the main process
+    writes here before each epoch's iteration and the workers read it when their epoch starts.
+    Create it before the workers start (``fork`` inherits it; ``spawn`` pickles it with the dataset).
+    """
+
+    def __init__(self) -> None:
+        # [epoch, batches this rank had consumed in that epoch before a resume, times set]
+        self._values = multiprocessing.RawArray("q", 3)
+
+    @property
+    def epoch(self) -> int:
+        return int(self._values[0])
+
+    @property
+    def resumed_batches(self) -> int:
+        return int(self._values[1])
+
+    @property
+    def generation(self) -> int:
+        """How often ``set`` was called: tells a new loader epoch from another pass inside one."""
+        return int(self._values[2])
+
+    def set(self, epoch: int, resumed_batches: int = 0) -> None:
+        """Set what the workers read when their next epoch starts."""
+        self._values[0], self._values[1] = epoch, resumed_batches
+        self._values[2] += 1
+
+    def worker_role(self) -> tuple[int, int]:
+        """(the worker this process stands in for, number of workers).
+
+        The loader takes batches from its workers in turn, starting again at worker 0 on every
+        epoch; after a resume mid-epoch the workers swap roles so that the worker the loader asks
+        first carries on the stream the old run would have asked next, and the order holds.
+        """
+        worker, num_workers = _worker()
+        return (worker + self.resumed_batches) % num_workers, num_workers
+
+    def first_pass(self, holder: Any) -> bool:
+        """Whether ``holder`` (a stage in a worker) starts its first pass of this loader epoch.
+
+        A finite stream cut by ``with_epoch`` is run again when it ends early; a stage sees that
+        as another call in the same generation.
+        """
+        first = getattr(holder, "_generation", None) != self.generation
+        holder._generation = self.generation
+        return first
+
+
+def _worker() -> tuple[int, int]:
+    info = torch.utils.data.get_worker_info()
+    return (0, 1) if info is None else (info.id, info.num_workers)
+
+
+class EpochShards(torch.utils.data.IterableDataset):
+    """Training shard URLs for this rank and worker, seeded by (seed, epoch, rank, worker).
+
+    Resampled: an endless draw with replacement; after a resume the draw is also seeded by the
+    batches consumed before it, so the resumed epoch does not repeat its start. Not resampled:
+    every shard once per epoch over all ranks and workers (one shuffle per epoch, the same on
+    every rank, then split by rank and by worker), one pass per call; ``with_epoch`` calls again
+    when a worker's shards run dry before its share of batches (bad samples), and that pass
+    reads them in a new order, so every rank still does the same number of steps.
+
+    Args:
+        urls: The training shards.
+        seed: Base seed.
+        state: Epoch and resume offset, written by the main process.
+        rank: This process's rank, known in the main process (workers may lack the process group).
+        world_size: Number of ranks.
+        resampled: Draw with replacement rather than reading each shard once per epoch.
+    """
+
+    def __init__(self, urls: list[str], seed: int, state: EpochState, rank: int, world_size: int,
+                 resampled: bool) -> None:
+        super().__init__()
+        self.urls = list(urls)
+        self.seed = seed
+        self.state = state
+        self.rank = rank
+        self.world_size = world_size
+        self.resampled = resampled
+
+    def __iter__(self) -> Iterator[dict[str, str]]:
+        worker, num_workers = self.state.worker_role()
+        epoch = self.state.epoch
+        if self.resampled:
+            rng = random.Random(f"{self.seed}-{epoch}-{self.state.resumed_batches}-{self.rank}-{worker}")
+            while True:
+                yield {"url": rng.choice(self.urls)}
+        self.lap = 0 if self.state.first_pass(self) else self.lap + 1
+        order = list(self.urls)
+        # The same shuffle on every rank and worker, so that the split below is a partition.
+        random.Random(f"{self.seed}-{epoch}").shuffle(order)
+        mine = order[self.rank :: self.world_size][worker::num_workers]
+        if self.lap:
+            random.Random(f"{self.seed}-{epoch}-{self.rank}-{worker}-{self.lap}").shuffle(mine)
+        yield from ({"url": url} for url in mine)
+
+
+class SkipConsumed(wds.PipelineStage):
+    """Drops the raw samples this worker had already delivered in the epoch a run resumed in.
+
+    The loader takes batches from its workers in turn, so the worker in role ``w`` of ``n``
+    (``EpochState.worker_role``) had delivered ``consumed // n`` batches, one more if
+    ``w < consumed % n``. Placed after the shuffle and
+    before decoding, it skips ``batch_size`` raw samples per batch; samples skipped as bad before
+    the resume are not counted, so as many good samples as were skipped may be seen again.
+
+    Args:
+        state: Epoch and resume offset, written by the main process.
+        batch_size: Samples per batch.
+    """
+
+    def __init__(self, state: EpochState, batch_size: int) -> None:
+        self.state = state
+        self.batch_size = batch_size
+
+    def run(self, src: Iterator[dict[str, Any]]) -> Iterator[dict[str, Any]]:
+        worker, num_workers = self.state.worker_role()
+        consumed = self.state.resumed_batches if self.state.first_pass(self) else 0
+        skip = (consumed // num_workers + (worker < consumed % num_workers)) * self.batch_size
+        for sample in src:
+            if skip:
+                skip -= 1
+                continue
+            yield sample
+
+
+class WorkerShuffle(wds.PipelineStage):
+    """Buffer shuffle seeded by (seed, epoch, rank, worker): reproducible, yet different per worker and epoch.
+
+    Args:
+        bufsize: Samples held in the buffer.
+        seed: Base seed.
+        state: Where the epoch comes from; without it each worker counts its own epochs, which
+            only holds while the worker persists.
+        rank: This process's rank; read from the environment when None.
+    """
+
+    def __init__(self, bufsize: int, seed: int, state: EpochState | None = None, rank: int | None = None) -> None:
         self.bufsize = bufsize
         self.seed = seed
+        self.state = state
+        self.rank = rank
         self.epoch = -1
 
     def run(self, src: Iterator[dict[str, Any]]) -> Iterator[dict[str, Any]]:
-        # With persistent workers each worker keeps this object, so the count advances per epoch.
-        self.epoch += 1
-        rank, _, worker, _ = wds.utils.pytorch_worker_info()
+        self.epoch = self.state.epoch if self.state is not None else self.epoch + 1
+        rank = wds.utils.pytorch_worker_info()[0] if self.rank is None else self.rank
+        worker = self.state.worker_role()[0] if self.state is not None else _worker()[0]
         rng = random.Random(f"{self.seed}-{rank}-{worker}-{self.epoch}")
         return wds.filters.shuffle(self.bufsize, initial=min(self.bufsize, 100), rng=rng)(src)

@@ -54,10 +54,10 @@ def expand_shards(spec: str | list[str], key: str) -> list[str]:
     return urls
 
 
-def count_samples(urls: list[str]) -> int | None:
-    """Total samples in ``urls`` from the ``manifest.json`` beside them, or None if any is not listed."""
+def shard_sizes(urls: list[str]) -> list[int] | None:
+    """Samples in each of ``urls`` from the ``manifest.json`` beside them, or None if any is not listed."""
     manifests: dict[str, dict[str, int]] = {}
-    total = 0
+    sizes: list[int] = []
     for url in urls:
         if is_remote(url):
             return None
@@ -72,5 +72,11 @@ def count_samples(urls: list[str]) -> int | None:
                 manifests[folder] = {}
         if name not in manifests[folder]:
             return None
-        total += manifests[folder][name]
-    return total
+        sizes.append(manifests[folder][name])
+    return sizes
+
+
+def count_samples(urls: list[str]) -> int | None:
+    """Total samples in ``urls`` from the ``manifest.json`` beside them, or None if any is not listed."""
+    sizes = shard_sizes(urls)
+    return None if sizes is None else sum(sizes)
