@@ -238,13 +238,15 @@ class TarSamples(wds.PipelineStage):
                     self.skips.skip("corrupt_tar", url, None, f"closing the shard failed: {exn}")
 
 
-class DecodePairs(wds.PipelineStage):
-    """Raw samples to ``{"key", "image", "text"}`` pairs; bad ones are counted and dropped.
+class DecodeStage(wds.PipelineStage):
+    """Raw samples to decoded ones; a subclass's ``_decode`` returns None for a sample it skipped.
 
-    The image header is read before any pixel is decoded, so an absurdly large image costs
-    nothing but its bytes.
+    Args:
+        skips: The pipeline's skip counter.
+        max_image_pixels: Images with more pixels are skipped as ``image_too_large``.
     """
 
+    # Whether a raw sample holds all its members; TarSamples asks next to damaged tar data.
     complete = staticmethod(_complete)
 
     def __init__(self, skips: SkipCounter, max_image_pixels: int) -> None:
@@ -253,9 +255,20 @@ class DecodePairs(wds.PipelineStage):
 
     def run(self, src: Iterator[dict[str, Any]]) -> Iterator[dict[str, Any]]:
         for sample in src:
-            pair = self._decode(sample)
-            if pair is not None:
-                yield pair
+            decoded = self._decode(sample)
+            if decoded is not None:
+                yield decoded
+
+    def _decode(self, sample: dict[str, Any]) -> dict[str, Any] | None:
+        raise NotImplementedError
+
+
+class DecodePairs(DecodeStage):
+    """Raw samples to ``{"key", "image", "text"}`` pairs; bad ones are counted and dropped.
+
+    The image header is read before any pixel is decoded, so an absurdly large image costs
+    nothing but its bytes.
+    """
 
     def _decode(self, sample: dict[str, Any]) -> dict[str, Any] | None:
         url, key = sample["__url__"], sample["__key__"]
@@ -327,7 +340,7 @@ def parse_pair_json(data: bytes) -> dict[str, Any]:
     }
 
 
-class DecodeInstructionPairs(wds.PipelineStage):
+class DecodeInstructionPairs(DecodeStage):
     """Raw instruction pairs (``KEY.json`` + image members) to decoded samples; bad ones are counted and dropped.
 
     Samples come out as ``{"key", "query": {"instruction", "text", "image"}, "target": {"text",
@@ -337,16 +350,6 @@ class DecodeInstructionPairs(wds.PipelineStage):
     """
 
     complete = staticmethod(_pair_complete)
-
-    def __init__(self, skips: SkipCounter, max_image_pixels: int) -> None:
-        self.skips = skips
-        self.max_image_pixels = max_image_pixels
-
-    def run(self, src: Iterator[dict[str, Any]]) -> Iterator[dict[str, Any]]:
-        for sample in src:
-            pair = self._decode(sample)
-            if pair is not None:
-                yield pair
 
     def _decode(self, sample: dict[str, Any]) -> dict[str, Any] | None:
         url, key = sample["__url__"], sample["__key__"]
