@@ -16,6 +16,7 @@ import random
 import tarfile
 from collections import Counter
 from collections.abc import Callable, Iterator
+from functools import partial
 from typing import Any
 
 import torch.utils.data
@@ -255,9 +256,15 @@ class DecodeStage(wds.PipelineStage):
 
     def run(self, src: Iterator[dict[str, Any]]) -> Iterator[dict[str, Any]]:
         for sample in src:
+            if "__corrupt__" in sample:  # marked by TarSamples next to damaged tar data
+                self._skip(sample, "corrupt_tar", sample["__corrupt__"])
+                continue
             decoded = self._decode(sample)
             if decoded is not None:
                 yield decoded
+
+    def _skip(self, sample: dict[str, Any], reason: str, detail: str) -> None:
+        self.skips.skip(reason, sample["__url__"], sample["__key__"], detail)
 
     def _decode(self, sample: dict[str, Any]) -> dict[str, Any] | None:
         raise NotImplementedError
@@ -271,13 +278,8 @@ class DecodePairs(DecodeStage):
     """
 
     def _decode(self, sample: dict[str, Any]) -> dict[str, Any] | None:
-        url, key = sample["__url__"], sample["__key__"]
-
-        def skip(reason: str, detail: str) -> None:
-            self.skips.skip(reason, url, key, detail)
-
-        if "__corrupt__" in sample:
-            return skip("corrupt_tar", sample["__corrupt__"])
+        key = sample["__key__"]
+        skip = partial(self._skip, sample)
         ext = next((e for e in IMAGE_EXTENSIONS if e in sample), None)
         if ext is None:
             members = sorted(k for k in sample if not k.startswith("__"))
@@ -352,13 +354,8 @@ class DecodeInstructionPairs(DecodeStage):
     complete = staticmethod(_pair_complete)
 
     def _decode(self, sample: dict[str, Any]) -> dict[str, Any] | None:
-        url, key = sample["__url__"], sample["__key__"]
-
-        def skip(reason: str, detail: str) -> None:
-            self.skips.skip(reason, url, key, detail)
-
-        if "__corrupt__" in sample:
-            return skip("corrupt_tar", sample["__corrupt__"])
+        key = sample["__key__"]
+        skip = partial(self._skip, sample)
         if "json" not in sample:
             members = sorted(k for k in sample if not k.startswith("__"))
             return skip("bad_json", f"no json member; it has {members}")
