@@ -20,6 +20,8 @@ class DataHealth(Callback):
       reasons, which a synchronised log could deadlock on; the logger shows rank 0's counts.
     - ``<split>/data/skipped/<reason>``: validation and test, at epoch end, the epoch's count
       summed over all ranks.
+    - ``data/mixture/<set>``: training from a mixture (``batch["sources"]``), on step, the share
+      of this rank's samples in the epoch so far that came from each set, to check the weights.
 
     At the end of every epoch one line sums all ranks, e.g.
     ``train epoch 3: skipped 12 samples (40 in all): bad_image 10, empty_caption 2``.
@@ -29,6 +31,7 @@ class DataHealth(Callback):
         self.totals: dict[str, Counter[str]] = {"train": Counter(), "val": Counter(), "test": Counter()}
         self.epoch: dict[str, Counter[str]] = {split: Counter() for split in self.totals}
         self._restored: Counter[str] = Counter()
+        self.sources: Counter[str] = Counter()  # training samples per mixture set, this epoch
 
     # ----------------------------------------------------------------------------- counting
 
@@ -45,6 +48,12 @@ class DataHealth(Callback):
         self._count("train", batch)
         for reason, count in sorted(self.totals["train"].items()):
             pl_module.log(f"data/skipped/{reason}", float(count), on_step=True, on_epoch=False, batch_size=1)
+        sources = batch.get("sources") if isinstance(batch, dict) else None
+        if sources:
+            self.sources.update(sources)
+            seen = sum(self.sources.values())
+            for name, count in sorted(self.sources.items()):
+                pl_module.log(f"data/mixture/{name}", count / seen, on_step=True, on_epoch=False, batch_size=1)
 
     def on_validation_batch_end(
         self, trainer: Trainer, pl_module: LightningModule, outputs: Any, batch: Any, batch_idx: int,
@@ -88,6 +97,7 @@ class DataHealth(Callback):
 
     def on_train_epoch_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
         self.epoch["train"] = Counter()
+        self.sources = Counter()
 
     def on_train_epoch_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
         self._epoch_end("train", trainer, pl_module)

@@ -25,6 +25,7 @@ import webdataset as wds
 from torch.utils.data import DataLoader
 
 from datamodules.collate import PairCollator
+from datamodules.mixture import ShardSet, WeightedMixture, check_mixture
 from datamodules.samples import (
     CountedBatches,
     DecodePairs,
@@ -69,6 +70,9 @@ class ShardDataModule(L.LightningDataModule):
             sets the epoch). False reads every shard once per epoch over all ranks and workers,
             and needs at least ``world_size * max(1, num_workers)`` shards; see
             ``train_batches_per_worker`` for its epoch length.
+        train_mixture: Training shards as a weighted mixture of sets (``datamodules.mixture``),
+            instead of ``train_shards``; needs ``resampled`` (sampling by weight draws with
+            replacement). ``samples_per_epoch`` defaults to the sets' manifests added up.
     """
 
     collator: Any
@@ -88,6 +92,7 @@ class ShardDataModule(L.LightningDataModule):
         strict: bool = False,
         max_image_pixels: int = 64_000_000,
         resampled: bool = True,
+        train_mixture: list[ShardSet] | None = None,
     ) -> None:
         super().__init__()
         # Records the subclass's own arguments too: Lightning reads every __init__ frame of self.
@@ -109,13 +114,27 @@ class ShardDataModule(L.LightningDataModule):
             split: None if spec is None else expand_shards(spec, f"data.{split}_shards")
             for split, spec in (("train", train_shards), ("val", val_shards), ("test", test_shards))
         }
+        self.mixture: list[tuple[ShardSet, list[str]]] | None = None
+        if train_mixture is not None:
+            if train_shards is not None:
+                raise ValueError("set data.train_shards or data.train_mixture, not both")
+            if not resampled:
+                raise ValueError(
+                    "data.train_mixture samples its sets by weight, with replacement; it needs data.resampled true"
+                )
+            self.mixture = [
+                (item, expand_shards(item.shards, f"data.train_mixture[{i}].shards"))
+                for i, item in enumerate(check_mixture(train_mixture))
+            ]
+            self.shards["train"] = [url for _, urls in self.mixture for url in urls]
         self.samples_per_epoch = samples_per_epoch
         if self.shards["train"] is not None and samples_per_epoch is None:
             self.samples_per_epoch = count_samples(self.shards["train"])
             if self.samples_per_epoch is None:
+                where = "data.train_mixture's shards" if self.mixture else f"data.train_shards {train_shards!r}"
                 raise ValueError(
-                    f"data.samples_per_epoch is not set and no {MANIFEST} beside data.train_shards "
-                    f"{train_shards!r} lists every shard; set data.samples_per_epoch"
+                    f"data.samples_per_epoch is not set and no {MANIFEST} beside {where} "
+                    "lists every shard; set data.samples_per_epoch"
                 )
         self.resampled = resampled
         self._train_sizes: list[int] | None = None
@@ -269,13 +288,16 @@ class ShardDataModule(L.LightningDataModule):
         if self._epoch_state is None:
             self._epoch_state = EpochState()
         state = self._epoch_state
-        shuffle = WorkerShuffle(self.shuffle_buffer, self.seed, state, rank)
-        stages = self._shards_to_batches(self.batch_size, partial=False, shuffle=shuffle)
-        if not self.resampled:
-            stages.insert(2, SkipConsumed(state, self.batch_size))
+        if self.mixture is not None:
+            pipeline = self._mixture_pipeline(state, rank, world_size)
+        else:
+            shuffle = WorkerShuffle(self.shuffle_buffer, self.seed, state, rank)
+            stages = self._shards_to_batches(self.batch_size, partial=False, shuffle=shuffle)
+            if not self.resampled:
+                stages.insert(2, SkipConsumed(state, self.batch_size))
+            pipeline = wds.DataPipeline(EpochShards(urls, self.seed, state, rank, world_size, self.resampled), *stages)
         dataset = (
-            wds.DataPipeline(EpochShards(urls, self.seed, state, rank, world_size, self.resampled), *stages)
-            .with_epoch(per_worker)
+            pipeline.with_epoch(per_worker)
             # A length lets Lightning show progress and size schedules (estimated_stepping_batches).
             .with_length(per_worker * max(1, self.num_workers), silent=True)
         )
@@ -286,6 +308,26 @@ class ShardDataModule(L.LightningDataModule):
             num_workers=self.num_workers,
             # Workers keep their pipeline; the epoch reaches them through the shared EpochState.
             persistent_workers=self.num_workers > 0,
+        )
+
+    def _mixture_pipeline(self, state: EpochState, rank: int, world_size: int) -> wds.DataPipeline:
+        """One resampled stream per set (shards to decoded samples), interleaved by weight, then batched."""
+        assert self.mixture is not None
+        skips = SkipCounter(self.strict)
+        streams = []
+        for i, (_, urls) in enumerate(self.mixture):
+            seed = f"{self.seed}-set{i}"  # independent draws per set
+            decode = self.decode_stage(skips)
+            streams.append(wds.DataPipeline(
+                EpochShards(urls, seed, state, rank, world_size, resampled=True),
+                TarSamples(skips, complete=decode.complete),
+                WorkerShuffle(self.shuffle_buffer, seed, state, rank),
+                decode,
+            ))
+        sets = [item for item, _ in self.mixture]
+        return wds.DataPipeline(
+            WeightedMixture(streams, sets, self.batch_size, self.seed, state, rank),
+            CountedBatches(skips, self.batch_size, self.collator, partial=False),
         )
 
     def _eval_dataloader(self, split: str) -> DataLoader:
@@ -300,8 +342,13 @@ class ShardDataModule(L.LightningDataModule):
         # Shards are split between workers, so workers beyond the shard count would idle.
         return DataLoader(dataset, batch_size=None, shuffle=False, num_workers=min(self.num_workers, len(urls)))
 
-    def val_dataloader(self) -> DataLoader:
-        """Every validation sample once, in file order (per worker when ``num_workers > 1``)."""
+    def val_dataloader(self) -> DataLoader | list:
+        """Every validation sample once, in file order (per worker when ``num_workers > 1``).
+
+        Without ``val_shards`` a fit runs without validation (no loader), rather than failing.
+        """
+        if self.shards["val"] is None:
+            return []
         return self._eval_dataloader("val")
 
     def test_dataloader(self) -> DataLoader:
@@ -363,6 +410,8 @@ class ImageTextDataModule(ShardDataModule):
             of which raises) still applies above it.
         resampled: Draw training shards with replacement; False reads each shard once per epoch
             (see ``ShardDataModule``).
+        train_mixture: Training shards as a weighted mixture of sets, instead of
+            ``train_shards`` (see ``datamodules.mixture``).
     """
 
     def __init__(
@@ -384,9 +433,11 @@ class ImageTextDataModule(ShardDataModule):
         strict: bool = False,
         max_image_pixels: int = 64_000_000,
         resampled: bool = True,
+        train_mixture: list[ShardSet] | None = None,
     ) -> None:
         super().__init__(backbone, train_shards, val_shards, test_shards, batch_size, eval_batch_size, num_workers,
-                         shuffle_buffer, samples_per_epoch, seed, strict, max_image_pixels, resampled)
+                         shuffle_buffer, samples_per_epoch, seed, strict, max_image_pixels, resampled,
+                         train_mixture=train_mixture)
         self.collator = PairCollator(
             self.processor, query_instruction, target_instruction, max_text_length, decoder_max_length
         )

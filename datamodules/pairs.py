@@ -12,6 +12,7 @@ import webdataset as wds
 
 from datamodules.collate import InstructionCollator
 from datamodules.image_text import ShardDataModule, ShardSpec
+from datamodules.mixture import ShardSet
 from datamodules.samples import DecodeInstructionPairs, SkipCounter
 from lame_pl.backbone import BackboneSpec
 
@@ -41,6 +42,8 @@ class InstructionPairDataModule(ShardDataModule):
             the image header before decoding.
         resampled: Draw training shards with replacement (True) or read each once per epoch
             (False); see ``ShardDataModule``.
+        train_mixture: Training shards as a weighted mixture of sets, instead of
+            ``train_shards`` (see ``datamodules.mixture``).
     """
 
     def __init__(
@@ -62,9 +65,11 @@ class InstructionPairDataModule(ShardDataModule):
         strict: bool = False,
         max_image_pixels: int = 64_000_000,
         resampled: bool = True,
+        train_mixture: list[ShardSet] | None = None,
     ) -> None:
         super().__init__(backbone, train_shards, val_shards, test_shards, batch_size, eval_batch_size, num_workers,
-                         shuffle_buffer, samples_per_epoch, seed, strict, max_image_pixels, resampled)
+                         shuffle_buffer, samples_per_epoch, seed, strict, max_image_pixels, resampled,
+                         train_mixture=train_mixture)
         self.collator = InstructionCollator(
             self.processor, query_instruction, target_instruction, max_text_length, decoder_max_length
         )

@@ -382,6 +382,8 @@ class DecodeInstructionPairs(DecodeStage):
 class CountedBatches(wds.PipelineStage):
     """Collated batches that carry ``skipped``: what this process skipped since its previous batch.
 
+    Samples drawn from a mixture also give their set's name, as ``batch["sources"]``.
+
     A batch goes out only when the next good sample arrives or the stream ends, so the last batch
     of a finite stream also carries the skips behind its last sample.
     """
@@ -395,6 +397,8 @@ class CountedBatches(wds.PipelineStage):
     def _emit(self, samples: list[dict[str, Any]]) -> dict[str, Any]:
         batch = self.collate(samples)
         batch["skipped"] = self.skips.drain()
+        if "source" in samples[0]:  # the mixture set of each sample (datamodules.mixture)
+            batch["sources"] = [s["source"] for s in samples]
         return batch
 
     def run(self, src: Iterator[dict[str, Any]]) -> Iterator[dict[str, Any]]:

@@ -39,6 +39,21 @@ def test_real_configs_print_the_published_recipe(stage, capsys):
     assert (spec["contrastive_loss_weight"] > 0) is (stage == 2)
 
 
+def test_mmeb_train_mixture_config_composes_with_either_stage(capsys):
+    with pytest.raises(SystemExit) as done:
+        build_cli(["fit", f"--config={REAL / 'stage2.yaml'}", f"--config={REAL / 'data_mmeb_train.yaml'}",
+                   "--print_config"])
+    assert done.value.code in (0, None)
+    data = yaml.safe_load(capsys.readouterr().out)["data"]
+    assert data["class_path"] == "datamodules.InstructionPairDataModule"
+    args = data["init_args"]
+    assert args["train_shards"] is None and args["resampled"] is True
+    assert args["batch_size"] == 128  # the stage config's batch survives the data config
+    sets = args["train_mixture"]
+    assert [s["homogeneous"] for s in sets] == [True, True, True, False]
+    assert all(s["weight"] > 0 and s["shards"] for s in sets)
+
+
 @pytest.fixture(scope="module")
 def local_checkpoints(tmp_path_factory) -> tuple[Path, Path]:
     """A tiny Qwen2-VL and a tiny Qwen3 saved as Hugging Face directories, as a user would have."""
