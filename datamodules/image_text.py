@@ -21,6 +21,7 @@ from collections.abc import Callable, Iterator
 from typing import Any
 
 import lightning as L
+import torch.utils.data
 import webdataset as wds
 from torch.utils.data import DataLoader
 
@@ -331,16 +332,19 @@ class ShardDataModule(L.LightningDataModule):
         )
 
     def _eval_dataloader(self, split: str) -> DataLoader:
-        urls = self._urls(split)
+        # Split by rank here, in the main process, which knows its rank under any start method
+        # (a spawned worker may not see the process group); then by worker inside the loader.
+        rank, world_size = self._rank_and_world_size()
+        urls = self._urls(split)[rank::world_size]
         dataset = wds.DataPipeline(
-            wds.SimpleShardList(urls),
-            wds.split_by_node,
+            _ShardList(urls),
             wds.split_by_worker,
             # Bad samples are skipped but never silently: each batch reports them (or strict raises).
             *self._shards_to_batches(self.eval_batch_size, partial=True),
         )
         # Shards are split between workers, so workers beyond the shard count would idle.
         return DataLoader(dataset, batch_size=None, shuffle=False, num_workers=min(self.num_workers, len(urls)))
+
 
     def val_dataloader(self) -> DataLoader | list:
         """Every validation sample once, in file order (per worker when ``num_workers > 1``).
@@ -359,6 +363,16 @@ class ShardDataModule(L.LightningDataModule):
         """The test split, for ``predict`` (embeddings of both sides, keyed by sample)."""
         return self._eval_dataloader("test")
 
+
+class _ShardList(torch.utils.data.IterableDataset):
+    """The given shard URLs in order, possibly none (a rank with no shard of a small split)."""
+
+    def __init__(self, urls: list[str]) -> None:
+        super().__init__()
+        self.urls = urls
+
+    def __iter__(self) -> Iterator[dict[str, str]]:
+        return iter([{"url": url} for url in self.urls])
 
 class _EpochLoader(DataLoader):
     """A DataLoader that tells its datamodule when an epoch starts and counts the batches it hands out.

@@ -55,6 +55,17 @@ def test_val_split_seen_exactly_once_over_two_ranks_of_two_workers(
     assert len(seen) == SIZES["val"] and len(set(seen)) == SIZES["val"]
 
 
+def test_val_split_over_more_ranks_than_shards_leaves_the_extra_ranks_empty(
+    data_dir: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    per_rank = []
+    for rank in range(8):  # 5 val shards
+        _as_rank(monkeypatch, rank, world_size=8)
+        per_rank.append(_keys(_dm(data_dir).val_dataloader()))
+    assert [len(keys) for keys in per_rank] == [PER_SHARD] * 5 + [0] * 3
+    assert len({k for keys in per_rank for k in keys}) == SIZES["val"]
+
+
 def test_resampled_train_gives_every_rank_the_same_batch_count(
     data_dir: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
