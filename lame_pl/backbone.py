@@ -156,6 +156,11 @@ class DecoderSpec:
         return ids
 
 
+# Checkpoints written outside LightningCLI keep these specs in their hyper-parameters; allowing
+# them lets torch.load(weights_only=True) (the default, and Lightning's resume) read such files.
+torch.serialization.add_safe_globals([BackboneSpec, DecoderSpec])
+
+
 def default_attn_implementation() -> str:
     """flash-attn 2 when importable on a CUDA machine, else PyTorch SDPA."""
     if torch.cuda.is_available() and importlib.util.find_spec("flash_attn") is not None:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+import torch
 from torch import nn
 
 LORA_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
@@ -58,6 +59,10 @@ class StageSpec:
             )
         if self.contrastive_loss_weight == 0 and self.decoder_loss_weight == 0:
             raise ValueError("a stage has both loss weights at 0: it would train nothing")
+
+
+# Allowed in torch.load(weights_only=True), like the specs in lame_pl.backbone.
+torch.serialization.add_safe_globals([LoraSpec, StageSpec])
 
 
 def default_stages() -> dict[int, StageSpec]:

@@ -8,8 +8,11 @@ from collections import Counter
 from pathlib import Path
 
 import pytest
+from lightning import Callback, Trainer
+from lightning.pytorch.callbacks import ModelCheckpoint
 
 from datamodules import ImageTextDataModule
+from lame_pl import LaMEModule
 from lame_pl.backbone import BackboneSpec
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -133,3 +136,31 @@ def test_resume_does_not_replay_the_epoch_from_its_start(data_dir: Path) -> None
             assert _keys(rest) == whole[6:]
         fresh = _dm(data_dir, resampled=resampled, samples_per_epoch=32)
         assert _keys([next(iter(fresh.train_dataloader()))]) == _keys(taken[:1])  # a fresh one starts over
+
+
+class _RecordKeys(Callback):
+    def __init__(self) -> None:
+        self.keys: dict[int, list[str]] = {}
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
+        self.keys[trainer.global_step] = list(batch["keys"])
+
+
+def _fit(data_dir: Path, root: Path, max_steps: int, ckpt_path: str | None = None) -> _RecordKeys:
+    record = _RecordKeys()
+    trainer = Trainer(
+        accelerator="cpu", max_steps=max_steps, logger=False, enable_progress_bar=False,
+        enable_model_summary=False, num_sanity_val_steps=0, limit_val_batches=0,
+        callbacks=[record, ModelCheckpoint(dirpath=root, save_last=True, every_n_train_steps=3)],
+    )
+    model = LaMEModule(SPEC, num_reason_tokens=1, stage=2, lr=1e-4)
+    trainer.fit(model, _dm(data_dir, resampled=False), ckpt_path=ckpt_path)
+    return record
+
+
+def test_trainer_resumed_mid_epoch_continues_the_epoch_where_it_stopped(data_dir: Path, tmp_path: Path) -> None:
+    whole = _fit(data_dir, tmp_path / "whole", max_steps=6).keys  # an epoch is 8 batches
+    _fit(data_dir, tmp_path / "cut", max_steps=3)
+    resumed = _fit(data_dir, tmp_path / "cut", max_steps=6, ckpt_path=str(tmp_path / "cut" / "last.ckpt")).keys
+    assert sorted(resumed) == [3, 4, 5]
+    assert [resumed[step] for step in (3, 4, 5)] == [whole[step] for step in (3, 4, 5)]
