@@ -26,6 +26,7 @@ def expand_shards(spec: str | list[str], key: str) -> list[str]:
     Raises:
         ValueError: When a pattern matches no file or a directory holds no ``.tar``.
         FileNotFoundError: When a named directory or file does not exist.
+        PermissionError: When a local shard cannot be opened for reading.
     """
     specs = [spec] if isinstance(spec, str) else list(spec)
     if not specs:
@@ -51,7 +52,19 @@ def expand_shards(spec: str | list[str], key: str) -> list[str]:
             raise FileNotFoundError(f"{key} shard file {item!r} does not exist")
         else:
             urls.append(item)
+    for url in urls:
+        if not is_remote(url):
+            _check_readable(url, key)
     return urls
+
+
+def _check_readable(path: str, key: str) -> None:
+    """Open a local shard now, so that a file the loader could not read fails before training."""
+    try:
+        with open(path, "rb") as f:
+            f.read(1)
+    except OSError as exc:
+        raise PermissionError(f"{key} shard file {path!r} cannot be read: {exc.strerror or exc}") from exc
 
 
 def shard_sizes(urls: list[str]) -> list[int] | None:

@@ -260,3 +260,9 @@ def test_bad_shard_specs_and_sizes_raise_naming_the_key(data_dir: Path, tmp_path
         ImageTextDataModule(SPEC, train_shards=str(tmp_path))  # no manifest.json beside it
     with pytest.raises(ValueError, match=r"data\.test_shards is not set"):
         ImageTextDataModule(SPEC, val_shards=str(data_dir / "val")).test_dataloader()
+    # A shard the loader could not open fails now, not minutes into a run (a folder named like a
+    # shard stands in for an unreadable file: this suite may run as root, who reads any file).
+    (tmp_path / "odd").mkdir()
+    (tmp_path / "odd" / "shard-000001.tar").mkdir()
+    with pytest.raises(PermissionError, match=r"data\.val_shards shard file .*shard-000001\.tar' cannot be read"):
+        ImageTextDataModule(SPEC, val_shards=str(tmp_path / "odd" / "shard-*.tar"))
