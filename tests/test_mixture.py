@@ -129,6 +129,7 @@ def test_mixture_from_yaml_through_the_cli(sets_dir: Path, tmp_path: Path, monke
     path.write_text(yaml.safe_dump(config))
     cli = build_cli(["fit", f"--config={ROOT / 'tests' / 'conf' / 'tiny.yaml'}", f"--config={path}",
                      "--trainer.max_steps=2", "--trainer.logger=false", "--trainer.enable_checkpointing=false",
+                     f"--trainer.default_root_dir={tmp_path}",
                      "--trainer.callbacks+=callbacks.DataHealth"])
     assert cli.trainer.global_step == 2
     shares = {k: float(v) for k, v in cli.trainer.callback_metrics.items() if k.startswith("data/mixture/")}
