@@ -139,13 +139,18 @@ class InstructionCollator(_ProcessorCollator):
         self.query_instruction = self._clip(query_instruction)
         self.target_instruction = target_instruction
 
-    def _side(self, prefixes: list[str], sides: list[dict[str, Any]]) -> dict[str, torch.Tensor]:
-        """Processor inputs of one side: ``prefix`` + vision tokens (if an image) + text, per row."""
+    def side(self, prefixes: list[str], sides: list[dict[str, Any]]) -> dict[str, torch.Tensor]:
+        """Processor inputs of one side: ``prefix`` + vision tokens (one per image) + text, per row.
+
+        Each side holds ``"text"`` and either ``"image"`` (a PIL image or ``None``) or ``"images"``
+        (a list of PIL images, e.g. a video's sampled frames, each read as one image).
+        """
+        per_row = [_side_images(side) for side in sides]
         texts = [
-            self._clip(prefix) + (self.vision_text if side["image"] is not None else "") + self._clip(side["text"])
-            for prefix, side in zip(prefixes, sides, strict=True)
+            self._clip(prefix) + self.vision_text * len(images) + self._clip(side["text"])
+            for prefix, side, images in zip(prefixes, sides, per_row, strict=True)
         ]
-        images = [_rgb(side["image"]) for side in sides if side["image"] is not None]
+        images = [_rgb(image) for row in per_row for image in row]
         out = self.processor(images=images or None, text=texts, padding=True, return_tensors="pt")
         keys = TEXT_KEYS + (IMAGE_KEYS if images else ())
         return {k: _cast(k, out[k]) for k in keys}
@@ -156,15 +161,21 @@ class InstructionCollator(_ProcessorCollator):
         targets = [s["target"] for s in samples]
         negatives = [n for s in samples for n in s["negatives"]]
         batch = {
-            "query": self._side([q["instruction"] or self.query_instruction for q in queries], queries),
-            "target": self._side([self.target_instruction] * len(targets), targets),
+            "query": self.side([q["instruction"] or self.query_instruction for q in queries], queries),
+            "target": self.side([self.target_instruction] * len(targets), targets),
             "decoder": self._decoder_inputs([t["text"] for t in targets]),
             "keys": [s["key"] for s in samples],
             "texts": [t["text"] for t in targets],
         }
         if negatives:
-            batch["negative"] = self._side([self.target_instruction] * len(negatives), negatives)
+            batch["negative"] = self.side([self.target_instruction] * len(negatives), negatives)
         return batch
+
+
+def _side_images(side: dict[str, Any]) -> list[Image.Image]:
+    if "images" in side:
+        return list(side["images"])
+    return [] if side["image"] is None else [side["image"]]
 
 
 def _rgb(image: Image.Image) -> Image.Image:

@@ -1,0 +1,146 @@
+"""Embedding benchmark items with a trained checkpoint, batched, through an on-disk cache."""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import os
+import re
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Protocol
+
+import torch
+from PIL import Image
+
+from lame_pl.evaluation.tables import EvalDataError
+from lame_pl.evaluation.task import ImageRef, Item
+
+
+class ItemEncoder(Protocol):
+    """Anything that turns items into L2-normalised embeddings.
+
+    ``fingerprint`` identifies the model and every setting the embeddings depend on; the cache
+    keeps embeddings of different fingerprints apart.
+    """
+
+    fingerprint: str
+
+    def encode(self, items: Sequence[Item]) -> torch.Tensor:
+        """``(len(items), D)`` float32 embeddings, in order."""
+        ...
+
+
+def load_image(image: ImageRef) -> Image.Image:
+    """An RGB PIL image from a path or encoded bytes; a clear error when it does not decode."""
+    try:
+        with Image.open(io.BytesIO(image) if isinstance(image, bytes) else image) as opened:
+            return opened.convert("RGB")
+    except (OSError, ValueError) as error:
+        what = "inline image bytes" if isinstance(image, bytes) else f"image {image}"
+        raise EvalDataError(f"{what} could not be decoded ({error})") from None
+
+
+class CheckpointEncoder:
+    """A ``LaMEModule`` checkpoint written by the CLI, encoding items as the training collator does.
+
+    A query or candidate reads its instruction, one block of vision tokens per image and its text
+    (``datamodules.collate.InstructionCollator.side``), left-padded, and is embedded at [EMBED]
+    with the encode mode the checkpoint was trained with.
+
+    Args:
+        checkpoint: Path of the ``.ckpt`` file.
+        device: Torch device to run on.
+        batch_size: Items per forward pass.
+        max_text_length: Most tokens of each instruction and each text (cut separately).
+    """
+
+    def __init__(self, checkpoint: str | Path, device: str = "cpu", batch_size: int = 16, max_text_length: int = 512):
+        from datamodules.collate import InstructionCollator
+        from lame_pl import LaMEModule
+        from lame_pl.backbone import build_processor
+
+        path = Path(checkpoint)
+        if not path.is_file():
+            raise EvalDataError(f"missing checkpoint file {path}")
+        if batch_size < 1:
+            raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+        # init_from names the stage-1 weights the run started from; they are in this checkpoint
+        # already, and that file may be gone.
+        self.module = LaMEModule.load_from_checkpoint(str(path), map_location=device, init_from=None)
+        self.device = torch.device(device)
+        self.module.to(self.device).eval()
+        self.batch_size = batch_size
+        processor = build_processor(self.module.backbone_spec)
+        self.collator = InstructionCollator(processor, max_text_length=max_text_length)
+        stat = path.stat()
+        identity = f"{path.resolve()}:{stat.st_size}:{stat.st_mtime_ns}:max_text_length={max_text_length}"
+        self.fingerprint = hashlib.sha256(identity.encode()).hexdigest()
+
+    @torch.inference_mode()
+    def encode(self, items: Sequence[Item]) -> torch.Tensor:
+        """Embeddings of ``items`` in batches of ``batch_size``."""
+        out = []
+        for start in range(0, len(items), self.batch_size):
+            batch = items[start : start + self.batch_size]
+            sides = [{"text": item.text, "images": [load_image(image) for image in item.images]} for item in batch]
+            inputs = self.collator.side([item.instruction for item in batch], sides)
+            inputs = {k: v.to(self.device) for k, v in inputs.items()}
+            out.append(self.module.encode(inputs).embedding.float().cpu())
+        return torch.cat(out) if out else torch.zeros(0, self.module.encoder.embedding_dim)
+
+
+class EmbeddingCache:
+    """Embeddings on disk, one file per (model fingerprint, task), keyed by each item's digest.
+
+    A re-run with the same checkpoint and records finds every key and encodes nothing; a new
+    checkpoint (another fingerprint) or a changed record (another digest) is encoded afresh.
+    """
+
+    def __init__(self, root: str | Path) -> None:
+        self.root = Path(root)
+
+    def path(self, fingerprint: str, task: str) -> Path:
+        """Where the embeddings of ``task`` under model ``fingerprint`` live."""
+        safe = re.sub(r"[^A-Za-z0-9._-]+", "_", task)
+        return self.root / fingerprint[:24] / f"{safe}.pt"
+
+    def load(self, fingerprint: str, task: str) -> dict[str, torch.Tensor]:
+        """The stored ``{item key: embedding}`` (empty when there is none)."""
+        path = self.path(fingerprint, task)
+        if not path.is_file():
+            return {}
+        stored = torch.load(path, map_location="cpu", weights_only=True)
+        return dict(zip(stored["keys"], stored["embeddings"], strict=True))
+
+    def save(self, fingerprint: str, task: str, embeddings: dict[str, torch.Tensor]) -> None:
+        """Writes ``embeddings`` atomically (a temporary file, then a rename)."""
+        path = self.path(fingerprint, task)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        keys = list(embeddings)
+        tmp = path.with_name(f"{path.name}.tmp{os.getpid()}")
+        torch.save({"keys": keys, "embeddings": torch.stack([embeddings[k] for k in keys])}, tmp)
+        tmp.replace(path)
+
+
+def embed_items(
+    items: Sequence[Item], encoder: ItemEncoder, cache: EmbeddingCache | None = None, task: str = ""
+) -> tuple[torch.Tensor, int]:
+    """``(len(items), D)`` embeddings and how many items had to be encoded.
+
+    Identical items are encoded once, and items found in the cache not at all.
+    """
+    keys = [item.key() for item in items]
+    known = cache.load(encoder.fingerprint, task) if cache is not None else {}
+    todo: dict[str, Item] = {}
+    for key, item in zip(keys, items, strict=True):
+        if key not in known and key not in todo:
+            todo[key] = item
+    if todo:
+        fresh = encoder.encode(list(todo.values()))
+        known.update(zip(todo, fresh, strict=True))
+        if cache is not None:
+            cache.save(encoder.fingerprint, task, known)
+    if not keys:
+        raise ValueError("no item to embed")
+    return torch.stack([known[key] for key in keys]), len(todo)

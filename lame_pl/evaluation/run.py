@@ -1,0 +1,100 @@
+"""The evaluators' command line, shared by ``tools/eval_mmeb.py`` and ``tools/eval_mrmr.py``."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from lame_pl.evaluation import mmeb, mmeb_tasks, mrmr
+from lame_pl.evaluation.encode import CheckpointEncoder, EmbeddingCache, ItemEncoder, embed_items
+from lame_pl.evaluation.report import format_table, summarize, task_record, write_task_json
+from lame_pl.evaluation.tables import EvalDataError
+from lame_pl.evaluation.task import RetrievalTask, score_task
+
+BENCHMARKS = {
+    "mmeb": {"title": "MMEB-v2", "modalities": mmeb_tasks.MODALITY_ORDER, "groups": mmeb_tasks.GROUP_ORDER},
+    "mrmr": {"title": "MRMR", "modalities": ("mrmr",), "groups": {"mrmr": mrmr.SUBSETS}},
+}
+
+
+def build_parser(benchmark: str) -> argparse.ArgumentParser:
+    """The options of one evaluator."""
+    title = BENCHMARKS[benchmark]["title"]
+    parser = argparse.ArgumentParser(description=f"Evaluate a LaME checkpoint on {title} from a local folder.")
+    parser.add_argument("--checkpoint", required=True, help="a .ckpt written by `lightning fit`")
+    parser.add_argument("--data-root", required=True, help=f"the local {title} folder (layout: lame_pl/evaluation/{benchmark}.py)")
+    parser.add_argument("--tasks", nargs="+", default=None, help="evaluate only these tasks (default: every one found)")
+    parser.add_argument("--output-dir", required=True, help="where the per-task JSON files and summary.json go")
+    parser.add_argument("--batch-size", type=int, default=16, help="items per forward pass")
+    parser.add_argument("--device", default="cpu", help="torch device, e.g. cuda or cuda:1")
+    parser.add_argument("--cache-dir", default=None, help="embedding cache (default: OUTPUT_DIR/cache)")
+    parser.add_argument("--image-root", default=None, help="folder the records' image paths are relative to")
+    parser.add_argument("--max-text-length", type=int, default=512, help="most tokens per instruction and per text")
+    if benchmark == "mmeb":
+        parser.add_argument("--num-frames", type=int, default=8, help="frames sampled from each video")
+    return parser
+
+
+def load_tasks(benchmark: str, args: argparse.Namespace) -> list[RetrievalTask]:
+    """Reads and checks the selected tasks of ``benchmark``."""
+    if benchmark == "mmeb":
+        return mmeb.load_mmeb_tasks(args.data_root, args.tasks, args.image_root, args.num_frames)
+    return mrmr.load_mrmr_tasks(args.data_root, args.tasks, args.image_root)
+
+
+def evaluate(
+    tasks: Sequence[RetrievalTask], encoder: ItemEncoder, cache: EmbeddingCache | None, output_dir: Path
+) -> list[dict[str, Any]]:
+    """Embeds, scores and writes each task; returns the per-task records."""
+    records = []
+    for task in tasks:
+        start = time.perf_counter()
+        name = f"{task.modality}-{task.name}"
+        queries, new_queries = embed_items(task.queries, encoder, cache, name)
+        candidates, new_candidates = embed_items(task.candidates, encoder, cache, name)
+        record = task_record(task, score_task(task, queries, candidates))
+        record["seconds"] = round(time.perf_counter() - start, 3)
+        record["encoded"] = new_queries + new_candidates
+        write_task_json(output_dir, record)
+        print(f"{task.name}: {record['main_metric']} {record['main_score']:.4f} ({record['num_queries']} queries, "
+              f"{record['encoded']} items encoded, the rest from the cache)", file=sys.stderr)
+        records.append(record)
+    return records
+
+
+def main(benchmark: str, argv: Sequence[str] | None = None, encoder: ItemEncoder | None = None) -> dict[str, Any]:
+    """Runs one evaluator; bad data ends it with ``error: ...`` on stderr and exit status 1.
+
+    Args:
+        benchmark: ``mmeb`` or ``mrmr``.
+        argv: Command-line arguments (default ``sys.argv[1:]``).
+        encoder: An encoder to use instead of loading ``--checkpoint`` (tests).
+
+    Returns:
+        The summary written to ``OUTPUT_DIR/summary.json``.
+    """
+    spec = BENCHMARKS[benchmark]
+    args = build_parser(benchmark).parse_args(argv)
+    for flag in ("batch_size", "max_text_length") + (("num_frames",) if benchmark == "mmeb" else ()):
+        if getattr(args, flag) < 1:
+            raise SystemExit(f"error: --{flag.replace('_', '-')} must be >= 1, got {getattr(args, flag)}")
+    output_dir = Path(args.output_dir)
+    try:
+        tasks = load_tasks(benchmark, args)  # read and check everything before loading a model
+        if encoder is None:
+            encoder = CheckpointEncoder(args.checkpoint, args.device, args.batch_size, args.max_text_length)
+        cache = EmbeddingCache(Path(args.cache_dir) if args.cache_dir else output_dir / "cache")
+        records = evaluate(tasks, encoder, cache, output_dir)
+    except EvalDataError as error:
+        raise SystemExit(f"error: {error}") from None
+    summary = summarize(records, spec["modalities"], spec["groups"])
+    summary.update(benchmark=spec["title"], checkpoint=str(args.checkpoint), tasks=records)
+    output_dir.mkdir(parents=True, exist_ok=True)
+    (output_dir / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+    print(format_table(records, summary, spec["modalities"], spec["groups"]))
+    return summary

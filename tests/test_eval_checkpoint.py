@@ -1,0 +1,116 @@
+"""Both evaluator tools end to end on a tiny checkpoint written by the real CLI."""
+
+from __future__ import annotations
+
+import json
+import runpy
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from test_eval_mmeb import write_mmeb
+from test_eval_mrmr import write_mrmr
+
+from lame_pl.cli import build_cli
+from lame_pl.evaluation.run import main
+
+ROOT = Path(__file__).resolve().parents[1]
+CONF = ROOT / "tests" / "conf" / "tiny.yaml"
+
+
+@pytest.fixture(scope="module")
+def checkpoint(tmp_path_factory) -> Path:
+    """One optimiser step of the tiny config, saved by ModelCheckpoint as last.ckpt."""
+    tmp = tmp_path_factory.mktemp("ckpt")
+    subprocess.run(
+        [sys.executable, str(ROOT / "tools" / "make_shards.py"), "synthetic", "--out", str(tmp / "shards"),
+         "--overwrite", "--train", "8", "--val", "4", "--test", "4", "--image-size", "56", "--samples-per-shard", "8"],
+        check=True, capture_output=True,
+    )
+    argv = sys.argv
+    sys.argv = ["lightning"]  # LightningCLI warns when both sys.argv and args are given
+    try:
+        build_cli([
+            "fit", f"--config={CONF}", f"--data.init_args.train_shards={tmp / 'shards' / 'train'}",
+            "--trainer.max_steps=1", "--trainer.limit_val_batches=0", "--trainer.logger=false",
+            f"--trainer.default_root_dir={tmp}",  # where LightningCLI saves its config.yaml
+            "--trainer.callbacks+=lightning.pytorch.callbacks.ModelCheckpoint",
+            f"--trainer.callbacks.dirpath={tmp / 'ckpt'}", "--trainer.callbacks.save_last=true",
+        ])
+    finally:
+        sys.argv = argv
+    return tmp / "ckpt" / "last.ckpt"
+
+
+def tool(name: str, *args: str) -> subprocess.CompletedProcess:
+    """The tool as a user runs it (a fresh interpreter: ~7 s of imports, so used once)."""
+    return subprocess.run([sys.executable, str(ROOT / "tools" / name), *args], capture_output=True, text=True,
+                          timeout=300, cwd=ROOT)
+
+
+def run_script(name: str, *args: str, monkeypatch) -> None:
+    """The tool's file executed as ``__main__`` in this process, with its command line."""
+    monkeypatch.setattr(sys, "argv", [name, *args])
+    runpy.run_path(str(ROOT / "tools" / name), run_name="__main__")
+
+
+def test_eval_mmeb_with_a_checkpoint_scores_every_task_and_a_rerun_only_scores(checkpoint, tmp_path, capsys,
+                                                                                  monkeypatch):
+    data = write_mmeb(tmp_path / "mmeb")
+    args = ["--checkpoint", str(checkpoint), "--data-root", str(data), "--output-dir", str(tmp_path / "out"),
+            "--batch-size", "3", "--max-text-length", "32"]
+    run_script("eval_mmeb.py", *args, monkeypatch=monkeypatch)
+    summary = json.loads((tmp_path / "out" / "summary.json").read_text())
+    tasks = {t["task"]: t for t in summary["tasks"]}
+    assert set(tasks) == {"ImageNet-1K", "MSCOCO_t2i", "MSR-VTT", "ViDoRe_arxivqa"}
+    assert all(0.0 <= t["main_score"] <= 1.0 and t["encoded"] > 0 for t in tasks.values())
+    assert "overall" in capsys.readouterr().out
+    main("mmeb", args)
+    again = {t["task"]: t for t in json.loads((tmp_path / "out" / "summary.json").read_text())["tasks"]}
+    assert all(t["encoded"] == 0 for t in again.values())
+    assert {k: t["main_score"] for k, t in again.items()} == {k: t["main_score"] for k, t in tasks.items()}
+
+
+def test_eval_mrmr_tool_with_a_checkpoint(checkpoint, tmp_path, capsys, monkeypatch):
+    data = write_mrmr(tmp_path / "mrmr")
+    run_script("eval_mrmr.py", "--checkpoint", str(checkpoint), "--data-root", str(data),
+               "--output-dir", str(tmp_path / "out"), "--tasks", "negation", "knowledge", monkeypatch=monkeypatch)
+    saved = json.loads((tmp_path / "out" / "mrmr" / "knowledge_score.json").read_text())
+    assert saved["main_metric"] == "ndcg@10" and 0.0 <= saved["main_score"] <= 1.0
+    out = capsys.readouterr().out
+    assert "negation" in out and "recall@1" in out
+
+
+def test_bad_input_exits_non_zero_with_one_line(tmp_path):
+    data = write_mmeb(tmp_path / "mmeb")
+    (data / "image-tasks" / "MSCOCO_t2i" / "bird.png").unlink()
+    result = tool("eval_mmeb.py", "--checkpoint", "missing.ckpt", "--data-root", str(data),
+                  "--output-dir", str(tmp_path / "out"))
+    assert result.returncode != 0
+    assert result.stderr.strip().splitlines()[-1].startswith("error: task MSCOCO_t2i: ")
+    assert "tgt_img_path 'MSCOCO_t2i/bird.png' does not exist" in result.stderr
+    # With the data fixed, the missing checkpoint is the next thing named.
+    (data / "image-tasks" / "MSCOCO_t2i" / "bird.png").write_bytes((data / "image-tasks" / "MSCOCO_t2i" / "cat.png").read_bytes())
+    with pytest.raises(SystemExit, match="error: missing checkpoint file missing.ckpt"):
+        main("mmeb", ["--checkpoint", "missing.ckpt", "--data-root", str(data), "--output-dir", str(tmp_path / "out")])
+
+
+def test_checkpoint_encoder_batches_agree_with_one_at_a_time(checkpoint, tmp_path):
+    from eval_fakes import word_png
+
+    from lame_pl.evaluation.encode import CheckpointEncoder
+    from lame_pl.evaluation.task import Item
+
+    image = tmp_path / "cat.png"
+    word_png("cat", image)
+    items = [Item("Represent the image:", "", (str(image),)), Item("", "a much longer caption with many more words"),
+             Item("Find the document:", "short", (word_png("dog"),)), Item("", "two frames", (str(image), str(image)))]
+    one = CheckpointEncoder(checkpoint, batch_size=1).encode(items)
+    batched = CheckpointEncoder(checkpoint, batch_size=4).encode(items)
+    assert one.shape == (4, batched.shape[1])
+    assert torch.allclose(one.norm(dim=-1), torch.ones(4), atol=1e-5)
+    # Left padding and mixed image/text rows in one batch do not change an embedding.
+    assert torch.allclose(one, batched, atol=1e-4)
+    assert not torch.allclose(one[0], one[3], atol=1e-3)  # one image vs two frames of it differ

@@ -1,0 +1,15 @@
+"""Evaluate a LaME checkpoint on MMEB-v2 from a local folder.
+
+    python tools/eval_mmeb.py --checkpoint runs/x/checkpoints/last.ckpt --data-root /data/MMEB-v2 \
+        --output-dir runs/x/mmeb [--tasks ImageNet-1K ViDoRe_arxivqa] [--device cuda] [--batch-size 32]
+
+Hit@1 for image and video tasks, nDCG@5 (linear gain) for visual-document tasks; one JSON per
+task under OUTPUT_DIR/<modality>/, summary.json and a table per group, modality and overall.
+Embeddings are cached (OUTPUT_DIR/cache by default), so a re-run only scores. The folder layout
+is described in lame_pl/evaluation/mmeb.py.
+"""
+
+from lame_pl.evaluation.run import main
+
+if __name__ == "__main__":
+    main("mmeb")

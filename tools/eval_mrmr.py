@@ -1,0 +1,14 @@
+"""Evaluate a LaME checkpoint on MRMR (knowledge, theorem, design, traffic, negation) from a local folder.
+
+    python tools/eval_mrmr.py --checkpoint runs/x/checkpoints/last.ckpt --data-root /data/MRMR \
+        --output-dir runs/x/mrmr [--tasks knowledge negation] [--device cuda]
+
+nDCG@10 (recall@1 for negation) over each subset's whole corpus; one JSON per subset,
+summary.json and a table. Embeddings are cached, so a re-run only scores. The folder layout is
+described in lame_pl/evaluation/mrmr.py.
+"""
+
+from lame_pl.evaluation.run import main
+
+if __name__ == "__main__":
+    main("mrmr")
