@@ -11,10 +11,10 @@ from pathlib import Path
 
 
 def table(metrics: dict[str, float]) -> str:
-    """One line per ``test/recall@k`` (and MRR): value, chance, and the ratio."""
+    """One line per ``test/recall@k``, MRR and nDCG@10: value, chance, and the ratio."""
     lines = [f"{'metric':<16}{'value':>8}{'chance':>9}{'x chance':>10}"]
     for name in sorted(metrics):
-        if not name.startswith(("test/recall@", "test/mrr")):
+        if not name.startswith(("test/recall@", "test/mrr", "test/ndcg@")):
             continue
         chance = metrics.get(name.replace("test/", "chance/", 1))
         ratio = f"{metrics[name] / chance:>9.1f}x" if chance else f"{'':>10}"
