@@ -1,51 +1,46 @@
-"""The LaME encoder: ``[input][REASON]×K[EMBED]`` through a Qwen-VL backbone in one forward pass."""
+"""The LaME encoder: a Qwen-VL backbone, K reason vectors and [EMBED], run in one of four modes.
+
+The modes themselves live in ``lame_pl.modes`` (one module each); this class holds what they
+share: the backbone, the learnable vectors, the input layout and the bottleneck mask.
+"""
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import warnings
+from collections.abc import Sequence
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 from transformers.masking_utils import create_causal_mask
 
+from lame_pl.modes import ENCODERS, EncodeMode, resolve_mode
+from lame_pl.modes.common import EncoderOutput, text_config
+from lame_pl.modes.explicit_cot import unties_head
 
-@dataclass
-class EncoderOutput:
-    """What one encoder pass yields.
-
-    Attributes:
-        embedding: L2-normalised embedding from the [EMBED] state, ``(B, D)``.
-        embed_state: The [EMBED] final hidden state before projection and normalisation, ``(B, H)``.
-        reason_states: Final hidden states of the K reason tokens, ``(B, K, H)``; ``K`` may be 0.
-    """
-
-    embedding: torch.Tensor
-    embed_state: torch.Tensor
-    reason_states: torch.Tensor
-
-
-def text_config(backbone: nn.Module):
-    """The language-model config of a Qwen-VL backbone (``config.text_config`` or the config itself)."""
-    config = backbone.config
-    return getattr(config, "text_config", config)
+__all__ = ["EncoderOutput", "LaMEEncoder", "text_config"]
 
 
 class LaMEEncoder(nn.Module):
-    """Appends K learnable reason vectors and one [EMBED] vector to a left-padded input.
+    """Embeds a left-padded processor batch through a Qwen-VL backbone in one of four modes.
 
-    The inputs come from the Qwen-VL processor, left-padded so that the appended tokens sit at the
-    same positions for every row: reason tokens at ``[-K-1, -1)`` and [EMBED] at ``-1``. Their
-    token ids in ``input_ids`` are the pad id (only their embeddings matter); they are text tokens
-    for the multimodal rotary positions.
+    The inputs come from the Qwen-VL processor, left-padded so that whatever a mode appends
+    sits at the same positions in every row; in ``lame``, reason tokens at ``[-K-1, -1)`` and
+    [EMBED] at ``-1``. Appended positions carry the placeholder id in ``input_ids`` (only their
+    input vectors matter) and are text tokens for the multimodal rotary positions.
 
     Args:
         backbone: A Qwen-VL base model (``Qwen2VLModel`` and relatives) with ``language_model``.
         num_reason_tokens: K; 0 gives the discriminative baseline (one pass, [EMBED] only).
         bottleneck_mask: If True, [EMBED] attends only to the reason tokens and itself, so all
-            information about the input must pass through the K reason states.
+            information about the input must pass through the K reason states (``lame`` only).
         embed_dim: Output width of a linear projection after [EMBED]; ``None`` keeps the hidden size.
         placeholder_token_id: Id written into ``input_ids`` at the appended positions.
+        encode_mode: ``discriminative``, ``lame``, ``latent_sequential`` or ``explicit_cot``
+            (see ``lame_pl.modes``); ``None`` is ``lame`` when K > 0, else ``discriminative``.
+            ``explicit_cot`` does not use the reason vectors.
+        cot_tokens: T, the tokens ``explicit_cot`` generates (required by it, refused by the others).
+        cot_stop_token_ids: Ids at which ``explicit_cot`` stops a row early; empty (the default)
+            generates exactly T tokens per row, as the speed benchmark needs.
     """
 
     def __init__(
@@ -55,22 +50,34 @@ class LaMEEncoder(nn.Module):
         bottleneck_mask: bool = False,
         embed_dim: int | None = None,
         placeholder_token_id: int = 0,
+        encode_mode: EncodeMode | None = None,
+        cot_tokens: int | None = None,
+        cot_stop_token_ids: Sequence[int] = (),
     ) -> None:
         super().__init__()
         if num_reason_tokens < 0:
             raise ValueError(f"num_reason_tokens must be >= 0, got {num_reason_tokens}")
         if bottleneck_mask and num_reason_tokens == 0:
             raise ValueError("bottleneck_mask=True needs num_reason_tokens > 0: [EMBED] would see nothing")
+        self.encode_mode = resolve_mode(encode_mode, num_reason_tokens, bottleneck_mask, cot_tokens)
         attn = getattr(text_config(backbone), "_attn_implementation", None)
         if bottleneck_mask and attn == "flash_attention_2":
             raise ValueError(
                 "bottleneck_mask needs an arbitrary attention mask, which flash_attention_2 cannot take; "
                 "set backbone.attn_implementation to 'sdpa' or 'eager'"
             )
+        if self.encode_mode == "explicit_cot" and unties_head(backbone):
+            warnings.warn(
+                "explicit_cot generates with the input embeddings as a tied LM head, but this checkpoint "
+                "declares an untied head: the generated text differs from the model's own (the cost does not)",
+                stacklevel=2,
+            )
         self.backbone = backbone
         self.num_reason_tokens = num_reason_tokens
         self.bottleneck_mask = bottleneck_mask
         self.placeholder_token_id = placeholder_token_id
+        self.cot_tokens = cot_tokens
+        self.cot_stop_token_ids = tuple(cot_stop_token_ids)
         hidden = text_config(backbone).hidden_size
         table = backbone.get_input_embeddings().weight
         # Start the new vectors at the scale of real token embeddings, whatever the checkpoint.
@@ -88,32 +95,43 @@ class LaMEEncoder(nn.Module):
 
     @property
     def num_appended(self) -> int:
-        """How many tokens the encoder appends to each input (K reason + 1 [EMBED])."""
+        """How many tokens ``lame`` appends to each input (K reason + 1 [EMBED])."""
         return self.num_reason_tokens + 1
 
-    def append_latent_tokens(
-        self, input_ids: torch.Tensor, attention_mask: torch.Tensor, mm_token_type_ids: torch.Tensor | None
+    def extend_inputs(
+        self,
+        input_ids: torch.Tensor,
+        attention_mask: torch.Tensor,
+        mm_token_type_ids: torch.Tensor | None,
+        appended: torch.Tensor,
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-        """Extends ids, mask and token types by K+1 positions and builds the input embeddings."""
-        if not bool(attention_mask[:, -1].all()):
-            raise ValueError(
-                "encoder inputs must be left-padded (attention_mask[:, -1] all ones); "
-                "set the tokenizer's padding_side='left'"
-            )
-        batch, n = input_ids.shape[0], self.num_appended
+        """Extends ids, mask and token types by ``appended``'s ``(B, n, H)`` vectors and builds the input embeddings."""
+        batch, n = appended.shape[:2]
         extra_ids = input_ids.new_full((batch, n), self.placeholder_token_id)
+        token_embeds = self.backbone.get_input_embeddings()(input_ids)
+        inputs_embeds = torch.cat([token_embeds, appended.to(token_embeds.dtype)], dim=1)
         input_ids = torch.cat([input_ids, extra_ids], dim=1)
         attention_mask = torch.cat([attention_mask, attention_mask.new_ones(batch, n)], dim=1)
         if mm_token_type_ids is None:
             mm_token_type_ids = torch.zeros_like(input_ids)
         else:
             mm_token_type_ids = torch.cat([mm_token_type_ids, mm_token_type_ids.new_zeros(batch, n)], dim=1)
-        token_embeds = self.backbone.get_input_embeddings()(input_ids[:, :-n])
-        latent = torch.cat([self.reason_embeddings, self.embed_embedding]).to(token_embeds.dtype)
-        inputs_embeds = torch.cat([token_embeds, latent.unsqueeze(0).expand(batch, -1, -1)], dim=1)
         return input_ids, attention_mask, mm_token_type_ids, inputs_embeds
 
-    def _bottleneck_attention(self, inputs_embeds: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+    def append_latent_tokens(
+        self, input_ids: torch.Tensor, attention_mask: torch.Tensor, mm_token_type_ids: torch.Tensor | None
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+        """``lame``'s layout: extends ids, mask and token types by the K reason vectors and [EMBED]."""
+        if not bool(attention_mask[:, -1].all()):
+            raise ValueError(
+                "encoder inputs must be left-padded (attention_mask[:, -1] all ones); "
+                "set the tokenizer's padding_side='left'"
+            )
+        latent = torch.cat([self.reason_embeddings, self.embed_embedding])
+        appended = latent.unsqueeze(0).expand(input_ids.shape[0], -1, -1)
+        return self.extend_inputs(input_ids, attention_mask, mm_token_type_ids, appended)
+
+    def bottleneck_attention(self, inputs_embeds: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
         """Causal + padding mask in which the last row ([EMBED]) sees only the K reason tokens and itself."""
         length = inputs_embeds.shape[1]
         first_reason = length - self.num_appended
@@ -141,32 +159,10 @@ class LaMEEncoder(nn.Module):
         image_grid_thw: torch.Tensor | None = None,
         **processor_extras: torch.Tensor,
     ) -> EncoderOutput:
-        """Encodes one batch of processor outputs (text and/or images) in a single pass."""
-        input_ids, attention_mask, mm_token_type_ids, inputs_embeds = self.append_latent_tokens(
-            input_ids, attention_mask, mm_token_type_ids
-        )
-        # Rotary positions from the ids (images get 3-D positions), computed here so that the
-        # same positions serve whether or not the attention mask is customised.
-        position_ids, _ = self.backbone.get_rope_index(
-            input_ids,
-            mm_token_type_ids=mm_token_type_ids,
-            image_grid_thw=image_grid_thw,
-            attention_mask=attention_mask,
-        )
-        mask = self._bottleneck_attention(inputs_embeds, attention_mask) if self.bottleneck_mask else attention_mask
-        # Only the embeddings go in: the backbone finds image positions by comparing them with
-        # the image token's embedding (Qwen3-VL refuses ids and embeddings together).
-        hidden = self.backbone(
-            inputs_embeds=inputs_embeds,
-            attention_mask=mask,
-            position_ids=position_ids,
-            pixel_values=pixel_values,
-            image_grid_thw=image_grid_thw,
-            mm_token_type_ids=mm_token_type_ids,
-            use_cache=False,
-            **processor_extras,
-        ).last_hidden_state
-        embed_state = hidden[:, -1]
-        reason_states = hidden[:, hidden.shape[1] - self.num_appended : -1]
-        embedding = F.normalize(self.projection(embed_state).float(), dim=-1)
-        return EncoderOutput(embedding=embedding, embed_state=embed_state, reason_states=reason_states)
+        """Encodes one batch of processor outputs (text and/or images) in the mode in force."""
+        inputs = dict(input_ids=input_ids, attention_mask=attention_mask, **processor_extras)
+        if mm_token_type_ids is not None:
+            inputs["mm_token_type_ids"] = mm_token_type_ids
+        if pixel_values is not None:
+            inputs.update(pixel_values=pixel_values, image_grid_thw=image_grid_thw)
+        return ENCODERS[self.encode_mode](self, inputs)

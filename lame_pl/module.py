@@ -24,7 +24,8 @@ from lame_pl.backbone import (
 from lame_pl.decoder import LatentDecoder
 from lame_pl.losses import info_nce
 from lame_pl.model import EncoderOutput, LaMEEncoder, text_config
-from lame_pl.retrieval import chance_metrics, retrieval_metrics
+from lame_pl.modes import EncodeMode, resolve_mode
+from lame_pl.retrieval import chance_metrics, gold_ranks, metrics_from_ranks
 from lame_pl.stages import StageSpec, apply_stage, default_stages
 
 STAGE_KEY = "lame_stage"
@@ -52,6 +53,11 @@ class LaMEModule(LightningModule):
             ``last.ckpt`` for a stage-2 run.
         gradient_checkpointing: Recompute the backbone's and decoder's activations in the
             backward pass, trading compute for memory (large batches on real backbones).
+        encode_mode: ``discriminative`` (K must be 0), ``lame``, ``latent_sequential`` or
+            ``explicit_cot`` (inference only, no decoder); ``None`` is ``lame`` when K > 0, else
+            ``discriminative``. See ``lame_pl.modes``.
+        cot_tokens: T, the tokens ``explicit_cot`` generates before [EMBED] (it stops a row
+            early at the tokenizer's end-of-text tokens).
     """
 
     def __init__(
@@ -72,6 +78,8 @@ class LaMEModule(LightningModule):
         lr_schedule: Literal["constant", "cosine", "linear"] = "constant",
         init_from: str | None = None,
         gradient_checkpointing: bool = False,
+        encode_mode: EncodeMode | None = None,
+        cot_tokens: int | None = None,
     ) -> None:
         super().__init__()
         if stage not in (1, 2):
@@ -80,6 +88,14 @@ class LaMEModule(LightningModule):
             raise ValueError(f"model.num_reason_tokens must be >= 0, got {num_reason_tokens}")
         if decoder is not None and num_reason_tokens == 0:
             raise ValueError("model.decoder is set but num_reason_tokens is 0: the decoder reads the reason states")
+        try:
+            mode = resolve_mode(encode_mode, num_reason_tokens, bottleneck_mask, cot_tokens)
+        except ValueError as err:
+            raise ValueError(f"model: {err}") from None
+        if mode == "explicit_cot" and decoder is not None:
+            raise ValueError(
+                "model.decoder is set but encode_mode 'explicit_cot' has no reason states to decode; set model.decoder to null"
+            )
         if not temperature > 0:
             raise ValueError(f"model.temperature must be > 0, got {temperature}")
         if init_from is not None and not Path(init_from).is_file():
@@ -108,6 +124,9 @@ class LaMEModule(LightningModule):
             bottleneck_mask=hp.bottleneck_mask,
             embed_dim=hp.embed_dim,
             placeholder_token_id=_pad_token_id(backbone),
+            encode_mode=hp.encode_mode,
+            cot_tokens=hp.cot_tokens,
+            cot_stop_token_ids=_stop_token_ids(backbone),
         )
         self.decoder = None
         if self.decoder_spec is not None:
@@ -258,17 +277,32 @@ class LaMEModule(LightningModule):
         self.log("train/stage", float(self.stage), batch_size=batch_size)
         return loss
 
-    def _eval_step(self, batch: dict[str, Any], split: str) -> None:
+    def _eval_step(self, batch: dict[str, Any], split: str) -> dict[str, Any]:
         loss, terms, outputs = self.model_step(batch, split)
         self._log_losses(split, loss, terms, len(batch["keys"]))
         self._eval_embeddings["query"].append(outputs["query"].embedding.detach())
         self._eval_embeddings["target"].append(outputs["target"].embedding.detach())
+        return {
+            "query": outputs["query"],
+            "target": outputs["target"],
+            "terms": {name: value.detach() for name, value in terms.items()},
+            "keys": batch["keys"],
+            "texts": batch.get("texts"),
+        }
 
-    def validation_step(self, batch: dict[str, Any], batch_idx: int) -> None:
-        self._eval_step(batch, "val")
+    def validation_step(self, batch: dict[str, Any], batch_idx: int) -> dict[str, Any]:
+        """Logs the losses, keeps the embeddings for whole-split retrieval and returns what callbacks read.
 
-    def test_step(self, batch: dict[str, Any], batch_idx: int) -> None:
-        self._eval_step(batch, "test")
+        Returns:
+            ``{"query", "target"}``: the ``EncoderOutput`` of each side (embedding, [EMBED] state,
+            reason states); ``"terms"``: each loss term of the batch; ``"keys"`` and ``"texts"``
+            (the targets' texts, when the batch has them).
+        """
+        return self._eval_step(batch, "val")
+
+    def test_step(self, batch: dict[str, Any], batch_idx: int) -> dict[str, Any]:
+        """As ``validation_step``, for the test split."""
+        return self._eval_step(batch, "test")
 
     def predict_step(self, batch: dict[str, Any], batch_idx: int) -> dict[str, Any]:
         """Embeddings of both sides of a batch, keyed like the samples."""
@@ -290,18 +324,31 @@ class LaMEModule(LightningModule):
         gathered = self.all_gather(padded, sync_grads=sync_grads)
         return torch.cat([gathered[rank, :size] for rank, size in enumerate(sizes)])
 
+    def _rows_before_this_rank(self, rows: int) -> int:
+        """How many rows the ranks before this one hold (0 in a single process)."""
+        if not self.distributed:
+            return 0
+        sizes = self.all_gather(torch.tensor([rows], device=self.device)).flatten().tolist()
+        return int(sum(sizes[: self.global_rank]))
+
     def _retrieval_epoch_end(self, split: str) -> None:
         stored = self._eval_embeddings
         self._eval_embeddings = {"query": [], "target": []}
-        # A rank with no batch (fewer shards than ranks) still joins the gathers below.
+        # A rank with no batch (fewer shards than ranks) still joins the collectives below.
         empty = torch.zeros(0, self.encoder.embedding_dim, device=self.device)
-        query = self._gather_rows(torch.cat(stored["query"]) if stored["query"] else empty)
-        target = self._gather_rows(torch.cat(stored["target"]) if stored["target"] else empty)
-        if query.shape[0] == 0:
+        query = torch.cat(stored["query"]) if stored["query"] else empty
+        local_target = torch.cat(stored["target"]) if stored["target"] else empty
+        # Each rank ranks its own queries against every rank's targets, so each query is ranked
+        # once; only the ranks, one integer per query, travel back. Targets arrive in rank order,
+        # so this rank's gold targets start after those of the ranks before it.
+        offset = self._rows_before_this_rank(query.shape[0])
+        target = self._gather_rows(local_target)
+        gold = offset + torch.arange(query.shape[0], device=query.device)
+        ranks = gold_ranks(query, target, gold) if query.shape[0] else gold
+        ranks = self._gather_rows(ranks[:, None]).flatten()
+        if ranks.numel() == 0:
             return
-        gold = torch.arange(query.shape[0], device=query.device)
-        metrics = retrieval_metrics(query @ target.T, gold)
-        for name, value in metrics.items():
+        for name, value in metrics_from_ranks(ranks).items():
             self.log(f"{split}/{name}", value, rank_zero_only=True)
         if split == "test":
             self.log("test/num_candidates", float(target.shape[0]), rank_zero_only=True)
@@ -331,3 +378,12 @@ class LaMEModule(LightningModule):
 def _pad_token_id(backbone: nn.Module) -> int:
     pad = getattr(text_config(backbone), "pad_token_id", None)
     return pad if pad is not None else qwen2_tokenizer().pad_token_id
+
+
+def _stop_token_ids(backbone: nn.Module) -> tuple[int, ...]:
+    """Where ``explicit_cot`` stops a row: the checkpoint's end-of-sequence ids, else Qwen2's."""
+    eos = getattr(text_config(backbone), "eos_token_id", None)
+    if eos is not None:
+        return tuple(eos) if isinstance(eos, (list, tuple)) else (eos,)
+    tokenizer = qwen2_tokenizer()
+    return tuple(tokenizer.convert_tokens_to_ids(t) for t in ("<|im_end|>", "<|endoftext|>"))

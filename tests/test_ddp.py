@@ -64,3 +64,46 @@ def test_two_process_fit_on_instruction_pairs_with_uneven_hard_negatives(tmp_pat
         cwd=tmp_path, capture_output=True, text=True, timeout=300,
     )
     assert fit.returncode == 0, fit.stderr[-3000:]
+
+
+def test_two_process_validation_diagnostics_match_one_process(tmp_path, monkeypatch):
+    """The diagnostics callbacks neither deadlock nor change a number under DDP, and the ranking is whole-split.
+
+    Each rank ranks its own queries against both ranks' targets; the result must equal one
+    process ranking all ten. The subset statistics come from rank 0's first four samples, which
+    are the first four of one process too (shard 0 is read first by both).
+    """
+    from lame_pl.cli import build_cli
+
+    shards = tmp_path / "shards"
+    subprocess.run(
+        [sys.executable, str(ROOT / "tools" / "make_shards.py"), "synthetic", "--out", str(shards),
+         "--train", "4", "--val", "10", "--test", "4", "--image-size", "56", "--samples-per-shard", "5"],
+        check=True, capture_output=True,
+    )
+    callbacks = []
+    for name in ("EmbeddingHealth", "ReasonDiagnostics", "SimilarityHeatmap", "EmbeddingProjector"):
+        callbacks += [f"--trainer.callbacks+=callbacks.{name}", "--trainer.callbacks.num_samples=4"]
+    callbacks += ["--trainer.callbacks+=callbacks.DashboardLayout", "--trainer.callbacks+=callbacks.MetricsFile"]
+
+    def args(name: str) -> list[str]:
+        return [
+            f"--config={CONF}", f"--data.init_args.val_shards={shards / 'val'}", "--model.init_args.stage=2",
+            "--trainer.logger=lightning.pytorch.loggers.TensorBoardLogger", f"--trainer.logger.save_dir={tmp_path}",
+            "--trainer.logger.name=", f"--trainer.logger.version={name}", *callbacks,
+            f"--trainer.callbacks.path={tmp_path / name}.json",
+        ]
+
+    two = subprocess.run([str(LIGHTNING), "validate", *args("two"), "--trainer.devices=2", "--trainer.strategy=ddp"],
+                         cwd=tmp_path, capture_output=True, text=True, timeout=300)
+    assert two.returncode == 0, two.stderr[-3000:]
+    monkeypatch.setattr(sys, "argv", ["lightning"])
+    build_cli(["validate", *args("one")])
+    one, two = (json.loads((tmp_path / f"{name}.json").read_text()) for name in ("one", "two"))
+    compared = [name for name in one if name.startswith(("val/recall", "val/mrr", "val/ndcg", "diag/")) and "decoder" not in name]
+    assert "val/ndcg@10" in compared and "diag/attention/reason" in compared and "diag/effective_rank/query" in compared
+    for name in compared:
+        assert abs(one[name] - two[name]) < 1e-5, (name, one[name], two[name])
+    # The decoder loss is summed over both ranks: it is the validation split's, as val/loss/decoder is.
+    assert abs(two["diag/decoder_loss/stage2"] - two["val/loss/decoder"]) < 1e-5
+    assert (tmp_path / "two" / "projector_config.pbtxt").is_file()

@@ -76,7 +76,7 @@ def test_bottleneck_mask_lets_embed_see_reason_tokens_only(backbone, make_batch)
     encoder = LaMEEncoder(backbone, num_reason_tokens=2, bottleneck_mask=True)
     batch = make_batch(2)["target"]
     _, mask, _, embeds = encoder.append_latent_tokens(batch["input_ids"], batch["attention_mask"], None)
-    attention = encoder._bottleneck_attention(embeds, mask)
+    attention = encoder.bottleneck_attention(embeds, mask)
     allowed = attention if attention.dtype == torch.bool else attention == 0
     length = embeds.shape[1]
     last_row = allowed[:, 0, -1]

@@ -1,0 +1,55 @@
+"""A TensorBoard custom-scalars layout, so that the dashboard opens with related curves side by side."""
+
+from __future__ import annotations
+
+from lightning import Callback, LightningModule, Trainer
+
+from callbacks.tensorboard_writer import summary_writer
+
+# Category -> chart -> ["Multiline", tag regexes]. Curves of one scale share a chart.
+LAYOUT: dict[str, dict[str, list]] = {
+    "1 training": {
+        "losses": ["Multiline", [r"^train/loss"]],
+        "temperature": ["Multiline", [r"^train/temperature$", r"^diag/temperature$"]],
+        "learning rate": ["Multiline", [r"^lr-"]],
+        "stage": ["Multiline", [r"^train/stage$"]],
+    },
+    "2 retrieval": {
+        "validation": ["Multiline", [r"^val/(recall|mrr|ndcg)"]],
+        "validation losses": ["Multiline", [r"^val/loss"]],
+        "test and chance": ["Multiline", [r"^test/(recall|mrr|ndcg)", r"^chance/"]],
+        "test losses": ["Multiline", [r"^test/loss"]],
+    },
+    "3 embedding space": {
+        "alignment and uniformity": ["Multiline", [r"^diag/(alignment|uniformity)"]],
+        "positive vs hardest negative cosine": ["Multiline", [r"^diag/cosine/"]],
+        "collapse alarm: std x sqrt(d) (about 1 is healthy)": ["Multiline", [r"^diag/std_ratio/"]],
+        "effective rank": ["Multiline", [r"^diag/effective_rank/"]],
+        "norm before normalisation": ["Multiline", [r"^diag/norm/"]],
+    },
+    "4 reason tokens": {
+        "norms": ["Multiline", [r"^diag/reason/norm/"]],
+        "pairwise cosine (1 = collapsed)": ["Multiline", [r"^diag/reason/pairwise_cosine$"]],
+        "[EMBED] attention shares": ["Multiline", [r"^diag/attention/"]],
+        "decoder loss per stage": ["Multiline", [r"^diag/decoder_loss/", r"^(train|val)/loss/decoder$"]],
+    },
+    "5 data": {
+        "skipped samples": ["Multiline", [r"data/skipped/"]],
+        "mixture shares": ["Multiline", [r"^data/mixture/"]],
+    },
+}
+
+
+class DashboardLayout(Callback):
+    """Writes ``LAYOUT`` (TensorBoard's custom-scalars plugin) once per run, on rank 0."""
+
+    def __init__(self) -> None:
+        self.written = False
+
+    def setup(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
+        if self.written:
+            return
+        writer = summary_writer(trainer, type(self).__name__)
+        if writer is not None:
+            writer.add_custom_scalars(LAYOUT)
+            self.written = True
