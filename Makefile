@@ -35,6 +35,12 @@ demo: data
 test: install
 	$(BIN)/python -m pytest $(PYTEST_ARGS)
 
+## ablation: the encode modes trained with one budget on the compositional synthetic set; the
+## table lands in runs/ablation/results.md (options: make ablation ABLATION_ARGS="--steps 600")
+.PHONY: ablation
+ablation: install
+	$(BIN)/python tools/ablate_modes.py $(ABLATION_ARGS)
+
 lint: install
 	$(BIN)/ruff check .
 

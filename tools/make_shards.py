@@ -10,7 +10,9 @@ plus provenance fields. The datamodule reads it for its epoch length and progres
 
 Subcommands:
     synthetic   coloured shapes on a 3x3 grid with plain-words captions (tools/synthetic_scenes.py);
-                writes train/, val/ and test/
+                writes train/, val/ and test/. With ``--tasks caption,count,relation,binding``:
+                contrast groups of compositional statements instead (tools/synthetic_tasks.py),
+                keyed ``<kind>-<group>-<member>``, the kind and the group's statements in KEY.json
     folder      images with same-named caption files, found recursively: ``a/b/cat1.jpg`` +
                 ``a/b/cat1.txt``; an image without a caption, or with an empty one, is skipped
     manifest    a JSONL or CSV file of image-text rows or of instruction pairs (see below)
@@ -81,8 +83,10 @@ from typing import Any
 
 try:
     from tools.synthetic_scenes import make_scene
+    from tools.synthetic_tasks import BLOCK, TASKS, parse_tasks, task_samples
 except ImportError:  # run as a script: tools/ is on sys.path, the repository root may not be
     from synthetic_scenes import make_scene
+    from synthetic_tasks import BLOCK, TASKS, parse_tasks, task_samples
 
 SPLITS = ("train", "val", "test")
 MANIFEST = "manifest.json"
@@ -114,6 +118,13 @@ def _positive_int(text: str) -> int:
     if value < 1:
         raise argparse.ArgumentTypeError(f"expected a positive integer, got {value}")
     return value
+
+
+def _task_list(text: str) -> tuple[str, ...]:
+    try:
+        return parse_tasks(text)
+    except ValueError as err:
+        raise argparse.ArgumentTypeError(str(err)) from None
 
 
 def parse_bytes(text: str) -> int:
@@ -152,6 +163,10 @@ def build_parser() -> argparse.ArgumentParser:
     syn.add_argument("--image-size", type=_positive_int, default=112, help="square image side in pixels (default 112)")
     syn.add_argument("--seed", type=int, default=0, help="random seed; the same seed gives the same shards")
     syn.add_argument("--format", choices=("png", "jpg"), default="png", help="image encoding (default png)")
+    syn.add_argument("--tasks", type=_task_list, default=None,
+                     help="write the compositional set instead of plain captions: contrast groups of these tasks, "
+                          f"comma-separated, from {','.join(TASKS)} (tools/synthetic_tasks.py); sample counts and "
+                          f"--samples-per-shard must then be multiples of {BLOCK}")
     _add_shard_size_args(syn)
 
     folder = sub.add_parser("folder", help="images with same-named caption files (a/b/cat1.jpg + a/b/cat1.txt)")
@@ -221,12 +236,24 @@ def synthetic_samples(
         else:
             raise RuntimeError(f"no unused caption after {MAX_TRIES} draws at sample {index}; ask for fewer samples")
         used.add(caption)
-        buf = io.BytesIO()
-        if image_format == "png":
-            image.save(buf, format="PNG", compress_level=1)  # level 1: ~3x faster, a few % larger
-        else:
-            image.save(buf, format="JPEG", quality=95)
-        yield {"__key__": f"{index:09d}", image_format: buf.getvalue(), "txt": caption, "json": meta}
+        yield {"__key__": f"{index:09d}", image_format: _encode_image(image, image_format), "txt": caption, "json": meta}
+
+
+def _encode_image(image: Any, image_format: str) -> bytes:
+    buf = io.BytesIO()
+    if image_format == "png":
+        image.save(buf, format="PNG", compress_level=1)  # level 1: ~3x faster, a few % larger
+    else:
+        image.save(buf, format="JPEG", quality=95)
+    return buf.getvalue()
+
+
+def compositional_samples(
+    n: int, tasks: tuple[str, ...], rng: random.Random, used: set[str], image_size: int, image_format: str
+) -> Iterator[dict[str, Any]]:
+    """Yield ``n`` encoded samples of contrast groups (``tools/synthetic_tasks.py``), keyed ``<kind>-<group>-<member>``."""
+    for key, image, text, meta in task_samples(n, tasks, rng, used, image_size):
+        yield {"__key__": key, image_format: _encode_image(image, image_format), "txt": text, "json": meta}
 
 
 def _tar_bytes(sample: dict[str, bytes]) -> int:
@@ -285,16 +312,30 @@ def write_split(
 
 
 def run_synthetic(args: argparse.Namespace) -> None:
-    """Write the synthetic train/val/test splits with captions unique within and across splits."""
+    """Write the synthetic train/val/test splits with captions (with ``--tasks``: contrast groups)
+    unique within and across splits."""
     sizes = {"train": args.train, "val": args.val, "test": args.test}
+    if args.tasks is not None:
+        # Whole groups per block, and blocks never split between shards, so that a batch read in
+        # file order holds every group's hard negatives.
+        for name, value in (*sizes.items(), ("samples-per-shard", args.samples_per_shard)):
+            if value % BLOCK:
+                raise RuntimeError(f"--{name} {value} is not a multiple of {BLOCK}, which --tasks needs")
+        if args.shard_bytes is not None:
+            raise RuntimeError("--shard-bytes cannot be used with --tasks: a shard closed by size could split a "
+                               "contrast group; use --samples-per-shard")
     used: set[str] = set()
     # Test first, then val, then train: each split avoids every caption already taken, so the
     # held-out splits keep the same scenes when only --train changes.
     for split in ("test", "val", "train"):
         start = time.perf_counter()
         rng = random.Random(f"{args.seed}-{split}")
-        samples = synthetic_samples(sizes[split], rng, used, args.image_size, args.format)
         meta = {"split": split, "source": "synthetic", "seed": args.seed, "image_size": args.image_size}
+        if args.tasks is None:
+            samples = synthetic_samples(sizes[split], rng, used, args.image_size, args.format)
+        else:
+            samples = compositional_samples(sizes[split], args.tasks, rng, used, args.image_size, args.format)
+            meta["tasks"] = list(args.tasks)
         manifest = write_split(args.out / split, samples, args.samples_per_shard, meta, args.shard_bytes)
         print(
             f"{split}: {manifest['num_samples']} samples in {len(manifest['shards'])} shards "

@@ -98,13 +98,20 @@ def _draw_shape(draw: ImageDraw.ImageDraw, shape: str, cx: float, cy: float, r: 
         raise ValueError(f"unknown shape {shape!r}; choose one of {SHAPES}")
 
 
-def render_scene(groups: list[dict[str, Any]], image_size: int = 112, rng: random.Random | None = None) -> tuple[Image.Image, list[dict[str, Any]]]:
+def render_scene(
+    groups: list[dict[str, Any]],
+    image_size: int = 112,
+    rng: random.Random | None = None,
+    jitter: dict[int, tuple[float, float]] | None = None,
+) -> tuple[Image.Image, list[dict[str, Any]]]:
     """Draw a layout as an RGB image.
 
     Args:
         groups: Layout from :func:`sample_scene`.
         image_size: Side of the square image in pixels.
         rng: Optional source of a small per-group jitter; ``None`` draws every group centred.
+        jitter: Offsets per cell, in cell units, used instead of ``rng``: scenes drawn with the
+            same offsets put an object in a given cell at the same pixels (contrast sets).
 
     Returns:
         The image and, per group, the pixel boxes ``[x0, y0, x1, y1]`` of its shapes.
@@ -115,7 +122,10 @@ def render_scene(groups: list[dict[str, Any]], image_size: int = 112, rng: rando
     boxes = []
     for g in groups:
         row, col = divmod(g["cell"], 3)
-        jx, jy = (rng.uniform(-0.06, 0.06), rng.uniform(-0.06, 0.06)) if rng is not None else (0.0, 0.0)
+        if jitter is not None:
+            jx, jy = jitter.get(g["cell"], (0.0, 0.0))
+        else:
+            jx, jy = (rng.uniform(-0.06, 0.06), rng.uniform(-0.06, 0.06)) if rng is not None else (0.0, 0.0)
         r = _HALF_SIZE[g["count"]] * cell
         group_boxes = []
         for dx, dy in _CLUSTERS[g["count"]]:
@@ -162,3 +172,8 @@ def make_scene(rng: random.Random, image_size: int = 112) -> tuple[Image.Image, 
     groups = sample_scene(rng)
     image, boxes = render_scene(groups, image_size, rng)
     return image, caption_scene(groups), scene_metadata(groups, boxes, image_size)
+
+
+def cell_jitter(rng: random.Random) -> dict[int, tuple[float, float]]:
+    """One small offset per grid cell (the range :func:`render_scene` draws from), for ``jitter``."""
+    return {cell: (rng.uniform(-0.06, 0.06), rng.uniform(-0.06, 0.06)) for cell in range(len(POSITIONS))}
