@@ -3,9 +3,10 @@
 from __future__ import annotations
 
 import io
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
+import pytest
 import torch
 from PIL import Image
 from PIL.PngImagePlugin import PngInfo
@@ -50,3 +51,12 @@ class WordEncoder:
                 if word in VOCAB:
                     out[row, VOCAB.index(word)] += 1
         return torch.nn.functional.normalize(out, dim=-1)
+
+
+def one_line_error(run: Callable[..., dict], root: Path, out: Path, *extra: str) -> str:
+    """The message an evaluator run stops with; it must be a single ``error: ...`` line."""
+    with pytest.raises(SystemExit) as error:
+        run(root, out, *extra)
+    message = str(error.value.code)
+    assert message.startswith("error: ") and "\n" not in message
+    return message

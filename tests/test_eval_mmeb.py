@@ -7,7 +7,7 @@ import math
 from pathlib import Path
 
 import pytest
-from eval_fakes import WordEncoder, word_png
+from eval_fakes import WordEncoder, one_line_error, word_png
 
 from lame_pl.evaluation.mmeb import load_mmeb_tasks
 from lame_pl.evaluation.run import main
@@ -164,11 +164,7 @@ def test_rerun_encodes_nothing_and_changes_invalidate_the_cache(tmp_path):
 
 
 def bad(root: Path, tmp_path: Path, *extra: str) -> str:
-    with pytest.raises(SystemExit) as error:
-        run(root, tmp_path / "out", *extra)
-    message = str(error.value.code)
-    assert message.startswith("error: ") and "\n" not in message
-    return message
+    return one_line_error(run, root, tmp_path / "out", *extra)
 
 
 def test_missing_folder(tmp_path):

@@ -7,7 +7,7 @@ import math
 from pathlib import Path
 
 import pytest
-from eval_fakes import WordEncoder, word_png
+from eval_fakes import WordEncoder, one_line_error, word_png
 
 from lame_pl.evaluation.mrmr import QUERY_INSTRUCTIONS, load_mrmr_tasks
 from lame_pl.evaluation.run import main
@@ -112,11 +112,7 @@ def test_cache_means_a_rerun_only_scores(tmp_path):
 
 
 def bad(root: Path, tmp_path: Path, *extra: str) -> str:
-    with pytest.raises(SystemExit) as error:
-        run(root, tmp_path / "out", *extra)
-    message = str(error.value.code)
-    assert message.startswith("error: ") and "\n" not in message
-    return message
+    return one_line_error(run, root, tmp_path / "out", *extra)
 
 
 def test_bad_inputs_stop_with_a_message_naming_them(tmp_path):
