@@ -9,12 +9,30 @@ from __future__ import annotations
 from lightning import LightningDataModule, LightningModule
 from lightning.pytorch.cli import ArgsType, LightningCLI
 
+# Model settings that say how to encode, not what was trained: given for a run with --ckpt_path,
+# they win over the checkpoint's hyper-parameters.
+ENCODE_TIME_SETTINGS = ("encode_mode", "cot_tokens")
+
 
 class LaMECLI(LightningCLI):
     """LightningCLI that hands the model's backbone spec to the datamodule (one processor, one truth)."""
 
     def add_arguments_to_parser(self, parser) -> None:
         parser.link_arguments("model.init_args.backbone", "data.init_args.backbone")
+
+    def _parse_ckpt_path(self) -> None:
+        # LightningCLI lets the checkpoint's hyper-parameters override every model setting given
+        # for the run. That is right for what the weights were trained with, not for how to
+        # encode: a lame checkpoint may be tested in another encode mode.
+        config = self.config.get(self.config.get("subcommand") or "", None)
+        init_args = config.model.get("init_args") if config and config.get("model") else None
+        asked = {key: init_args.get(key) for key in ENCODE_TIME_SETTINGS} if init_args else {}
+        super()._parse_ckpt_path()
+        config = self.config.get(self.config.get("subcommand") or "", None)
+        init_args = config.model.get("init_args") if config and config.get("model") else None
+        for key, value in asked.items():
+            if value is not None and init_args is not None:
+                init_args[key] = value
 
     def before_instantiate_classes(self) -> None:
         # A full checkpoint restores every weight, so the weights that started the run

@@ -54,8 +54,9 @@ class LaMEModule(LightningModule):
         gradient_checkpointing: Recompute the backbone's and decoder's activations in the
             backward pass, trading compute for memory (large batches on real backbones).
         encode_mode: ``discriminative`` (K must be 0), ``lame``, ``latent_sequential`` or
-            ``explicit_cot`` (inference only, no decoder); ``None`` is ``lame`` when K > 0, else
-            ``discriminative``. See ``lame_pl.modes``.
+            ``explicit_cot`` (inference only; a decoder is kept but unused); ``None`` is ``lame``
+            when K > 0, else ``discriminative``. See ``lame_pl.modes``. Given with
+            ``--ckpt_path``, it wins over the checkpoint's own (``lame_pl.cli``).
         cot_tokens: T, the tokens ``explicit_cot`` generates before [EMBED] (it stops a row
             early at the tokenizer's end-of-text tokens).
     """
@@ -89,13 +90,9 @@ class LaMEModule(LightningModule):
         if decoder is not None and num_reason_tokens == 0:
             raise ValueError("model.decoder is set but num_reason_tokens is 0: the decoder reads the reason states")
         try:
-            mode = resolve_mode(encode_mode, num_reason_tokens, bottleneck_mask, cot_tokens)
+            resolve_mode(encode_mode, num_reason_tokens, bottleneck_mask, cot_tokens)
         except ValueError as err:
             raise ValueError(f"model: {err}") from None
-        if mode == "explicit_cot" and decoder is not None:
-            raise ValueError(
-                "model.decoder is set but encode_mode 'explicit_cot' has no reason states to decode; set model.decoder to null"
-            )
         if not temperature > 0:
             raise ValueError(f"model.temperature must be > 0, got {temperature}")
         if init_from is not None and not Path(init_from).is_file():
@@ -255,7 +252,9 @@ class LaMEModule(LightningModule):
             negatives = self.encode(batch["negative"]).embedding if "negative" in batch else None
             # Evaluation ranks each rank's batch alone: whole-split retrieval is measured apart.
             terms["contrastive"] = self.contrastive_loss(query.embedding, target.embedding, negatives, gather=training)
-        if self.decoder is not None and (not training or spec.decoder_loss_weight > 0):
+        # explicit_cot has no reason states: a decoder kept from training has nothing to read.
+        decodes = self.decoder is not None and query.reason_states.shape[1] > 0
+        if decodes and (not training or spec.decoder_loss_weight > 0):
             terms["decoder"] = self.decoder(query.reason_states, **batch["decoder"])
         weights = {"contrastive": spec.contrastive_loss_weight, "decoder": spec.decoder_loss_weight}
         loss = sum(weights[name] * value for name, value in terms.items())

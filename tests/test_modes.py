@@ -180,8 +180,9 @@ def test_explicit_cot_refuses_to_train(backbone, make_batch):
 def test_module_validates_and_passes_the_mode(tiny_spec, tiny_decoder):
     with pytest.raises(ValueError, match="model: encode_mode 'discriminative'"):
         LaMEModule(tiny_spec, None, num_reason_tokens=2, encode_mode="discriminative", stage=2)
-    with pytest.raises(ValueError, match="no reason states to decode"):
-        LaMEModule(tiny_spec, tiny_decoder, num_reason_tokens=2, encode_mode="explicit_cot", cot_tokens=3)
+    # A checkpoint trained with a decoder can be encoded with explicit_cot: the decoder stays, unused.
+    kept = LaMEModule(tiny_spec, tiny_decoder, num_reason_tokens=2, encode_mode="explicit_cot", cot_tokens=3)
+    assert kept.decoder is not None and kept.encoder.encode_mode == "explicit_cot"
     module = LaMEModule(tiny_spec, None, num_reason_tokens=0, encode_mode="explicit_cot", cot_tokens=3, stage=2)
     assert module.encoder.encode_mode == "explicit_cot" and module.encoder.cot_tokens == 3
     assert module.encoder.cot_stop_token_ids  # the tokenizer's end-of-text ids
@@ -225,3 +226,21 @@ def test_cli_fits_in_latent_sequential_and_refuses_explicit_cot(shards, tmp_path
         _fit(shards, tmp_path, "--model.init_args.encode_mode=explicit_cot", "--model.init_args.cot_tokens=2",
              "--model.init_args.num_reason_tokens=0", "--model.init_args.decoder=null",
              "--model.init_args.stage=2")
+
+
+def test_a_checkpoint_is_tested_in_the_encode_mode_given_for_the_run(shards, tmp_path, monkeypatch):
+    """LightningCLI restores a checkpoint's hyper-parameters over the config; encode settings are the exception."""
+    monkeypatch.setattr(sys, "argv", ["lightning"])
+    _fit(shards, tmp_path, "--trainer.enable_checkpointing=true", "--trainer.callbacks+=ModelCheckpoint",
+         f"--trainer.callbacks.dirpath={tmp_path / 'ckpt'}", "--trainer.callbacks.save_last=true")
+    ckpt = tmp_path / "ckpt" / "last.ckpt"
+    data = [f"--data.init_args.{split}_shards={shards / split}" for split in ("train", "val", "test")]
+    common = ["test", f"--config={ROOT / 'tests' / 'conf' / 'tiny.yaml'}", *data, f"--ckpt_path={ckpt}",
+              "--trainer.logger=false", f"--trainer.default_root_dir={tmp_path}"]
+    assert build_cli(common).model.encoder.encode_mode == "lame"
+    sequential = build_cli([*common, "--model.init_args.encode_mode=latent_sequential"])
+    assert sequential.model.encoder.encode_mode == "latent_sequential"
+    cot = build_cli([*common, "--model.init_args.encode_mode=explicit_cot", "--model.init_args.cot_tokens=2"])
+    assert cot.model.encoder.encode_mode == "explicit_cot" and cot.model.encoder.cot_tokens == 2
+    metrics = cot.trainer.callback_metrics
+    assert "test/recall@1" in metrics and "test/loss/decoder" not in metrics
