@@ -73,7 +73,8 @@ class ShardDataModule(L.LightningDataModule):
             ``train_batches_per_worker`` for its epoch length.
         train_mixture: Training shards as a weighted mixture of sets (``datamodules.mixture``),
             instead of ``train_shards``; needs ``resampled`` (sampling by weight draws with
-            replacement). ``samples_per_epoch`` defaults to the sets' manifests added up.
+            replacement). ``samples_per_epoch`` defaults to the sets' manifests added up; the sets
+            share ``shuffle_buffer`` equally.
     """
 
     collator: Any
@@ -316,13 +317,16 @@ class ShardDataModule(L.LightningDataModule):
         assert self.mixture is not None
         skips = SkipCounter(self.strict)
         streams = []
+        # The sets share data.shuffle_buffer, so a mixture of many sets holds no more raw samples
+        # per worker than one set would.
+        buffer = max(1, self.shuffle_buffer // len(self.mixture))
         for i, (_, urls) in enumerate(self.mixture):
             seed = f"{self.seed}-set{i}"  # independent draws per set
             decode = self.decode_stage(skips)
             streams.append(wds.DataPipeline(
                 EpochShards(urls, seed, state, rank, world_size, resampled=True),
                 TarSamples(skips, complete=decode.complete),
-                WorkerShuffle(self.shuffle_buffer, seed, state, rank),
+                WorkerShuffle(buffer, seed, state, rank),
                 decode,
             ))
         sets = [item for item, _ in self.mixture]

@@ -137,3 +137,10 @@ def test_mixture_from_yaml_through_the_cli(sets_dir: Path, tmp_path: Path, monke
     assert abs(sum(shares.values()) - 1.0) < 1e-6
     assert [s.name for s, _ in cli.datamodule.mixture] == ["cats", "dogs"]
     assert cli.datamodule.mixture[0][0].homogeneous is True
+
+
+def test_sets_share_the_shuffle_buffer(sets_dir: Path) -> None:
+    dm = _datamodule(_mixture(sets_dir, {"cats": 1.0, "dogs": 1.0, "birds": 1.0}), shuffle_buffer=30)
+    mixture = dm.train_dataloader().dataset.pipeline[0]
+    buffers = [stage.bufsize for stream in mixture.streams for stage in stream.pipeline if hasattr(stage, "bufsize")]
+    assert buffers == [10, 10, 10]  # raw samples held per worker stay at data.shuffle_buffer
