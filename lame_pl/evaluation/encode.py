@@ -87,7 +87,7 @@ class CheckpointEncoder:
             inputs = self.collator.side([item.instruction for item in batch], sides)
             inputs = {k: v.to(self.device) for k, v in inputs.items()}
             out.append(self.module.encode(inputs).embedding.float().cpu())
-        return torch.cat(out) if out else torch.zeros(0, self.module.encoder.embedding_dim)
+        return torch.cat(out)
 
 
 class EmbeddingCache:
@@ -131,6 +131,8 @@ def embed_items(
     Identical items are encoded once, and items found in the cache not at all.
     """
     keys = [item.key() for item in items]
+    if not keys:
+        raise ValueError("no item to embed")
     known = cache.load(encoder.fingerprint, task) if cache is not None else {}
     todo: dict[str, Item] = {}
     for key, item in zip(keys, items, strict=True):
@@ -141,6 +143,4 @@ def embed_items(
         known.update(zip(todo, fresh, strict=True))
         if cache is not None:
             cache.save(encoder.fingerprint, task, known)
-    if not keys:
-        raise ValueError("no item to embed")
     return torch.stack([known[key] for key in keys]), len(todo)

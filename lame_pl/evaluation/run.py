@@ -55,11 +55,12 @@ def evaluate(
     for task in tasks:
         start = time.perf_counter()
         name = f"{task.modality}-{task.name}"
-        queries, new_queries = embed_items(task.queries, encoder, cache, name)
-        candidates, new_candidates = embed_items(task.candidates, encoder, cache, name)
+        # One pass over both sides: the task's cache file is read and written once.
+        embeddings, encoded = embed_items([*task.queries, *task.candidates], encoder, cache, name)
+        queries, candidates = embeddings[: len(task.queries)], embeddings[len(task.queries) :]
         record = task_record(task, score_task(task, queries, candidates))
         record["seconds"] = round(time.perf_counter() - start, 3)
-        record["encoded"] = new_queries + new_candidates
+        record["encoded"] = encoded
         write_task_json(output_dir, record)
         print(f"{task.name}: {record['main_metric']} {record['main_score']:.4f} ({record['num_queries']} queries, "
               f"{record['encoded']} items encoded, the rest from the cache)", file=sys.stderr)
