@@ -28,8 +28,8 @@ class DataHealth(Callback):
     """
 
     def __init__(self) -> None:
-        self.totals: dict[str, Counter[str]] = {"train": Counter(), "val": Counter(), "test": Counter()}
-        self.epoch: dict[str, Counter[str]] = {split: Counter() for split in self.totals}
+        self.train_total: Counter[str] = Counter()  # this rank's training skips since the run started
+        self.epoch: dict[str, Counter[str]] = {split: Counter() for split in ("train", "val", "test")}
         self._restored: Counter[str] = Counter()
         self.sources: Counter[str] = Counter()  # training samples per mixture set, this epoch
 
@@ -38,7 +38,8 @@ class DataHealth(Callback):
     def _count(self, split: str, batch: Any) -> dict[str, int]:
         skipped = batch.get("skipped") if isinstance(batch, dict) else None
         if skipped:
-            self.totals[split].update(skipped)
+            if split == "train":
+                self.train_total.update(skipped)
             self.epoch[split].update(skipped)
         return skipped or {}
 
@@ -46,7 +47,7 @@ class DataHealth(Callback):
         self, trainer: Trainer, pl_module: LightningModule, outputs: Any, batch: Any, batch_idx: int
     ) -> None:
         self._count("train", batch)
-        for reason, count in sorted(self.totals["train"].items()):
+        for reason, count in sorted(self.train_total.items()):
             pl_module.log(f"data/skipped/{reason}", float(count), on_step=True, on_epoch=False, batch_size=1)
         sources = batch.get("sources") if isinstance(batch, dict) else None
         if sources:
@@ -71,26 +72,28 @@ class DataHealth(Callback):
     # ----------------------------------------------------------------------------- epoch ends
 
     @staticmethod
-    def _sum_over_ranks(trainer: Trainer, counts: Counter[str]) -> Counter[str]:
-        # One collective per epoch; objects, because ranks may know different reasons.
+    def _sum_over_ranks(trainer: Trainer, *counters: Counter[str]) -> list[Counter[str]]:
+        # One collective per epoch end; objects, because ranks may know different reasons.
         if trainer.world_size <= 1 or not (dist.is_available() and dist.is_initialized()):
-            return Counter(counts)
+            return [Counter(c) for c in counters]
         gathered: list[Any] = [None] * dist.get_world_size()
-        dist.all_gather_object(gathered, dict(counts))
-        total: Counter[str] = Counter()
-        for part in gathered:
-            total.update(part)
-        return total
+        dist.all_gather_object(gathered, [dict(c) for c in counters])
+        totals: list[Counter[str]] = [Counter() for _ in counters]
+        for parts in gathered:
+            for total, part in zip(totals, parts, strict=True):
+                total.update(part)
+        return totals
 
     def _epoch_end(self, split: str, trainer: Trainer, pl_module: LightningModule) -> None:
-        epoch = self._sum_over_ranks(trainer, self.epoch[split])
+        training = split == "train"
+        epoch, *run = self._sum_over_ranks(trainer, self.epoch[split], *([self.train_total] if training else []))
         self.epoch[split] = Counter()
-        if split != "train":
+        if not training:
             for reason, count in sorted(epoch.items()):
                 pl_module.log(f"{split}/data/skipped/{reason}", float(count), rank_zero_only=True)
         line = f"{split} epoch {trainer.current_epoch}: skipped {sum(epoch.values())} samples"
-        if split == "train":
-            line += f" ({sum(self._sum_over_ranks(trainer, self.totals[split]).values())} in all)"
+        if training:
+            line += f" ({sum(run[0].values())} in all)"
         if epoch:
             line += ": " + ", ".join(f"{reason} {count}" for reason, count in sorted(epoch.items()))
         rank_zero_info(line)
@@ -119,7 +122,7 @@ class DataHealth(Callback):
 
     def state_dict(self) -> dict[str, Any]:
         """The cumulative training counts of this rank (rank 0 writes the checkpoint)."""
-        return {"train": dict(self.totals["train"])}
+        return {"train": dict(self.train_total)}
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         """Keep the saved training counts until ``on_train_start`` knows the rank."""
@@ -128,5 +131,5 @@ class DataHealth(Callback):
     def on_train_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
         # The checkpoint holds rank 0's counts: restoring them on every rank would count them again.
         if trainer.global_rank == 0:
-            self.totals["train"].update(self._restored)
+            self.train_total.update(self._restored)
         self._restored = Counter()

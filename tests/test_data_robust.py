@@ -277,7 +277,7 @@ def test_data_health_logs_skips_during_fit(tmp_path: Path, caplog: pytest.LogCap
     assert float(metrics["data/skipped/empty_caption"]) == 1.0
     assert float(metrics["val/data/skipped/bad_image"]) == 1.0
     assert float(metrics["val/data/skipped/empty_caption"]) == 1.0
-    assert health.totals["train"] == {"bad_image": 1, "empty_caption": 1}
+    assert health.train_total == {"bad_image": 1, "empty_caption": 1}
     assert health.state_dict() == {"train": {"bad_image": 1, "empty_caption": 1}}
     lines = [r.getMessage() for r in caplog.records]
     assert "train epoch 0: skipped 2 samples (2 in all): bad_image 1, empty_caption 1" in lines
