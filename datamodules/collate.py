@@ -138,6 +138,14 @@ class InstructionCollator(_ProcessorCollator):
         super().__init__(processor, max_text_length, decoder_max_length)
         self.query_instruction = self._clip(query_instruction)
         self.target_instruction = target_instruction
+        self._clipped: dict[str, str] = {}
+
+    def _clip_prefix(self, prefix: str) -> str:
+        # Instructions repeat across rows and batches (a target instruction is the same for all):
+        # tokenize each once per worker rather than once per row.
+        if prefix not in self._clipped:
+            self._clipped[prefix] = self._clip(prefix)
+        return self._clipped[prefix]
 
     def side(self, prefixes: list[str], sides: list[dict[str, Any]]) -> dict[str, torch.Tensor]:
         """Processor inputs of one side: ``prefix`` + vision tokens (one per image) + text, per row.
@@ -147,7 +155,7 @@ class InstructionCollator(_ProcessorCollator):
         """
         per_row = [_side_images(side) for side in sides]
         texts = [
-            self._clip(prefix) + self.vision_text * len(images) + self._clip(side["text"])
+            self._clip_prefix(prefix) + self.vision_text * len(images) + self._clip(side["text"])
             for prefix, side, images in zip(prefixes, sides, per_row, strict=True)
         ]
         images = [_rgb(image) for row in per_row for image in row]

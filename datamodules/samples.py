@@ -553,21 +553,17 @@ class WorkerShuffle(wds.PipelineStage):
     Args:
         bufsize: Samples held in the buffer.
         seed: Base seed.
-        state: Where the epoch comes from; without it each worker counts its own epochs, which
-            only holds while the worker persists.
-        rank: This process's rank; read from the environment when None.
+        state: Where the epoch and the worker's role come from.
+        rank: This process's rank.
     """
 
-    def __init__(self, bufsize: int, seed: int, state: EpochState | None = None, rank: int | None = None) -> None:
+    def __init__(self, bufsize: int, seed: int | str, state: EpochState, rank: int) -> None:
         self.bufsize = bufsize
         self.seed = seed
         self.state = state
         self.rank = rank
-        self.epoch = -1
 
     def run(self, src: Iterator[dict[str, Any]]) -> Iterator[dict[str, Any]]:
-        self.epoch = self.state.epoch if self.state is not None else self.epoch + 1
-        rank = wds.utils.pytorch_worker_info()[0] if self.rank is None else self.rank
-        worker = self.state.worker_role()[0] if self.state is not None else _worker()[0]
-        rng = random.Random(f"{self.seed}-{rank}-{worker}-{self.epoch}")
+        worker = self.state.worker_role()[0]
+        rng = random.Random(f"{self.seed}-{self.rank}-{worker}-{self.state.epoch}")
         return wds.filters.shuffle(self.bufsize, initial=min(self.bufsize, 100), rng=rng)(src)
