@@ -6,6 +6,8 @@ the project's own), and runnable as ``python -m lame_pl``.
 
 from __future__ import annotations
 
+from typing import Any
+
 from lightning import LightningDataModule, LightningModule
 from lightning.pytorch.cli import ArgsType, LightningCLI
 
@@ -20,16 +22,20 @@ class LaMECLI(LightningCLI):
     def add_arguments_to_parser(self, parser) -> None:
         parser.link_arguments("model.init_args.backbone", "data.init_args.backbone")
 
+    def _model_init_args(self) -> Any:
+        """The model's ``init_args`` in the config of the subcommand being run (None if absent)."""
+        subcommand = self.config.get("subcommand")
+        config = self.config.get(subcommand) if subcommand else self.config
+        return config.model.get("init_args") if config and config.get("model") else None
+
     def _parse_ckpt_path(self) -> None:
         # LightningCLI lets the checkpoint's hyper-parameters override every model setting given
         # for the run. That is right for what the weights were trained with, not for how to
         # encode: a lame checkpoint may be tested in another encode mode.
-        config = self.config.get(self.config.get("subcommand") or "", None)
-        init_args = config.model.get("init_args") if config and config.get("model") else None
+        init_args = self._model_init_args()
         asked = {key: init_args.get(key) for key in ENCODE_TIME_SETTINGS} if init_args else {}
         super()._parse_ckpt_path()
-        config = self.config.get(self.config.get("subcommand") or "", None)
-        init_args = config.model.get("init_args") if config and config.get("model") else None
+        init_args = self._model_init_args()
         for key, value in asked.items():
             if value is not None and init_args is not None:
                 init_args[key] = value
@@ -37,8 +43,9 @@ class LaMECLI(LightningCLI):
     def before_instantiate_classes(self) -> None:
         # A full checkpoint restores every weight, so the weights that started the run
         # (init_from, e.g. stage 1's checkpoint) are neither needed nor required to still exist.
-        config = self.config.get(self.subcommand) if self.subcommand else self.config
-        init_args = config.model.get("init_args") if config and config.get("model") else None
+        subcommand = self.config.get("subcommand")
+        config = self.config.get(subcommand) if subcommand else self.config
+        init_args = self._model_init_args()
         if config and config.get("ckpt_path") and init_args and init_args.get("init_from"):
             init_args.init_from = None
 

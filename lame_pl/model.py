@@ -14,7 +14,7 @@ from torch import nn
 from transformers.masking_utils import create_causal_mask
 
 from lame_pl.modes import ENCODERS, EncodeMode, resolve_mode
-from lame_pl.modes.common import EncoderOutput, text_config
+from lame_pl.modes.common import EncoderOutput, check_left_padded, text_config
 from lame_pl.modes.explicit_cot import unties_head
 
 __all__ = ["EncoderOutput", "LaMEEncoder", "text_config"]
@@ -122,11 +122,7 @@ class LaMEEncoder(nn.Module):
         self, input_ids: torch.Tensor, attention_mask: torch.Tensor, mm_token_type_ids: torch.Tensor | None
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
         """``lame``'s layout: extends ids, mask and token types by the K reason vectors and [EMBED]."""
-        if not bool(attention_mask[:, -1].all()):
-            raise ValueError(
-                "encoder inputs must be left-padded (attention_mask[:, -1] all ones); "
-                "set the tokenizer's padding_side='left'"
-            )
+        check_left_padded(attention_mask)
         latent = torch.cat([self.reason_embeddings, self.embed_embedding])
         appended = latent.unsqueeze(0).expand(input_ids.shape[0], -1, -1)
         return self.extend_inputs(input_ids, attention_mask, mm_token_type_ids, appended)

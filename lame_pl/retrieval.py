@@ -60,11 +60,12 @@ def gold_ranks(
     ranks = []
     for start in range(0, query.shape[0], block):
         scores = query[start : start + block] @ candidates.T
-        ranks.append(_ranks_in_block(scores, gold[start : start + block]))
+        ranks.append(ranks_in_block(scores, gold[start : start + block]))
     return torch.cat(ranks)
 
 
-def _ranks_in_block(scores: torch.Tensor, gold: torch.Tensor) -> torch.Tensor:
+def ranks_in_block(scores: torch.Tensor, gold: torch.Tensor) -> torch.Tensor:
+    """How many candidates of each row score at least as high as its gold one (ties count against it)."""
     # The gold score comes from the same matrix as the others, so rounding cannot part a tie.
     gold_score = scores.gather(1, gold[:, None])
     return (scores >= gold_score).sum(1) - 1  # minus the gold itself

@@ -63,17 +63,17 @@ def test_ndcg_and_mrr_of_known_ranks():
 
 def test_similarity_is_computed_in_bounded_blocks(monkeypatch):
     seen = []
-    original = retrieval._ranks_in_block
+    original = retrieval.ranks_in_block
 
     def spy(scores, gold):
         seen.append(scores.numel())
         return original(scores, gold)
 
-    monkeypatch.setattr(retrieval, "_ranks_in_block", spy)
+    monkeypatch.setattr(retrieval, "ranks_in_block", spy)
     query, candidates = torch.randn(100, 8), torch.randn(30, 8)
     ranks = gold_ranks(query, candidates, torch.arange(100) % 30, max_scores=200)
     assert max(seen) <= 200 and sum(seen) == 100 * 30
-    monkeypatch.setattr(retrieval, "_ranks_in_block", original)
+    monkeypatch.setattr(retrieval, "ranks_in_block", original)
     assert torch.equal(ranks, gold_ranks(query, candidates, torch.arange(100) % 30))
 
 

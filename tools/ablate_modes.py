@@ -39,7 +39,6 @@ the warm-up's weights); the discriminative row, which has no decoder, spends all
 from __future__ import annotations
 
 import argparse
-import inspect
 import json
 import os
 import statistics
@@ -55,7 +54,7 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:  # run as a script: make the repository's packages importable
     sys.path.insert(0, str(ROOT))
 
-from lame_pl.retrieval import chance_metrics, retrieval_metrics  # noqa: E402
+from lame_pl.retrieval import chance_metrics, ranks_in_block, retrieval_metrics  # noqa: E402
 
 CONFIG = ROOT / "configs" / "ablation" / "train.yaml"
 WARMUP_CONFIG = ROOT / "configs" / "ablation" / "warmup.yaml"
@@ -100,13 +99,6 @@ def parse_rows(text: str) -> list[Row]:
             raise ValueError(f"row {item!r} is given twice")
         rows.append(row)
     return rows
-
-
-def module_supports_encode_mode() -> bool:
-    """Whether ``LaMEModule`` takes ``encode_mode`` (older versions know only K: 0 or >0)."""
-    from lame_pl.module import LaMEModule
-
-    return "encode_mode" in inspect.signature(LaMEModule.__init__).parameters
 
 
 # ------------------------------------------------------------------------------------- data
@@ -201,8 +193,8 @@ def kind_metrics(embeddings: dict[str, Any], records: dict[str, dict[str, Any]])
         group_emb = target[torch.tensor([[text_row[t] for t in g] for g in groups])]  # (Q, G, D)
         hard_sim = torch.einsum("qd,qgd->qg", q, group_emb)
         hard_gold = torch.tensor([records[keys[i]]["member"] for i in rows])
-        # Each query ranks its own group; a tie counts against it, as in lame_pl.retrieval.
-        beaten = (hard_sim >= hard_sim.gather(1, hard_gold[:, None])).sum(1) - 1
+        # Each query ranks its own group; a tie counts against it.
+        beaten = ranks_in_block(hard_sim, hard_gold)
         hard = float((beaten == 0).float().mean())
         values = {**{f"recall@{k}": metrics[f"recall@{k}"] for k in KS}, "hard@1": hard}
         chances = {**{f"recall@{k}": chance[f"recall@{k}"] for k in KS}, "hard@1": 1.0 / size}
@@ -223,7 +215,7 @@ def kind_metrics(embeddings: dict[str, Any], records: dict[str, dict[str, Any]])
 # ------------------------------------------------------------------------------------- runs
 
 
-def cli_args(row: Row, data: Path, out: Path, steps: int, sets: list[str], encode_mode: bool,
+def cli_args(row: Row, data: Path, out: Path, steps: int, sets: list[str],
              version: str | None = None) -> list[str]:
     """The config and overrides shared by every command of one row (fit, predict, timing).
 
@@ -235,8 +227,7 @@ def cli_args(row: Row, data: Path, out: Path, steps: int, sets: list[str], encod
              f"--trainer.logger.init_args.version={version or row.name}"]
     args += [f"--{item}" for item in sets]
     args.append(f"--model.init_args.num_reason_tokens={row.k}")
-    if encode_mode:
-        args.append(f"--model.init_args.encode_mode={row.mode}")
+    args.append(f"--model.init_args.encode_mode={row.mode}")
     if row.k == 0:
         args.append("--model.init_args.decoder=null")  # the decoder reads reason states; K=0 has none
     else:
@@ -258,16 +249,15 @@ def run_cli(args: list[str]) -> None:
     build_cli(args)
 
 
-def train_row(row: Row, data: Path, out: Path, steps: int, stage1_steps: int, sets: list[str],
-              encode_mode: bool) -> Path:
+def train_row(row: Row, data: Path, out: Path, steps: int, stage1_steps: int, sets: list[str]) -> Path:
     """Fits one row (optionally stage 1 first) and returns its last checkpoint."""
     run_dir = out / row.name
-    stage2_args = cli_args(row, data, out, steps, sets, encode_mode)
+    stage2_args = cli_args(row, data, out, steps, sets)
     if stage1_steps and row.k > 0:
-        warm = cli_args(row, data, out, stage1_steps, sets, encode_mode, version=f"{row.name}-stage1")
+        warm = cli_args(row, data, out, stage1_steps, sets, version=f"{row.name}-stage1")
         warm.insert(1, f"--config={WARMUP_CONFIG}")
         run_cli(["fit", *warm, *_checkpoint_args(run_dir / "stage1")])
-        stage2_args = cli_args(row, data, out, steps - stage1_steps, sets, encode_mode)
+        stage2_args = cli_args(row, data, out, steps - stage1_steps, sets)
         stage2_args.append(f"--model.init_args.init_from={run_dir / 'stage1' / 'last.ckpt'}")
     run_cli(["fit", *stage2_args, *_checkpoint_args(run_dir / "checkpoints")])
     checkpoint = run_dir / "checkpoints" / "last.ckpt"
@@ -276,21 +266,21 @@ def train_row(row: Row, data: Path, out: Path, steps: int, stage1_steps: int, se
     return checkpoint
 
 
-def predict_row(row: Row, checkpoint: Path, data: Path, out: Path, sets: list[str], encode_mode: bool) -> Path:
+def predict_row(row: Row, checkpoint: Path, data: Path, out: Path, sets: list[str]) -> Path:
     """``lightning predict`` over the test split; returns the embeddings file."""
     path = out / row.name / "test_embeddings.pt"
-    run_cli(["predict", *cli_args(row, data, out, 1, sets, encode_mode), f"--ckpt_path={checkpoint}",
+    run_cli(["predict", *cli_args(row, data, out, 1, sets), f"--ckpt_path={checkpoint}",
              "--trainer.callbacks+=callbacks.EmbeddingWriter", f"--trainer.callbacks.path={path}"])
     return path
 
 
-def _row_model(row: Row, checkpoint: Path, data: Path, out: Path, sets: list[str], encode_mode: bool) -> tuple:
+def _row_model(row: Row, checkpoint: Path, data: Path, out: Path, sets: list[str]) -> tuple:
     """The row's module (built from its config, weights from ``checkpoint``, in eval mode) and datamodule."""
     from lightning import LightningDataModule, LightningModule
 
     from lame_pl.cli import LaMECLI
 
-    args = [a for a in cli_args(row, data, out, 1, sets, encode_mode) if not a.startswith("--trainer.logger")]
+    args = [a for a in cli_args(row, data, out, 1, sets) if not a.startswith("--trainer.logger")]
     cli = LaMECLI(LightningModule, LightningDataModule, subclass_mode_model=True, subclass_mode_data=True,
                   args=[*args, "--trainer.logger=false"], run=False)
     saved = torch.load(checkpoint, map_location="cpu", weights_only=False)
@@ -298,7 +288,7 @@ def _row_model(row: Row, checkpoint: Path, data: Path, out: Path, sets: list[str
     return cli.model.eval(), cli.datamodule, int(saved["global_step"])
 
 
-def time_encodes(checkpoints: dict[Row, Path], data: Path, out: Path, sets: list[str], encode_mode: bool,
+def time_encodes(checkpoints: dict[Row, Path], data: Path, out: Path, sets: list[str],
                  repeats: int) -> dict[Row, dict[str, float]]:
     """Median query-side encode time of one fixed batch, ms per sample, and the steps trained, for each row.
 
@@ -309,7 +299,7 @@ def time_encodes(checkpoints: dict[Row, Path], data: Path, out: Path, sets: list
     models, steps = {}, {}
     query = None
     for row, checkpoint in checkpoints.items():
-        models[row], datamodule, steps[row] = _row_model(row, checkpoint, data, out, sets, encode_mode)
+        models[row], datamodule, steps[row] = _row_model(row, checkpoint, data, out, sets)
         if query is None:
             datamodule.num_workers = 0  # the batch is read once, here; a worker process would only cost a start
             query = next(iter(datamodule.test_dataloader()))["query"]
@@ -395,7 +385,6 @@ def main(argv: list[str] | None = None) -> int:
         if "=" not in item or item.startswith("-"):
             parser.error(f"--set {item!r} is not KEY=VALUE (e.g. data.init_args.batch_size=16)")
 
-    encode_mode = module_supports_encode_mode()
     ensure_data(args.data, args.train, args.val, args.test, args.seed, args.image_size)
     records = read_test_records(args.data / "test")
     kinds = [k for k in TASKS.split(",") if any(r["kind"] == k for r in records.values())]
@@ -405,10 +394,6 @@ def main(argv: list[str] | None = None) -> int:
     checkpoints: dict[Row, Path] = {}
     for row in rows:
         result: dict[str, Any] = {"mode": row.mode, "k": row.k}
-        if not encode_mode and row.mode not in ("discriminative", "lame"):
-            print(f"{row.name}: skipped: lame_pl.LaMEModule has no encode_mode yet, so only K decides the mode")
-            results.append({**result, "skipped": "LaMEModule has no encode_mode"})
-            continue
         start = time.perf_counter()
         result["load_before"] = os.getloadavg()[0]  # other jobs on the same cores slow every figure
         checkpoint = args.out / row.name / "checkpoints" / "last.ckpt"
@@ -417,9 +402,9 @@ def main(argv: list[str] | None = None) -> int:
             print(f"{row.name}: reusing {checkpoint} and {embeddings_path}")
             result["reused"] = True
         else:
-            checkpoint = train_row(row, args.data, args.out, args.steps, args.stage1_steps, args.sets, encode_mode)
+            checkpoint = train_row(row, args.data, args.out, args.steps, args.stage1_steps, args.sets)
             result["train_s"] = time.perf_counter() - start
-            embeddings_path = predict_row(row, checkpoint, args.data, args.out, args.sets, encode_mode)
+            embeddings_path = predict_row(row, checkpoint, args.data, args.out, args.sets)
         result.update(kind_metrics(torch.load(embeddings_path), records))
         result["row_s"] = time.perf_counter() - start
         result["load_after"] = os.getloadavg()[0]
@@ -428,25 +413,25 @@ def main(argv: list[str] | None = None) -> int:
         print(f"{row.name}: all R@1 {result['all/recall@1']:.3f}, hard@1 {result['all/hard@1']:.3f}, "
               f"{result['row_s']:.0f} s", flush=True)
         # Written after every row, so a long ablation that stops keeps what it measured.
-        _write(args, rows, results, kinds, encode_mode, time.perf_counter() - start_all)
+        _write(args, rows, results, kinds, time.perf_counter() - start_all)
     if checkpoints:
         load = os.getloadavg()[0]
-        timed = time_encodes(checkpoints, args.data, args.out, args.sets, encode_mode, args.repeats)
+        timed = time_encodes(checkpoints, args.data, args.out, args.sets, args.repeats)
         for result in results:
             row = Row(result["mode"], result["k"])
             if row in timed:
                 result.update(timed[row], encode_load=load)
-    table = _write(args, rows, results, kinds, encode_mode, time.perf_counter() - start_all)
+    table = _write(args, rows, results, kinds, time.perf_counter() - start_all)
     print(table)
     return 0
 
 
 def _write(args: argparse.Namespace, rows: list[Row], results: list[dict[str, Any]], kinds: list[str],
-           encode_mode: bool, elapsed: float) -> str:
+           elapsed: float) -> str:
     table = format_table(results, kinds)
     setup = {"steps": args.steps, "stage1_steps": args.stage1_steps, "data": str(args.data), "train": args.train,
              "test": args.test, "seed": args.seed, "config": str(CONFIG.relative_to(ROOT)), "sets": args.sets,
-             "encode_mode_flag": encode_mode, "torch_threads": torch.get_num_threads(), "cpus": os.cpu_count(),
+             "torch_threads": torch.get_num_threads(), "cpus": os.cpu_count(),
              "elapsed_s": elapsed, "rows": [r.name for r in rows]}
     (args.out / "results.json").write_text(json.dumps({"setup": setup, "results": results}, indent=1) + "\n")
     trained = sorted({int(r["trained_steps"]) for r in results if "trained_steps" in r})

@@ -28,8 +28,6 @@ ENCODERS: dict[str, Callable[..., EncoderOutput]] = {
     "explicit_cot": encode_explicit_cot,
 }
 
-TRAINABLE_MODES = ("discriminative", "lame", "latent_sequential")
-
 
 def resolve_mode(
     encode_mode: str | None, num_reason_tokens: int, bottleneck_mask: bool = False, cot_tokens: int | None = None
@@ -67,7 +65,6 @@ def resolve_mode(
 
 __all__ = [
     "ENCODERS",
-    "TRAINABLE_MODES",
     "EncodeMode",
     "EncoderOutput",
     "encode_discriminative",
