@@ -89,7 +89,7 @@ class ReasonDiagnostics(ValidationSubsetCallback):
         super().on_validation_batch_end(trainer, pl_module, outputs, batch, batch_idx, dataloader_idx)
         decoder = outputs.get("terms", {}).get("decoder") if isinstance(outputs, dict) else None
         if decoder is not None:
-            rows = len(outputs["keys"])
+            rows = outputs.get("decoder_rows", len(outputs["keys"]))  # the term averages over labelled rows
             self._decoder_sum += float(decoder) * rows
             self._decoder_count += rows
 

@@ -86,7 +86,11 @@ class BackboneSpec:
         max_pixels: Largest image area the processor resizes to.
         attn_implementation: ``sdpa``, ``eager`` or ``flash_attention_2``; ``None`` picks
             flash-attn when it is importable and CUDA is available, else ``sdpa``.
-        dtype: Weight dtype when loading from ``path`` (``float32``, ``bfloat16``, ``float16``).
+        dtype: Weight dtype (``float32``, ``bfloat16``, ``float16``), for a checkpoint and a preset
+            alike. The parts LaME adds (reason and [EMBED] vectors, projection, decoder projector,
+            temperature) stay in float32 whatever this says. Named ``dtype``, not ``torch_dtype``,
+            as transformers 5 names it. ``bfloat16`` halves the memory of a frozen or
+            LoRA-adapted backbone; train full weights in float32 under ``precision: bf16-mixed``.
     """
 
     path: str | None = None
@@ -124,7 +128,8 @@ class DecoderSpec:
         path: Local Hugging Face directory of a causal LM (e.g. Qwen3-0.6B).
         preset: Name of a random-weight Qwen3 config (``tiny``, ``demo``, ``qwen3-0.6b-shape``);
             ignored when ``path`` is set.
-        dtype: Weight dtype when loading from ``path``.
+        dtype: Weight dtype (``float32``, ``bfloat16``, ``float16``), for a checkpoint and a preset
+            alike; its projector stays in float32.
         vocab_file: JSON list of the token ids the decoder's softmax runs over (written by
             ``tools/decoder_vocab.py``); ``None`` uses the whole vocabulary, as the paper does.
     """
@@ -265,7 +270,8 @@ def build_backbone(spec: BackboneSpec) -> nn.Module:
         )
     from transformers import Qwen2VLModel
 
-    return Qwen2VLModel(backbone_config(spec.preset, attn))
+    # Built directly in the dtype: a float32 build cast afterwards would peak at both copies.
+    return Qwen2VLModel._from_config(backbone_config(spec.preset, attn), dtype=_dtype(spec.dtype))
 
 
 def build_decoder(spec: DecoderSpec, attn_implementation: str | None = None) -> nn.Module:
@@ -289,7 +295,7 @@ def build_decoder(spec: DecoderSpec, attn_implementation: str | None = None) -> 
         eos_token_id=tokenizer.convert_tokens_to_ids("<|endoftext|>"),
     )
     config._attn_implementation = attn
-    return Qwen3ForCausalLM(config)
+    return Qwen3ForCausalLM._from_config(config, dtype=_dtype(spec.dtype))
 
 
 def enable_activation_checkpointing(model: nn.Module) -> None:

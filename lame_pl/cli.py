@@ -61,18 +61,28 @@ class LaMECLI(LightningCLI):
             raise SystemExit("error: " + "; ".join(reasons)) from error
 
 
+# jsonargparse's own framing around the constructors' messages; Unions nest (an optional
+# stage spec inside the model), so the framing repeats at every level.
+_FRAMING = (
+    "Does not validate against any of the Union subtypes",
+    "Expected a <class 'NoneType'>",
+    "Problem with given class_path",
+)
+
+
 def config_errors(text: str) -> list[str]:
     """The constructor messages in a jsonargparse "Does not validate against any of the Union
     subtypes" error, without the alternatives that were never meant (``Expected a NoneType``)."""
     if "Errors:" not in text:
         return []
-    body = text.split("Errors:", 1)[1].split("Given value type:", 1)[0]
     reasons = []
-    for line in body.splitlines():
-        line = line.strip().removeprefix("- ").strip()
-        if not line or line.startswith(("Expected a <class 'NoneType'>", "Problem with given class_path")):
+    for line in text.splitlines():
+        line = line.strip()
+        if not line.startswith("- "):
             continue
-        reasons.append(line)
+        line = line.removeprefix("- ").strip()
+        if line and not line.startswith(_FRAMING):
+            reasons.append(line)
     return reasons
 
 

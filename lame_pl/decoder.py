@@ -37,33 +37,76 @@ class LatentDecoder(nn.Module):
             self.register_buffer("output_position", position, persistent=False)
 
     def forward(
-        self, reason_states: torch.Tensor, input_ids: torch.Tensor, attention_mask: torch.Tensor
+        self,
+        reason_states: torch.Tensor,
+        input_ids: torch.Tensor,
+        attention_mask: torch.Tensor,
+        labelled: torch.Tensor | None = None,
     ) -> torch.Tensor:
-        """Mean token cross-entropy of the target text given the reason-state prefix.
+        """Mean token cross-entropy of the labelled rows' target text given the reason-state prefix.
 
         Args:
             reason_states: ``(B, K, H)`` final states of the reason tokens.
             input_ids: ``(B, T)`` right-padded target token ids.
             attention_mask: ``(B, T)``, 1 on real target tokens.
+            labelled: ``(B,)`` bool, True where a row has a label (an image-only target carries a
+                placeholder that must not be learnt); ``None`` means every row.
+
+        Returns:
+            The mean over the labelled rows' real tokens. With no labelled row it is 0, yet
+            still computed from one row's forward pass, so that every decoder parameter and the
+            reason states get a (zero) gradient, as DDP needs every rank to use the same ones.
         """
         batch, k = reason_states.shape[:2]
         if k == 0:
             raise ValueError("the latent decoder needs num_reason_tokens > 0")
-        embeddings = self.language_model.get_input_embeddings()
-        prefix = self.projector(reason_states.to(self.projector[0].weight.dtype)).to(embeddings.weight.dtype)
-        inputs_embeds = torch.cat([prefix, embeddings(input_ids)], dim=1)
-        mask = torch.cat([attention_mask.new_ones(batch, k), attention_mask], dim=1)
-        hidden = self.language_model.base_model(inputs_embeds=inputs_embeds, attention_mask=mask).last_hidden_state
+        if labelled is None:
+            rows = None
+        else:
+            if labelled.shape != (batch,):
+                raise ValueError(f"decoder labelled mask must have shape ({batch},), got {tuple(labelled.shape)}")
+            rows = labelled.to(device=input_ids.device, dtype=torch.bool).nonzero().flatten()
+            if rows.numel() == 0:
+                return self._connected_zero(reason_states[:1], input_ids[:1], attention_mask[:1])
+            if rows.numel() == batch:
+                rows = None
+        if rows is not None:  # the unlabelled rows cost nothing
+            reason_states = reason_states[rows.to(reason_states.device)]
+            input_ids, attention_mask = input_ids[rows], attention_mask[rows]
+        hidden = self._hidden(reason_states, input_ids, attention_mask)
         # Position k-1+t predicts target token t. Only real target tokens go through the LM
         # head: over a 150k vocabulary the logits are most of the decoder's cost.
         predicts = hidden[:, k - 1 : -1][attention_mask.bool()]
         targets = input_ids[attention_mask.bool()]
-        head = self.language_model.get_output_embeddings()
         if not self.restricted:
-            return F.cross_entropy(head(predicts).float(), targets)
+            return F.cross_entropy(self._logits(predicts).float(), targets)
         positions = self.output_position[targets]
         if bool((positions < 0).any()):
             missing = sorted(set(targets[positions < 0].tolist()))
             raise ValueError(f"target token ids {missing[:10]} are not in the decoder's output vocabulary file")
-        logits = F.linear(predicts, head.weight[self.output_ids], None if head.bias is None else head.bias[self.output_ids])
-        return F.cross_entropy(logits.float(), positions)
+        return F.cross_entropy(self._logits(predicts).float(), positions)
+
+    def _hidden(self, reason_states: torch.Tensor, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        """The LM's final states over ``[projected reason states][target tokens]``."""
+        batch, k = reason_states.shape[:2]
+        embeddings = self.language_model.get_input_embeddings()
+        prefix = self.projector(reason_states.to(self.projector[0].weight.dtype)).to(embeddings.weight.dtype)
+        inputs_embeds = torch.cat([prefix, embeddings(input_ids)], dim=1)
+        mask = torch.cat([attention_mask.new_ones(batch, k), attention_mask], dim=1)
+        return self.language_model.base_model(inputs_embeds=inputs_embeds, attention_mask=mask).last_hidden_state
+
+    def _logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        """LM-head logits, over the output vocabulary only when it is restricted."""
+        head = self.language_model.get_output_embeddings()
+        if not self.restricted:
+            return head(hidden)
+        bias = None if head.bias is None else head.bias[self.output_ids]
+        return F.linear(hidden, head.weight[self.output_ids], bias)
+
+    def _connected_zero(
+        self, reason_states: torch.Tensor, input_ids: torch.Tensor, attention_mask: torch.Tensor
+    ) -> torch.Tensor:
+        """0 from one row, through the projector, the LM and its head: the last position attends to
+        the prefix and the row's real tokens, so every decoder weight is in the graph."""
+        hidden = self._hidden(reason_states, input_ids, attention_mask)
+        return self._logits(hidden[:, -1]).float().sum() * 0.0

@@ -81,7 +81,7 @@ class LaMEEncoder(nn.Module):
         hidden = text_config(backbone).hidden_size
         table = backbone.get_input_embeddings().weight
         # Start the new vectors at the scale of real token embeddings, whatever the checkpoint.
-        std = float(table.detach().float().std())
+        std = _std(table.detach())
         self.reason_embeddings = nn.Parameter(torch.randn(num_reason_tokens, hidden) * std)
         self.embed_embedding = nn.Parameter(torch.randn(1, hidden) * std)
         self.projection = nn.Linear(hidden, embed_dim) if embed_dim else nn.Identity()
@@ -155,10 +155,26 @@ class LaMEEncoder(nn.Module):
         image_grid_thw: torch.Tensor | None = None,
         **processor_extras: torch.Tensor,
     ) -> EncoderOutput:
-        """Encodes one batch of processor outputs (text and/or images) in the mode in force."""
+        """Encodes one batch of processor outputs (text, images and/or videos) in the mode in force.
+
+        Extras such as ``pixel_values_videos``/``video_grid_thw`` pass through to the backbone and,
+        with ``image_grid_thw``, to its rotary index (``lame_pl.modes.common.full_pass``).
+        """
         inputs = dict(input_ids=input_ids, attention_mask=attention_mask, **processor_extras)
         if mm_token_type_ids is not None:
             inputs["mm_token_type_ids"] = mm_token_type_ids
         if pixel_values is not None:
             inputs.update(pixel_values=pixel_values, image_grid_thw=image_grid_thw)
         return ENCODERS[self.encode_mode](self, inputs)
+
+
+def _std(table: torch.Tensor, rows: int = 8192) -> float:
+    """Standard deviation of all entries, accumulated in float64 over blocks of rows, so that a
+    bf16 table of 150k rows is never copied whole into float32."""
+    total = total_sq = 0.0
+    for block in table.split(rows):
+        block = block.double()
+        total += float(block.sum())
+        total_sq += float((block * block).sum())
+    n = table.numel()
+    return ((total_sq - total * total / n) / (n - 1)) ** 0.5

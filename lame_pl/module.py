@@ -26,7 +26,8 @@ from lame_pl.losses import info_nce
 from lame_pl.model import EncoderOutput, LaMEEncoder, text_config
 from lame_pl.modes import EncodeMode, resolve_mode
 from lame_pl.retrieval import chance_metrics, gold_ranks, metrics_from_ranks
-from lame_pl.stages import StageSpec, apply_stage, default_stages
+from lame_pl.stages import Stage1Spec, Stage2Spec, StageSpec, apply_stage
+from lame_pl.trainable import low_precision_trainable, trainable_summary
 
 STAGE_KEY = "lame_stage"
 
@@ -41,8 +42,12 @@ class LaMEModule(LightningModule):
         bottleneck_mask: Let [EMBED] attend to the reason tokens only.
         embed_dim: Width of an optional linear projection of [EMBED].
         stage: The stage this run starts in: 1 (bottleneck warm-up) or 2 (joint training).
-        stage1: What stage 1 trains and its loss weights (default: the paper's warm-up).
-        stage2: What stage 2 trains and its loss weights (default: full LM, contrastive + decoder).
+        stage1: What stage 1 trains and its loss weights; a partial spec keeps stage 1's defaults
+            for the rest (the paper's warm-up: backbone frozen, decoder loss only); ``None`` is
+            those defaults.
+        stage2: What stage 2 trains and its loss weights; a partial spec keeps stage 2's defaults
+            for the rest (the language model trains, contrastive + decoder loss); ``None`` is
+            those defaults.
         temperature: InfoNCE temperature (its start value when learnable).
         learnable_temperature: Learn the temperature (as a log logit scale, capped at 100).
         lr: Peak learning rate of AdamW.
@@ -69,8 +74,8 @@ class LaMEModule(LightningModule):
         bottleneck_mask: bool = False,
         embed_dim: int | None = None,
         stage: int = 1,
-        stage1: StageSpec | None = None,
-        stage2: StageSpec | None = None,
+        stage1: Stage1Spec | None = Stage1Spec(),  # noqa: B008 (frozen: safe to share)
+        stage2: Stage2Spec | None = Stage2Spec(),  # noqa: B008
         temperature: float = 0.02,
         learnable_temperature: bool = False,
         lr: float = 5e-5,
@@ -100,9 +105,10 @@ class LaMEModule(LightningModule):
         self.save_hyperparameters()
         # Under LightningCLI, hparams hold the raw config (dicts), so keep the typed specs here.
         self.backbone_spec, self.decoder_spec = backbone, decoder
-        defaults = default_stages()
-        self.stages = {1: stage1 or defaults[1], 2: stage2 or defaults[2]}
+        # None (older checkpoints' hyper-parameters, `stage2: null`) is the stage's defaults.
+        self.stages: dict[int, StageSpec] = {1: stage1 or Stage1Spec(), 2: stage2 or Stage2Spec()}
         self.stage = stage
+        self._summarised_stage: int | None = None
         self.configure_models()
         if init_from is not None:
             self.load_weights(init_from)
@@ -153,7 +159,12 @@ class LaMEModule(LightningModule):
         return self.stages[self.stage]
 
     def set_stage(self, stage: int) -> None:
-        """Puts the module in ``stage``: freezes and unfreezes parameters (the optimiser is not rebuilt)."""
+        """Puts the module in ``stage``: freezes and unfreezes parameters (the optimiser is not rebuilt).
+
+        The backbone trains as the stage's spec says; every other part trains only where one
+        of the stage's losses reaches it, so that no trainable parameter goes without a
+        gradient (DDP refuses those).
+        """
         if stage not in (1, 2):
             raise ValueError(f"stage must be 1 or 2, got {stage!r}")
         spec = self.stages[stage]
@@ -161,18 +172,41 @@ class LaMEModule(LightningModule):
             raise ValueError(
                 f"stage {stage} trains only the decoder loss (contrastive_loss_weight=0) but model.decoder is not set"
             )
+        contrastive = spec.contrastive_loss_weight > 0
+        # explicit_cot has no reason states (and does not train): nothing reaches the decoder.
+        uses_reason = self.encoder.num_reason_tokens > 0 and self.encoder.encode_mode != "explicit_cot"
         apply_stage(self.encoder.backbone, spec)
-        self.encoder.reason_embeddings.requires_grad_(True)
-        self.encoder.embed_embedding.requires_grad_(True)
-        self.encoder.projection.requires_grad_(True)
+        # The reason vectors reach the decoder through the reason states and InfoNCE through
+        # [EMBED], which attends to them.
+        self.encoder.reason_embeddings.requires_grad_(uses_reason)
+        # [EMBED] is the last position under a causal mask: no reason state sees it, so only
+        # InfoNCE reaches it, its projection and the temperature.
+        self.encoder.embed_embedding.requires_grad_(contrastive)
+        self.encoder.projection.requires_grad_(contrastive)
+        self.log_logit_scale.requires_grad_(contrastive and self.hparams.learnable_temperature)
         if self.decoder is not None:
-            self.decoder.requires_grad_(True)
-        self.log_logit_scale.requires_grad_(self.hparams.learnable_temperature)
+            self.decoder.requires_grad_(uses_reason and spec.decoder_loss_weight > 0)
         self.stage = stage
+
+    def on_train_batch_start(self, batch: Any, batch_idx: int) -> None:
+        # Once at the start and once after each stage switch (callbacks.StageSwitch).
+        if self._summarised_stage != self.stage:
+            self._summarised_stage = self.stage
+            rank_zero_info(trainable_summary(self, f"stage {self.stage}"))
+            low = low_precision_trainable(self)
+            if low:
+                rank_zero_warn(
+                    f"stage {self.stage} trains parameters stored in low precision ({low}): AdamW updates smaller "
+                    "than their resolution are lost; load what trains in full in float32 (backbone.dtype, "
+                    "decoder.dtype) under precision bf16-mixed, or adapt the language model with lora (float32 "
+                    "adapters on low-precision weights)"
+                )
 
     def load_weights(self, path: str) -> None:
         """Loads a checkpoint's model weights (not its optimiser) and reports what did not match."""
-        checkpoint = torch.load(path, map_location="cpu", weights_only=False)
+        # weights_only: a user-given file must not run code. This project's checkpoints load so
+        # (their specs are registered as safe globals in lame_pl.backbone and lame_pl.stages).
+        checkpoint = torch.load(path, map_location="cpu", weights_only=True)
         state = checkpoint.get("state_dict", checkpoint)
         result = self.load_state_dict(state, strict=False)
         rank_zero_info(f"init_from {path}: loaded {len(state) - len(result.unexpected_keys)} tensors")
@@ -233,7 +267,11 @@ class LaMEModule(LightningModule):
             negatives = self._gather_rows(negatives, sync_grads=True)
             negatives = negatives if negatives.shape[0] else None
             offset = self.global_rank * query.shape[0]
-        return info_nce(query, target, self.logit_scale, negatives, offset)
+        # In float32 whatever the precision: at temperature 0.02, bfloat16 logits (~50) would be
+        # rounded to steps of 0.25.
+        with torch.autocast(query.device.type, enabled=False):
+            negatives = None if negatives is None else negatives.float()
+            return info_nce(query.float(), target.float(), self.logit_scale.float(), negatives, offset)
 
     def model_step(self, batch: dict[str, Any], split: str) -> tuple[torch.Tensor, dict[str, torch.Tensor], dict]:
         """The step shared by train, val and test: encode, compute each loss term, weight them.
@@ -260,31 +298,42 @@ class LaMEModule(LightningModule):
         loss = sum(weights[name] * value for name, value in terms.items())
         return loss, terms, outputs
 
-    def _log_losses(self, split: str, loss: torch.Tensor, terms: dict[str, torch.Tensor], batch_size: int) -> None:
-        # Training logs each step; evaluation logs the epoch mean, averaged over ranks.
+    def _log_losses(
+        self, split: str, loss: torch.Tensor, terms: dict[str, torch.Tensor], batch_size: int, decoder_rows: int
+    ) -> None:
+        # Training logs each step; evaluation logs the epoch mean, averaged over ranks. The
+        # decoder term is a mean over labelled rows, so its epoch mean weighs batches by those
+        # (NaN for a split without any labelled row: there is nothing to reconstruct).
         per_step = split == "train"
-        options = dict(on_step=per_step, on_epoch=not per_step, batch_size=batch_size, sync_dist=not per_step)
-        self.log(f"{split}/loss", loss, prog_bar=True, **options)
+        options = dict(on_step=per_step, on_epoch=not per_step, sync_dist=not per_step)
+        self.log(f"{split}/loss", loss, prog_bar=True, batch_size=batch_size, **options)
         for name, value in terms.items():
-            self.log(f"{split}/loss/{name}", value, **options)
+            rows = decoder_rows if name == "decoder" else batch_size
+            if per_step and rows == 0:  # no labelled row: the term is a placeholder 0, not a loss
+                continue
+            self.log(f"{split}/loss/{name}", value, batch_size=rows, **options)
 
     def training_step(self, batch: dict[str, Any], batch_idx: int) -> torch.Tensor:
         loss, terms, _ = self.model_step(batch, "train")
         batch_size = len(batch["keys"])
-        self._log_losses("train", loss, terms, batch_size)
+        self._log_losses("train", loss, terms, batch_size, decoder_rows(batch))
         self.log("train/temperature", 1.0 / self.logit_scale.detach(), batch_size=batch_size)
         self.log("train/stage", float(self.stage), batch_size=batch_size)
+        if "decoder" in batch:
+            self.log("train/decoder/labelled_fraction", decoder_rows(batch) / batch_size, batch_size=batch_size)
         return loss
 
     def _eval_step(self, batch: dict[str, Any], split: str) -> dict[str, Any]:
         loss, terms, outputs = self.model_step(batch, split)
-        self._log_losses(split, loss, terms, len(batch["keys"]))
+        rows = decoder_rows(batch)
+        self._log_losses(split, loss, terms, len(batch["keys"]), rows)
         self._eval_embeddings["query"].append(outputs["query"].embedding.detach())
         self._eval_embeddings["target"].append(outputs["target"].embedding.detach())
         return {
             "query": outputs["query"],
             "target": outputs["target"],
             "terms": {name: value.detach() for name, value in terms.items()},
+            "decoder_rows": rows,
             "keys": batch["keys"],
             "texts": batch.get("texts"),
         }
@@ -294,8 +343,9 @@ class LaMEModule(LightningModule):
 
         Returns:
             ``{"query", "target"}``: the ``EncoderOutput`` of each side (embedding, [EMBED] state,
-            reason states); ``"terms"``: each loss term of the batch; ``"keys"`` and ``"texts"``
-            (the targets' texts, when the batch has them).
+            reason states); ``"terms"``: each loss term of the batch; ``"decoder_rows"``: how
+            many rows the decoder term averages over (the rows with a decoder label); ``"keys"``
+            and ``"texts"`` (the targets' texts, when the batch has them).
         """
         return self._eval_step(batch, "val")
 
@@ -372,6 +422,12 @@ class LaMEModule(LightningModule):
         if stage != self.stage:
             rank_zero_info(f"resuming in stage {stage}, the stage saved in the checkpoint")
         self.set_stage(stage)
+
+
+def decoder_rows(batch: dict[str, Any]) -> int:
+    """How many rows of ``batch`` carry a decoder label (all of them when the collator says nothing)."""
+    labelled = batch.get("decoder", {}).get("labelled")
+    return len(batch["keys"]) if labelled is None else int(labelled.sum())
 
 
 def _pad_token_id(backbone: nn.Module) -> int:

@@ -107,3 +107,53 @@ def test_two_process_validation_diagnostics_match_one_process(tmp_path, monkeypa
     # The decoder loss is summed over both ranks: it is the validation split's, as val/loss/decoder is.
     assert abs(two["diag/decoder_loss/stage2"] - two["val/loss/decoder"]) < 1e-5
     assert (tmp_path / "two" / "projector_config.pbtxt").is_file()
+
+
+def test_two_process_stage1_with_projection_and_learnable_temperature(tmp_path):
+    """Stage 1 has no InfoNCE: [EMBED], the projection and the logit scale must not wait for gradients."""
+    shards = tmp_path / "shards"
+    subprocess.run(
+        [sys.executable, str(ROOT / "tools" / "make_shards.py"), "synthetic", "--out", str(shards),
+         "--train", "16", "--val", "2", "--test", "2", "--image-size", "56", "--samples-per-shard", "4"],
+        check=True, capture_output=True,
+    )
+    fit = subprocess.run(
+        [str(LIGHTNING), "fit", f"--config={CONF}", f"--data.init_args.train_shards={shards / 'train'}",
+         "--data.init_args.batch_size=2", "--model.init_args.stage=1", "--model.init_args.embed_dim=16",
+         "--model.init_args.learnable_temperature=true", "--trainer.devices=2", "--trainer.strategy=ddp",
+         "--trainer.max_steps=2", "--trainer.limit_val_batches=0", f"--trainer.default_root_dir={tmp_path}"],
+        cwd=tmp_path, capture_output=True, text=True, timeout=300,
+    )
+    assert fit.returncode == 0, fit.stderr[-3000:]
+    assert "`Trainer.fit` stopped: `max_steps=2` reached" in fit.stdout + fit.stderr
+    assert "stage 1 trains" in fit.stdout + fit.stderr
+
+
+def test_two_process_stage1_when_no_row_has_a_decoder_label(tmp_path):
+    """Image-only targets: every batch's decoder loss is the connected zero, and DDP still reduces."""
+    import random
+
+    from PIL import Image
+    from test_pairs import ROWS, SIDES
+
+    src = tmp_path / "src"
+    src.mkdir()
+    rng = random.Random(0)
+    for name, side in SIDES.items():
+        Image.frombytes("RGB", (side, side), bytes(rng.getrandbits(8) for _ in range(side * side * 3))).save(src / name)
+    image_only = [row for row in ROWS if "target_text" not in row]
+    assert len(image_only) == 2
+    (src / "pairs.jsonl").write_text("".join(json.dumps(row) + "\n" for row in image_only * 4))
+    subprocess.run([sys.executable, str(ROOT / "tools" / "make_shards.py"), "manifest", "--manifest",
+                    str(src / "pairs.jsonl"), "--out", str(tmp_path / "pairs"), "--samples-per-shard", "2"],
+                   check=True, capture_output=True)
+    fit = subprocess.run(
+        [str(LIGHTNING), "fit", f"--config={CONF}", "--data=datamodules.InstructionPairDataModule",
+         f"--data.init_args.train_shards={tmp_path / 'pairs' / 'train'}", "--data.init_args.batch_size=2",
+         "--data.init_args.decoder_label=target_text", "--data.init_args.num_workers=0",
+         "--trainer.devices=2", "--trainer.strategy=ddp", "--model.init_args.stage=1", "--trainer.max_steps=2",
+         "--trainer.limit_val_batches=0", f"--trainer.default_root_dir={tmp_path}"],
+        cwd=tmp_path, capture_output=True, text=True, timeout=300,
+    )
+    assert fit.returncode == 0, fit.stderr[-3000:]
+    assert "`Trainer.fit` stopped: `max_steps=2` reached" in fit.stdout + fit.stderr

@@ -65,3 +65,36 @@ def test_restricted_vocabulary_is_exact_cross_entropy_over_its_support(tiny_deco
     assert loss.item() == pytest.approx(reference.item(), rel=1e-5)
     with pytest.raises(ValueError, match=r"\[99\]"):
         decoder(states, torch.tensor([[99]]), torch.ones(1, 1, dtype=torch.long))
+
+
+def test_decoder_loss_counts_only_labelled_rows(tiny_decoder):
+    torch.manual_seed(0)
+    decoder = LatentDecoder(build_decoder(tiny_decoder), input_dim=8).eval()
+    states = torch.randn(3, 2, 8)
+    ids = torch.tensor([[11, 12, 13], [151643, 0, 0], [21, 22, 0]])  # row 1: an image-only placeholder
+    mask = torch.tensor([[1, 1, 1], [1, 0, 0], [1, 1, 0]])
+    labelled = torch.tensor([True, False, True])
+    masked = decoder(states, ids, mask, labelled)
+    alone = decoder(states[[0, 2]], ids[[0, 2]], mask[[0, 2]])
+    assert masked.item() == pytest.approx(alone.item(), rel=1e-5)
+    assert abs(masked.item() - decoder(states, ids, mask).item()) > 1e-4  # the placeholder row counts there
+    # No mask (an older collator) means every row.
+    every_row = decoder(states, ids, mask, torch.ones(3, dtype=torch.bool))
+    assert decoder(states, ids, mask, None).item() == pytest.approx(every_row.item())
+    with pytest.raises(ValueError, match=r"labelled mask must have shape \(3,\), got \(2,\)"):
+        decoder(states, ids, mask, labelled[:2])
+
+
+def test_an_all_unlabelled_batch_gives_zero_with_zero_gradients_everywhere(tiny_decoder):
+    """DDP needs every rank to use the same parameters, even when a rank's batch has no label."""
+    torch.manual_seed(0)
+    decoder = LatentDecoder(build_decoder(tiny_decoder), input_dim=8, output_ids=[0, 11, 151643])
+    states = torch.randn(2, 2, 8, requires_grad=True)
+    ids, mask = torch.tensor([[151643], [151643]]), torch.ones(2, 1, dtype=torch.long)
+    loss = decoder(states, ids, mask, torch.tensor([False, False]))
+    assert loss.item() == 0.0
+    loss.backward()
+    assert states.grad is not None and torch.equal(states.grad, torch.zeros_like(states))
+    for name, param in decoder.named_parameters():
+        assert param.grad is not None, name
+        assert torch.equal(param.grad, torch.zeros_like(param)), name

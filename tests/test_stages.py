@@ -5,7 +5,9 @@ from __future__ import annotations
 import pytest
 import torch
 
-from lame_pl import LaMEModule, LoraSpec, StageSpec
+from lame_pl import LaMEModule, LoraSpec
+from lame_pl.stages import Stage1Spec, Stage2Spec
+from lame_pl.trainable import trainable_counts, trainable_summary
 
 
 def snapshot(module: torch.nn.Module) -> dict[str, torch.Tensor]:
@@ -64,7 +66,7 @@ def test_stage2_trains_the_language_model_not_the_vision_tower(build, make_batch
 
 
 def test_stage2_with_lora_trains_adapters_only(build, make_batch):
-    module = build(stage=2, stage2=StageSpec(lora=LoraSpec(r=4), contrastive_loss_weight=1.0))
+    module = build(stage=2, stage2=Stage2Spec(lora=LoraSpec(r=4)))
     before = one_step(module, make_batch(4))
     lm = "encoder.backbone.language_model."
     lora = [n for n in before if n.startswith(lm) and "lora_" in n]
@@ -94,3 +96,78 @@ def test_discriminative_baseline_trains_without_decoder(tiny_spec, make_batch):
     module = LaMEModule(tiny_spec, None, num_reason_tokens=0, stage=2)
     before = one_step(module, make_batch(4))
     assert changed(module, before, "encoder.embed_embedding")[0] == 1
+
+
+# ----------------------------------------------------------------------------- stage specs
+
+
+def test_a_partial_stage_spec_keeps_its_own_stages_defaults():
+    assert Stage2Spec(lora=LoraSpec(r=16)) == Stage2Spec(
+        train_language_model=True, lora=LoraSpec(r=16), contrastive_loss_weight=1.0, decoder_loss_weight=1.0
+    )
+    assert Stage1Spec(train_vision_tower=True).contrastive_loss_weight == 0.0
+    assert not Stage1Spec().train_language_model and Stage2Spec().train_language_model
+
+
+def test_lora_without_training_the_language_model_is_refused_naming_the_stage():
+    with pytest.raises(ValueError, match="model.stage1 sets lora but train_language_model is false"):
+        Stage1Spec(lora=LoraSpec())
+    with pytest.raises(ValueError, match="model.stage2 sets lora but train_language_model is false"):
+        Stage2Spec(lora=LoraSpec(), train_language_model=False)
+    with pytest.raises(ValueError, match="model.stage2 has both loss weights at 0"):
+        Stage2Spec(contrastive_loss_weight=0.0, decoder_loss_weight=0.0)
+    with pytest.raises(ValueError, match="lora: need r >= 1"):
+        LoraSpec(r=0)
+
+
+def test_lora_defaults_are_vlm2vec_v2s():
+    spec = LoraSpec()
+    assert (spec.r, spec.alpha, spec.dropout, spec.use_dora, spec.init) == (16, 64, 0.1, True, "gaussian")
+
+
+def test_none_is_the_stages_defaults(build):
+    """Older checkpoints carry `stage1: None` in their hyper-parameters."""
+    module = build(stage=1, stage1=None, stage2=None)
+    assert module.stages == {1: Stage1Spec(), 2: Stage2Spec()}
+
+
+# ----------------------------------------------------------------------------- what the losses reach
+
+
+def trainable(module: LaMEModule, prefix: str) -> set[bool]:
+    return {p.requires_grad for name, p in module.named_parameters() if name.startswith(prefix)}
+
+
+def test_stage1_freezes_what_only_infonce_reaches(tiny_spec, tiny_decoder, make_batch):
+    """[EMBED], its projection and a learnable temperature get no gradient from the decoder loss."""
+    module = LaMEModule(tiny_spec, tiny_decoder, num_reason_tokens=2, embed_dim=16, learnable_temperature=True)
+    for prefix in ("encoder.embed_embedding", "encoder.projection.", "log_logit_scale", "encoder.backbone."):
+        assert trainable(module, prefix) == {False}, prefix
+    assert trainable(module, "encoder.reason_embeddings") == trainable(module, "decoder.") == {True}
+    # Every trainable parameter gets a gradient from stage 1's loss (what DDP requires).
+    loss, _, _ = module.model_step(make_batch(2), "train")
+    loss.backward()
+    assert all(p.grad is not None for p in module.parameters() if p.requires_grad)
+    module.set_stage(2)
+    for prefix in ("encoder.embed_embedding", "encoder.projection.", "log_logit_scale"):
+        assert trainable(module, prefix) == {True}, prefix
+
+
+def test_a_stage_without_the_decoder_loss_freezes_the_decoder(build, make_batch):
+    module = build(stage=2, stage2=Stage2Spec(decoder_loss_weight=0.0))
+    assert trainable(module, "decoder.") == {False}
+    loss, terms, _ = module.model_step(make_batch(2), "train")
+    assert set(terms) == {"contrastive"}
+    loss.backward()
+    assert all(p.grad is not None for p in module.parameters() if p.requires_grad)
+
+
+def test_trainable_summary_counts_each_part(build):
+    module = build(stage=2, stage2=Stage2Spec(lora=LoraSpec(r=2)))
+    counts = trainable_counts(module)
+    assert counts["language model"][0] == 0 < counts["language model"][1]
+    assert counts["LoRA adapters"][0] == counts["LoRA adapters"][1] > 0
+    assert counts["vision tower"][0] == 0
+    assert counts["reason tokens"] == (2 * 64, 2 * 64)  # K=2, tiny hidden size 64
+    line = trainable_summary(module, "stage 2")
+    assert line.startswith("stage 2 trains ") and "LoRA adapters" in line and "decoder projector" in line

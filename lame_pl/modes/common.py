@@ -51,8 +51,15 @@ def check_left_padded(attention_mask: torch.Tensor) -> None:
 
 
 def pool(encoder: LaMEEncoder, embed_state: torch.Tensor) -> torch.Tensor:
-    """The embedding: [EMBED]'s state, projected and L2-normalised in float32."""
-    return F.normalize(encoder.projection(embed_state).float(), dim=-1)
+    """The embedding: [EMBED]'s state, projected and L2-normalised in float32.
+
+    The projection runs in its own weights' dtype with autocast off, so a bf16 backbone gives the
+    same embedding with or without mixed precision (and never a dtype mismatch).
+    """
+    weight = getattr(encoder.projection, "weight", None)
+    state = embed_state.to(torch.float32 if weight is None else weight.dtype)
+    with torch.autocast(embed_state.device.type, enabled=False):
+        return F.normalize(encoder.projection(state).float(), dim=-1)
 
 
 def full_pass(
