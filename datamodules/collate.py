@@ -1,46 +1,47 @@
-"""Batching samples through the backbone's processor: image-caption pairs and instruction pairs."""
+"""Batching samples into model inputs: image-caption pairs and instruction pairs.
+
+Every query, target and negative goes through ``lame_pl.prompt.PromptProcessor`` (the one
+prompt layout, shared with the evaluators); this module decides which instruction each side
+gets and what the latent decoder must regenerate.
+"""
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import Any
 
 import torch
-from PIL import Image
 
-VISION_START = "<|vision_start|>"
-VISION_END = "<|vision_end|>"
-END_OF_TEXT = "<|endoftext|>"
-TEXT_KEYS = ("input_ids", "attention_mask", "mm_token_type_ids")
-IMAGE_KEYS = ("pixel_values", "image_grid_thw")
+from lame_pl.prompt import END_OF_TEXT, PromptProcessor, Side
+
+# What the decoder regenerates for an instruction pair: the target's text, or, where the target
+# has none (text-to-image, visual documents), the query's text.
+DECODER_LABELS = ("target_text", "target_or_query_text")
 
 
 class _ProcessorCollator:
-    """What every collator shares: a left-padding tokenizer, the special ids and decoder labels."""
+    """What every collator shares: the prompt processor and the decoder labels."""
 
     def __init__(self, processor: Any, max_text_length: int, decoder_max_length: int) -> None:
-        if max_text_length < 1:
-            raise ValueError(f"max_text_length must be >= 1, got {max_text_length}")
         if decoder_max_length < 2:
             raise ValueError(f"decoder_max_length must be >= 2 (a token and {END_OF_TEXT}), got {decoder_max_length}")
+        self.prompts = PromptProcessor(processor, max_text_length)
         self.processor = processor
         self.tokenizer = processor.tokenizer
-        # Pooling reads the last position, so every sequence must end there.
-        self.tokenizer.padding_side = "left"
-        self.max_text_length = max_text_length
         self.decoder_max_length = decoder_max_length
         self.eos_id = self.tokenizer.convert_tokens_to_ids(END_OF_TEXT)
         self.pad_id = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else self.eos_id
-        image_token = getattr(processor, "image_token", "<|image_pad|>")
-        self.vision_text = f"{VISION_START}{image_token}{VISION_END}"
 
-    def _clip(self, text: str) -> str:
-        """``text`` cut to ``max_text_length`` tokens, so that the processor never truncates (nor cuts image tokens)."""
-        ids = self.tokenizer(text, add_special_tokens=False)["input_ids"]
-        return self.tokenizer.decode(ids[: self.max_text_length])
+    def _decoder_inputs(self, labels: Sequence[str | None]) -> dict[str, torch.Tensor]:
+        """Right-padded decoder labels, each ending in ``<|endoftext|>``, and which rows have one.
 
-    def _decoder_inputs(self, texts: list[str]) -> dict[str, torch.Tensor]:
+        A row whose label is ``None`` or blank is unlabelled: it carries ``<|endoftext|>`` alone
+        as a placeholder and ``labelled`` is False, so the decoder loss can leave it out.
+        """
+        labelled = [bool(label and label.strip()) for label in labels]
+        texts = [label if has else "" for label, has in zip(labels, labelled, strict=True)]
         ids = self.tokenizer(texts, add_special_tokens=False)["input_ids"]
-        # Keep room for <|endoftext|>, so that every row teaches the decoder where to stop.
+        # Keep room for <|endoftext|>, so that every labelled row teaches the decoder where to stop.
         ids = [row[: self.decoder_max_length - 1] + [self.eos_id] for row in ids]
         length = max(len(row) for row in ids)
         input_ids = torch.full((len(ids), length), self.pad_id, dtype=torch.long)
@@ -48,23 +49,23 @@ class _ProcessorCollator:
         for i, row in enumerate(ids):
             input_ids[i, : len(row)] = torch.tensor(row, dtype=torch.long)
             attention_mask[i, : len(row)] = 1
-        return {"input_ids": input_ids, "attention_mask": attention_mask}
+        return {"input_ids": input_ids, "attention_mask": attention_mask,
+                "labelled": torch.tensor(labelled, dtype=torch.bool)}
 
 
 class PairCollator(_ProcessorCollator):
     """Turns a list of ``{"key", "image", "text"}`` samples into model inputs.
 
-    The query is the image followed by ``query_instruction``; the target is
-    ``target_instruction`` followed by the caption. Both go through the processor, left-padded so
-    that the last position holds each sequence's final token. The decoder labels are the caption
-    tokens and ``<|endoftext|>``, right-padded, with no instruction.
+    The query is the image and ``query_instruction``; the target is ``target_instruction`` and
+    the caption (layout: ``lame_pl.prompt``). The decoder label is the caption, so every row is
+    labelled.
 
     Args:
         processor: A Qwen-VL processor (``lame_pl.backbone.build_processor``).
-        query_instruction: Text after the image in every query.
-        target_instruction: Text before the caption in every target.
-        max_text_length: Most text tokens in a query's instruction or a target; image tokens
-            never count and are never cut.
+        query_instruction: Instruction of every query.
+        target_instruction: Instruction of every target.
+        max_text_length: Most tokens of an instruction and of a caption (cut separately); image
+            tokens never count and are never cut.
         decoder_max_length: Most decoder tokens, ``<|endoftext|>`` included.
     """
 
@@ -77,29 +78,15 @@ class PairCollator(_ProcessorCollator):
         decoder_max_length: int = 32,
     ) -> None:
         super().__init__(processor, max_text_length, decoder_max_length)
+        self.query_instruction = query_instruction
         self.target_instruction = target_instruction
-        # Truncate the instruction once, here, so that the processor never truncates a query and
-        # so can never cut image tokens.
-        self.query_instruction = self._clip(query_instruction)
-        self.query_text = f"{self.vision_text}{self.query_instruction}"
 
     def __call__(self, samples: list[dict[str, Any]]) -> dict[str, Any]:
         """Collate samples into ``{"query", "target", "decoder", "keys", "texts"}``."""
-        images = [_rgb(s["image"]) for s in samples]
         texts = [s["text"] for s in samples]
-        query = self.processor(
-            images=images, text=[self.query_text] * len(samples), padding=True, return_tensors="pt"
-        )
-        target = self.processor(
-            text=[self.target_instruction + t for t in texts],
-            padding=True,
-            truncation=True,
-            max_length=self.max_text_length,
-            return_tensors="pt",
-        )
         return {
-            "query": {k: _cast(k, query[k]) for k in TEXT_KEYS + IMAGE_KEYS},
-            "target": {k: _cast(k, target[k]) for k in TEXT_KEYS},
+            "query": self.prompts([Side(self.query_instruction, "", (s["image"],)) for s in samples]),
+            "target": self.prompts([Side(self.target_instruction, t) for t in texts]),
             "decoder": self._decoder_inputs(texts),
             "keys": [s["key"] for s in samples],
             "texts": texts,
@@ -109,22 +96,27 @@ class PairCollator(_ProcessorCollator):
 class InstructionCollator(_ProcessorCollator):
     """Turns instruction-pair samples (``datamodules.samples.DecodeInstructionPairs``) into model inputs.
 
-    A query reads ``instruction`` + the image's vision tokens (when it has an image) + ``text``;
-    a target and each hard negative read the vision tokens (when it has an image) + ``text``. Each
-    side goes through the processor with the images of its rows that have one, in row order,
-    left-padded; ``pixel_values``/``image_grid_thw`` are present only on a side with at least one
-    image. The hard negatives of all samples are flattened into one ``"negative"`` side, shared
-    candidates for every query, and the key is left out when the batch has none. The decoder
-    labels are the target's text and ``<|endoftext|>``, right-padded; an image-only target gives
-    ``<|endoftext|>`` alone.
+    Each side of a sample is ``{"instruction", "text", "images", "video"}`` (``video`` a list of
+    frames or None). A side uses its own instruction; an empty one falls back to
+    ``query_instruction`` for a query, ``target_instruction`` for a target, and for a hard
+    negative to its sample's target instruction, else ``target_instruction``. Each side (query,
+    target, and the hard negatives of all samples flattened into one ``"negative"`` side shared
+    by every query, left out when the batch has none) goes through ``lame_pl.prompt``.
+
+    ``batch["decoder"]`` holds ``input_ids``/``attention_mask`` (right-padded, ending in
+    ``<|endoftext|>``) and ``labelled``, a ``(B,)`` bool tensor: see ``decoder_label``.
+    Instructions are never decoder labels.
 
     Args:
         processor: A Qwen-VL processor (``lame_pl.backbone.build_processor``).
-        query_instruction: Instruction for the queries whose sample gives none.
-        target_instruction: Text before the text of every target and negative.
+        query_instruction: Instruction of the queries whose sample gives none.
+        target_instruction: Instruction of the targets (and negatives) whose sample gives none.
         max_text_length: Most tokens in each instruction and each side's text (cut separately);
-            image tokens never count and are never cut.
+            vision tokens never count and are never cut.
         decoder_max_length: Most decoder tokens, ``<|endoftext|>`` included.
+        decoder_label: ``target_text``: the target's text; a row whose target has none is
+            unlabelled. ``target_or_query_text``: the target's text, else the query's text, else
+            unlabelled.
     """
 
     def __init__(
@@ -134,61 +126,52 @@ class InstructionCollator(_ProcessorCollator):
         target_instruction: str = "",
         max_text_length: int = 64,
         decoder_max_length: int = 32,
+        decoder_label: str = "target_text",
     ) -> None:
+        if decoder_label not in DECODER_LABELS:
+            raise ValueError(f"decoder_label must be one of {', '.join(DECODER_LABELS)}; got {decoder_label!r}")
         super().__init__(processor, max_text_length, decoder_max_length)
-        self.query_instruction = self._clip(query_instruction)
+        self.query_instruction = query_instruction
         self.target_instruction = target_instruction
-        self._clipped: dict[str, str] = {}
+        self.decoder_label = decoder_label
 
-    def _clip_prefix(self, prefix: str) -> str:
-        # Instructions repeat across rows and batches (a target instruction is the same for all):
-        # tokenize each once per worker rather than once per row.
-        if prefix not in self._clipped:
-            self._clipped[prefix] = self._clip(prefix)
-        return self._clipped[prefix]
-
-    def side(self, prefixes: list[str], sides: list[dict[str, Any]]) -> dict[str, torch.Tensor]:
-        """Processor inputs of one side: ``prefix`` + vision tokens (one per image) + text, per row.
-
-        Each side holds ``"text"`` and either ``"image"`` (a PIL image or ``None``) or ``"images"``
-        (a list of PIL images, e.g. a video's sampled frames, each read as one image).
-        """
-        per_row = [_side_images(side) for side in sides]
-        texts = [
-            self._clip_prefix(prefix) + self.vision_text * len(images) + self._clip(side["text"])
-            for prefix, side, images in zip(prefixes, sides, per_row, strict=True)
-        ]
-        images = [_rgb(image) for row in per_row for image in row]
-        out = self.processor(images=images or None, text=texts, padding=True, return_tensors="pt")
-        keys = TEXT_KEYS + (IMAGE_KEYS if images else ())
-        return {k: _cast(k, out[k]) for k in keys}
+    def _label(self, sample: dict[str, Any]) -> str | None:
+        target = sample["target"]["text"]
+        if target.strip() or self.decoder_label == "target_text":
+            return target
+        return sample["query"]["text"]
 
     def __call__(self, samples: list[dict[str, Any]]) -> dict[str, Any]:
         """Collate samples into ``{"query", "target", "decoder", "keys", "texts"}`` and ``"negative"`` if any."""
-        queries = [s["query"] for s in samples]
-        targets = [s["target"] for s in samples]
-        negatives = [n for s in samples for n in s["negatives"]]
+        queries, targets, negatives = [], [], []
+        for s in samples:
+            queries.append(side(s["query"], self.query_instruction))
+            target_instruction = s["target"]["instruction"] or self.target_instruction
+            targets.append(side(s["target"], target_instruction))
+            negatives += [side(n, target_instruction) for n in s["negatives"]]
         batch = {
-            "query": self.side([q["instruction"] or self.query_instruction for q in queries], queries),
-            "target": self.side([self.target_instruction] * len(targets), targets),
-            "decoder": self._decoder_inputs([t["text"] for t in targets]),
+            "query": self.prompts(queries),
+            "target": self.prompts(targets),
+            "decoder": self._decoder_inputs([self._label(s) for s in samples]),
             "keys": [s["key"] for s in samples],
-            "texts": [t["text"] for t in targets],
+            "texts": [s["target"]["text"] for s in samples],
         }
         if negatives:
-            batch["negative"] = self.side([self.target_instruction] * len(negatives), negatives)
+            batch["negative"] = self.prompts(negatives)
         return batch
 
 
-def _side_images(side: dict[str, Any]) -> list[Image.Image]:
-    if "images" in side:
-        return list(side["images"])
-    return [] if side["image"] is None else [side["image"]]
+def side(record: dict[str, Any], default_instruction: str = "") -> Side:
+    """A decoded sample side (``{"instruction", "text", "images", "video"}``) as a ``lame_pl.prompt.Side``.
 
-
-def _rgb(image: Image.Image) -> Image.Image:
-    return image if image.mode == "RGB" else image.convert("RGB")
-
-
-def _cast(name: str, tensor: torch.Tensor) -> torch.Tensor:
-    return tensor.to(torch.float32) if name == "pixel_values" else tensor.to(torch.long)
+    Raises:
+        ValueError: When a field is missing or a video has no frame.
+    """
+    missing = [k for k in ("instruction", "text", "images", "video") if k not in record]
+    if missing:
+        raise ValueError(f"sample side lacks {missing}; it has {sorted(record)}")
+    video = record["video"]
+    if video is not None and len(video) == 0:
+        raise ValueError("sample side has a video with no frame")
+    return Side(record["instruction"] or default_instruction, record["text"], tuple(record["images"]),
+                None if video is None else tuple(video))

@@ -26,7 +26,7 @@ import webdataset as wds
 from torch.utils.data import DataLoader
 
 from datamodules.collate import PairCollator
-from datamodules.mixture import ShardSet, WeightedMixture, check_mixture
+from datamodules.mixture import ShardSet, WeightedMixture, expand_mixture
 from datamodules.samples import (
     CountedBatches,
     DecodePairs,
@@ -75,6 +75,9 @@ class ShardDataModule(L.LightningDataModule):
             instead of ``train_shards``; needs ``resampled`` (sampling by weight draws with
             replacement). ``samples_per_epoch`` defaults to the sets' manifests added up; the sets
             share ``shuffle_buffer`` equally.
+        mixture_root: Folder that the relative ``shards`` paths of ``train_mixture`` start from
+            (absolute paths and URLs are kept), so that a config names each set once and a user
+            sets one root; None: relative to the working directory.
     """
 
     collator: Any
@@ -95,6 +98,7 @@ class ShardDataModule(L.LightningDataModule):
         max_image_pixels: int = 64_000_000,
         resampled: bool = True,
         train_mixture: list[ShardSet] | None = None,
+        mixture_root: str | None = None,
     ) -> None:
         super().__init__()
         # Records the subclass's own arguments too: Lightning reads every __init__ frame of self.
@@ -117,6 +121,9 @@ class ShardDataModule(L.LightningDataModule):
             for split, spec in (("train", train_shards), ("val", val_shards), ("test", test_shards))
         }
         self.mixture: list[tuple[ShardSet, list[str]]] | None = None
+        if mixture_root is not None and train_mixture is None:
+            raise ValueError("data.mixture_root is set but data.train_mixture is not; it only resolves the "
+                             "mixture's relative paths")
         if train_mixture is not None:
             if train_shards is not None:
                 raise ValueError("set data.train_shards or data.train_mixture, not both")
@@ -124,10 +131,7 @@ class ShardDataModule(L.LightningDataModule):
                 raise ValueError(
                     "data.train_mixture samples its sets by weight, with replacement; it needs data.resampled true"
                 )
-            self.mixture = [
-                (item, expand_shards(item.shards, f"data.train_mixture[{i}].shards"))
-                for i, item in enumerate(check_mixture(train_mixture))
-            ]
+            self.mixture = expand_mixture(train_mixture, mixture_root)
             self.shards["train"] = [url for _, urls in self.mixture for url in urls]
         self.samples_per_epoch = samples_per_epoch
         if self.shards["train"] is not None and samples_per_epoch is None:

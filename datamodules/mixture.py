@@ -9,10 +9,14 @@ Per batch, one set is drawn by weight over all sets. A homogeneous set fills the
 the batch is filled sample by sample, each drawn by weight among the sets that are not
 homogeneous. Either way set ``i`` supplies ``weight_i / sum(weights)`` of the samples in
 expectation.
+
+A config can name every set once by a path relative to one root (``data.mixture_root``), which a
+user points at wherever the shards live; absolute paths and URLs are kept as they are.
 """
 
 from __future__ import annotations
 
+import os
 import random
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
@@ -21,6 +25,7 @@ from typing import Any
 import torch.utils.data
 
 from datamodules.samples import EpochState
+from datamodules.shards import expand_shards, is_remote
 
 
 @dataclass
@@ -62,6 +67,53 @@ def check_mixture(sets: list[ShardSet], key: str = "data.train_mixture") -> list
         names.add(name)
         checked.append(ShardSet(item.shards, float(weight), bool(item.homogeneous), name))
     return checked
+
+
+def _resolve(spec: str, root: str | None) -> str:
+    """``spec`` joined to ``root`` when it is a relative local path; as it is otherwise."""
+    spec = os.path.expanduser(str(spec))
+    if root is None or is_remote(spec) or os.path.isabs(spec):
+        return spec
+    return os.path.join(root, spec)
+
+
+def expand_mixture(
+    sets: list[ShardSet], root: str | None = None, key: str = "data.train_mixture", root_key: str = "data.mixture_root"
+) -> list[tuple[ShardSet, list[str]]]:
+    """Checks the sets (``check_mixture``), resolves their relative paths against ``root`` and lists their shards.
+
+    Args:
+        sets: The mixture as configured.
+        root: Folder that relative ``shards`` paths start from; None keeps them relative to the
+            working directory.
+        key: The mixture's config key, named in errors.
+        root_key: ``root``'s config key, named in errors.
+
+    Returns:
+        ``(set, shard URLs)`` per set, in order; each set's ``shards`` is the resolved spec.
+
+    Raises:
+        FileNotFoundError: When ``root`` is not a directory, or a set's folder or file does
+            not exist; the message names the entry (``data.train_mixture[3] (MSCOCO_t2i): ...``)
+            and the resolved path.
+        ValueError: As ``check_mixture``, or when a set's pattern matches no shard.
+    """
+    if root is not None:
+        root = os.path.expanduser(str(root))
+        if not os.path.isdir(root):
+            raise FileNotFoundError(f"{root_key} {root!r} is not a directory")
+    expanded = []
+    for i, item in enumerate(check_mixture(sets, key)):
+        specs = [item.shards] if isinstance(item.shards, str) else list(item.shards)
+        resolved = [_resolve(spec, root) for spec in specs]
+        try:
+            urls = expand_shards(resolved, "shards")
+        except (OSError, ValueError) as err:
+            hint = f" (relative paths start at {root_key} {root!r})" if root is not None else ""
+            raise type(err)(f"{key}[{i}] ({item.name}): {err}{hint}") from None
+        shards = resolved[0] if isinstance(item.shards, str) else resolved
+        expanded.append((ShardSet(shards, item.weight, item.homogeneous, item.name), urls))
+    return expanded
 
 
 class WeightedMixture(torch.utils.data.IterableDataset):

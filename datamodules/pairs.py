@@ -1,18 +1,19 @@
 """Streaming instruction pairs (VLM2Vec/MMEB-train shape) from WebDataset shards.
 
-Each sample is ``KEY.json`` plus the image members it names, as ``tools/make_shards.py manifest``
-writes them: a query (instruction, text, optional image), a positive target (text and/or image)
-and optional hard negatives. Streaming, skipping and ``strict`` are those of
+Each sample is ``KEY.json`` plus the media members it names, in the layout of
+``lame_pl.data.instruction_pairs`` (written by ``tools/make_shards.py manifest`` and
+``mmeb-train``): a query, a positive target and optional hard negatives, each with its own
+instruction, text, images and video. Streaming, skipping and ``strict`` are those of
 ``datamodules.image_text.ShardDataModule``.
 """
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Literal
 
 import webdataset as wds
 
-from datamodules.collate import InstructionCollator
+from datamodules.collate import DECODER_LABELS, InstructionCollator
 from datamodules.image_text import ShardDataModule
 from datamodules.samples import DecodeInstructionPairs, SkipCounter
 from lame_pl.backbone import BackboneSpec
@@ -26,10 +27,15 @@ class InstructionPairDataModule(ShardDataModule):
 
     Args:
         backbone: The backbone spec; its processor tokenizes and resizes (``self.processor``).
-        query_instruction: Instruction for the queries whose sample has an empty one.
-        target_instruction: Text before the text of each target and hard negative.
+        query_instruction: Instruction of the queries whose sample has an empty one.
+        target_instruction: Instruction of the targets whose sample has an empty one, and of
+            their hard negatives that have none either.
         max_text_length: Most tokens per instruction and per side's text.
-        decoder_max_length: Most decoder tokens per target text, ``<|endoftext|>`` included.
+        decoder_max_length: Most decoder tokens per label, ``<|endoftext|>`` included.
+        decoder_label: What the latent decoder regenerates. ``target_text`` (default): the
+            target's text; rows whose target has none (text-to-image, visual documents) are
+            unlabelled and left out of the decoder loss. ``target_or_query_text``: the target's
+            text, else the query's text, else unlabelled. Instructions never are labels.
         **kwargs: ``ShardDataModule``'s arguments.
     """
 
@@ -40,13 +46,16 @@ class InstructionPairDataModule(ShardDataModule):
         target_instruction: str = "",
         max_text_length: int = 64,
         decoder_max_length: int = 32,
+        decoder_label: Literal["target_text", "target_or_query_text"] = "target_text",
         **kwargs: Any,
     ) -> None:
+        if decoder_label not in DECODER_LABELS:
+            raise ValueError(f"data.decoder_label must be one of {', '.join(DECODER_LABELS)}; got {decoder_label!r}")
         super().__init__(backbone, **kwargs)
         self.collator = InstructionCollator(
-            self.processor, query_instruction, target_instruction, max_text_length, decoder_max_length
+            self.processor, query_instruction, target_instruction, max_text_length, decoder_max_length, decoder_label
         )
 
     def decode_stage(self, skips: SkipCounter) -> wds.PipelineStage:
-        """Raw samples to ``{"key", "query", "target", "negatives"}`` with decoded images."""
+        """Raw samples to ``{"key", "query", "target", "negatives"}`` with decoded images and frames."""
         return DecodeInstructionPairs(skips, self.max_image_pixels)

@@ -9,7 +9,6 @@ With ``strict`` the first bad sample raises a ``BadSampleError`` naming the shar
 from __future__ import annotations
 
 import io
-import json
 import logging
 import multiprocessing
 import random
@@ -23,11 +22,13 @@ import torch.utils.data
 import webdataset as wds
 from PIL import Image
 
-IMAGE_EXTENSIONS = ("png", "jpg", "jpeg", "webp")
+from lame_pl.data.instruction_pairs import parse_pair_json
+from lame_pl.data.shard_writer import IMAGE_EXTENSIONS, TAR_BLOCK
+from lame_pl.prompt import VISION_TOKENS
+
 SKIP_REASONS = ("corrupt_tar", "bad_image", "empty_caption", "missing_image", "image_too_large", "bad_json")
 # Qwen-VL's resizing refuses images longer than this ratio; one such image would fail its batch.
 MAX_ASPECT_RATIO = 200
-TAR_BLOCK = 512
 COMPRESSED_MAGIC = (b"\x1f\x8b", b"BZh", b"\xfd7zXZ")
 
 log = logging.getLogger(__name__)
@@ -299,56 +300,16 @@ def _pair_complete(sample: dict[str, Any]) -> bool:
     return "json" in sample
 
 
-def _side_fields(record: dict[str, Any], text_field: str, image_field: str, where: str) -> dict[str, Any]:
-    """``{"text", "image"}`` (the member name or None) of one side; ValueError names what is wrong."""
-    text, image = record.get(text_field), record.get(image_field)
-    if not isinstance(text, str):
-        raise ValueError(f"{where}{text_field!r} must be a string, got {type(text).__name__}")
-    if image is not None and (not isinstance(image, str) or not image):
-        raise ValueError(f"{where}{image_field!r} must be a member name or null, got {image!r}")
-    if not text.strip() and image is None:
-        raise ValueError(f"{where}has neither a text nor an image")
-    return {"text": text.strip(), "image": image}
-
-
-def parse_pair_json(data: bytes) -> dict[str, Any]:
-    """The fields of an instruction pair's ``KEY.json`` (``tools/make_shards.py manifest`` layout).
-
-    Returns:
-        ``{"query": {"instruction", "text", "image"}, "target": {"text", "image"},
-        "negatives": [{"text", "image"}, ...]}`` where each ``image`` is a member name or None.
-
-    Raises:
-        ValueError: When the JSON does not parse, is not an object, or lacks or mistypes a field.
-    """
-    try:
-        record = json.loads(data.decode("utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError) as exn:
-        raise ValueError(f"does not parse: {exn}") from None
-    if not isinstance(record, dict):
-        raise ValueError(f"not a JSON object but {type(record).__name__}")
-    instruction = record.get("query_instruction")
-    if not isinstance(instruction, str):
-        raise ValueError(f"'query_instruction' must be a string, got {type(instruction).__name__}")
-    query = _side_fields(record, "query_text", "query_image", "query: ")
-    target = _side_fields(record, "target_text", "target_image", "target: ")
-    negatives = record.get("negatives")
-    if not isinstance(negatives, list) or not all(isinstance(n, dict) for n in negatives):
-        raise ValueError(f"'negatives' must be a list of objects, got {negatives!r:.80}")
-    return {
-        "query": {"instruction": instruction.strip(), **query},
-        "target": target,
-        "negatives": [_side_fields(n, "text", "image", f"negatives[{i}]: ") for i, n in enumerate(negatives)],
-    }
-
-
 class DecodeInstructionPairs(DecodeStage):
-    """Raw instruction pairs (``KEY.json`` + image members) to decoded samples; bad ones are counted and dropped.
+    """Raw instruction pairs (``KEY.json`` + media members) to decoded samples; bad ones are counted and dropped.
 
-    Samples come out as ``{"key", "query": {"instruction", "text", "image"}, "target": {"text",
-    "image"}, "negatives": [{"text", "image"}, ...]}``, each ``image`` a PIL image or None. A JSON
-    that does not parse or lacks a field is ``bad_json``; an image member the JSON names but the
-    sample lacks is ``missing_image``; images get the checks of ``DecodePairs``.
+    Samples come out as ``{"key", "query": side, "target": side, "negatives": [side, ...]}``,
+    each side ``{"instruction": str, "text": str, "images": [PIL image, ...], "video": [PIL image,
+    ...] | None}`` (``images`` holds the side's image, if any; ``video`` its frames, in order). The
+    JSON is read by ``lame_pl.data.instruction_pairs.parse_pair_json``: one that does not parse or
+    lacks a field, or a text or instruction holding a vision special token, is ``bad_json``; an
+    image or frame member the JSON names but the sample lacks is ``missing_image``; images and
+    frames get the checks of ``DecodePairs``, and a video whose frames differ in size is ``bad_image``.
     """
 
     complete = staticmethod(_pair_complete)
@@ -363,20 +324,45 @@ class DecodeInstructionPairs(DecodeStage):
             pair = parse_pair_json(sample["json"])
         except ValueError as exn:
             return skip("bad_json", str(exn))
-        for side in (pair["query"], pair["target"], *pair["negatives"]):
-            name = side["image"]
-            if name is None:
-                continue
+        decoded = {}
+        for name, side in (("query", pair["query"]), ("target", pair["target"]),
+                           *((f"negatives[{i}]", n) for i, n in enumerate(pair["negatives"]))):
+            # A vision token in a text would make the processor expect media the side lacks and
+            # fail the whole batch; the record is bad, not the run.
+            token = next((t for t in VISION_TOKENS for part in ("instruction", "text") if t in side[part]), None)
+            if token is not None:
+                return skip("bad_json", f"{name}: its instruction or text holds the special token {token}")
+            images = self._open_members(sample, name, [] if side["image"] is None else [side["image"]])
+            if images is None:
+                return None
+            video = None
+            if side["video"] is not None:
+                video = self._open_members(sample, name, side["video"])
+                if video is None:
+                    return None
+                sizes = sorted({frame.size for frame in video})
+                if len(sizes) > 1:  # the video processor stacks frames: they must share one size
+                    return skip("bad_image", f"{name}: the video's frames differ in size {sizes}")
+            decoded[name] = {"instruction": side["instruction"], "text": side["text"], "images": images, "video": video}
+        query, target = decoded.pop("query"), decoded.pop("target")
+        return {"key": key, "query": query, "target": target, "negatives": list(decoded.values())}
+
+    def _open_members(self, sample: dict[str, Any], side: str, members: list[str]) -> list[Image.Image] | None:
+        """The decoded images of ``members``, or None (skip counted) at the first one missing or bad."""
+        images = []
+        for member in members:
             # Member extensions are read lower-cased (``_split_name``), as the writer writes them.
-            data = sample.get(name.lower())
+            data = sample.get(member.lower())
             if data is None:
-                members = sorted(k for k in sample if not k.startswith("__"))
-                return skip("missing_image", f"the json names member {name!r}; the sample has {members}")
-            image, reason, detail = _open_image(data, name, self.max_image_pixels)
+                present = sorted(k for k in sample if not k.startswith("__"))
+                self._skip(sample, "missing_image", f"{side}: the json names member {member!r}; the sample has {present}")
+                return None
+            image, reason, detail = _open_image(data, member, self.max_image_pixels)
             if image is None:
-                return skip(reason, detail)
-            side["image"] = image
-        return {"key": key, **pair}
+                self._skip(sample, reason, f"{side} {member}: {detail}")
+                return None
+            images.append(image)
+        return images
 
 
 class CountedBatches(wds.PipelineStage):

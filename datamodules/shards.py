@@ -8,7 +8,7 @@ import os
 
 from braceexpand import braceexpand
 
-MANIFEST = "manifest.json"
+from lame_pl.data.shard_writer import MANIFEST
 
 
 def is_remote(url: str) -> bool:

@@ -30,7 +30,7 @@ def word_png(word: str, path: Path | None = None) -> bytes:
 
 
 class WordEncoder:
-    """Embeds an item as the normalised count of vocabulary words in its text and its images' words.
+    """Embeds an item as the normalised count of vocabulary words in its text and its images' and frames' words.
 
     Instructions are ignored, so scores depend only on the words a test puts in: exact answers.
     """
@@ -44,7 +44,7 @@ class WordEncoder:
         out = torch.zeros(len(items), len(VOCAB))
         for row, item in enumerate(items):
             words = item.text.lower().split()
-            for image in item.images:
+            for image in (*item.images, *item.video):
                 with Image.open(io.BytesIO(image) if isinstance(image, bytes) else image) as opened:
                     words.append(opened.text.get("word", ""))
             for word in words:

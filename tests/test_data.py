@@ -167,13 +167,15 @@ def test_collator_never_cuts_image_tokens(data_processor) -> None:
     merge = data_processor.image_processor.merge_size ** 2
     for row, thw in zip(q["input_ids"], q["image_grid_thw"], strict=True):
         assert int((row == image_id).sum()) == int(thw.prod()) // merge
-    assert q["attention_mask"].sum(1).max() <= 2 + int(q["image_grid_thw"].prod(1).max()) // merge + 4
-    assert batch["target"]["input_ids"].shape[1] <= 4
+    # vision start/end, the image, "\n", 4 instruction tokens, "\n"
+    assert q["attention_mask"].sum(1).max() <= 2 + int(q["image_grid_thw"].prod(1).max()) // merge + 1 + 4 + 1
+    assert batch["target"]["input_ids"].shape[1] <= 4 + 1  # the caption's 4 tokens and the closing "\n"
     eos = data_processor.tokenizer.convert_tokens_to_ids("<|endoftext|>")
     dec = batch["decoder"]
     assert dec["input_ids"].shape[1] == 3
     lengths = dec["attention_mask"].sum(1)
     assert all(dec["input_ids"][i, lengths[i] - 1] == eos for i in range(3))
+    assert dec["labelled"].tolist() == [True, True, True]  # every caption is a label
 
 
 # --- datamodule --------------------------------------------------------------------------------
@@ -183,13 +185,14 @@ def _check_batch(batch: dict, n: int, eos: int, pad: int) -> None:
     q, t, d = batch["query"], batch["target"], batch["decoder"]
     assert set(q) == {"input_ids", "attention_mask", "mm_token_type_ids", "pixel_values", "image_grid_thw"}
     assert set(t) == {"input_ids", "attention_mask", "mm_token_type_ids"}
-    assert set(d) == {"input_ids", "attention_mask"}
+    assert set(d) == {"input_ids", "attention_mask", "labelled"}
     assert q["image_grid_thw"].shape == (n, 3)
     assert q["pixel_values"].dtype == torch.float32
     assert q["pixel_values"].shape[0] == int(q["image_grid_thw"].prod(1).sum())
+    assert d["labelled"].dtype == torch.bool and bool(d["labelled"].all())
     for part in (q, t, d):
         for name, tensor in part.items():
-            if name != "pixel_values":
+            if name not in ("pixel_values", "labelled"):
                 assert tensor.dtype == torch.int64, name
                 assert tensor.shape[0] == n, name
     # Left padding: every query and target ends at the last position.

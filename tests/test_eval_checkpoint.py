@@ -105,12 +105,74 @@ def test_checkpoint_encoder_batches_agree_with_one_at_a_time(checkpoint, tmp_pat
 
     image = tmp_path / "cat.png"
     word_png("cat", image)
+    dog = tmp_path / "dog.png"
+    word_png("dog", dog)
     items = [Item("Represent the image:", "", (str(image),)), Item("", "a much longer caption with many more words"),
-             Item("Find the document:", "short", (word_png("dog"),)), Item("", "two frames", (str(image), str(image)))]
+             Item("Find the document:", "short", (word_png("dog"),)), Item("", "two frames", (str(image), str(image))),
+             Item("", "two frames", video=(str(image), str(dog)))]
     one = CheckpointEncoder(checkpoint, batch_size=1).encode(items)
-    batched = CheckpointEncoder(checkpoint, batch_size=4).encode(items)
-    assert one.shape == (4, batched.shape[1])
-    assert torch.allclose(one.norm(dim=-1), torch.ones(4), atol=1e-5)
-    # Left padding and mixed image/text rows in one batch do not change an embedding.
+    batched = CheckpointEncoder(checkpoint, batch_size=5).encode(items)
+    assert one.shape == (5, batched.shape[1])
+    assert torch.allclose(one.norm(dim=-1), torch.ones(5), atol=1e-5)
+    # Left padding and mixed image/video/text rows in one batch do not change an embedding.
     assert torch.allclose(one, batched, atol=1e-4)
     assert not torch.allclose(one[0], one[3], atol=1e-3)  # one image vs two frames of it differ
+    assert not torch.allclose(one[3], one[4], atol=1e-3)  # frames as images vs frames as a video differ
+
+
+def test_training_collator_and_evaluator_build_identical_inputs(checkpoint, tmp_path):
+    """The same record through InstructionCollator (training) and CheckpointEncoder (evaluation)."""
+    import io
+    import random
+
+    from conftest import random_image
+    from PIL import Image
+
+    from datamodules.collate import InstructionCollator
+    from lame_pl.backbone import build_processor
+    from lame_pl.evaluation.encode import CheckpointEncoder
+    from lame_pl.evaluation.task import Item
+
+    rng = random.Random(0)
+    paths = {}
+    for name, side in (("query.png", 56), ("negative.png", 40), *((f"frame_{i}.png", 28) for i in range(4))):
+        paths[name] = str(tmp_path / name)
+        random_image(rng, side).save(paths[name])
+
+    def decoded(name: str) -> Image.Image:  # as DecodeInstructionPairs opens a shard member
+        return Image.open(io.BytesIO((tmp_path / name).read_bytes())).convert("RGB")
+
+    frames = [f"frame_{i}.png" for i in range(4)]
+    long_text = "what is the colour of the large shape in the middle of this picture, and why"
+    samples = [
+        {"key": "a", "query": {"instruction": "Answer the question about the image:", "text": long_text,
+                               "images": [decoded("query.png")], "video": None},
+         "target": {"instruction": "Represent the answer:", "text": "blue", "images": [], "video": None},
+         "negatives": [{"instruction": "", "text": "red", "images": [], "video": None},
+                       {"instruction": "Represent the image:", "text": "", "images": [decoded("negative.png")],
+                        "video": None}]},
+        {"key": "b", "query": {"instruction": "", "text": "a cat jumps", "images": [], "video": None},
+         "target": {"instruction": "Understand the content of the provided video.", "text": "", "images": [],
+                    "video": [decoded(f) for f in frames]},
+         "negatives": []},
+    ]
+    # What the evaluator reads for the same records: each instruction as the collator resolves it.
+    queries = [Item("Answer the question about the image:", long_text, (paths["query.png"],)),
+               Item("Find the video:", "a cat jumps")]
+    targets = [Item("Represent the answer:", "blue"),
+               Item("Understand the content of the provided video.", "", video=tuple(paths[f] for f in frames))]
+    negatives = [Item("Represent the answer:", "red"), Item("Represent the image:", "", (paths["negative.png"],))]
+
+    encoder = CheckpointEncoder(checkpoint, max_text_length=8)
+    collate = InstructionCollator(build_processor(encoder.module.backbone_spec), query_instruction="Find the video:",
+                                  target_instruction="unused", max_text_length=8)
+    batch = collate(samples)
+    for side, items in (("query", queries), ("target", targets), ("negative", negatives)):
+        expected = encoder.inputs(items)
+        assert set(batch[side]) == set(expected), side
+        for key, value in expected.items():
+            assert torch.equal(batch[side][key], value), (side, key)
+    assert "pixel_values_videos" in batch["target"] and "pixel_values" in batch["query"]
+    query = collate.tokenizer.decode(batch["query"]["input_ids"][0])
+    assert "<|vision_end|>\nAnswer the question about the image: what is the" in query  # a space, not run together
+    assert "and why" not in query  # the text was cut to 8 tokens, on both sides alike

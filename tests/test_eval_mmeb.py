@@ -132,11 +132,53 @@ def test_video_frames_are_sampled_and_instructions_cleaned(tmp_path):
     root = write_mmeb(tmp_path / "mmeb")
     tasks = {t.name: t for t in load_mmeb_tasks(root, num_frames=2)}
     video = tasks["MSR-VTT"]
-    assert [len(c.images) for c in video.candidates] == [2, 2]
-    assert video.candidates[0].images[0].endswith("v_cat/000.png")
+    # A video is a video (the model's video input), not images; first and last of 3 frames, as VLM2Vec-V2 samples.
+    assert all(not c.images for c in video.candidates)
+    assert [[Path(f).name for f in c.video] for c in video.candidates] == [["000.png", "002.png"]] * 2
     query = tasks["ImageNet-1K"].queries[0]
     assert query.instruction == "Represent the given image for classification"  # no <|image_1|>
     assert len(query.images) == 1
+
+
+def test_video_frames_in_natural_order_sampled_like_vlm2vec(tmp_path):
+    root = write_mmeb(tmp_path / "mmeb")
+    folder = root / "video-tasks" / "MSR-VTT" / "v_cat"
+    for frame in folder.iterdir():
+        frame.unlink()
+    for i in range(1, 13):  # frame_1 ... frame_12: lexical order would put frame_10 before frame_2
+        word_png("cat", folder / f"frame_{i}.png")
+    (folder / ".frame_0.png").write_bytes(b"hidden")  # hidden files and other files are not frames
+    (folder / "notes.txt").write_text("not a frame")
+    video = {t.name: t for t in load_mmeb_tasks(root, ["MSR-VTT"], num_frames=4)}["MSR-VTT"]
+    # numpy.linspace(0, 11, 4) truncated: indices 0, 3, 7, 11.
+    assert [Path(f).name for f in video.candidates[0].video] == ["frame_1.png", "frame_4.png", "frame_8.png",
+                                                                 "frame_12.png"]
+
+
+def test_item_key_tells_a_video_from_the_same_frames_as_images(tmp_path):
+    from lame_pl.evaluation.task import Item
+
+    frames = (str(tmp_path / "cat.png"), str(tmp_path / "dog.png"))
+    for path in frames:
+        word_png(Path(path).stem, Path(path))
+    assert Item("", "x", images=frames).key() != Item("", "x", video=frames).key()
+    assert Item("", "x", video=frames).key() == Item("", "x", video=frames).key()
+    assert Item("", "x", video=frames).key() != Item("", "x", video=frames[::-1]).key()
+
+
+def test_video_frames_of_different_sizes_are_named(tmp_path):
+    from PIL import Image
+
+    from lame_pl.evaluation.encode import item_side
+    from lame_pl.evaluation.tables import EvalDataError
+    from lame_pl.evaluation.task import Item
+
+    Image.new("RGB", (8, 8)).save(tmp_path / "f1.png")
+    Image.new("RGB", (16, 8)).save(tmp_path / "f2.png")
+    with pytest.raises(EvalDataError, match=r"f1\.png .*frames differ in size"):
+        item_side(Item("", "x", video=(str(tmp_path / "f1.png"), str(tmp_path / "f2.png"))))
+    side = item_side(Item("i", "x", images=(str(tmp_path / "f2.png"),), video=(str(tmp_path / "f1.png"),) * 2))
+    assert len(side.images) == 1 and len(side.video) == 2 and side.instruction == "i"
 
 
 def test_rerun_encodes_nothing_and_changes_invalidate_the_cache(tmp_path):

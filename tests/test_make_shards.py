@@ -183,10 +183,12 @@ def _check_instruction(split: Path, files: dict[str, bytes]) -> None:
     first = samples["000000000"]
     meta = json.loads(first["json"])
     assert meta == {
-        "query_instruction": "Find the caption.", "query_text": "", "query_image": "query.jpg",
-        "target_text": "a red circle", "target_image": None,
-        "negatives": [{"text": "a blue square", "image": None}, {"text": "a thing", "image": "neg1.webp"}],
-        "source": {"query_image": "q0.jpg", "target_image": None, "negatives": [None, "n0.webp"]},
+        "query_instruction": "Find the caption.", "query_text": "", "query_image": "query.jpg", "query_video": None,
+        "target_instruction": "", "target_text": "a red circle", "target_image": None, "target_video": None,
+        "negatives": [{"instruction": "", "text": "a blue square", "image": None, "video": None},
+                      {"instruction": "", "text": "a thing", "image": "neg1.webp", "video": None}],
+        "source": {"query_image": "q0.jpg", "query_video": None, "target_image": None, "target_video": None,
+                   "negatives": [{"image": None, "video": None}, {"image": "n0.webp", "video": None}]},
     }
     assert set(first) == {"json", "query.jpg", "neg1.webp"}
     assert first["query.jpg"] == files["q0.jpg"] and first["neg1.webp"] == files["n0.webp"]
@@ -352,3 +354,9 @@ def test_bench_data_runs_end_to_end(tmp_path: Path) -> None:
     assert {"samples_per_s", "samples_per_s_per_worker", "data_time_per_batch_s", "data_to_step_ratio"} <= set(row)
     assert row["samples_per_s"] > 0 and row["data_to_step_ratio"] > 0
 
+
+
+def test_mmeb_train_subcommand_dispatches_to_the_package(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    # The converter lives in lame_pl.data.mmeb_train (tests/test_mmeb_train.py); the tool only dispatches.
+    err = _error(["mmeb-train", "--out", str(tmp_path / "out")], capsys)
+    assert "--mmeb-root" in err and not (tmp_path / "out" / "mixture.yaml").exists()

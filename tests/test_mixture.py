@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 import subprocess
 import sys
 from collections import Counter
@@ -109,8 +110,40 @@ def test_bad_mixture_config_is_named(sets_dir: Path, mixture, kwargs, message) -
 
 def test_missing_set_path_names_the_set(sets_dir: Path) -> None:
     mixture = _mixture(sets_dir, {"cats": 1.0}) + [ShardSet(str(sets_dir / "nowhere"), 1.0, name="x")]
-    with pytest.raises(FileNotFoundError, match=r"data\.train_mixture\[1\]\.shards directory .*nowhere"):
+    with pytest.raises(FileNotFoundError, match=r"data\.train_mixture\[1\] \(x\): shards directory .*nowhere"):
         _datamodule(mixture)
+
+
+def test_mixture_root_resolves_relative_sets_and_keeps_absolute_ones(sets_dir: Path, tmp_path: Path,
+                                                                     monkeypatch) -> None:
+    monkeypatch.chdir(tmp_path)  # relative paths must not be read from the working directory
+    mixture = [ShardSet("cats/train", 1.0, name="cats"), ShardSet(["dogs/train"], 1.0, name="dogs"),
+               ShardSet(str(sets_dir / "birds" / "train"), 1.0, name="birds")]
+    dm = _datamodule(mixture, mixture_root=str(sets_dir), samples_per_epoch=None)
+    resolved = {s.name: (s.shards, urls) for s, urls in dm.mixture}
+    assert resolved["cats"][0] == str(sets_dir / "cats" / "train")
+    assert resolved["dogs"][0] == [str(sets_dir / "dogs" / "train")]
+    assert resolved["birds"][0] == str(sets_dir / "birds" / "train")
+    for name, (_, urls) in resolved.items():
+        assert urls == sorted(str(p) for p in (sets_dir / name / "train").glob("shard-*.tar")) and len(urls) == 3
+    assert dm.samples_per_epoch == 36  # every set's manifest found through the root
+    batch = next(iter(dm.train_dataloader()))
+    assert _texts_match_sources(batch)
+
+
+def test_mixture_root_errors_name_the_entry_and_the_path(sets_dir: Path) -> None:
+    mixture = [ShardSet("cats/train", name="cats"), ShardSet("dogs/train", name="dogs"),
+               ShardSet("MSCOCO_t2i", name="MSCOCO_t2i")]
+    missing = re.escape(f"data.train_mixture[2] (MSCOCO_t2i): shards directory '{sets_dir / 'MSCOCO_t2i'}' does "
+                        f"not exist (relative paths start at data.mixture_root '{sets_dir}')")
+    with pytest.raises(FileNotFoundError, match=missing):
+        _datamodule(mixture, mixture_root=str(sets_dir))
+    with pytest.raises(ValueError, match=r"data\.train_mixture\[0\] \(empty\): shards directory .* holds no \.tar"):
+        _datamodule([ShardSet("cats", name="empty")], mixture_root=str(sets_dir))  # cats/ holds train/, no tar
+    with pytest.raises(FileNotFoundError, match=r"data\.mixture_root '.*nowhere' is not a directory"):
+        _datamodule(mixture, mixture_root=str(sets_dir / "nowhere"))
+    with pytest.raises(ValueError, match=r"data\.mixture_root is set but data\.train_mixture is not"):
+        InstructionPairDataModule(SPEC, train_shards=str(sets_dir / "cats" / "train"), mixture_root=str(sets_dir))
 
 
 def test_check_mixture_fills_names_and_accepts_dicts() -> None:
@@ -118,20 +151,28 @@ def test_check_mixture_fills_names_and_accepts_dicts() -> None:
     assert [(s.name, s.weight) for s in checked] == [("0", 2.0), ("1", 1.0)]
 
 
-def test_mixture_from_yaml_through_the_cli(sets_dir: Path, tmp_path: Path, monkeypatch) -> None:
-    monkeypatch.setattr(sys, "argv", ["lightning"])
+def _mixture_yaml(sets_dir: Path, tmp_path: Path, cats: str) -> Path:
+    """A data config whose cats set is ``cats`` (relative: to data.mixture_root) and dogs set absolute."""
     config = {"data": {"class_path": "datamodules.InstructionPairDataModule", "init_args": {
-        "train_mixture": [{"name": "cats", "shards": str(sets_dir / "cats" / "train"), "weight": 1.0,
-                           "homogeneous": True},
+        "train_mixture": [{"name": "cats", "shards": cats, "weight": 1.0, "homogeneous": True},
                           {"name": "dogs", "shards": str(sets_dir / "dogs" / "train"), "weight": 3.0}],
         "batch_size": 4, "num_workers": 0, "samples_per_epoch": 16}}}
     path = tmp_path / "mixture.yaml"
     path.write_text(yaml.safe_dump(config))
+    return path
+
+
+def test_mixture_from_yaml_through_the_cli(sets_dir: Path, tmp_path: Path, monkeypatch) -> None:
+    monkeypatch.setattr(sys, "argv", ["lightning"])
+    monkeypatch.chdir(tmp_path)
+    path = _mixture_yaml(sets_dir, tmp_path, "cats/train")
     cli = build_cli(["fit", f"--config={ROOT / 'tests' / 'conf' / 'tiny.yaml'}", f"--config={path}",
+                     f"--data.init_args.mixture_root={sets_dir}",
                      "--trainer.max_steps=2", "--trainer.logger=false", "--trainer.enable_checkpointing=false",
                      f"--trainer.default_root_dir={tmp_path}",
                      "--trainer.callbacks+=callbacks.DataHealth"])
     assert cli.trainer.global_step == 2
+    assert cli.datamodule.mixture[0][0].shards == str(sets_dir / "cats" / "train")
     shares = {k: float(v) for k, v in cli.trainer.callback_metrics.items() if k.startswith("data/mixture/")}
     assert set(shares) <= {"data/mixture/cats", "data/mixture/dogs"} and shares
     assert abs(sum(shares.values()) - 1.0) < 1e-6
@@ -144,3 +185,14 @@ def test_sets_share_the_shuffle_buffer(sets_dir: Path) -> None:
     mixture = dm.train_dataloader().dataset.pipeline[0]
     buffers = [stage.bufsize for stream in mixture.streams for stage in stream.pipeline if hasattr(stage, "bufsize")]
     assert buffers == [10, 10, 10]  # raw samples held per worker stay at data.shuffle_buffer
+
+
+def test_mixture_root_error_through_the_cli(sets_dir: Path, tmp_path: Path, monkeypatch) -> None:
+    monkeypatch.setattr(sys, "argv", ["lightning"])
+    path = _mixture_yaml(sets_dir, tmp_path, "kittens/train")
+    with pytest.raises(SystemExit) as exc:
+        build_cli(["fit", f"--config={ROOT / 'tests' / 'conf' / 'tiny.yaml'}", f"--config={path}",
+                   f"--data.init_args.mixture_root={sets_dir}", "--trainer.max_steps=1", "--trainer.logger=false"])
+    message = str(exc.value)
+    assert "data.train_mixture[0] (cats): shards directory" in message
+    assert str(sets_dir / "kittens" / "train") in message and "\n" not in message

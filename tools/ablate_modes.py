@@ -54,6 +54,7 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:  # run as a script: make the repository's packages importable
     sys.path.insert(0, str(ROOT))
 
+from lame_pl.data.shard_writer import MANIFEST  # noqa: E402
 from lame_pl.retrieval import chance_metrics, ranks_in_block, retrieval_metrics  # noqa: E402
 
 CONFIG = ROOT / "configs" / "ablation" / "train.yaml"
@@ -108,7 +109,7 @@ def ensure_data(data: Path, train: int, val: int, test: int, seed: int, image_si
     """Writes the compositional shards and the decoder vocabulary unless ``data`` holds this very set."""
     wanted = {"tasks": TASKS.split(","), "seed": seed, "image_size": image_size}
     sizes = {"train": train, "val": val, "test": test}
-    manifests = {split: data / split / "manifest.json" for split in sizes}
+    manifests = {split: data / split / MANIFEST for split in sizes}
     if all(m.is_file() for m in manifests.values()) and (data / "decoder_vocab.json").is_file():
         found = {split: json.loads(m.read_text()) for split, m in manifests.items()}
         if all(all(found[s].get(k) == v for k, v in wanted.items()) and found[s].get("num_samples") == n

@@ -2,7 +2,9 @@
 
 Shards go to ``OUT/<split>/shard-000000.tar ...`` with ``OUT/<split>/manifest.json`` beside
 them: ``{"num_samples": N, "shards": [{"url": "shard-000000.tar", "num_samples": n}, ...], ...}``
-plus provenance fields. The datamodule reads it for its epoch length and progress bars.
+plus provenance fields and, for ``folder`` and ``manifest``, the skipped input counted by reason.
+The datamodule reads it for its epoch length and progress bars. The writing itself lives in the
+package (``lame_pl/data/shard_writer.py``; instruction pairs: ``lame_pl/data/instruction_pairs.py``).
 
     python tools/make_shards.py synthetic --out data/synthetic
     python tools/make_shards.py folder --src photos/ --out data/photos [--split-name train]
@@ -16,6 +18,9 @@ Subcommands:
     folder      images with same-named caption files, found recursively: ``a/b/cat1.jpg`` +
                 ``a/b/cat1.txt``; an image without a caption, or with an empty one, is skipped
     manifest    a JSONL or CSV file of image-text rows or of instruction pairs (see below)
+    mmeb-train  VLM2Vec-V2's training data as stored locally (MMEB-train, visual documents,
+                LLaVA-Hound video), one instruction-pair split per subset, plus a mixture config
+                overlay; its options and layout are in ``lame_pl/data/mmeb_train.py``
 
 Shard size (every subcommand): ``--samples-per-shard`` (default 1000) and/or ``--shard-bytes``
 (``500MB``, ``1GB``, ``64KiB`` or plain bytes; KB/MB/GB are powers of 1000, KiB/MiB/GiB of
@@ -29,39 +34,28 @@ Image-text layout (``folder``, ``manifest`` with ``image``/``text`` rows), one s
     KEY.json    ``{"source": <image path relative to --src or the image root>}`` plus, for
                 manifest rows, the row's other columns
 
-Manifest input: a ``.jsonl`` file (one JSON object per line, blank lines ignored) or a ``.csv``
-file (a header row, then one row per sample). Image paths are relative to ``--image-root``,
-which defaults to the manifest's folder; absolute paths are kept. A sample's key is its 0-based
-data-row index as 9 digits (``000000041``), skipped rows included, so a key leads back to its
-row. ``folder`` keys are the relative path without extension, ``/`` as ``__`` and other
-characters outside ``[A-Za-z0-9_-]`` as ``_``. The first row (a CSV's header) decides the kind
-of the whole file:
-    image-text          columns ``image`` and ``text``
-    instruction pairs   any of ``query_text``, ``query_image``, ``target_text``,
-                        ``target_image``; plus optional ``query_instruction`` and ``negatives``
-A row whose image file is missing, or whose caption is empty, is skipped and counted; a
-malformed row (bad JSON, a missing column, a wrong type) stops the tool before anything is
-written, with the file and line number.
+Instruction-pair layout: the schema is documented once, in ``lame_pl/data/instruction_pairs.py``.
 
-Instruction-pair layout, one sample per pair (member names are ``KEY.`` + the names below):
-    json            UTF-8 JSON object, always with every field below:
-        "query_instruction": str   ("" when the row has none)
-        "query_text":        str   ("" when the row has none)
-        "query_image":       str | null   member holding the query image, e.g. "query.jpg"
-        "target_text":       str   ("" when the row has none)
-        "target_image":      str | null   member holding the target image, e.g. "target.png"
-        "negatives":         list of {"text": str, "image": str | null}, possibly empty;
-                             "image" names the member holding that negative's image
-        "source":            {"query_image": path | null, "target_image": path | null,
-                              "negatives": [path | null, ...]}  (paths as in the manifest)
-    query.<ext>     the query image's bytes, when the row has one
-    target.<ext>    the target image's bytes, when the row has one
-    neg<i>.<ext>    the image of negative ``i`` (0-based), when it has one
-A reader gets the sample as ``{"json": ..., "query.jpg": bytes, ...}`` (WebDataset splits a
-member name at its first dot) and looks the images up by the names the JSON gives. Each side
-(query, target, each negative) has a non-empty text, an image, or both. ``negatives`` is a list
-whose items are a string (a text negative) or an object with ``text`` and/or ``image``; in a
-CSV it is a JSON-encoded list in one cell (an empty cell means none). ``ext`` is as above.
+Manifest input: a ``.jsonl`` file (one JSON object per line, blank lines ignored) or a ``.csv``
+file (a header row, then one row per sample). Image and frame-folder paths are relative to
+``--image-root``, which defaults to the manifest's folder; absolute paths are kept. A sample's key
+is its 0-based data-row index as 9 digits (``000000041``), skipped rows included, so a key leads
+back to its row. ``folder`` keys are the relative path without extension, ``/`` as ``__`` and
+other characters outside ``[A-Za-z0-9_-]`` as ``_``. The first row (a CSV's header) decides the
+kind of the whole file:
+    image-text          columns ``image`` and ``text``
+    instruction pairs   any of ``query_text``, ``query_image``, ``query_video``, ``target_text``,
+                        ``target_image``, ``target_video``; plus optional ``query_instruction``,
+                        ``target_instruction`` and ``negatives``
+``*_video`` is a folder of extracted frames; ``--num-frames`` of them (default 8, VLM2Vec-V2's)
+are sampled evenly, in natural file-name order (``lame_pl/media.py``). A side has an image or a
+video, not both. ``negatives`` is a list whose items are a string (a text negative) or an object
+with ``text``, ``image``, ``video`` and/or ``instruction``; in a CSV it is a JSON-encoded list in
+one cell (an empty cell means none). A row whose image file or frame folder is missing, whose
+frame folder holds no frame, or whose caption (query, target) is empty, is skipped and counted; a
+malformed row (bad JSON, a missing column, a wrong type, a side with both an image and a video,
+a negative with nothing in it) stops the tool before anything is written, with the file and line
+number.
 """
 
 from __future__ import annotations
@@ -76,10 +70,25 @@ import random
 import re
 import sys
 import time
-from collections import Counter
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
+
+from lame_pl.data import mmeb_train
+from lame_pl.data.instruction_pairs import PairRow, PairSide, write_pairs
+from lame_pl.data.shard_args import add_shard_size_args, check_split_dir, positive_int
+from lame_pl.data.shard_args import parse_bytes as parse_bytes  # re-exported: callers size shards with it
+from lame_pl.data.shard_writer import (
+    MANIFEST,
+    MAX_KEY_LENGTH,
+    DataError,
+    EmptySplitError,
+    Skips,
+    image_extension,
+    read_image,
+    write_split,
+)
+from lame_pl.media import DEFAULT_NUM_FRAMES, list_frames, sample_frames
 
 try:
     from tools.synthetic_scenes import make_scene
@@ -89,35 +98,10 @@ except ImportError:  # run as a script: tools/ is on sys.path, the repository ro
     from synthetic_tasks import BLOCK, TASKS, parse_tasks, task_samples
 
 SPLITS = ("train", "val", "test")
-MANIFEST = "manifest.json"
 # Redraws allowed per sample before giving up on finding an unused caption.
 MAX_TRIES = 1000
-IMAGE_EXTENSIONS = ("jpg", "jpeg", "png", "webp")
-INSTRUCTION_FIELDS = ("query_text", "query_image", "target_text", "target_image")
-# tarfile's USTAR headers hold at most 100 characters of member name; keep "KEY.neg12.jpeg" within that.
-MAX_KEY_LENGTH = 80
-# A tar file ends with two zero blocks, then is padded to a multiple of a 10240-byte record.
-TAR_BLOCK = 512
-# Per member: a PAX extended header (one header block, one data block; tarfile writes it because
-# webdataset stamps members with a fractional mtime), then the member's own header block.
-TAR_HEADER = 3 * TAR_BLOCK
-TAR_END = 2 * TAR_BLOCK + 10240
-_UNITS = {"": 1, "b": 1, "k": 10**3, "kb": 10**3, "m": 10**6, "mb": 10**6, "g": 10**9, "gb": 10**9,
-          "t": 10**12, "tb": 10**12, "kib": 2**10, "mib": 2**20, "gib": 2**30, "tib": 2**40}
-
-
-class DataError(Exception):
-    """Input the tool cannot turn into shards; the message names the file (and line)."""
-
-
-def _positive_int(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {value}")
-    return value
+SIDE_FIELDS = ("query_text", "query_image", "query_video", "target_text", "target_image", "target_video")
+NEGATIVE_FIELDS = ("instruction", "text", "image", "video")
 
 
 def _task_list(text: str) -> tuple[str, ...]:
@@ -127,61 +111,44 @@ def _task_list(text: str) -> tuple[str, ...]:
         raise argparse.ArgumentTypeError(str(err)) from None
 
 
-def parse_bytes(text: str) -> int:
-    """A size such as ``500MB``, ``1.5GB``, ``64KiB`` or ``4096`` in bytes.
-
-    Raises:
-        argparse.ArgumentTypeError: When the text is not a positive size.
-    """
-    match = re.fullmatch(r"\s*([0-9]*\.?[0-9]+)\s*([a-zA-Z]*)\s*", text)
-    unit = match.group(2).lower() if match else None
-    if match is None or unit not in _UNITS:
-        raise argparse.ArgumentTypeError(f"expected a size such as 500MB, 1GB or 4096, got {text!r}")
-    value = int(float(match.group(1)) * _UNITS[unit])
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"expected a positive size, got {text!r}")
-    return value
-
-
-def _add_shard_size_args(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--samples-per-shard", type=_positive_int, default=1000,
-                        help="most samples per tar shard (default 1000)")
-    parser.add_argument("--shard-bytes", type=parse_bytes, default=None,
-                        help="most bytes per tar shard file, e.g. 500MB or 1GB (default: no limit)")
-    parser.add_argument("--overwrite", action="store_true", help="replace shards already in the output folder")
-
-
 def build_parser() -> argparse.ArgumentParser:
     """The command-line parser, one subcommand per data source."""
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = parser.add_subparsers(dest="command", required=True)
     syn = sub.add_parser("synthetic", help="coloured-shape scenes with unique plain-words captions")
     syn.add_argument("--out", required=True, type=Path, help="output directory (gets train/, val/, test/)")
-    syn.add_argument("--train", type=_positive_int, default=6000, help="training samples (default 6000)")
-    syn.add_argument("--val", type=_positive_int, default=256, help="validation samples (default 256)")
-    syn.add_argument("--test", type=_positive_int, default=256, help="test samples (default 256)")
-    syn.add_argument("--image-size", type=_positive_int, default=112, help="square image side in pixels (default 112)")
+    syn.add_argument("--train", type=positive_int, default=6000, help="training samples (default 6000)")
+    syn.add_argument("--val", type=positive_int, default=256, help="validation samples (default 256)")
+    syn.add_argument("--test", type=positive_int, default=256, help="test samples (default 256)")
+    syn.add_argument("--image-size", type=positive_int, default=112, help="square image side in pixels (default 112)")
     syn.add_argument("--seed", type=int, default=0, help="random seed; the same seed gives the same shards")
     syn.add_argument("--format", choices=("png", "jpg"), default="png", help="image encoding (default png)")
     syn.add_argument("--tasks", type=_task_list, default=None,
                      help="write the compositional set instead of plain captions: contrast groups of these tasks, "
                           f"comma-separated, from {','.join(TASKS)} (tools/synthetic_tasks.py); sample counts and "
                           f"--samples-per-shard must then be multiples of {BLOCK}")
-    _add_shard_size_args(syn)
+    add_shard_size_args(syn)
 
     folder = sub.add_parser("folder", help="images with same-named caption files (a/b/cat1.jpg + a/b/cat1.txt)")
     folder.add_argument("--src", required=True, type=Path, help="folder searched recursively for images")
     folder.add_argument("--out", required=True, type=Path, help="output directory (gets SPLIT_NAME/)")
     folder.add_argument("--split-name", default="train", help="subfolder of --out for the shards (default train)")
-    _add_shard_size_args(folder)
+    add_shard_size_args(folder)
 
     man = sub.add_parser("manifest", help="a JSONL/CSV of image-text rows or instruction pairs")
     man.add_argument("--manifest", required=True, type=Path, help="the .jsonl or .csv file")
     man.add_argument("--out", required=True, type=Path, help="output directory (gets SPLIT_NAME/)")
     man.add_argument("--image-root", type=Path, default=None,
-                     help="folder that relative image paths start from (default: the manifest's folder)")
+                     help="folder that relative image and frame-folder paths start from (default: the manifest's "
+                          "folder)")
     man.add_argument("--split-name", default="train", help="subfolder of --out for the shards (default train)")
-    _add_shard_size_args(man)
+    man.add_argument("--num-frames", type=positive_int, default=DEFAULT_NUM_FRAMES,
+                     help=f"frames sampled from each video's frame folder (default {DEFAULT_NUM_FRAMES})")
+    add_shard_size_args(man)
+
+    mmeb = sub.add_parser("mmeb-train", help="VLM2Vec-V2's training data (MMEB-train, visual documents, video) "
+                                             "to one instruction-pair split per subset")
+    mmeb_train.add_arguments(mmeb)
     return parser
 
 
@@ -197,27 +164,6 @@ def _check_out(parser: argparse.ArgumentParser, out: Path, overwrite: bool) -> N
             if split_dir.is_dir():
                 for old in [*split_dir.glob("shard-*.tar"), split_dir / MANIFEST]:
                     old.unlink(missing_ok=True)
-
-
-def _check_split_dir(parser: argparse.ArgumentParser, out: Path, split: str, overwrite: bool) -> list[Path]:
-    """Refuse a non-empty output folder without ``--overwrite``; return the old files to remove.
-
-    The removal is left to the caller, after the input is validated, so a bad manifest never
-    costs the shards already there.
-    """
-    if not re.fullmatch(r"[A-Za-z0-9_.-]+", split) or split in (".", ".."):
-        parser.error(f"--split-name {split!r} must be a plain folder name")
-    if out.exists() and not out.is_dir():
-        parser.error(f"--out {str(out)!r} exists and is not a directory")
-    split_dir = out / split
-    if split_dir.exists() and not split_dir.is_dir():
-        parser.error(f"{str(split_dir)!r} exists and is not a directory")
-    if split_dir.is_dir() and any(split_dir.iterdir()):
-        if not overwrite:
-            parser.error(f"--out {str(out)!r} already holds {str(split_dir)!r} and it is not empty; "
-                         "pass --overwrite to replace its shards")
-        return [*split_dir.glob("shard-*.tar"), split_dir / MANIFEST]
-    return []
 
 
 def synthetic_samples(
@@ -254,61 +200,6 @@ def compositional_samples(
     """Yield ``n`` encoded samples of contrast groups (``tools/synthetic_tasks.py``), keyed ``<kind>-<group>-<member>``."""
     for key, image, text, meta in task_samples(n, tasks, rng, used, image_size):
         yield {"__key__": key, image_format: _encode_image(image, image_format), "txt": text, "json": meta}
-
-
-def _tar_bytes(sample: dict[str, bytes]) -> int:
-    """Most bytes a sample's members take in a tar file: headers, then data padded to 512 bytes."""
-    return sum(TAR_HEADER + -(-len(v) // TAR_BLOCK) * TAR_BLOCK for k, v in sample.items() if not k.startswith("__"))
-
-
-def write_split(
-    split_dir: Path,
-    samples: Iterator[dict[str, Any]],
-    samples_per_shard: int,
-    meta: dict[str, Any],
-    shard_bytes: int | None = None,
-) -> dict[str, Any]:
-    """Write samples to ``split_dir/shard-%06d.tar`` and the split's manifest; return the manifest.
-
-    Args:
-        split_dir: Output folder (created).
-        samples: WebDataset sample dicts (``__key__`` plus one value per member).
-        samples_per_shard: Most samples per shard.
-        meta: Extra fields for ``manifest.json``.
-        shard_bytes: Most bytes per shard file; a sample larger than that gets a shard of its own.
-
-    Raises:
-        DataError: When ``samples`` yields nothing (no empty shard is left behind).
-    """
-    import webdataset as wds  # imported late: it pulls in torch, and bad arguments should fail fast
-    from webdataset.writer import make_encoder
-
-    encode = make_encoder(True)  # ShardWriter's own encoder: the bytes written are the same
-    split_dir.mkdir(parents=True, exist_ok=True)
-    counts: dict[str, int] = {}
-    with wds.ShardWriter(str(split_dir / "shard-%06d.tar"), maxcount=samples_per_shard, verbose=0) as sink:
-        for sample in samples:
-            encoded = encode(sample)
-            # ShardWriter checks its maxsize only once a sample has overshot it, and counts data
-            # without tar headers; rolling over here keeps every file within --shard-bytes.
-            if shard_bytes is not None and counts.get(Path(sink.fname).name, 0) > 0:
-                used = sink.tarstream.tarstream.offset  # bytes written to this shard so far, headers included
-                if used + _tar_bytes(encoded) + TAR_END > shard_bytes:
-                    sink.next_stream()
-            sink.write(encoded)
-            # ShardWriter rolls over on count or size; its current file name tells which shard got it.
-            name = Path(sink.fname).name
-            counts[name] = counts.get(name, 0) + 1
-    if not counts:
-        (split_dir / "shard-000000.tar").unlink(missing_ok=True)
-        raise DataError("no sample to write")
-    manifest = {
-        **meta,
-        "num_samples": sum(counts.values()),
-        "shards": [{"url": name, "num_samples": c} for name, c in counts.items()],
-    }
-    (split_dir / MANIFEST).write_text(json.dumps(manifest, indent=1) + "\n")
-    return manifest
 
 
 def run_synthetic(args: argparse.Namespace) -> None:
@@ -370,22 +261,6 @@ def _unique_key(relative: str, taken: set[str]) -> str:
     return key
 
 
-def _image_extension(path: str) -> str | None:
-    ext = path.rsplit(".", 1)[-1].lower() if "." in os.path.basename(path) else ""
-    return ext if ext in IMAGE_EXTENSIONS else None
-
-
-def _read_image(path: Path) -> tuple[bytes | None, str | None]:
-    """The file's bytes, or ``(None, reason)`` when it is missing, unreadable or empty."""
-    try:
-        data = path.read_bytes()
-    except FileNotFoundError:
-        return None, "missing_image"
-    except OSError:
-        return None, "unreadable_image"
-    return (data, None) if data else (None, "empty_image")
-
-
 def _read_caption(path: Path) -> tuple[str | None, str | None]:
     """The stripped caption, or ``(None, reason)`` when it is missing, unreadable, not UTF-8 or empty."""
     try:
@@ -400,29 +275,10 @@ def _read_caption(path: Path) -> tuple[str | None, str | None]:
     return (text, None) if text else (None, "empty_caption")
 
 
-class Skips:
-    """Skipped samples counted by reason, with the first few examples of each."""
-
-    def __init__(self, examples: int = 3) -> None:
-        self.counts: Counter[str] = Counter()
-        self.examples: dict[str, list[str]] = {}
-        self.max_examples = examples
-
-    def add(self, reason: str, where: str) -> None:
-        """Count one skipped sample; ``where`` says which (a path, or file:line)."""
-        self.counts[reason] += 1
-        shown = self.examples.setdefault(reason, [])
-        if len(shown) < self.max_examples:
-            shown.append(where)
-
-    def report(self) -> str:
-        """One line per reason, e.g. ``missing_caption: 3 (e.g. a/b.jpg, ...)``."""
-        if not self.counts:
-            return "skipped: 0"
-        lines = [f"skipped: {sum(self.counts.values())}"]
-        for reason, n in sorted(self.counts.items()):
-            lines.append(f"  {reason}: {n} (e.g. {', '.join(self.examples[reason])})")
-        return "\n".join(lines)
+def _finish(split_dir: Path, manifest: dict[str, Any], skips: Skips, start: float) -> None:
+    print(f"{manifest['split']}: {manifest['num_samples']} samples in {len(manifest['shards'])} shards "
+          f"-> {split_dir} ({time.perf_counter() - start:.1f}s)")
+    print(skips.report())
 
 
 # --------------------------------------------------------------------------------- folder
@@ -439,14 +295,14 @@ def folder_samples(src: Path, skips: Skips) -> Iterator[dict[str, Any]]:
     for dirpath, dirnames, filenames in os.walk(src):
         dirnames.sort()  # os.walk's order is the file system's; sorting makes runs reproducible
         for name in sorted(filenames):
-            ext = _image_extension(name)
+            ext = image_extension(name)
             if ext is None or name.startswith("."):
                 continue
             image_path = Path(dirpath) / name
             relative = image_path.relative_to(src).as_posix()
             caption, reason = _read_caption(image_path.with_suffix(".txt"))
             if reason is None:
-                data, reason = _read_image(image_path)
+                data, reason = read_image(image_path)
             if reason is not None:
                 skips.add(reason, relative)
                 continue
@@ -458,7 +314,7 @@ def run_folder(args: argparse.Namespace, parser: argparse.ArgumentParser) -> Non
     """Shard a folder of images with same-named caption files."""
     if not args.src.is_dir():
         parser.error(f"--src {str(args.src)!r} is not a directory")
-    stale = _check_split_dir(parser, args.out, args.split_name, args.overwrite)
+    stale = check_split_dir(args.out, args.split_name, args.overwrite)
     for old in stale:
         old.unlink(missing_ok=True)
     start = time.perf_counter()
@@ -467,18 +323,10 @@ def run_folder(args: argparse.Namespace, parser: argparse.ArgumentParser) -> Non
     split_dir = args.out / args.split_name
     try:
         manifest = write_split(split_dir, folder_samples(args.src, skips), args.samples_per_shard,
-                               meta, args.shard_bytes)
-    except DataError:
+                               meta, args.shard_bytes, skips)
+    except EmptySplitError:
         raise DataError(f"--src {str(args.src)!r}: no image with a caption file was found\n{skips.report()}") from None
     _finish(split_dir, manifest, skips, start)
-
-
-def _finish(split_dir: Path, manifest: dict[str, Any], skips: Skips, start: float) -> None:
-    manifest["skipped"] = dict(sorted(skips.counts.items()))
-    (split_dir / MANIFEST).write_text(json.dumps(manifest, indent=1) + "\n")
-    print(f"{manifest['split']}: {manifest['num_samples']} samples in {len(manifest['shards'])} shards "
-          f"-> {split_dir} ({time.perf_counter() - start:.1f}s)")
-    print(skips.report())
 
 
 # --------------------------------------------------------------------------------- manifest
@@ -520,9 +368,9 @@ def manifest_rows(path: Path) -> Iterator[tuple[int, dict[str, Any]]]:
                 if reader.fieldnames is None:
                     raise DataError(f"{path}:1: empty file; expected a header row")
                 header = set(reader.fieldnames)
-                if not ({"image", "text"} <= header or header & set(INSTRUCTION_FIELDS)):
+                if not ({"image", "text"} <= header or header & set(SIDE_FIELDS)):
                     raise DataError(f"{path}:1: the header names neither the columns 'image' and 'text' nor "
-                                    f"instruction-pair fields ({', '.join(INSTRUCTION_FIELDS)}); it has "
+                                    f"instruction-pair fields ({', '.join(SIDE_FIELDS)}); it has "
                                     f"{reader.fieldnames}")
                 for row in reader:
                     if None in row:
@@ -547,7 +395,18 @@ def _optional_str(row: dict[str, Any], field: str, where: str) -> str | None:
     return value
 
 
-def _negatives(row: dict[str, Any], where: str, from_csv: bool) -> list[dict[str, str | None]]:
+def _side(row: dict[str, Any], prefix: str, where: str) -> dict[str, Any]:
+    """``{"instruction", "text", "image", "video"}`` of one side of a manifest row (paths as given, or None)."""
+    side = {"instruction": (_optional_str(row, f"{prefix}instruction", where) or "").strip(),
+            "text": (_optional_str(row, f"{prefix}text", where) or "").strip(),
+            "image": _optional_str(row, f"{prefix}image", where) or None,
+            "video": _optional_str(row, f"{prefix}video", where) or None}
+    if side["image"] is not None and side["video"] is not None:
+        raise DataError(f"{where}: {prefix}image and {prefix}video are both given; a side has an image or a video")
+    return side
+
+
+def _negatives(row: dict[str, Any], where: str, from_csv: bool) -> list[dict[str, Any]]:
     value = row.get("negatives")
     if value is None:
         return []
@@ -562,14 +421,13 @@ def _negatives(row: dict[str, Any], where: str, from_csv: bool) -> list[dict[str
     for i, item in enumerate(value):
         if isinstance(item, str):
             item = {"text": item}
-        if not isinstance(item, dict) or set(item) - {"text", "image"}:
-            raise DataError(f"{where}: negatives[{i}] must be a string or an object with 'text' and/or 'image', "
-                            f"got {item!r}")
-        text = _optional_str(item, "text", f"{where}: negatives[{i}]") or ""
-        image = _optional_str(item, "image", f"{where}: negatives[{i}]") or None
-        if not text.strip() and image is None:
-            raise DataError(f"{where}: negatives[{i}] has neither a text nor an image")
-        out.append({"text": text.strip(), "image": image})
+        if not isinstance(item, dict) or set(item) - set(NEGATIVE_FIELDS):
+            raise DataError(f"{where}: negatives[{i}] must be a string or an object with 'text', 'image', 'video' "
+                            f"and/or 'instruction', got {item!r}")
+        negative = _side(item, "", f"{where}: negatives[{i}]")
+        if not negative["text"] and negative["image"] is None and negative["video"] is None:
+            raise DataError(f"{where}: negatives[{i}] has neither a text nor an image or video")
+        out.append(negative)
     return out
 
 
@@ -578,7 +436,8 @@ def parse_row(row: dict[str, Any], kind: str, where: str, from_csv: bool) -> dic
 
     Returns:
         For ``image-text``: ``{"image", "text", "extra"}``; for ``instruction``:
-        ``{"query_instruction", "query_text", "query_image", "target_text", "target_image", "negatives"}``.
+        ``{"query", "target", "negatives"}``, each side ``{"instruction", "text", "image", "video"}``
+        (the image path and the frame folder as given, or None).
 
     Raises:
         DataError: For a missing column or a value of the wrong type, naming ``where``.
@@ -594,21 +453,17 @@ def parse_row(row: dict[str, Any], kind: str, where: str, from_csv: bool) -> dic
         text = _optional_str(row, "text", where) or ""
         extra = {k: v for k, v in row.items() if k not in ("image", "text")}
         return {"image": image, "text": text.strip(), "extra": extra}
-    parsed: dict[str, Any] = {"query_instruction": (_optional_str(row, "query_instruction", where) or "").strip()}
-    for field in INSTRUCTION_FIELDS:
-        value = _optional_str(row, field, where)
-        parsed[field] = (value or "").strip() if field.endswith("_text") else (value or None)
-    parsed["negatives"] = _negatives(row, where, from_csv)
-    return parsed
+    return {"query": _side(row, "query_", where), "target": _side(row, "target_", where),
+            "negatives": _negatives(row, where, from_csv)}
 
 
 def _row_kind(row: dict[str, Any], where: str) -> str:
-    if any(field in row for field in INSTRUCTION_FIELDS):
+    if any(field in row for field in SIDE_FIELDS):
         return "instruction"
     if "image" in row or "text" in row:
         return "image-text"
     raise DataError(f"{where}: a row needs the columns 'image' and 'text', or instruction-pair fields "
-                    f"({', '.join(INSTRUCTION_FIELDS)}); it has {sorted(row)}")
+                    f"({', '.join(SIDE_FIELDS)}); it has {sorted(row)}")
 
 
 def validate_manifest(path: Path) -> tuple[str, int]:
@@ -628,68 +483,57 @@ def validate_manifest(path: Path) -> tuple[str, int]:
     return kind, rows
 
 
-def _load_images(
-    named: dict[str, str | None], root: Path, where: str, skips: Skips
-) -> dict[str, tuple[str, bytes]] | None:
-    """``{member stem: (ext, bytes)}`` for each image path given, or None (counted) if any is unusable."""
-    loaded = {}
-    for stem, path in named.items():
-        if path is None:
+def image_text_samples(path: Path, root: Path, skips: Skips) -> Iterator[dict[str, Any]]:
+    """Image-caption samples from a validated manifest, in file order; the key is the 0-based data-row index."""
+    for index, (line_no, row) in enumerate(manifest_rows(path)):
+        where = f"{path}:{line_no}"
+        parsed = parse_row(row, "image-text", where, from_csv=False)
+        if not parsed["text"]:
+            skips.add("empty_caption", where)
             continue
-        ext = _image_extension(path)
+        ext = image_extension(parsed["image"])
         if ext is None:
-            skips.add("unsupported_image_type", f"{where} ({path})")
-            return None
-        data, reason = _read_image(root / path)
+            skips.add("unsupported_image_type", f"{where} ({parsed['image']})")
+            continue
+        data, reason = read_image(root / parsed["image"])
         if reason is not None:
-            skips.add(reason, f"{where} ({path})")
-            return None
-        loaded[stem] = (ext, data)
-    return loaded
+            skips.add(reason, f"{where} ({parsed['image']})")
+            continue
+        yield {"__key__": f"{index:09d}", ext: data, "txt": parsed["text"],
+               "json": {"source": parsed["image"], **parsed["extra"]}}
 
 
-def manifest_samples(path: Path, kind: str, root: Path, skips: Skips) -> Iterator[dict[str, Any]]:
-    """Samples from a validated manifest, in file order; the key is the 0-based data-row index."""
+def _frames(folder: str | None, root: Path, num_frames: int) -> list[str] | None:
+    """The sampled frames of a frame folder, as paths relative to ``root`` (absolute if the folder is)."""
+    if folder is None:
+        return None
+    return [(Path(folder) / frame.name).as_posix()
+            for frame in sample_frames(list_frames(root / folder), num_frames)]
+
+
+def pair_rows(path: Path, root: Path, num_frames: int, skips: Skips) -> Iterator[PairRow]:
+    """Instruction pairs from a validated manifest, in file order; the key is the 0-based data-row index.
+
+    A row whose frame folder does not exist is skipped here (``missing_video``); ``write_pairs``
+    counts the rest of what makes a row unusable.
+    """
     from_csv = path.suffix.lower() == ".csv"
     for index, (line_no, row) in enumerate(manifest_rows(path)):
         where = f"{path}:{line_no}"
-        parsed = parse_row(row, kind, where, from_csv)
-        key = f"{index:09d}"
-        if kind == "image-text":
-            if not parsed["text"]:
-                skips.add("empty_caption", where)
-                continue
-            images = _load_images({"image": parsed["image"]}, root, where, skips)
-            if images is None:
-                continue
-            ext, data = images["image"]
-            yield {"__key__": key, ext: data, "txt": parsed["text"],
-                   "json": {"source": parsed["image"], **parsed["extra"]}}
+        parsed = parse_row(row, "instruction", where, from_csv)
+        sides = [parsed["query"], parsed["target"], *parsed["negatives"]]
+        try:
+            videos = [_frames(side["video"], root, num_frames) for side in sides]
+        except FileNotFoundError as err:
+            skips.add("missing_video", f"{where} ({err})")
             continue
-        if not parsed["query_text"] and parsed["query_image"] is None:
-            skips.add("empty_query", where)
-            continue
-        if not parsed["target_text"] and parsed["target_image"] is None:
-            skips.add("empty_target", where)
-            continue
-        negatives = parsed["negatives"]
-        named = {"query": parsed["query_image"], "target": parsed["target_image"]}
-        named.update({f"neg{i}": neg["image"] for i, neg in enumerate(negatives)})
-        images = _load_images(named, root, where, skips)
-        if images is None:
-            continue
-        member = {stem: f"{stem}.{ext}" for stem, (ext, _) in images.items()}
-        record = {
-            "query_instruction": parsed["query_instruction"],
-            "query_text": parsed["query_text"],
-            "query_image": member.get("query"),
-            "target_text": parsed["target_text"],
-            "target_image": member.get("target"),
-            "negatives": [{"text": neg["text"], "image": member.get(f"neg{i}")} for i, neg in enumerate(negatives)],
-            "source": {"query_image": parsed["query_image"], "target_image": parsed["target_image"],
-                       "negatives": [neg["image"] for neg in negatives]},
-        }
-        yield {"__key__": key, "json": record, **{member[stem]: data for stem, (_, data) in images.items()}}
+        query, target, *negatives = [
+            PairSide(side["instruction"], side["text"], side["image"], video) for side, video in zip(sides, videos, strict=True)
+        ]
+        source = {"query_image": parsed["query"]["image"], "query_video": parsed["query"]["video"],
+                  "target_image": parsed["target"]["image"], "target_video": parsed["target"]["video"],
+                  "negatives": [{"image": n["image"], "video": n["video"]} for n in parsed["negatives"]]}
+        yield PairRow(f"{index:09d}", query, target, negatives, source)
 
 
 def run_manifest(args: argparse.Namespace, parser: argparse.ArgumentParser) -> None:
@@ -699,7 +543,7 @@ def run_manifest(args: argparse.Namespace, parser: argparse.ArgumentParser) -> N
     root = args.image_root if args.image_root is not None else args.manifest.parent
     if not root.is_dir():
         parser.error(f"--image-root {str(root)!r} is not a directory")
-    stale = _check_split_dir(parser, args.out, args.split_name, args.overwrite)
+    stale = check_split_dir(args.out, args.split_name, args.overwrite)
     start = time.perf_counter()
     kind, rows = validate_manifest(args.manifest)
     for old in stale:
@@ -709,9 +553,15 @@ def run_manifest(args: argparse.Namespace, parser: argparse.ArgumentParser) -> N
             "kind": "image-text" if kind == "image-text" else "instruction-pairs", "rows": rows}
     split_dir = args.out / args.split_name
     try:
-        manifest = write_split(split_dir, manifest_samples(args.manifest, kind, root, skips),
-                               args.samples_per_shard, meta, args.shard_bytes)
-    except DataError:
+        if kind == "image-text":
+            manifest = write_split(split_dir, image_text_samples(args.manifest, root, skips),
+                                   args.samples_per_shard, meta, args.shard_bytes, skips)
+        else:
+            meta["num_frames"] = args.num_frames
+            manifest = write_pairs(pair_rows(args.manifest, root, args.num_frames, skips), split_dir,
+                                   image_root=root, samples_per_shard=args.samples_per_shard,
+                                   shard_bytes=args.shard_bytes, meta=meta, skips=skips)
+    except EmptySplitError:
         raise DataError(f"{args.manifest}: every one of its {rows} rows was skipped\n{skips.report()}") from None
     _finish(split_dir, manifest, skips, start)
 
@@ -730,6 +580,8 @@ def main(argv: list[str] | None = None) -> int:
         try:
             if args.command == "folder":
                 run_folder(args, parser)
+            elif args.command == "mmeb-train":
+                mmeb_train.run(args)
             else:
                 run_manifest(args, parser)
         except DataError as err:

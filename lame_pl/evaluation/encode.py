@@ -15,6 +15,7 @@ from PIL import Image
 
 from lame_pl.evaluation.tables import EvalDataError
 from lame_pl.evaluation.task import ImageRef, Item
+from lame_pl.prompt import LAYOUT_VERSION, PromptProcessor, Side
 
 
 class ItemEncoder(Protocol):
@@ -44,9 +45,9 @@ def load_image(image: ImageRef) -> Image.Image:
 class CheckpointEncoder:
     """A ``LaMEModule`` checkpoint written by the CLI, encoding items as the training collator does.
 
-    A query or candidate reads its instruction, one block of vision tokens per image and its text
-    (``datamodules.collate.InstructionCollator.side``), left-padded, and is embedded at [EMBED]
-    with the encode mode the checkpoint was trained with.
+    A query or candidate goes through ``lame_pl.prompt.PromptProcessor``, the code the training
+    collators call (media, instruction, text; a video through the processor's video input),
+    left-padded, and is embedded at [EMBED] with the encode mode the checkpoint was trained with.
 
     Args:
         checkpoint: Path of the ``.ckpt`` file.
@@ -56,7 +57,6 @@ class CheckpointEncoder:
     """
 
     def __init__(self, checkpoint: str | Path, device: str = "cpu", batch_size: int = 16, max_text_length: int = 512):
-        from datamodules.collate import InstructionCollator
         from lame_pl import LaMEModule
         from lame_pl.backbone import build_processor
 
@@ -71,23 +71,39 @@ class CheckpointEncoder:
         self.device = torch.device(device)
         self.module.to(self.device).eval()
         self.batch_size = batch_size
-        processor = build_processor(self.module.backbone_spec)
-        self.collator = InstructionCollator(processor, max_text_length=max_text_length)
+        self.prompts = PromptProcessor(build_processor(self.module.backbone_spec), max_text_length)
         stat = path.stat()
-        identity = f"{path.resolve()}:{stat.st_size}:{stat.st_mtime_ns}:max_text_length={max_text_length}"
+        # The prompt layout is part of the identity: embeddings cached under another are stale.
+        identity = (f"{path.resolve()}:{stat.st_size}:{stat.st_mtime_ns}:max_text_length={max_text_length}"
+                    f":layout={LAYOUT_VERSION}")
         self.fingerprint = hashlib.sha256(identity.encode()).hexdigest()
+
+    def inputs(self, items: Sequence[Item]) -> dict[str, torch.Tensor]:
+        """The model inputs of ``items`` (one batch, on the CPU), as the training collator builds them."""
+        sides = [item_side(item) for item in items]
+        try:
+            return self.prompts(sides)
+        except ValueError as error:  # a record the prompt cannot hold: one line, as for any bad record
+            raise EvalDataError(str(error)) from None
 
     @torch.inference_mode()
     def encode(self, items: Sequence[Item]) -> torch.Tensor:
         """Embeddings of ``items`` in batches of ``batch_size``."""
         out = []
         for start in range(0, len(items), self.batch_size):
-            batch = items[start : start + self.batch_size]
-            sides = [{"text": item.text, "images": [load_image(image) for image in item.images]} for item in batch]
-            inputs = self.collator.side([item.instruction for item in batch], sides)
+            inputs = self.inputs(items[start : start + self.batch_size])
             inputs = {k: v.to(self.device) for k, v in inputs.items()}
             out.append(self.module.encode(inputs).embedding.float().cpu())
         return torch.cat(out)
+
+
+def item_side(item: Item) -> Side:
+    """``item`` with its images and frames decoded, ready for ``PromptProcessor``."""
+    video = tuple(load_image(frame) for frame in item.video) or None
+    if video and len({frame.size for frame in video}) > 1:
+        where = "inline frames" if isinstance(item.video[0], bytes) else f"frames {item.video[0]} ..."
+        raise EvalDataError(f"video {where}: frames differ in size ({sorted({f.size for f in video})})")
+    return Side(item.instruction, item.text, tuple(load_image(image) for image in item.images), video)
 
 
 class EmbeddingCache:

@@ -9,7 +9,9 @@ folder ``NAME/`` of such shards, as a Hugging Face snapshot stores a config)::
     image-tasks/            the images; qry_img_path and tgt_img_path are relative to it
     video/<Task>            the same row shape with frame folders: qry_video_path (str) and
                             tgt_video_path (list) instead of the image paths
-    video-tasks/            the frame folders (a video reads as num_frames frames sampled evenly)
+    video-tasks/            the frame folders: a video is num_frames of its frames, sampled evenly
+                            in natural order as VLM2Vec-V2 samples them (``lame_pl.media``), and
+                            read through the model's video input
     visdoc/<Task>/corpus    BEIR-style: corpus-id and image (a path, inline bytes, or absent:
                                 then visdoc-tasks/<Task>/<corpus-id>.png)
     visdoc/<Task>/queries   query-id, query
@@ -33,19 +35,11 @@ from pathlib import Path
 from lame_pl.evaluation.mmeb_tasks import MAIN_METRIC, MODALITY_ORDER, TASKS, TaskInfo, tasks_of
 from lame_pl.evaluation.tables import TABLE_SUFFIXES, EvalDataError, Row, find_table, read_qrels, read_rows, require_dir
 from lame_pl.evaluation.task import ImageRef, Item, RetrievalTask, image_path
-
-# Phi-3-V's image placeholder in the MMEB annotations; our collator places the vision tokens itself.
-IMAGE_PLACEHOLDER = "<|image_1|>"
-FRAME_SUFFIXES = (".jpg", ".jpeg", ".png", ".webp", ".bmp")
-# VLM2Vec's visual-document instructions (src/data/eval_dataset/vidore_dataset.py).
-VISDOC_QUERY_INSTRUCTION = "Find a document image that matches the given query:"
-VISDOC_PAGE_TEXT = "Understand the content of the provided document image."
+from lame_pl.instructions import VISDOC_PAGE_TEXT, VISDOC_QUERY_INSTRUCTION
+from lame_pl.instructions import strip_mmeb_placeholder as _clean
+from lame_pl.media import list_frames, sample_frames
 
 Media = Callable[[Row, str, str], tuple[ImageRef, ...]]
-
-
-def _clean(text: str) -> str:
-    return text.replace(IMAGE_PLACEHOLDER, "").strip()
 
 
 def _name(naming: str, text: str, media: str) -> str:
@@ -56,15 +50,21 @@ def _name(naming: str, text: str, media: str) -> str:
     return f"{media}:{text}"
 
 
+def _item(instruction: str, text: str, media: tuple[ImageRef, ...], video: bool) -> Item:
+    return Item(instruction, text, video=media) if video else Item(instruction, text, images=media)
+
+
 def read_pair_task(info: TaskInfo, rows: Sequence[Row], media: Media, media_field: str) -> RetrievalTask:
     """An image or video task from MMEB rows (query + candidate list, gold at index 0).
 
     Args:
         info: The task's modality, group, scope and candidate naming.
         rows: Its rows.
-        media: Turns ``(row, field, relative path)`` into the item's images ("" gives none).
-        media_field: ``img_path`` or ``video_path``: the suffix of the ``qry_``/``tgt_`` media fields.
+        media: Turns ``(row, field, relative path)`` into the item's images or frames ("" gives none).
+        media_field: ``img_path`` (the media are images) or ``video_path`` (the media are a
+            video's frames): the suffix of the ``qry_``/``tgt_`` media fields.
     """
+    video = media_field == "video_path"
     queries, candidates, relevance, local = [], [], [], []
     index_of_item: dict[Item, int] = {}
     index_of_name: dict[str, int] = {}
@@ -82,8 +82,8 @@ def read_pair_task(info: TaskInfo, rows: Sequence[Row], media: Media, media_fiel
 
     for row in rows:
         q_media = row.get(f"qry_{media_field}", str, required=False, default="")
-        queries.append(Item(_clean(row.text("qry_inst", required=False)), _clean(row.text("qry_text")),
-                            media(row, f"qry_{media_field}", q_media)))
+        queries.append(_item(_clean(row.text("qry_inst", required=False)), _clean(row.text("qry_text")),
+                             media(row, f"qry_{media_field}", q_media), video))
         texts = row.texts("tgt_text")
         if not texts:
             raise EvalDataError(f"{row.where}: field 'tgt_text' is an empty list (the gold candidate is its index 0)")
@@ -100,7 +100,7 @@ def read_pair_task(info: TaskInfo, rows: Sequence[Row], media: Media, media_fiel
             if name in seen:  # a duplicate candidate is the same candidate, kept once
                 continue
             seen.add(name)
-            chosen.append(add(Item(instruction, _clean(text), media(row, f"tgt_{media_field}", path)), name))
+            chosen.append(add(_item(instruction, _clean(text), media(row, f"tgt_{media_field}", path), video), name))
         relevance.append({chosen[0]: 1.0})
         local.append(chosen)
     return RetrievalTask(
@@ -132,7 +132,7 @@ def image_media(root: Path, task: str) -> Media:
 
 
 def video_media(root: Path, task: str, num_frames: int) -> Media:
-    """Resolves a frame folder against ``root`` into ``num_frames`` evenly spaced frame files."""
+    """Resolves a frame folder against ``root`` into ``num_frames`` of its frames (``lame_pl.media.sample_frames``)."""
     if num_frames < 1:
         raise ValueError(f"num_frames must be >= 1, got {num_frames}")
 
@@ -142,13 +142,10 @@ def video_media(root: Path, task: str, num_frames: int) -> Media:
         folder = root / relative
         if not folder.is_dir():
             raise EvalDataError(f"task {task}: {row.where}: {field} {relative!r} does not exist (looked at {folder})")
-        frames = sorted(p for p in folder.iterdir() if p.suffix.lower() in FRAME_SUFFIXES)
+        frames = list_frames(folder)
         if not frames:
             raise EvalDataError(f"task {task}: {row.where}: {field} {relative!r} holds no frame image ({folder})")
-        if len(frames) > num_frames:
-            step = len(frames) / num_frames
-            frames = [frames[int(i * step)] for i in range(num_frames)]
-        return tuple(str(p) for p in frames)
+        return tuple(str(p) for p in sample_frames(frames, num_frames))
 
     return resolve
 

@@ -19,16 +19,26 @@ ImageRef = str | bytes
 
 @dataclass(frozen=True)
 class Item:
-    """One thing to embed: an instruction, a text and zero or more images (a video is its frames)."""
+    """One thing to embed: an instruction, a text, zero or more images and an optional video.
+
+    Attributes:
+        instruction: Task instruction ("" for none).
+        text: The item's text ("" for none).
+        images: Images, each read as one image.
+        video: A video's sampled frames, in order, read through the model's video input; empty
+            for no video.
+    """
 
     instruction: str
     text: str
     images: tuple[ImageRef, ...] = ()
+    video: tuple[ImageRef, ...] = ()
 
     def key(self) -> str:
         """A digest of everything the embedding depends on; an image file counts by path, size and mtime."""
         images = [_image_fingerprint(image) for image in self.images]
-        payload = json.dumps([self.instruction, self.text, images], ensure_ascii=False)
+        video = [_image_fingerprint(frame) for frame in self.video]
+        payload = json.dumps([self.instruction, self.text, images, video], ensure_ascii=False)
         return hashlib.sha256(payload.encode("utf-8")).hexdigest()
 
 
