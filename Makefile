@@ -4,6 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 DATA := data/demo
 RUNS := runs/demo
+DEMO := --config configs/demo/base.yaml
 
 .PHONY: demo test install data lint clean
 
@@ -26,9 +27,9 @@ data: install
 ## demo: stage 1, stage 2 (initialised from stage 1), test, metrics beside chance
 demo: data
 	rm -rf $(RUNS)
-	$(BIN)/lightning fit --config configs/demo/stage1.yaml
-	$(BIN)/lightning fit --config configs/demo/stage2.yaml
-	$(BIN)/lightning test --config configs/demo/stage2.yaml --ckpt_path $(RUNS)/stage2/checkpoints/last.ckpt
+	$(BIN)/lightning fit $(DEMO) --config configs/demo/stage1.yaml
+	$(BIN)/lightning fit $(DEMO) --config configs/demo/stage2.yaml
+	$(BIN)/lightning test $(DEMO) --config configs/demo/stage2.yaml --ckpt_path $(RUNS)/stage2/checkpoints/last.ckpt
 	$(BIN)/python tools/show_metrics.py $(RUNS)/test_metrics.json
 
 ## test: the CPU test suite (slow tests: `make test PYTEST_ARGS="-m slow"`)

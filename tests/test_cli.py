@@ -60,9 +60,10 @@ def fit(*args: str):
 
 @pytest.mark.parametrize("stage", ["stage1", "stage2"])
 def test_demo_configs_fit_through_the_console_script(stage, shards, tmp_path):
-    """`lightning fit --config configs/demo/stageN.yaml` with fast_dev_run (data paths redirected)."""
+    """`lightning fit --config configs/demo/base.yaml --config configs/demo/stageN.yaml`, fast_dev_run."""
+    demo = ROOT / "configs" / "demo"
     cmd = [
-        str(LIGHTNING), "fit", f"--config={ROOT / 'configs' / 'demo' / f'{stage}.yaml'}", *data_args(shards),
+        str(LIGHTNING), "fit", f"--config={demo / 'base.yaml'}", f"--config={demo / f'{stage}.yaml'}", *data_args(shards),
         f"--model.init_args.decoder.vocab_file={shards / 'vocab.json'}", "--model.init_args.init_from=null",
         "--trainer.fast_dev_run=2", f"--trainer.logger.init_args.save_dir={tmp_path}",
         "--data.init_args.batch_size=4", "--data.init_args.num_workers=0",
@@ -169,3 +170,53 @@ def test_validate_writes_whole_split_retrieval_metrics(shards, tmp_path):
                "--trainer.callbacks+=callbacks.MetricsFile", f"--trainer.callbacks.path={out}"])
     metrics = json.loads(out.read_text())
     assert {"val/recall@1", "val/recall@5", "val/recall@10", "val/mrr", "val/loss/contrastive", "val/loss/decoder"} <= set(metrics)
+
+
+@pytest.mark.parametrize("spec", ["{lora: {r: 16}}", "{train_language_model: true}"])
+def test_a_partial_stage2_spec_keeps_stage2s_loss_weights(spec, shards, tmp_path, capsys):
+    """tests/conf/tiny.yaml has no stage2 block: the flag's spec merges over stage 2's defaults."""
+    import yaml
+
+    with pytest.raises(SystemExit) as done:
+        fit(f"--model.init_args.stage2={spec}", "--print_config")
+    assert done.value.code in (0, None)
+    printed = yaml.safe_load(capsys.readouterr().out)["model"]["init_args"]
+    assert printed["stage2"]["contrastive_loss_weight"] == 1.0 and printed["stage2"]["train_language_model"] is True
+    assert printed["stage1"]["contrastive_loss_weight"] == 0.0  # shown too, not null
+    cli = fit(*data_args(shards), f"--model.init_args.stage2={spec}", f"--trainer.default_root_dir={tmp_path}",
+              "--trainer.max_steps=0")
+    stage2 = cli.model.stages[2]
+    assert stage2.contrastive_loss_weight == 1.0 and stage2.decoder_loss_weight == 1.0 and stage2.train_language_model
+    assert (stage2.lora is not None) == ("lora" in spec)
+
+
+def test_lora_on_a_frozen_language_model_is_refused_naming_the_stage(shards):
+    with pytest.raises(SystemExit) as error:
+        fit(*data_args(shards), "--model.init_args.stage2={lora: {r: 16}, train_language_model: false}")
+    text = str(error.value.code)
+    assert text.startswith("error: model.stage2 sets lora but train_language_model is false")
+    assert "Namespace(" not in text and "Subtypes" not in text
+
+
+def test_a_checkpoint_from_fit_loads_through_init_from_with_weights_only(shards, tmp_path):
+    """init_from reads with torch.load(weights_only=True): a checkpoint of this project must pass."""
+    first = fit(*data_args(shards), *run_args(tmp_path, "w"), "--model.init_args.stage2={lora: {r: 2}}",
+                "--trainer.max_steps=1")
+    ckpt = tmp_path / "w" / "checkpoints" / "last.ckpt"
+    torch.load(ckpt, weights_only=True)  # the whole file, hyper-parameters included
+    second = fit(*data_args(shards), f"--model.init_args.init_from={ckpt}", "--trainer.max_steps=0",
+                 f"--trainer.default_root_dir={tmp_path}")
+    assert torch.equal(second.model.encoder.reason_embeddings, first.model.encoder.reason_embeddings)
+
+
+def test_init_from_refuses_a_file_that_would_run_code(tmp_path, tiny_spec):
+    """torch.load(weights_only=True): a pickled object of an unlisted class is refused, not built."""
+    import pickle
+
+    from lame_pl import LaMEModule
+
+    module = LaMEModule(tiny_spec, None, num_reason_tokens=0, stage=2)
+    path = tmp_path / "foreign.ckpt"
+    torch.save({"state_dict": module.state_dict(), "extra": Path("anything")}, path)
+    with pytest.raises(pickle.UnpicklingError, match="weights_only"):
+        module.load_weights(str(path))

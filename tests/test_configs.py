@@ -1,4 +1,5 @@
-"""The real-size configs parse, and run when their weight paths point at local checkpoints."""
+"""The real-size configs: base + stage overlays parse to the recipe, and run end to end on tiny local
+weights with shards converted from MMEB-train-layout files, through the same code path."""
 
 from __future__ import annotations
 
@@ -12,9 +13,11 @@ import yaml
 
 from lame_pl.backbone import BackboneSpec, DecoderSpec, backbone_config, build_backbone, build_decoder, build_processor
 from lame_pl.cli import build_cli
+from lame_pl.data.vlm2vec_mixture import SUBSETS
 
 ROOT = Path(__file__).resolve().parents[1]
 REAL = ROOT / "configs" / "qwen2vl-2b"
+DEMO = ROOT / "configs" / "demo"
 
 
 @pytest.fixture(autouse=True)
@@ -22,36 +25,84 @@ def _no_pytest_argv(monkeypatch):
     monkeypatch.setattr(sys, "argv", ["lightning"])
 
 
+def printed(capsys, *args: str) -> dict:
+    """The config ``lightning fit ARGS --print_config`` resolves to."""
+    with pytest.raises(SystemExit) as done:
+        build_cli(["fit", *args, "--print_config"])
+    assert done.value.code in (0, None)
+    return yaml.safe_load(capsys.readouterr().out)
+
+
 @pytest.mark.parametrize("stage", [1, 2])
 def test_real_configs_print_the_published_recipe(stage, capsys):
-    with pytest.raises(SystemExit) as done:
-        build_cli(["fit", f"--config={REAL / f'stage{stage}.yaml'}", "--print_config"])
-    assert done.value.code in (0, None)
-    config = yaml.safe_load(capsys.readouterr().out)
+    config = printed(capsys, f"--config={REAL / 'base.yaml'}", f"--config={REAL / f'stage{stage}.yaml'}")
     model = config["model"]["init_args"]
-    assert model["num_reason_tokens"] == 8 and model["stage"] == stage
-    assert model["temperature"] == 0.02 and model["lr"] == 5e-5 and model["warmup_steps"] > 0
+    assert model["num_reason_tokens"] == 8 and model["stage"] == stage and model["embed_dim"] == 3584
+    assert model["temperature"] == 0.02 and model["lr"] == 5e-5 and model["warmup_steps"] == 100
+    assert model["backbone"]["dtype"] == "bfloat16" and model["decoder"]["dtype"] == "float32"
     assert config["trainer"]["precision"] == "bf16-mixed"
+    assert config["trainer"]["max_steps"] == (2000 if stage == 1 else 5000)
+    assert config["trainer"]["logger"]["init_args"]["version"] == f"stage{stage}"
     assert config["trainer"]["devices"] * config["data"]["init_args"]["batch_size"] == 1024
-    spec = model[f"stage{stage}"]
-    assert spec["train_vision_tower"] is False
-    assert spec["train_language_model"] is (stage == 2)
-    assert (spec["contrastive_loss_weight"] > 0) is (stage == 2)
+    one, two = model["stage1"], model["stage2"]
+    assert (one["train_vision_tower"], one["train_language_model"], one["lora"]) == (False, False, None)
+    assert (one["contrastive_loss_weight"], one["decoder_loss_weight"]) == (0.0, 1.0)
+    assert (two["train_vision_tower"], two["train_language_model"]) == (False, True)
+    assert (two["contrastive_loss_weight"], two["decoder_loss_weight"]) == (1.0, 1.0)
+    lora = two["lora"]
+    assert (lora["r"], lora["alpha"], lora["dropout"], lora["use_dora"]) == (16, 64, 0.1, True)
+    assert (model["init_from"] is None) is (stage == 1)
 
 
-def test_mmeb_train_mixture_config_composes_with_either_stage(capsys):
-    with pytest.raises(SystemExit) as done:
-        build_cli(["fit", f"--config={REAL / 'stage2.yaml'}", f"--config={REAL / 'data_mmeb_train.yaml'}",
-                   "--print_config"])
-    assert done.value.code in (0, None)
-    data = yaml.safe_load(capsys.readouterr().out)["data"]
+def test_a_partial_stage2_spec_on_stage1_keeps_stage2s_contrastive_weight(capsys):
+    """The issue's check: a partial spec merges over its own stage's defaults, as --print_config shows."""
+    config = printed(capsys, f"--config={REAL / 'base.yaml'}", f"--config={REAL / 'stage1.yaml'}",
+                     "--model.init_args.stage2", "{lora: {r: 16}}")
+    two = config["model"]["init_args"]["stage2"]
+    assert two["contrastive_loss_weight"] == 1.0 and two["train_language_model"] is True
+    assert two["lora"]["r"] == 16
+
+
+def test_the_real_mixture_is_vlm2vec_v2s_with_its_weights(capsys):
+    """Every subset the converter knows, weighted as VLM2Vec-V2 weights it, one subset per batch."""
+    config = printed(capsys, f"--config={REAL / 'base.yaml'}", f"--config={REAL / 'stage2.yaml'}")
+    data = config["data"]
     assert data["class_path"] == "datamodules.InstructionPairDataModule"
     args = data["init_args"]
     assert args["train_shards"] is None and args["resampled"] is True
-    assert args["batch_size"] == 128  # the stage config's batch survives the data config
     sets = args["train_mixture"]
-    assert [s["homogeneous"] for s in sets] == [True, True, True, False]
-    assert all(s["weight"] > 0 and s["shards"] for s in sets)
+    assert [(s["name"], s["shards"], s["weight"]) for s in sets] == [(s.name, s.name, s.weight) for s in SUBSETS]
+    assert all(s["homogeneous"] for s in sets)
+
+
+def test_the_caption_overlay_swaps_the_data(capsys):
+    config = printed(capsys, f"--config={REAL / 'base.yaml'}", f"--config={REAL / 'stage2.yaml'}",
+                     f"--config={REAL / 'data_captions.yaml'}")
+    args = config["data"]["init_args"]
+    assert config["data"]["class_path"] == "datamodules.ImageTextDataModule"
+    assert args["train_mixture"] is None and args["mixture_root"] is None and args["train_shards"]
+    assert args["batch_size"] == 128  # the base's batch survives the overlay
+
+
+@pytest.mark.parametrize("stage", [1, 2])
+def test_stage_overlays_only_add_to_the_base(stage):
+    """No overlay repeats what its base says (a value given twice is a value that drifts)."""
+    for folder in (REAL, DEMO):
+        base = yaml.safe_load((folder / "base.yaml").read_text())
+        overlay = yaml.safe_load((folder / f"stage{stage}.yaml").read_text())
+
+        def repeated(over: dict, under: dict, path: str = "") -> list[str]:
+            out = []
+            for key, value in over.items():
+                if key not in under:
+                    continue
+                if isinstance(value, dict) and isinstance(under[key], dict):
+                    out += repeated(value, under[key], f"{path}{key}.")
+                else:
+                    out.append(f"{path}{key}")
+            return out
+
+        assert repeated(overlay, base) == [], folder
 
 
 @pytest.fixture(scope="module")
@@ -80,24 +131,43 @@ def test_backbone_loads_from_a_local_directory_with_its_weights(local_checkpoint
     assert processor.tokenizer.convert_tokens_to_ids("<|image_pad|>") == model.config.image_token_id
 
 
-@pytest.mark.parametrize("stage", [1, 2])
-def test_real_configs_fit_with_local_weights(stage, local_checkpoints, tmp_path):
-    """The real recipe (bf16-mixed, gradient checkpointing, K=8) on tiny local weights, on the CPU."""
-    vlm, decoder = local_checkpoints
-    shards = tmp_path / "shards"
-    subprocess.run(
-        [sys.executable, str(ROOT / "tools" / "make_shards.py"), "synthetic", "--out", str(shards),
-         "--train", "8", "--val", "4", "--test", "4", "--image-size", "56"],
-        check=True, capture_output=True,
+@pytest.fixture(scope="module")
+def converted(tmp_path_factory) -> Path:
+    """MMEB-train-layout files (image, text-to-image and classification subsets) and LLaVA-Hound
+    video rows, converted by `tools/make_shards.py mmeb-train` as the README says."""
+    from test_mmeb_train import _mmeb_root, _video
+
+    tmp = tmp_path_factory.mktemp("mmeb")
+    mmeb = _mmeb_root(tmp)
+    sft, frames, _ = _video(tmp)
+    out = tmp / "shards"
+    result = subprocess.run(
+        [sys.executable, str(ROOT / "tools" / "make_shards.py"), "mmeb-train", "--mmeb-root", str(mmeb),
+         "--video-annotations", str(sft), "--video-frames", str(frames), "--out", str(out)],
+        capture_output=True, text=True, timeout=300,
     )
+    assert result.returncode == 0, result.stderr[-3000:]
+    return out
+
+
+@pytest.mark.parametrize("stage", [1, 2])
+def test_real_recipe_fits_on_converted_mmeb_train_data(stage, local_checkpoints, converted, tmp_path):
+    """The 2B recipe as written (bf16 weights, bf16-mixed, K=8, projection 3584, gradient
+    checkpointing, DoRA in stage 2, homogeneous mixture batches, video rows) on tiny local weights."""
+    vlm, decoder = local_checkpoints
     cli = build_cli([
-        "fit", f"--config={REAL / f'stage{stage}.yaml'}",
+        "fit", f"--config={REAL / 'base.yaml'}", f"--config={REAL / f'stage{stage}.yaml'}",
+        f"--config={converted / 'mixture.yaml'}",
         f"--model.init_args.backbone.path={vlm}", f"--model.init_args.decoder.path={decoder}",
         "--model.init_args.backbone.max_pixels=3136", "--model.init_args.init_from=null",
-        *[f"--data.init_args.{split}_shards={shards / split}" for split in ("train", "val", "test")],
         "--data.init_args.batch_size=2", "--data.init_args.num_workers=0",
         "--trainer.accelerator=cpu", "--trainer.devices=1", "--trainer.strategy=auto",
-        "--trainer.fast_dev_run=1", f"--trainer.logger.init_args.save_dir={tmp_path}", "--trainer.callbacks=[]",
+        "--trainer.max_steps=3", f"--trainer.logger.init_args.save_dir={tmp_path}", "--trainer.callbacks=[]",
+        "--trainer.enable_progress_bar=false",
     ])
-    assert cli.model.stage == stage
-    assert cli.trainer.global_step == 1
+    model = cli.model
+    assert model.stage == stage and cli.trainer.global_step == 3
+    assert model.encoder.backbone.dtype == torch.bfloat16 and model.encoder.embedding_dim == 3584
+    lora = [n for n, p in model.named_parameters() if "lora_" in n and p.requires_grad]
+    assert bool(lora) is (stage == 2)
+    assert all(p.dtype == torch.float32 for n, p in model.named_parameters() if p.requires_grad)
