@@ -36,6 +36,7 @@ LAYOUT: dict[str, dict[str, list]] = {
     "5 data": {
         "skipped samples": ["Multiline", [r"data/skipped/"]],
         "mixture shares": ["Multiline", [r"^data/mixture/"]],
+        "rows with a decoder label": ["Multiline", [r"^train/decoder/labelled_fraction$"]],
     },
 }
 

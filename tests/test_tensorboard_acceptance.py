@@ -71,7 +71,7 @@ def test_demo_run_writes_scalars_heatmap_layout_and_projector(shards, tmp_path, 
         *[f"--data.init_args.{split}_shards={shards / split}" for split in ("train", "val", "test")],
         f"--model.init_args.decoder.vocab_file={shards / 'vocab.json'}", "--model.init_args.init_from=null",
         "--data.init_args.batch_size=4", "--data.init_args.num_workers=0",
-        "--trainer.max_steps=2", "--trainer.val_check_interval=2", "--trainer.enable_progress_bar=false",
+        "--trainer.max_steps=2", "--trainer.val_check_interval=2", "--trainer.log_every_n_steps=1", "--trainer.enable_progress_bar=false",
         f"--trainer.logger.init_args.save_dir={tmp_path / 'tb'}",
     ])
     run = tmp_path / "tb" / "stage2"
@@ -88,6 +88,7 @@ def test_demo_run_writes_scalars_heatmap_layout_and_projector(shards, tmp_path, 
         "diag/reason/pairwise_cosine", "diag/attention/input", "diag/attention/reason", "diag/attention/embed",
         "diag/decoder_loss/stage2",
     }
+    expected |= {"train/loss", "train/decoder/labelled_fraction"}  # training scalars get a chart too
     assert expected <= set(tags["scalars"]), expected - set(tags["scalars"])
 
     def value(tag: str) -> float:
