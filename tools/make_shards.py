@@ -88,6 +88,7 @@ from lame_pl.data.shard_writer import (
     read_image,
     write_split,
 )
+from lame_pl.data.table_rows import jsonl_objects
 from lame_pl.media import DEFAULT_NUM_FRAMES, list_frames, sample_frames
 
 try:
@@ -344,24 +345,10 @@ def manifest_rows(path: Path) -> Iterator[tuple[int, dict[str, Any]]]:
     suffix = path.suffix.lower()
     if suffix not in (".jsonl", ".csv"):
         raise DataError(f"{path}: a manifest must be a .jsonl or a .csv file")
+    if suffix == ".jsonl":
+        yield from jsonl_objects(path)
+        return
     try:
-        if suffix == ".jsonl":
-            with open(path, "rb") as f:
-                for line_no, raw in enumerate(f, 1):
-                    try:
-                        line = raw.decode("utf-8")
-                    except UnicodeDecodeError:
-                        raise DataError(f"{path}:{line_no}: not UTF-8 text") from None
-                    if not line.strip():
-                        continue
-                    try:
-                        row = json.loads(line)
-                    except json.JSONDecodeError as err:
-                        raise DataError(f"{path}:{line_no}: not valid JSON ({err.msg}, column {err.colno})") from None
-                    if not isinstance(row, dict):
-                        raise DataError(f"{path}:{line_no}: expected a JSON object, got {type(row).__name__}")
-                    yield line_no, row
-            return
         with open(path, newline="", encoding="utf-8") as f:
             reader = csv.DictReader(f)
             try:

@@ -99,7 +99,13 @@ def _parquet_rows(path: Path, required: Sequence[str], optional: Sequence[str]) 
         raise DataError(f"{path} row {row}: cannot read the parquet file ({err})") from None
 
 
-def _jsonl_rows(path: Path, required: Sequence[str], optional: Sequence[str]) -> Iterator[tuple[dict, str]]:
+def jsonl_objects(path: Path) -> Iterator[tuple[int, dict[str, Any]]]:
+    """``(line number, object)`` for each non-blank line of a JSONL file.
+
+    Raises:
+        DataError: When the file cannot be read, or a line is not UTF-8 or not a JSON object;
+            the message names the file and the line.
+    """
     try:
         with open(path, "rb") as f:
             for line_no, raw in enumerate(f, 1):
@@ -116,12 +122,17 @@ def _jsonl_rows(path: Path, required: Sequence[str], optional: Sequence[str]) ->
                     raise DataError(f"{where}: not valid JSON ({err.msg}, column {err.colno})") from None
                 if not isinstance(record, dict):
                     raise DataError(f"{where}: expected a JSON object, got {type(record).__name__}")
-                missing = [name for name in required if name not in record]
-                if missing:
-                    raise DataError(f"{where}: missing field {missing[0]!r} (the row has {sorted(record)})")
-                yield {name: record.get(name) for name in (*required, *optional)}, where
+                yield line_no, record
     except OSError as err:
         raise DataError(f"{path}: cannot read the file ({err.strerror or err})") from None
+
+
+def _jsonl_rows(path: Path, required: Sequence[str], optional: Sequence[str]) -> Iterator[tuple[dict, str]]:
+    for line_no, record in jsonl_objects(path):
+        missing = [name for name in required if name not in record]
+        if missing:
+            raise DataError(f"{path}:{line_no}: missing field {missing[0]!r} (the row has {sorted(record)})")
+        yield {name: record.get(name) for name in (*required, *optional)}, f"{path}:{line_no}"
 
 
 def table_files(path: Path, what: str, split: str = "train") -> list[Path]:
