@@ -22,6 +22,7 @@ from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from typing import Any
 
+import torch.serialization
 import torch.utils.data
 
 from datamodules.samples import EpochState
@@ -43,6 +44,11 @@ class ShardSet:
     weight: float = 1.0
     homogeneous: bool = False
     name: str | None = None
+
+
+# Allowed in torch.load(weights_only=True): a datamodule built in Python keeps these in the
+# checkpoint's datamodule hyper-parameters.
+torch.serialization.add_safe_globals([ShardSet])
 
 
 def check_mixture(sets: list[ShardSet], key: str = "data.train_mixture") -> list[ShardSet]:

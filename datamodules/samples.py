@@ -26,7 +26,8 @@ from lame_pl.data.instruction_pairs import parse_pair_json
 from lame_pl.data.shard_writer import IMAGE_EXTENSIONS, TAR_BLOCK
 from lame_pl.prompt import VISION_TOKENS
 
-SKIP_REASONS = ("corrupt_tar", "bad_image", "empty_caption", "missing_image", "image_too_large", "bad_json")
+SKIP_REASONS = ("corrupt_tar", "bad_image", "empty_caption", "missing_image", "image_too_large", "bad_json",
+                "vision_token")
 # Qwen-VL's resizing refuses images longer than this ratio; one such image would fail its batch.
 MAX_ASPECT_RATIO = 200
 COMPRESSED_MAGIC = (b"\x1f\x8b", b"BZh", b"\xfd7zXZ")
@@ -289,6 +290,9 @@ class DecodePairs(DecodeStage):
         text = sample.get("txt", b"").decode("utf-8", errors="replace").strip()
         if not text:
             return skip("empty_caption", "no txt member" if "txt" not in sample else "the txt member is blank")
+        token = next((t for t in VISION_TOKENS if t in text), None)
+        if token is not None:  # the processor would expect an image the caption does not carry
+            return skip("vision_token", f"the caption holds the special token {token}")
         image, reason, detail = _open_image(sample[ext], ext, self.max_image_pixels)
         if image is None:
             return skip(reason, detail)
@@ -307,7 +311,8 @@ class DecodeInstructionPairs(DecodeStage):
     each side ``{"instruction": str, "text": str, "images": [PIL image, ...], "video": [PIL image,
     ...] | None}`` (``images`` holds the side's image, if any; ``video`` its frames, in order). The
     JSON is read by ``lame_pl.data.instruction_pairs.parse_pair_json``: one that does not parse or
-    lacks a field, or a text or instruction holding a vision special token, is ``bad_json``; an
+    lacks a field is ``bad_json``; a text or instruction holding a vision special token is
+    ``vision_token``; an
     image or frame member the JSON names but the sample lacks is ``missing_image``; images and
     frames get the checks of ``DecodePairs``, and a video whose frames differ in size is ``bad_image``.
     """
@@ -331,7 +336,7 @@ class DecodeInstructionPairs(DecodeStage):
             # fail the whole batch; the record is bad, not the run.
             token = next((t for t in VISION_TOKENS for part in ("instruction", "text") if t in side[part]), None)
             if token is not None:
-                return skip("bad_json", f"{name}: its instruction or text holds the special token {token}")
+                return skip("vision_token", f"{name}: its instruction or text holds the special token {token}")
             images = self._open_members(sample, name, [] if side["image"] is None else [side["image"]])
             if images is None:
                 return None

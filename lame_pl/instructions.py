@@ -1,8 +1,9 @@
 """The fixed task instructions and source placeholders of the benchmark and its training data.
 
-One home for the strings that the MMEB-v2 evaluator and the VLM2Vec-V2 training converters share,
-so that a visual-document or video task is worded the same in training and in evaluation. Light
-on purpose (no torch): the shard tools import it.
+One home for these strings. The visual-document instructions are shared by the MMEB-v2 evaluator
+and the VisRAG training rows, so that a document task is worded the same in training and in
+evaluation; the video ones are VLM2Vec-V2's training wording (its MMEB-v2 video tasks carry
+their own instructions in their tables). Light on purpose (no torch): the shard tools import it.
 """
 
 from __future__ import annotations

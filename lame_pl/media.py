@@ -17,7 +17,9 @@ from typing import TypeVar
 
 import numpy as np
 
-FRAME_SUFFIXES = (".jpg", ".jpeg", ".png", ".webp", ".bmp")
+# The image types a shard can hold (lame_pl.data.shard_writer.IMAGE_EXTENSIONS), so that a frame
+# the evaluator reads is one training can store.
+FRAME_SUFFIXES = (".jpg", ".jpeg", ".png", ".webp")
 # VLM2Vec-V2's frames per video, in training (train_alltasks.yaml) and in MMEB-v2 (video.yaml).
 DEFAULT_NUM_FRAMES = 8
 

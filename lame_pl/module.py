@@ -422,6 +422,18 @@ class LaMEModule(LightningModule):
         if stage != self.stage:
             rank_zero_info(f"resuming in stage {stage}, the stage saved in the checkpoint")
         self.set_stage(stage)
+        # A checkpoint whose optimiser covers another trainable set (one written before a stage
+        # froze what its losses cannot reach) would fail deep inside torch with a size mismatch.
+        saved = checkpoint.get("optimizer_states") or []
+        if saved and "param_groups" in saved[0]:
+            count = sum(len(group["params"]) for group in saved[0]["param_groups"])
+            trains = sum(1 for p in self.parameters() if p.requires_grad)
+            if count != trains:
+                raise ValueError(
+                    f"the checkpoint's optimiser holds {count} trainable tensors but stage {stage} trains {trains} "
+                    "here (a checkpoint from an older version, or another stage spec): its optimiser cannot "
+                    "resume; start a new run from its weights with --model.init_args.init_from CKPT"
+                )
 
 
 def decoder_rows(batch: dict[str, Any]) -> int:

@@ -54,13 +54,18 @@ def test_real_configs_print_the_published_recipe(stage, capsys):
     assert (model["init_from"] is None) is (stage == 1)
 
 
-def test_a_partial_stage2_spec_on_stage1_keeps_stage2s_contrastive_weight(capsys):
-    """The issue's check: a partial spec merges over its own stage's defaults, as --print_config shows."""
-    config = printed(capsys, f"--config={REAL / 'base.yaml'}", f"--config={REAL / 'stage1.yaml'}",
-                     "--model.init_args.stage2", "{lora: {r: 16}}")
-    two = config["model"]["init_args"]["stage2"]
-    assert two["contrastive_loss_weight"] == 1.0 and two["train_language_model"] is True
-    assert two["lora"]["r"] == 16
+def test_a_partial_stage2_spec_on_stage1_keeps_stage2s_contrastive_weight(capsys, tmp_path):
+    """The issue's check, on the 2B base without its stage2 block (which would fill every key
+    itself): a partial spec merges over its own stage's defaults, as --print_config shows."""
+    base = yaml.safe_load((REAL / "base.yaml").read_text())
+    del base["model"]["init_args"]["stage2"]
+    (tmp_path / "base.yaml").write_text(yaml.safe_dump(base))
+    for spec in ("{lora: {r: 16}}", "{train_language_model: true}"):
+        config = printed(capsys, f"--config={tmp_path / 'base.yaml'}", f"--config={REAL / 'stage1.yaml'}",
+                         "--model.init_args.stage2", spec)
+        two = config["model"]["init_args"]["stage2"]
+        assert two["contrastive_loss_weight"] == 1.0 and two["train_language_model"] is True, spec
+        assert (two["lora"] or {}).get("r") == (16 if "lora" in spec else None)
 
 
 def test_the_real_mixture_is_vlm2vec_v2s_with_its_weights(capsys):
@@ -82,6 +87,8 @@ def test_the_caption_overlay_swaps_the_data(capsys):
     assert config["data"]["class_path"] == "datamodules.ImageTextDataModule"
     assert args["train_mixture"] is None and args["mixture_root"] is None and args["train_shards"]
     assert args["batch_size"] == 128  # the base's batch survives the overlay
+    # The instruction-pair base says no query instruction; the caption overlay says its own.
+    assert args["query_instruction"] == "Find the caption that describes this image."
 
 
 @pytest.mark.parametrize("stage", [1, 2])

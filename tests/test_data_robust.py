@@ -99,6 +99,8 @@ def test_bad_samples_skipped_by_reason_and_every_good_one_arrives_in_order(tmp_p
         {"__key__": "b8", "png": truncated, "txt": "cut off"},
         good("a9", 9),
         {"__key__": "b10", "png": png(10, side=80), "txt": "above the test's max_image_pixels"},
+        # The processor would expect an image for this token and fail the whole batch.
+        {"__key__": "b12", "png": png(12), "txt": "a caption with <|image_pad|> inside"},
         good("a11", 11),
     ]
     write(tmp_path / "shard-000000.tar", samples)
@@ -106,7 +108,8 @@ def test_bad_samples_skipped_by_reason_and_every_good_one_arrives_in_order(tmp_p
     dm = datamodule(str(tmp_path), max_image_pixels=70 * 70)
     keys, skipped, batches = read_all(dm.val_dataloader())
     assert keys == ["a0", "a2", "a9", "a11", "c0", "c1"]
-    assert skipped == {"bad_image": 2, "empty_caption": 2, "missing_image": 1, "image_too_large": 3}
+    assert skipped == {"bad_image": 2, "empty_caption": 2, "missing_image": 1, "image_too_large": 3,
+                       "vision_token": 1}
     assert all(isinstance(b["skipped"], dict) for b in batches)
     assert batches[-1]["skipped"] == {}  # counts go with the batch they were met in, not later
     assert [t for b in batches for t in b["texts"]][:2] == ["caption of a0", "caption of a2"]

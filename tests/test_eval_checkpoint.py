@@ -38,6 +38,7 @@ def checkpoint(tmp_path_factory) -> Path:
             f"--trainer.default_root_dir={tmp}",  # where LightningCLI saves its config.yaml
             "--trainer.callbacks+=lightning.pytorch.callbacks.ModelCheckpoint",
             f"--trainer.callbacks.dirpath={tmp / 'ckpt'}", "--trainer.callbacks.save_last=true",
+            "--data.init_args.max_text_length=24",
         ])
     finally:
         sys.argv = argv
@@ -176,3 +177,12 @@ def test_training_collator_and_evaluator_build_identical_inputs(checkpoint, tmp_
     query = collate.tokenizer.decode(batch["query"]["input_ids"][0])
     assert "<|vision_end|>\nAnswer the question about the image: what is the" in query  # a space, not run together
     assert "and why" not in query  # the text was cut to 8 tokens, on both sides alike
+
+
+def test_texts_are_cut_as_the_training_run_cut_them_unless_told_otherwise(checkpoint, capsys):
+    """The checkpoint was trained with data.max_text_length 24: the evaluator cuts there too."""
+    from lame_pl.evaluation.encode import FALLBACK_MAX_TEXT_LENGTH, CheckpointEncoder
+
+    assert CheckpointEncoder(checkpoint).max_text_length == 24 != FALLBACK_MAX_TEXT_LENGTH
+    assert "max_text_length: 24 (the training run's data.max_text_length)" in capsys.readouterr().out
+    assert CheckpointEncoder(checkpoint, max_text_length=7).max_text_length == 7

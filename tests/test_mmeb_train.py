@@ -512,3 +512,16 @@ def test_mixture_overlay_trains_through_the_datamodule(tmp_path: Path, tiny_spec
         assert batch["sources"][0] in {"OK-VQA", "colpali_train_set", "video_qa_240k"}
         has_video = "pixel_values_videos" in batch["query"]
         assert has_video == (batch["sources"][0] == "video_qa_240k")
+
+
+def test_a_template_start_without_a_clause_mark_is_split_off_in_a_large_subset() -> None:
+    """MSCOCO grounding's queries: with `decoder_label: target_or_query_text` the query text is a
+    decoder label, so the template must not stay in it; a handful of rows is still read as chance."""
+    from lame_pl.data.instruction_split import TEMPLATE_ROWS
+
+    template = "Select the portion of the image that isolates the object labeled as"
+    labels = [f'"{word} {i}"' for i, word in enumerate(["bus", "hot dog", "cat"] * TEMPLATE_ROWS)][:TEMPLATE_ROWS]
+    texts = [f"{template} {label}" for label in labels]
+    assert infer_instruction(texts) == template
+    assert split_instruction(texts[1], template) == labels[1]
+    assert infer_instruction(texts[:3]) == ""

@@ -279,7 +279,7 @@ def test_decode_counts_frames_of_two_sizes_and_vision_tokens_in_text(tmp_path: P
                     "query_f1.png": _encoded(2)})
     samples, skipped = _decoded(decode_stage, split)
     assert list(samples) == ["ok"]
-    assert skipped == {"bad_image": 1, "bad_json": 1}
+    assert skipped == {"bad_image": 1, "vision_token": 1}
 
 
 # --- tools/make_shards.py manifest ------------------------------------------------------------

@@ -171,3 +171,15 @@ def test_trainable_summary_counts_each_part(build):
     assert counts["reason tokens"] == (2 * 64, 2 * 64)  # K=2, tiny hidden size 64
     line = trainable_summary(module, "stage 2")
     assert line.startswith("stage 2 trains ") and "LoRA adapters" in line and "decoder projector" in line
+
+
+def test_resuming_an_optimiser_over_another_trainable_set_fails_with_a_way_out(build):
+    """A checkpoint written before stage 1 froze [EMBED] and its projection held them in its
+    optimiser: resuming it must name the mismatch and init_from, not fail inside torch."""
+    module = build(stage=1, embed_dim=8)
+    trains = sum(1 for p in module.parameters() if p.requires_grad)
+    ok = {"lame_stage": 1, "optimizer_states": [{"param_groups": [{"params": list(range(trains))}]}]}
+    module.on_load_checkpoint(ok)
+    old = {"lame_stage": 1, "optimizer_states": [{"param_groups": [{"params": list(range(trains + 3))}]}]}
+    with pytest.raises(ValueError, match=f"holds {trains + 3} trainable tensors but stage 1 trains {trains}.*init_from"):
+        module.on_load_checkpoint(old)

@@ -11,16 +11,19 @@ data, per subset and side (query; target and negatives together):
    instruction: the side is a constant prompt (ImageNet's query "Represent the given image for
    classification", a text-to-image target "Represent the given image.").
 3. Otherwise the instruction is the longest common prefix of the texts, cut back to the last
-   clause mark (``:`` ``.`` ``?`` ``!``) that ends a word. Every MMEB-train instruction that
-   precedes a row's own text ends in such a mark; a shared start without one is chance
-   ("A man ..." in a handful of captions), not an instruction, and is left in the text.
+   clause mark (``:`` ``.`` ``?`` ``!``) that ends a word. Most MMEB-train instructions that
+   precede a row's own text end in such a mark; in a handful of rows a shared start without one
+   is chance ("A man ..."), not an instruction, and is left in the text. Shared word for word by
+   at least ``TEMPLATE_ROWS`` rows, though, it is a template (MSCOCO grounding's
+   ``Select the portion of the image that isolates the object labeled as "bus"``), cut back to
+   the last whole word. Splitting loses nothing in the prompt (instruction and text are joined
+   by the space they were split at), and a start every row shares tells the decoder nothing.
 4. A subset of a single row cannot tell its instruction from its text; it needs the instruction
    given explicitly.
 
 What the rule cannot see: a common start that runs past the instruction and ends in a clause
-mark ("... for image retrieval: Q:" in VisDial) is removed with it, and an instruction that ends
-without a clause mark before the row's text (MSCOCO's grounding query ``...labeled as "bus"``)
-stays in the text. Both touch only query sides in MMEB-train, which are never decoder labels. The rule assumes one
+mark ("... for image retrieval: Q:" in VisDial) is removed with it, and in a subset of fewer
+than ``TEMPLATE_ROWS`` rows an instruction without a clause mark stays in the text. The rule assumes one
 instruction per subset and side, as in MMEB-train's ``original`` split (VLM2Vec-V2's); its
 ``diverse_instruction`` split paraphrases them per row, and they would stay in the texts.
 """
@@ -31,6 +34,9 @@ import os
 from collections.abc import Sequence
 
 CLAUSE_END = frozenset(":.?!")
+# A start shared word for word by this many rows of a subset is a template, not chance, even
+# without a clause mark (MSCOCO grounding: '... isolates the object labeled as "bus"').
+TEMPLATE_ROWS = 50
 
 
 class AmbiguousInstruction(ValueError):
@@ -55,6 +61,10 @@ def infer_instruction(texts: Sequence[str]) -> str:
     for end in range(len(prefix), 0, -1):
         if prefix[end - 1] in CLAUSE_END and _ends_word(prefix, end, texts):
             return prefix[:end].strip()
+    if len(texts) >= TEMPLATE_ROWS:
+        for end in range(len(prefix), 0, -1):
+            if not prefix[end - 1].isspace() and _ends_word(prefix, end, texts):
+                return prefix[:end].strip()
     return ""
 
 

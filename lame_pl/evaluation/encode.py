@@ -42,6 +42,24 @@ def load_image(image: ImageRef) -> Image.Image:
         raise EvalDataError(f"{what} could not be decoded ({error})") from None
 
 
+# What texts are cut to when a checkpoint does not say what its training run cut them to.
+FALLBACK_MAX_TEXT_LENGTH = 512
+
+
+def trained_max_text_length(path: Path) -> int:
+    """The ``data.max_text_length`` of the run that wrote the checkpoint at ``path``, said on stdout.
+
+    Read memory-mapped, so that the weights are not loaded a second time.
+    """
+    checkpoint = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+    value = (checkpoint.get("datamodule_hyper_parameters") or {}).get("max_text_length")
+    if isinstance(value, int) and value >= 1:
+        print(f"max_text_length: {value} (the training run's data.max_text_length)")
+        return value
+    print(f"max_text_length: {FALLBACK_MAX_TEXT_LENGTH} (the checkpoint names none; set --max-text-length)")
+    return FALLBACK_MAX_TEXT_LENGTH
+
+
 class CheckpointEncoder:
     """A ``LaMEModule`` checkpoint written by the CLI, encoding items as the training collator does.
 
@@ -53,10 +71,13 @@ class CheckpointEncoder:
         checkpoint: Path of the ``.ckpt`` file.
         device: Torch device to run on.
         batch_size: Items per forward pass.
-        max_text_length: Most tokens of each instruction and each text (cut separately).
+        max_text_length: Most tokens of each instruction and each text (cut separately); ``None``
+            takes the training run's ``data.max_text_length`` from the checkpoint, so that texts
+            are cut as in training (``FALLBACK_MAX_TEXT_LENGTH`` when the checkpoint has none).
     """
 
-    def __init__(self, checkpoint: str | Path, device: str = "cpu", batch_size: int = 16, max_text_length: int = 512):
+    def __init__(self, checkpoint: str | Path, device: str = "cpu", batch_size: int = 16,
+                 max_text_length: int | None = None):
         from lame_pl import LaMEModule
         from lame_pl.backbone import build_processor
 
@@ -71,6 +92,9 @@ class CheckpointEncoder:
         self.device = torch.device(device)
         self.module.to(self.device).eval()
         self.batch_size = batch_size
+        if max_text_length is None:
+            max_text_length = trained_max_text_length(path)
+        self.max_text_length = max_text_length
         self.prompts = PromptProcessor(build_processor(self.module.backbone_spec), max_text_length)
         stat = path.stat()
         # The prompt layout is part of the identity: embeddings cached under another are stale.

@@ -34,7 +34,9 @@ def build_parser(benchmark: str) -> argparse.ArgumentParser:
     parser.add_argument("--device", default="cpu", help="torch device, e.g. cuda or cuda:1")
     parser.add_argument("--cache-dir", default=None, help="embedding cache (default: OUTPUT_DIR/cache)")
     parser.add_argument("--image-root", default=None, help="folder the records' image paths are relative to")
-    parser.add_argument("--max-text-length", type=int, default=512, help="most tokens per instruction and per text")
+    parser.add_argument("--max-text-length", type=int, default=None,
+                        help="most tokens per instruction and per text (default: the training run's "
+                             "data.max_text_length, read from the checkpoint)")
     if benchmark == "mmeb":
         parser.add_argument("--num-frames", type=int, default=8, help="frames sampled from each video")
     return parser
@@ -82,7 +84,7 @@ def main(benchmark: str, argv: Sequence[str] | None = None, encoder: ItemEncoder
     spec = BENCHMARKS[benchmark]
     args = build_parser(benchmark).parse_args(argv)
     for flag in ("batch_size", "max_text_length") + (("num_frames",) if benchmark == "mmeb" else ()):
-        if getattr(args, flag) < 1:
+        if getattr(args, flag) is not None and getattr(args, flag) < 1:
             raise SystemExit(f"error: --{flag.replace('_', '-')} must be >= 1, got {getattr(args, flag)}")
     output_dir = Path(args.output_dir)
     try:
