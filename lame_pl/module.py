@@ -10,6 +10,7 @@ import torch
 import torch.nn.functional as F
 from lightning import LightningModule
 from lightning.pytorch.plugins.precision import MixedPrecision
+from lightning.pytorch.trainer.states import TrainerFn
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from torch import nn
 
@@ -422,17 +423,25 @@ class LaMEModule(LightningModule):
         if stage != self.stage:
             rank_zero_info(f"resuming in stage {stage}, the stage saved in the checkpoint")
         self.set_stage(stage)
-        # A checkpoint whose optimiser covers another trainable set (one written before a stage
-        # froze what its losses cannot reach) would fail deep inside torch with a size mismatch.
+        # Only a resumed fit restores the optimiser; test, predict and the evaluators do not.
+        if self._trainer is not None and self.trainer.state.fn == TrainerFn.FITTING:
+            self.check_resumable(checkpoint)
+
+    def check_resumable(self, checkpoint: dict[str, Any]) -> None:
+        """Raises when the checkpoint's optimiser covers another trainable set than the stage in force.
+
+        Such a checkpoint (one written before a stage froze what its losses cannot reach, or under
+        another stage spec) would otherwise fail deep inside torch with a size mismatch.
+        """
         saved = checkpoint.get("optimizer_states") or []
         if saved and "param_groups" in saved[0]:
             count = sum(len(group["params"]) for group in saved[0]["param_groups"])
             trains = sum(1 for p in self.parameters() if p.requires_grad)
             if count != trains:
                 raise ValueError(
-                    f"the checkpoint's optimiser holds {count} trainable tensors but stage {stage} trains {trains} "
-                    "here (a checkpoint from an older version, or another stage spec): its optimiser cannot "
-                    "resume; start a new run from its weights with --model.init_args.init_from CKPT"
+                    f"the checkpoint's optimiser holds {count} trainable tensors but stage {self.stage} trains "
+                    f"{trains} here (a checkpoint from an older version, or another stage spec): its optimiser "
+                    "cannot resume; start a new run from its weights with --model.init_args.init_from CKPT"
                 )
 
 

@@ -179,7 +179,27 @@ def test_resuming_an_optimiser_over_another_trainable_set_fails_with_a_way_out(b
     module = build(stage=1, embed_dim=8)
     trains = sum(1 for p in module.parameters() if p.requires_grad)
     ok = {"lame_stage": 1, "optimizer_states": [{"param_groups": [{"params": list(range(trains))}]}]}
-    module.on_load_checkpoint(ok)
+    module.check_resumable(ok)
     old = {"lame_stage": 1, "optimizer_states": [{"param_groups": [{"params": list(range(trains + 3))}]}]}
     with pytest.raises(ValueError, match=f"holds {trains + 3} trainable tensors but stage 1 trains {trains}.*init_from"):
-        module.on_load_checkpoint(old)
+        module.check_resumable(old)
+    module.on_load_checkpoint(old)  # no trainer fitting (test, predict, the evaluators): no optimiser to resume
+
+
+def test_a_resumed_fit_checks_the_optimiser_before_torch_does(build, make_batch, tmp_path):
+    """Through the Trainer: a stage that trains another set than the checkpoint's optimiser stops
+    with the message above; the same set resumes."""
+    from lightning import Trainer
+
+    batch = make_batch(2)
+    loader = torch.utils.data.DataLoader([batch] * 4, batch_size=None)
+    options = dict(accelerator="cpu", logger=False, enable_checkpointing=False, enable_progress_bar=False,
+                   enable_model_summary=False, num_sanity_val_steps=0, limit_val_batches=0)
+    trainer = Trainer(max_steps=1, **options)
+    trainer.fit(build(stage=1), loader)
+    trainer.save_checkpoint(tmp_path / "s1.ckpt")
+    Trainer(max_steps=2, **options).fit(build(stage=1), loader, ckpt_path=tmp_path / "s1.ckpt")
+    other = build(stage=1, stage1=Stage1Spec(train_vision_tower=True))
+    saved = sum(p.requires_grad for p in build(stage=1).parameters())
+    with pytest.raises(ValueError, match=f"optimiser holds {saved} .*init_from"):
+        Trainer(max_steps=2, **options).fit(other, loader, ckpt_path=tmp_path / "s1.ckpt")
