@@ -113,8 +113,8 @@ def test_two_rows_end_to_end_on_the_tiny_preset(tmp_path, monkeypatch, capsys, _
         embeddings = torch.load(out / f"{r['mode']}-k{r['k']}" / "test_embeddings.pt")
         assert len(embeddings["keys"]) == 32
     # The two rows really differ in their model: K=0 has no decoder, K=2 has one.
-    k0 = torch.load(out / "discriminative-k0" / "checkpoints" / "last.ckpt", weights_only=False)["state_dict"]
-    k2 = torch.load(out / "lame-k2" / "checkpoints" / "last.ckpt", weights_only=False)["state_dict"]
+    k0 = torch.load(out / "discriminative-k0" / "checkpoints" / "last.ckpt", weights_only=True)["state_dict"]
+    k2 = torch.load(out / "lame-k2" / "checkpoints" / "last.ckpt", weights_only=True)["state_dict"]
     assert not any(k.startswith("decoder.") for k in k0) and any(k.startswith("decoder.") for k in k2)
     assert k2["encoder.reason_embeddings"].shape[0] == 2
     table = (out / "results.md").read_text()
@@ -137,8 +137,8 @@ def test_stage1_warmup_then_stage2_from_its_weights(tmp_path, monkeypatch, _rest
             "--out", str(out), "--train", "32", "--val", "8", "--test", "16", "--image-size", "56",
             "--repeats", "1", "--threads", "1"]
     assert ablate_modes.main(argv + [a for item in TINY for a in ("--set", item)]) == 0
-    warm = torch.load(out / "lame-k2" / "stage1" / "last.ckpt", weights_only=False)
-    joint = torch.load(out / "lame-k2" / "checkpoints" / "last.ckpt", weights_only=False)
+    warm = torch.load(out / "lame-k2" / "stage1" / "last.ckpt", weights_only=True)
+    joint = torch.load(out / "lame-k2" / "checkpoints" / "last.ckpt", weights_only=True)
     assert warm["global_step"] == 1 and warm["lame_stage"] == 1
     assert joint["global_step"] == 2 and joint["lame_stage"] == 2
     assert joint["hyper_parameters"]["init_from"] == str(out / "lame-k2" / "stage1" / "last.ckpt")

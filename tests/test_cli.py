@@ -119,7 +119,7 @@ def test_stage_switch_callback_switches_saves_and_resumes_in_stage2(shards, tmp_
     # The optimiser was rebuilt over stage 2's trainable set: the language model is in it.
     optimised = {id(p) for group in cli.trainer.optimizers[0].param_groups for p in group["params"]}
     assert all(id(p) in optimised for p in model.encoder.backbone.language_model.parameters())
-    checkpoint = torch.load(tmp_path / "sw" / "checkpoints" / "last.ckpt", weights_only=False)
+    checkpoint = torch.load(tmp_path / "sw" / "checkpoints" / "last.ckpt", weights_only=True)
     assert checkpoint["lame_stage"] == 2
     os.chdir(tmp_path)
     resumed = fit(*data_args(shards), *run_args(tmp_path, "sw"), *switch, "--trainer.max_steps=4", "--ckpt_path=last")

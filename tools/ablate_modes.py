@@ -284,7 +284,7 @@ def _row_model(row: Row, checkpoint: Path, data: Path, out: Path, sets: list[str
     args = [a for a in cli_args(row, data, out, 1, sets) if not a.startswith("--trainer.logger")]
     cli = LaMECLI(LightningModule, LightningDataModule, subclass_mode_model=True, subclass_mode_data=True,
                   args=[*args, "--trainer.logger=false"], run=False)
-    saved = torch.load(checkpoint, map_location="cpu", weights_only=False)
+    saved = torch.load(checkpoint, map_location="cpu", weights_only=True)
     cli.model.load_state_dict(saved["state_dict"])
     return cli.model.eval(), cli.datamodule, int(saved["global_step"])
 
