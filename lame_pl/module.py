@@ -316,12 +316,12 @@ class LaMEModule(LightningModule):
 
     def training_step(self, batch: dict[str, Any], batch_idx: int) -> torch.Tensor:
         loss, terms, _ = self.model_step(batch, "train")
-        batch_size = len(batch["keys"])
-        self._log_losses("train", loss, terms, batch_size, decoder_rows(batch))
+        batch_size, rows = len(batch["keys"]), decoder_rows(batch)
+        self._log_losses("train", loss, terms, batch_size, rows)
         self.log("train/temperature", 1.0 / self.logit_scale.detach(), batch_size=batch_size)
         self.log("train/stage", float(self.stage), batch_size=batch_size)
         if "decoder" in batch:
-            self.log("train/decoder/labelled_fraction", decoder_rows(batch) / batch_size, batch_size=batch_size)
+            self.log("train/decoder/labelled_fraction", rows / batch_size, batch_size=batch_size)
         return loss
 
     def _eval_step(self, batch: dict[str, Any], split: str) -> dict[str, Any]:

@@ -129,11 +129,6 @@ class Stage2Spec(StageSpec):
 torch.serialization.add_safe_globals([LoraSpec, StageSpec, Stage1Spec, Stage2Spec])
 
 
-def default_stages() -> dict[int, StageSpec]:
-    """The paper's recipe: warm up the bottleneck on a frozen backbone, then train jointly."""
-    return {1: Stage1Spec(), 2: Stage2Spec()}
-
-
 def add_lora(language_model: nn.Module, spec: LoraSpec) -> None:
     """Injects LoRA/DoRA adapters into ``language_model`` in place (module paths gain ``base_layer``).
 

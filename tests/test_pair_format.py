@@ -247,37 +247,37 @@ def test_parse_pair_json_names_the_bad_field(change: dict, message: str) -> None
         parse_pair_json(json.dumps({**OLD_RECORD, **change}).encode())
 
 
-def test_decode_counts_missing_frames_and_bad_json(tmp_path: Path, decode_stage) -> None:
-    split = tmp_path / "bad"
+VIDEO_RECORD = {**OLD_RECORD, "query_image": None, "query_video": ["query_f0.png", "query_f1.png"], "negatives": []}
+
+
+def _decoded_videos(decode_stage, split: Path, bad: dict[str, tuple[dict, dict[str, bytes]]]):
+    """A good two-frame video sample "ok" then ``bad`` ({key: (record, members)}), decoded."""
     split.mkdir()
-    record = {**OLD_RECORD, "query_image": None, "query_video": ["query_f0.png", "query_f1.png"], "negatives": []}
     with wds.TarWriter(str(split / "shard-000000.tar")) as sink:
-        sink.write({"__key__": "ok", "json": json.dumps(record).encode(), "query_f0.png": _encoded(1),
-                    "query_f1.png": _encoded(2)})
-        sink.write({"__key__": "lost-frame", "json": json.dumps(record).encode(), "query_f0.png": _encoded(1)})
-        sink.write({"__key__": "bad-frame", "json": json.dumps(record).encode(), "query_f0.png": _encoded(1),
-                    "query_f1.png": b"not an image"})
-        sink.write({"__key__": "both", "json": json.dumps({**record, "query_image": "query_f0.png"}).encode(),
-                    "query_f0.png": _encoded(1), "query_f1.png": _encoded(2)})
-    samples, skipped = _decoded(decode_stage, split)
+        for key, (record, members) in {"ok": (VIDEO_RECORD, {"query_f0.png": _encoded(1),
+                                                             "query_f1.png": _encoded(2)}), **bad}.items():
+            sink.write({"__key__": key, "json": json.dumps(record).encode(), **members})
+    return _decoded(decode_stage, split)
+
+
+def test_decode_counts_missing_frames_and_bad_json(tmp_path: Path, decode_stage) -> None:
+    both = {"query_f0.png": _encoded(1), "query_f1.png": _encoded(2)}
+    samples, skipped = _decoded_videos(decode_stage, tmp_path / "bad", {
+        "lost-frame": (VIDEO_RECORD, {"query_f0.png": _encoded(1)}),
+        "bad-frame": (VIDEO_RECORD, {"query_f0.png": _encoded(1), "query_f1.png": b"not an image"}),
+        "both": ({**VIDEO_RECORD, "query_image": "query_f0.png"}, both),
+    })
     assert list(samples) == ["ok"] and [_pixel(f) for f in samples["ok"]["query"]["video"]] == [_colour(1), _colour(2)]
     assert skipped == {"missing_image": 1, "bad_image": 1, "bad_json": 1}
 
 
 def test_decode_counts_frames_of_two_sizes_and_vision_tokens_in_text(tmp_path: Path, decode_stage) -> None:
     """Either would fail a whole batch in the processor; each is one bad record, counted."""
-    split = tmp_path / "bad"
-    split.mkdir()
-    record = {**OLD_RECORD, "query_image": None, "query_video": ["query_f0.png", "query_f1.png"], "negatives": []}
-    with wds.TarWriter(str(split / "shard-000000.tar")) as sink:
-        sink.write({"__key__": "ok", "json": json.dumps(record).encode(), "query_f0.png": _encoded(1),
-                    "query_f1.png": _encoded(2)})
-        sink.write({"__key__": "sizes", "json": json.dumps(record).encode(), "query_f0.png": _encoded(1),
-                    "query_f1.png": _encoded(2, side=42)})
-        token = {**record, "target_text": "a <|image_pad|> caption"}
-        sink.write({"__key__": "token", "json": json.dumps(token).encode(), "query_f0.png": _encoded(1),
-                    "query_f1.png": _encoded(2)})
-    samples, skipped = _decoded(decode_stage, split)
+    samples, skipped = _decoded_videos(decode_stage, tmp_path / "bad", {
+        "sizes": (VIDEO_RECORD, {"query_f0.png": _encoded(1), "query_f1.png": _encoded(2, side=42)}),
+        "token": ({**VIDEO_RECORD, "target_text": "a <|image_pad|> caption"},
+                  {"query_f0.png": _encoded(1), "query_f1.png": _encoded(2)}),
+    })
     assert list(samples) == ["ok"]
     assert skipped == {"bad_image": 1, "vision_token": 1}
 
