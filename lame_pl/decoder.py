@@ -6,11 +6,14 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from lame_pl.losses import IGNORE_INDEX, DecoderLogits
+
 
 class LatentDecoder(nn.Module):
     """A projector into a small causal LM that reads the K reason states as a prefix.
 
-    Trained with teacher-forced cross-entropy on the target's text; never used to embed.
+    Trained with teacher-forced cross-entropy on the target's text (``lame_pl.losses``); never
+    used to embed.
 
     Args:
         language_model: A causal LM (e.g. ``Qwen3ForCausalLM``) that accepts ``inputs_embeds``.
@@ -42,8 +45,10 @@ class LatentDecoder(nn.Module):
         input_ids: torch.Tensor,
         attention_mask: torch.Tensor,
         labelled: torch.Tensor | None = None,
-    ) -> torch.Tensor:
-        """Mean token cross-entropy of the labelled rows' target text given the reason-state prefix.
+    ) -> DecoderLogits:
+        """Predicts the labelled rows' target text, teacher-forced, from the reason-state prefix.
+
+        The cross-entropy itself is ``lame_pl.losses.LaMELoss.decoder``'s.
 
         Args:
             reason_states: ``(B, K, H)`` final states of the reason tokens.
@@ -53,9 +58,10 @@ class LatentDecoder(nn.Module):
                 placeholder that must not be learnt); ``None`` means every row.
 
         Returns:
-            The mean over the labelled rows' real tokens. With no labelled row it is 0, yet
-            still computed from one row's forward pass, so that every decoder parameter and the
-            reason states get a (zero) gradient, as DDP needs every rank to use the same ones.
+            Logits and class indices of the labelled rows' real tokens. With no labelled row,
+            one position of one row, computed through the projector, the LM and its head and
+            marked ``IGNORE_INDEX``, so that every decoder weight and the reason states get a
+            (zero) gradient, as DDP needs every rank to use the same parameters.
         """
         batch, k = reason_states.shape[:2]
         if k == 0:
@@ -67,7 +73,7 @@ class LatentDecoder(nn.Module):
                 raise ValueError(f"decoder labelled mask must have shape ({batch},), got {tuple(labelled.shape)}")
             rows = labelled.to(device=input_ids.device, dtype=torch.bool).nonzero().flatten()
             if rows.numel() == 0:
-                return self._connected_zero(reason_states[:1], input_ids[:1], attention_mask[:1])
+                return self._connected_placeholder(reason_states[:1], input_ids[:1], attention_mask[:1])
             if rows.numel() == batch:
                 rows = None
         if rows is not None:  # the unlabelled rows cost nothing
@@ -78,13 +84,13 @@ class LatentDecoder(nn.Module):
         # head: over a 150k vocabulary the logits are most of the decoder's cost.
         predicts = hidden[:, k - 1 : -1][attention_mask.bool()]
         targets = input_ids[attention_mask.bool()]
-        if not self.restricted:
-            return F.cross_entropy(self._logits(predicts).float(), targets)
-        positions = self.output_position[targets]
-        if bool((positions < 0).any()):
-            missing = sorted(set(targets[positions < 0].tolist()))
-            raise ValueError(f"target token ids {missing[:10]} are not in the decoder's output vocabulary file")
-        return F.cross_entropy(self._logits(predicts).float(), positions)
+        if self.restricted:
+            positions = self.output_position[targets]
+            if bool((positions < 0).any()):
+                missing = sorted(set(targets[positions < 0].tolist()))
+                raise ValueError(f"target token ids {missing[:10]} are not in the decoder's output vocabulary file")
+            targets = positions
+        return DecoderLogits(self._logits(predicts), targets)
 
     def _hidden(self, reason_states: torch.Tensor, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
         """The LM's final states over ``[projected reason states][target tokens]``."""
@@ -103,10 +109,10 @@ class LatentDecoder(nn.Module):
         bias = None if head.bias is None else head.bias[self.output_ids]
         return F.linear(hidden, head.weight[self.output_ids], bias)
 
-    def _connected_zero(
+    def _connected_placeholder(
         self, reason_states: torch.Tensor, input_ids: torch.Tensor, attention_mask: torch.Tensor
-    ) -> torch.Tensor:
-        """0 from one row, through the projector, the LM and its head: the last position attends to
-        the prefix and the row's real tokens, so every decoder weight is in the graph."""
+    ) -> DecoderLogits:
+        """One ignored prediction from one row, through the projector, the LM and its head: the last
+        position attends to the prefix and the row's real tokens, so every decoder weight is in the graph."""
         hidden = self._hidden(reason_states, input_ids, attention_mask)
-        return self._logits(hidden[:, -1]).float().sum() * 0.0
+        return DecoderLogits(self._logits(hidden[:, -1]), input_ids.new_full((1,), IGNORE_INDEX))

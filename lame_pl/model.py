@@ -94,6 +94,12 @@ class LaMEEncoder(nn.Module):
         return text_config(self.backbone).hidden_size
 
     @property
+    def spatial_merge_size(self) -> int:
+        """Patches merged into one vision token along each side (Qwen-VL's vision config; 2 in every release)."""
+        vision = getattr(self.backbone.config, "vision_config", None)
+        return int(getattr(vision, "spatial_merge_size", 2))
+
+    @property
     def num_appended(self) -> int:
         """How many tokens ``lame`` appends to each input (K reason + 1 [EMBED])."""
         return self.num_reason_tokens + 1

@@ -7,7 +7,6 @@ from pathlib import Path
 from typing import Any, Literal
 
 import torch
-import torch.nn.functional as F
 from lightning import LightningModule
 from lightning.pytorch.plugins.precision import MixedPrecision
 from lightning.pytorch.trainer.states import TrainerFn
@@ -23,7 +22,8 @@ from lame_pl.backbone import (
     qwen2_tokenizer,
 )
 from lame_pl.decoder import LatentDecoder
-from lame_pl.losses import info_nce
+from lame_pl.gradcache import gradcache_step
+from lame_pl.losses import LaMELoss, gather_rows
 from lame_pl.model import EncoderOutput, LaMEEncoder, text_config
 from lame_pl.modes import EncodeMode, resolve_mode
 from lame_pl.retrieval import chance_metrics, gold_ranks, metrics_from_ranks
@@ -65,6 +65,10 @@ class LaMEModule(LightningModule):
             ``--ckpt_path``, it wins over the checkpoint's own (``lame_pl.cli``).
         cot_tokens: T, the tokens ``explicit_cot`` generates before [EMBED] (it stops a row
             early at the tokenizer's end-of-text tokens).
+        gradcache_chunk_size: Train with GradCache (``lame_pl.gradcache``): encode each side of
+            a batch in chunks of this many rows, for the gradient of the full (global) batch's
+            loss at the activation memory of one chunk, for one extra forward pass when the
+            stage has a contrastive loss. ``None`` encodes each side in one piece.
     """
 
     def __init__(
@@ -87,6 +91,7 @@ class LaMEModule(LightningModule):
         gradient_checkpointing: bool = False,
         encode_mode: EncodeMode | None = None,
         cot_tokens: int | None = None,
+        gradcache_chunk_size: int | None = None,
     ) -> None:
         super().__init__()
         if stage not in (1, 2):
@@ -99,6 +104,8 @@ class LaMEModule(LightningModule):
             resolve_mode(encode_mode, num_reason_tokens, bottleneck_mask, cot_tokens)
         except ValueError as err:
             raise ValueError(f"model: {err}") from None
+        if gradcache_chunk_size is not None and gradcache_chunk_size < 1:
+            raise ValueError(f"model.gradcache_chunk_size must be >= 1 (or null), got {gradcache_chunk_size}")
         if not temperature > 0:
             raise ValueError(f"model.temperature must be > 0, got {temperature}")
         if init_from is not None and not Path(init_from).is_file():
@@ -111,6 +118,8 @@ class LaMEModule(LightningModule):
         self.stage = stage
         self._summarised_stage: int | None = None
         self.configure_models()
+        self.configure_losses()
+        self._step_holds_gradients = False
         if init_from is not None:
             self.load_weights(init_from)
         self.set_stage(stage)
@@ -148,6 +157,19 @@ class LaMEModule(LightningModule):
             self.decoder.train()
         log_scale = torch.tensor(math.log(1.0 / hp.temperature))
         self.log_logit_scale = nn.Parameter(log_scale, requires_grad=hp.learnable_temperature)
+
+    def configure_losses(self) -> None:
+        """The loss object: InfoNCE across ranks and the decoder's cross-entropy, as named terms."""
+        self.criterion = LaMELoss()
+
+    @property
+    def decodes(self) -> bool:
+        """Whether the decoder has reason states to read (a decoder, K > 0, not ``explicit_cot``)."""
+        return (
+            self.decoder is not None
+            and self.encoder.num_reason_tokens > 0
+            and self.encoder.encode_mode != "explicit_cot"
+        )
 
     @property
     def logit_scale(self) -> torch.Tensor:
@@ -250,30 +272,6 @@ class LaMEModule(LightningModule):
         """Whether this module runs in a multi-process trainer."""
         return self._trainer is not None and self.trainer.world_size > 1
 
-    def contrastive_loss(
-        self, query: torch.Tensor, target: torch.Tensor, negatives: torch.Tensor | None, gather: bool
-    ) -> torch.Tensor:
-        """InfoNCE of this rank's queries; with ``gather``, against the global batch's targets.
-
-        Targets and negatives are gathered with their gradients, so every rank's loss reaches
-        every rank's encoder and DDP sees the loss of the global batch.
-        """
-        offset = 0
-        if gather and self.distributed:
-            target = self.all_gather(target, sync_grads=True).flatten(0, 1)
-            # Ranks may hold different numbers of hard negatives, or none: every rank joins, and
-            # with a tensor in the autograd graph (a slice), so every rank joins the backward too.
-            if negatives is None:
-                negatives = target[:0]
-            negatives = self._gather_rows(negatives, sync_grads=True)
-            negatives = negatives if negatives.shape[0] else None
-            offset = self.global_rank * query.shape[0]
-        # In float32 whatever the precision: at temperature 0.02, bfloat16 logits (~50) would be
-        # rounded to steps of 0.25.
-        with torch.autocast(query.device.type, enabled=False):
-            negatives = None if negatives is None else negatives.float()
-            return info_nce(query.float(), target.float(), self.logit_scale.float(), negatives, offset)
-
     def model_step(self, batch: dict[str, Any], split: str) -> tuple[torch.Tensor, dict[str, torch.Tensor], dict]:
         """The step shared by train, val and test: encode, compute each loss term, weight them.
 
@@ -284,20 +282,30 @@ class LaMEModule(LightningModule):
         training = split == "train"
         query = self.encode(batch["query"])
         outputs = {"query": query}
-        terms: dict[str, torch.Tensor] = {}
+        target = negatives = predicted = None
         if not training or spec.contrastive_loss_weight > 0:
             target = self.encode(batch["target"])
             outputs["target"] = target
             negatives = self.encode(batch["negative"]).embedding if "negative" in batch else None
-            # Evaluation ranks each rank's batch alone: whole-split retrieval is measured apart.
-            terms["contrastive"] = self.contrastive_loss(query.embedding, target.embedding, negatives, gather=training)
-        # explicit_cot has no reason states: a decoder kept from training has nothing to read.
-        decodes = self.decoder is not None and query.reason_states.shape[1] > 0
-        if decodes and (not training or spec.decoder_loss_weight > 0):
-            terms["decoder"] = self.decoder(query.reason_states, **batch["decoder"])
+        if self.decodes and (not training or spec.decoder_loss_weight > 0):
+            predicted = self.decoder(query.reason_states, **batch["decoder"])
+        # Training gathers across ranks; evaluation ranks each rank's batch alone (whole-split
+        # retrieval is measured apart).
+        terms = self.criterion(
+            query.embedding,
+            None if target is None else target.embedding,
+            negatives,
+            self.logit_scale,
+            predicted,
+            gather=training,
+        )
+        return self.weighted(terms), terms, outputs
+
+    def weighted(self, terms: dict[str, torch.Tensor]) -> torch.Tensor:
+        """The loss: the terms weighted by the stage spec in force."""
+        spec = self.stage_spec
         weights = {"contrastive": spec.contrastive_loss_weight, "decoder": spec.decoder_loss_weight}
-        loss = sum(weights[name] * value for name, value in terms.items())
-        return loss, terms, outputs
+        return sum(weights[name] * value for name, value in terms.items())
 
     def _log_losses(
         self, split: str, loss: torch.Tensor, terms: dict[str, torch.Tensor], batch_size: int, decoder_rows: int
@@ -315,7 +323,12 @@ class LaMEModule(LightningModule):
             self.log(f"{split}/loss/{name}", value, batch_size=rows, **options)
 
     def training_step(self, batch: dict[str, Any], batch_idx: int) -> torch.Tensor:
-        loss, terms, _ = self.model_step(batch, "train")
+        chunk = self.hparams.get("gradcache_chunk_size")
+        if chunk:
+            self._zero_grad_for_chunks(batch_idx)
+            loss, terms = gradcache_step(self, batch, chunk)
+        else:
+            loss, terms, _ = self.model_step(batch, "train")
         batch_size, rows = len(batch["keys"]), decoder_rows(batch)
         self._log_losses("train", loss, terms, batch_size, rows)
         self.log("train/temperature", 1.0 / self.logit_scale.detach(), batch_size=batch_size)
@@ -323,6 +336,25 @@ class LaMEModule(LightningModule):
         if "decoder" in batch:
             self.log("train/decoder/labelled_fraction", rows / batch_size, batch_size=batch_size)
         return loss
+
+    def _zero_grad_for_chunks(self, batch_idx: int) -> None:
+        """Zeroes the gradients before GradCache accumulates its chunks' into them.
+
+        Lightning zeroes them after ``training_step`` at the start of an accumulation cycle (the
+        same test as Lightning's), which would wipe the chunks back-propagated inside it;
+        ``optimizer_zero_grad`` then leaves them.
+        """
+        if self._trainer is None or batch_idx % self.trainer.accumulate_grad_batches:
+            return
+        for optimizer in self.trainer.optimizers:
+            optimizer.zero_grad()
+        self._step_holds_gradients = True
+
+    def optimizer_zero_grad(self, epoch: int, batch_idx: int, optimizer: torch.optim.Optimizer) -> None:
+        if self._step_holds_gradients:  # zeroed before the GradCache step's chunks
+            self._step_holds_gradients = False
+            return
+        optimizer.zero_grad()
 
     def _eval_step(self, batch: dict[str, Any], split: str) -> dict[str, Any]:
         loss, terms, outputs = self.model_step(batch, split)
@@ -363,17 +395,6 @@ class LaMEModule(LightningModule):
 
     # ----------------------------------------------------------------------------- retrieval
 
-    def _gather_rows(self, x: torch.Tensor, sync_grads: bool = False) -> torch.Tensor:
-        """All ranks' rows in rank order; ranks may hold different numbers of rows."""
-        if not self.distributed:
-            return x
-        sizes = self.all_gather(torch.tensor([x.shape[0]], device=x.device)).flatten().tolist()
-        if max(sizes) == 0:
-            return x
-        padded = F.pad(x, (0, 0, 0, max(sizes) - x.shape[0]))
-        gathered = self.all_gather(padded, sync_grads=sync_grads)
-        return torch.cat([gathered[rank, :size] for rank, size in enumerate(sizes)])
-
     def _rows_before_this_rank(self, rows: int) -> int:
         """How many rows the ranks before this one hold (0 in a single process)."""
         if not self.distributed:
@@ -392,10 +413,10 @@ class LaMEModule(LightningModule):
         # once; only the ranks, one integer per query, travel back. Targets arrive in rank order,
         # so this rank's gold targets start after those of the ranks before it.
         offset = self._rows_before_this_rank(query.shape[0])
-        target = self._gather_rows(local_target)
+        target, _ = gather_rows(local_target)
         gold = offset + torch.arange(query.shape[0], device=query.device)
         ranks = gold_ranks(query, target, gold) if query.shape[0] else gold
-        ranks = self._gather_rows(ranks[:, None]).flatten()
+        ranks = gather_rows(ranks[:, None])[0].flatten()
         if ranks.numel() == 0:
             return
         for name, value in metrics_from_ranks(ranks).items():

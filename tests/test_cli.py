@@ -93,6 +93,21 @@ def test_resume_continues_global_step_and_tensorboard_run(shards, tmp_path):
     assert sorted(p.name for p in tmp_path.iterdir() if p.is_dir()) == ["run"]
 
 
+def test_gradcache_fits_logs_the_plain_steps_losses_and_resumes(shards, tmp_path):
+    """`--model.init_args.gradcache_chunk_size 4` with a batch of 16: the same train/loss/* names, and a resume."""
+    stage2 = [*data_args(shards), "--model.init_args.stage=2", "--data.init_args.batch_size=16"]
+    chunks = ["--model.init_args.gradcache_chunk_size=4"]
+    first = fit(*stage2, *chunks, *run_args(tmp_path, "gc"), "--trainer.max_steps=2")
+    plain = fit(*stage2, *run_args(tmp_path, "plain"), "--trainer.max_steps=1")
+    losses = {name for name in first.trainer.logged_metrics if name.startswith("train/loss")}
+    assert losses == {name for name in plain.trainer.logged_metrics if name.startswith("train/loss")}
+    assert {"train/loss", "train/loss/contrastive", "train/loss/decoder"} <= losses
+    os.chdir(tmp_path)
+    second = fit(*stage2, *chunks, *run_args(tmp_path, "gc"), "--trainer.max_steps=3", "--ckpt_path=last")
+    assert second.trainer.global_step == 3 and second.model.hparams.gradcache_chunk_size == 4
+    assert torch.isfinite(second.trainer.logged_metrics["train/loss"])
+
+
 def test_stage2_initialised_from_stage1_checkpoint(shards, tmp_path):
     first = fit(*data_args(shards), *run_args(tmp_path, "s1"), "--trainer.max_steps=2")
     ckpt = tmp_path / "s1" / "checkpoints" / "last.ckpt"

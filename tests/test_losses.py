@@ -10,7 +10,12 @@ import torch.nn.functional as F
 
 from lame_pl.backbone import build_decoder
 from lame_pl.decoder import LatentDecoder
-from lame_pl.losses import info_nce
+from lame_pl.losses import IGNORE_INDEX, LaMELoss, info_nce
+
+
+def mean_loss(decoder: LatentDecoder, *args) -> torch.Tensor:
+    """The decoder term of a batch: the loss object's cross-entropy over the decoder's predictions."""
+    return LaMELoss().decoder(decoder(*args))
 
 
 def test_info_nce_matches_a_hand_computed_value():
@@ -39,7 +44,7 @@ def test_decoder_loss_is_token_cross_entropy_after_the_prefix(tiny_decoder):
     states = torch.randn(2, 3, 8)
     ids = torch.tensor([[11, 12, 13], [21, 22, 0]])
     mask = torch.tensor([[1, 1, 1], [1, 1, 0]])
-    loss = decoder(states, ids, mask)
+    loss = mean_loss(decoder, states, ids, mask)
     # Reference through the LM's own labels-shifting loss.
     prefix = decoder.projector(states)
     embeds = torch.cat([prefix, lm.get_input_embeddings()(ids)], dim=1)
@@ -56,7 +61,7 @@ def test_restricted_vocabulary_is_exact_cross_entropy_over_its_support(tiny_deco
     decoder = LatentDecoder(lm, input_dim=8, output_ids=allowed).eval()
     states = torch.randn(1, 2, 8)
     ids, mask = torch.tensor([[11, 13, 5]]), torch.ones(1, 3, dtype=torch.long)
-    loss = decoder(states, ids, mask)
+    loss = mean_loss(decoder, states, ids, mask)
     hidden = lm.base_model(
         inputs_embeds=torch.cat([decoder.projector(states), lm.get_input_embeddings()(ids)], dim=1)
     ).last_hidden_state[:, 1:-1]
@@ -74,13 +79,13 @@ def test_decoder_loss_counts_only_labelled_rows(tiny_decoder):
     ids = torch.tensor([[11, 12, 13], [151643, 0, 0], [21, 22, 0]])  # row 1: an image-only placeholder
     mask = torch.tensor([[1, 1, 1], [1, 0, 0], [1, 1, 0]])
     labelled = torch.tensor([True, False, True])
-    masked = decoder(states, ids, mask, labelled)
-    alone = decoder(states[[0, 2]], ids[[0, 2]], mask[[0, 2]])
+    masked = mean_loss(decoder, states, ids, mask, labelled)
+    alone = mean_loss(decoder, states[[0, 2]], ids[[0, 2]], mask[[0, 2]])
     assert masked.item() == pytest.approx(alone.item(), rel=1e-5)
-    assert abs(masked.item() - decoder(states, ids, mask).item()) > 1e-4  # the placeholder row counts there
+    assert abs(masked.item() - mean_loss(decoder, states, ids, mask).item()) > 1e-4  # the placeholder row counts there
     # No mask (an older collator) means every row.
-    every_row = decoder(states, ids, mask, torch.ones(3, dtype=torch.bool))
-    assert decoder(states, ids, mask, None).item() == pytest.approx(every_row.item())
+    every_row = mean_loss(decoder, states, ids, mask, torch.ones(3, dtype=torch.bool))
+    assert mean_loss(decoder, states, ids, mask, None).item() == pytest.approx(every_row.item())
     with pytest.raises(ValueError, match=r"labelled mask must have shape \(3,\), got \(2,\)"):
         decoder(states, ids, mask, labelled[:2])
 
@@ -91,7 +96,9 @@ def test_an_all_unlabelled_batch_gives_zero_with_zero_gradients_everywhere(tiny_
     decoder = LatentDecoder(build_decoder(tiny_decoder), input_dim=8, output_ids=[0, 11, 151643])
     states = torch.randn(2, 2, 8, requires_grad=True)
     ids, mask = torch.tensor([[151643], [151643]]), torch.ones(2, 1, dtype=torch.long)
-    loss = decoder(states, ids, mask, torch.tensor([False, False]))
+    predicted = decoder(states, ids, mask, torch.tensor([False, False]))
+    assert predicted.num_tokens == 0 and predicted.targets.tolist() == [IGNORE_INDEX]
+    loss = LaMELoss().decoder(predicted)
     assert loss.item() == 0.0
     loss.backward()
     assert states.grad is not None and torch.equal(states.grad, torch.zeros_like(states))

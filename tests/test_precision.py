@@ -49,9 +49,9 @@ def test_infonce_is_computed_in_float32_under_autocast(tiny_spec):
     torch.manual_seed(0)
     query = torch.nn.functional.normalize(torch.randn(8, 64), dim=-1)
     target = torch.nn.functional.normalize(query + 0.3 * torch.randn(8, 64), dim=-1)
-    exact = module.contrastive_loss(query, target, None, gather=False)
+    exact = module.criterion.contrastive(query, target, None, module.logit_scale, gather=False)
     with torch.autocast("cpu", dtype=torch.bfloat16):
-        mixed = module.contrastive_loss(query, target, None, gather=False)
+        mixed = module.criterion.contrastive(query, target, None, module.logit_scale, gather=False)
     assert mixed.dtype == torch.float32 and mixed.item() == pytest.approx(exact.item(), rel=1e-6)
 
 

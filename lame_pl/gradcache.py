@@ -1,0 +1,184 @@
+"""GradCache (Gao et al., 2021): the gradient of a full-batch contrastive loss at the memory of a chunk.
+
+InfoNCE couples every query with every target of the (global) batch, so its gradient cannot be
+had by accumulating small batches. GradCache splits the step in two passes:
+
+1. Encode every chunk of queries, targets and hard negatives *without* a graph, and keep only
+   the embeddings; compute InfoNCE over the whole batch (gathered across ranks) on them and take
+   its gradient with respect to each embedding (and the learnable temperature).
+2. Encode each chunk again, *with* a graph, under the random state of its first pass (same
+   dropout), and back-propagate ``<embedding, cached gradient>``; the decoder term, which
+   depends on a row alone, is added to the query chunks here.
+
+The parameters' gradients are those of the full batch; only one chunk's activations are alive
+at a time. VLM2Vec trains its 2B models with a global batch of 1024 in chunks of 8 this way.
+
+Inside Lightning's automatic optimisation, the chunks but the last are back-propagated during
+``training_step`` (through the strategy's own ``backward``, so that precision scaling and
+DeepSpeed's engine apply), and the last chunk's graph is what ``training_step`` returns: Lightning
+back-propagates it, which is where DDP all-reduces the gradients accumulated over all chunks.
+Gradient accumulation, clipping, schedulers, logging and checkpoints stay Lightning's.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from contextlib import contextmanager, nullcontext
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
+
+import torch
+
+from lame_pl.losses import global_count, world_size
+from lame_pl.row_chunks import split_rows
+
+if TYPE_CHECKING:
+    from lame_pl.module import LaMEModule
+
+
+@dataclass
+class RandomState:
+    """The CPU and CUDA generators' state before a forward pass, to replay its dropout masks."""
+
+    cpu: torch.Tensor
+    cuda: dict[int, torch.Tensor] = field(default_factory=dict)
+
+    @classmethod
+    def capture(cls, device: torch.device) -> RandomState:
+        """The generators' state now (CUDA's only for ``device``, the one the pass runs on)."""
+        cuda = {}
+        if device.type == "cuda":
+            index = device.index if device.index is not None else torch.cuda.current_device()
+            cuda[index] = torch.cuda.get_rng_state(index)
+        return cls(torch.get_rng_state(), cuda)
+
+    @contextmanager
+    def replay(self) -> Iterator[None]:
+        """Runs the block from this state, then puts the generators back where they were."""
+        with torch.random.fork_rng(devices=list(self.cuda), device_type="cuda"):
+            torch.set_rng_state(self.cpu)
+            for index, state in self.cuda.items():
+                torch.cuda.set_rng_state(state, index)
+            yield
+
+
+def _rows(inputs: dict[str, torch.Tensor], start: int, stop: int) -> dict[str, torch.Tensor]:
+    return {key: value[start:stop] for key, value in inputs.items()}
+
+
+def _labelled_tokens(labels: dict[str, torch.Tensor]) -> int:
+    """Real target tokens of the rows that carry a decoder label (every row when unmarked)."""
+    mask = labels["attention_mask"]
+    labelled = labels.get("labelled")
+    return int(mask.sum() if labelled is None else mask[labelled.to(mask.device).bool()].sum())
+
+
+def _anchor(module: LaMEModule) -> torch.Tensor:
+    """0, in the graph of every parameter the stage trains.
+
+    DDP all-reduces a parameter's gradient only when the synced backward reaches it; the last
+    chunk's graph may miss some (a text-only chunk misses the vision tower) whose gradients the
+    earlier chunks accumulated. With this term each one is reduced, and reduced once.
+    """
+    params = [p for p in module.parameters() if p.requires_grad]
+    return sum((p.reshape(-1)[:1].sum() for p in params), torch.zeros((), device=module.device)) * 0.0
+
+
+def _needs_anchor(module: LaMEModule) -> bool:
+    if module._trainer is None or world_size() == 1:
+        return False
+    from torch.nn.parallel import DistributedDataParallel
+
+    return isinstance(module.trainer.strategy.model, DistributedDataParallel)
+
+
+def gradcache_step(
+    module: LaMEModule, batch: dict[str, Any], chunk_size: int
+) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """One training step of ``module`` on ``batch`` in chunks of ``chunk_size`` rows.
+
+    Returns:
+        The tensor for Lightning to back-propagate (the step's loss in value, the last chunk's
+        graph in gradient), and the unweighted terms (detached) for logging.
+    """
+    spec = module.stage_spec
+    encoder = module.encoder
+    contrastive = spec.contrastive_loss_weight > 0
+    decodes = module.decodes and spec.decoder_loss_weight > 0
+    merge = encoder.spatial_merge_size
+    names = ["query"] + (["target"] + (["negative"] if "negative" in batch else []) if contrastive else [])
+    chunks = {name: split_rows(batch[name], chunk_size, merge) for name in names}
+    terms: dict[str, torch.Tensor] = {}
+    grads: dict[str, torch.Tensor] = {}
+    states: dict[str, list[RandomState]] = {}
+    scale_grad = None
+    if contrastive:  # pass 1: the loss over the whole batch on embeddings without a graph
+        embeddings = {}
+        with torch.no_grad():
+            for name in names:
+                states[name], parts = [], []
+                for chunk in chunks[name]:
+                    states[name].append(RandomState.capture(module.device))
+                    parts.append(module.encode(chunk).embedding)
+                embeddings[name] = torch.cat(parts).detach().requires_grad_()
+        value = module.criterion.contrastive(
+            embeddings["query"], embeddings["target"], embeddings.get("negative"), module.logit_scale, gather=True
+        )
+        leaves = [embeddings[name] for name in names]
+        learns_scale = module.log_logit_scale.requires_grad
+        found = torch.autograd.grad(
+            spec.contrastive_loss_weight * value, leaves + ([module.log_logit_scale] if learns_scale else [])
+        )
+        grads = dict(zip(names, found[: len(names)], strict=True))
+        scale_grad = found[-1] if learns_scale else None
+        terms["contrastive"] = value.detach()
+    labels = batch.get("decoder")
+    if decodes:
+        # Chunks' decoder terms are sums over their tokens divided by the batch's (global) count,
+        # computed here once: no collective may run per chunk (ranks may hold different counts).
+        tokens = global_count(_labelled_tokens(labels), module.device) / world_size()
+        decoder_sum = torch.zeros((), device=module.device)
+    # Pass 2: every chunk again, with its graph; the query chunks last, so that the returned
+    # graph reaches the decoder and the temperature.
+    order = [(name, i) for name in reversed(names) for i in range(len(chunks[name]))]
+    accumulate = module.trainer.accumulate_grad_batches if module._trainer is not None else 1
+    final = None
+    for step, (name, i) in enumerate(order):
+        chunk = chunks[name][i]
+        with states[name][i].replay() if contrastive else nullcontext():
+            out = module.encode(chunk)
+        start = i * chunk_size
+        stop = start + out.embedding.shape[0]
+        surrogate = torch.zeros((), device=module.device)
+        if contrastive:
+            surrogate = surrogate + (out.embedding * grads[name][start:stop]).sum()
+        if name == "query" and decodes:
+            predicted = module.decoder(out.reason_states, **_rows(labels, start, stop))
+            term = module.criterion.decoder(predicted, num_tokens=tokens)
+            surrogate = surrogate + spec.decoder_loss_weight * term
+            decoder_sum = decoder_sum + term.detach()
+        if step < len(order) - 1:
+            _backward(module, surrogate / accumulate)
+            continue
+        if scale_grad is not None:
+            surrogate = surrogate + (module.log_logit_scale * scale_grad).sum()
+        if _needs_anchor(module):
+            surrogate = surrogate + _anchor(module)
+        final = surrogate
+    if decodes:
+        terms["decoder"] = decoder_sum
+    loss = sum(
+        (getattr(spec, f"{name}_loss_weight") * value for name, value in terms.items()),
+        torch.zeros((), device=module.device),
+    )
+    # The value of the step's loss, the gradient of the last chunk's surrogate.
+    return final - final.detach() + loss, terms
+
+
+def _backward(module: LaMEModule, surrogate: torch.Tensor) -> None:
+    """Back-propagates one chunk's surrogate the way Lightning back-propagates a loss."""
+    if module._trainer is None:
+        surrogate.backward()
+        return
+    strategy = module.trainer.strategy
+    strategy.backward(surrogate, module.trainer.optimizers[0] if module.trainer.optimizers else None)

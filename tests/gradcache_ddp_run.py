@@ -1,0 +1,86 @@
+"""One optimiser step of a fixed global batch through Lightning's Trainer, on one process or as two
+DDP ranks (gloo, CPU) that each hold half of it; rank 0 saves every trainable parameter's gradient.
+
+    python tests/gradcache_ddp_run.py --devices 2 --chunk 2 --out DIR
+
+Used by tests/test_gradcache.py: the gradients of the two runs must agree.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import random
+import sys
+from pathlib import Path
+
+import torch
+from lightning import Callback, Trainer
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from conftest import CAPTIONS, IMAGE_SIDE, random_image  # noqa: E402
+
+from datamodules.collate import PairCollator  # noqa: E402
+from lame_pl import BackboneSpec, DecoderSpec, LaMEModule  # noqa: E402
+from lame_pl.backbone import build_processor  # noqa: E402
+from lame_pl.prompt import PromptProcessor, Side  # noqa: E402
+
+ROWS = 8
+# Ranks hold different numbers of labelled rows and of hard negatives: the global normalisers
+# and the uneven gathers are what this run checks.
+LABELLED = [True, True, True, False, False, False, True, False]
+NEGATIVES = [["a black hexagon", "nothing at all here"], ["two red lines"]]
+
+
+def rank_batch(rank: int, world: int) -> dict:
+    """Rows ``[rank * ROWS / world, (rank + 1) * ROWS / world)`` of the global batch, and that rank's negatives."""
+    spec = BackboneSpec(preset="tiny", min_pixels=IMAGE_SIDE * IMAGE_SIDE, max_pixels=IMAGE_SIDE * IMAGE_SIDE)
+    processor = build_processor(spec)
+    rng = random.Random(0)
+    samples = [{"key": f"{i}", "image": random_image(rng), "text": CAPTIONS[i % 4] + " and so on" * (i % 3)}
+               for i in range(ROWS)]
+    size = ROWS // world
+    rows = slice(rank * size, (rank + 1) * size)
+    batch = PairCollator(processor, "Find the caption of this image.")(samples[rows])
+    batch["decoder"]["labelled"] = torch.tensor(LABELLED[rows])
+    negatives = [text for part in NEGATIVES[rank * 2 // world:(rank + 1) * 2 // world] for text in part]
+    batch["negative"] = PromptProcessor(processor, 64)([Side("", text) for text in negatives])
+    return batch
+
+
+class SaveGradients(Callback):
+    """Saves the (all-reduced) gradients just before the optimiser step, on rank 0."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+
+    def on_before_optimizer_step(self, trainer, pl_module, optimizer) -> None:
+        if trainer.global_rank == 0:
+            grads = {n: p.grad.detach().clone() for n, p in pl_module.named_parameters() if p.requires_grad}
+            torch.save(grads, self.path)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--devices", type=int, required=True)
+    parser.add_argument("--chunk", type=int, default=0, help="GradCache chunk size; 0 for the plain step")
+    parser.add_argument("--out", type=Path, required=True)
+    args = parser.parse_args()
+    rank = int(os.environ.get("LOCAL_RANK", 0))  # set by Lightning's launcher in the child process
+    batch = rank_batch(rank, args.devices)
+    torch.manual_seed(0)
+    module = LaMEModule(
+        BackboneSpec(preset="tiny", min_pixels=IMAGE_SIDE * IMAGE_SIDE, max_pixels=IMAGE_SIDE * IMAGE_SIDE),
+        DecoderSpec(preset="tiny"), num_reason_tokens=2, stage=2, learnable_temperature=True,
+        gradcache_chunk_size=args.chunk or None,
+    )
+    trainer = Trainer(
+        accelerator="cpu", devices=args.devices, strategy="ddp" if args.devices > 1 else "auto", max_steps=1,
+        logger=False, enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
+        use_distributed_sampler=False, callbacks=[SaveGradients(args.out / "grads.pt")],
+    )
+    trainer.fit(module, torch.utils.data.DataLoader([batch], batch_size=None, collate_fn=lambda b: b))
+
+
+if __name__ == "__main__":
+    main()
