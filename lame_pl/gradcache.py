@@ -8,7 +8,10 @@ had by accumulating small batches. GradCache splits the step in two passes:
    its gradient with respect to each embedding (and the learnable temperature).
 2. Encode each chunk again, *with* a graph, under the random state of its first pass (same
    dropout), and back-propagate ``<embedding, cached gradient>``; the decoder term, which
-   depends on a row alone, is added to the query chunks here.
+   depends on a row alone, is added to the query chunks here. Chunk i of the queries, of the
+   targets and of the negatives go back together: a chunk holds what a plain step of
+   ``chunk_size`` rows holds, and each backward costs a fixed amount (a trained embedding
+   table's dense gradient is filled and added whole every time).
 
 The parameters' gradients are those of the full batch; only one chunk's activations are alive
 at a time. VLM2Vec trains its 2B models with a global batch of 1024 in chunks of 8 this way.
@@ -31,6 +34,7 @@ import torch
 
 from lame_pl.losses import global_count, world_size
 from lame_pl.row_chunks import split_rows
+from lame_pl.sharding import lockstep
 
 if TYPE_CHECKING:
     from lame_pl.module import LaMEModule
@@ -102,34 +106,39 @@ def gradcache_step(
         graph in gradient), and the unweighted terms (detached) for logging.
     """
     spec = module.stage_spec
-    encoder = module.encoder
     contrastive = spec.contrastive_loss_weight > 0
     decodes = module.decodes and spec.decoder_loss_weight > 0
-    merge = encoder.spatial_merge_size
-    names = ["query"] + (["target"] + (["negative"] if "negative" in batch else []) if contrastive else [])
-    chunks = {name: split_rows(batch[name], chunk_size, merge) for name in names}
+    merge = module.encoder.spatial_merge_size
+    names = ["query", "target", "negative"] if contrastive else ["query"]
+    chunks = {name: split_rows(batch[name], chunk_size, merge) if name in batch else [] for name in names}
+    runs = lockstep(module, {name: len(parts) for name, parts in chunks.items()})
+    # What a rank short of chunks encodes to keep in step with the others (its first query row).
+    idle = split_rows(batch["query"], 1, merge)[0] if runs != {n: len(c) for n, c in chunks.items()} else None
     terms: dict[str, torch.Tensor] = {}
     grads: dict[str, torch.Tensor] = {}
     states: dict[str, list[RandomState]] = {}
     scale_grad = None
     if contrastive:  # pass 1: the loss over the whole batch on embeddings without a graph
-        embeddings = {}
+        embeddings: dict[str, torch.Tensor | None] = {}
         with torch.no_grad():
             for name in names:
                 states[name], parts = [], []
-                for chunk in chunks[name]:
+                for i in range(runs[name]):
                     states[name].append(RandomState.capture(module.device))
-                    parts.append(module.encode(chunk).embedding)
-                embeddings[name] = torch.cat(parts).detach().requires_grad_()
+                    out = module.encode(chunks[name][i] if i < len(chunks[name]) else idle)
+                    if i < len(chunks[name]):
+                        parts.append(out.embedding)
+                embeddings[name] = torch.cat(parts).detach().requires_grad_() if parts else None
         value = module.criterion.contrastive(
-            embeddings["query"], embeddings["target"], embeddings.get("negative"), module.logit_scale, gather=True
+            embeddings["query"], embeddings["target"], embeddings["negative"], module.logit_scale, gather=True
         )
-        leaves = [embeddings[name] for name in names]
+        leaves = [name for name in names if embeddings[name] is not None]
         learns_scale = module.log_logit_scale.requires_grad
         found = torch.autograd.grad(
-            spec.contrastive_loss_weight * value, leaves + ([module.log_logit_scale] if learns_scale else [])
+            spec.contrastive_loss_weight * value,
+            [embeddings[name] for name in leaves] + ([module.log_logit_scale] if learns_scale else []),
         )
-        grads = dict(zip(names, found[: len(names)], strict=True))
+        grads = dict(zip(leaves, found[: len(leaves)], strict=True))
         scale_grad = found[-1] if learns_scale else None
         terms["contrastive"] = value.detach()
     labels = batch.get("decoder")
@@ -138,26 +147,31 @@ def gradcache_step(
         # computed here once: no collective may run per chunk (ranks may hold different counts).
         tokens = global_count(_labelled_tokens(labels), module.device) / world_size()
         decoder_sum = torch.zeros((), device=module.device)
-    # Pass 2: every chunk again, with its graph; the query chunks last, so that the returned
-    # graph reaches the decoder and the temperature.
-    order = [(name, i) for name in reversed(names) for i in range(len(chunks[name]))]
+    # Pass 2: chunk i of every side together (its queries, targets and negatives, as a plain step
+    # of chunk_size rows holds them), each back-propagated on its own but the last.
+    steps = max(runs.values())
     accumulate = module.trainer.accumulate_grad_batches if module._trainer is not None else 1
     final = None
-    for step, (name, i) in enumerate(order):
-        chunk = chunks[name][i]
-        with states[name][i].replay() if contrastive else nullcontext():
-            out = module.encode(chunk)
-        start = i * chunk_size
-        stop = start + out.embedding.shape[0]
+    for i in range(steps):
         surrogate = torch.zeros((), device=module.device)
-        if contrastive:
-            surrogate = surrogate + (out.embedding * grads[name][start:stop]).sum()
-        if name == "query" and decodes:
-            predicted = module.decoder(out.reason_states, **_rows(labels, start, stop))
-            term = module.criterion.decoder(predicted, num_tokens=tokens)
-            surrogate = surrogate + spec.decoder_loss_weight * term
-            decoder_sum = decoder_sum + term.detach()
-        if step < len(order) - 1:
+        for name in names:
+            if i >= runs[name]:  # more chunks of negatives than of rows
+                continue
+            with states[name][i].replay() if contrastive else nullcontext():
+                out = module.encode(chunks[name][i] if i < len(chunks[name]) else idle)
+            if i >= len(chunks[name]):  # in step with the other ranks, adding nothing
+                surrogate = surrogate + out.embedding.sum() * 0.0
+                continue
+            start = i * chunk_size
+            stop = start + out.embedding.shape[0]
+            if contrastive:
+                surrogate = surrogate + (out.embedding * grads[name][start:stop]).sum()
+            if name == "query" and decodes:
+                predicted = module.decoder(out.reason_states, **_rows(labels, start, stop))
+                term = module.criterion.decoder(predicted, num_tokens=tokens)
+                surrogate = surrogate + spec.decoder_loss_weight * term
+                decoder_sum = decoder_sum + term.detach()
+        if i < steps - 1:
             _backward(module, surrogate / accumulate)
             continue
         if scale_grad is not None:

@@ -27,6 +27,8 @@ from lame_pl.losses import LaMELoss, gather_rows
 from lame_pl.model import EncoderOutput, LaMEEncoder, text_config
 from lame_pl.modes import EncodeMode, resolve_mode
 from lame_pl.retrieval import chance_metrics, gold_ranks, metrics_from_ranks
+from lame_pl.row_chunks import split_rows
+from lame_pl.sharding import average_unsharded_gradients, check_strategy, lockstep, shard
 from lame_pl.stages import Stage1Spec, Stage2Spec, StageSpec, apply_stage
 from lame_pl.trainable import low_precision_trainable, trainable_summary
 
@@ -155,8 +157,17 @@ class LaMEModule(LightningModule):
         self.encoder.train()
         if self.decoder is not None:
             self.decoder.train()
-        log_scale = torch.tensor(math.log(1.0 / hp.temperature))
+        # Shape (1,), not a 0-d scalar: FSDP and DeepSpeed refuse 0-d parameters.
+        log_scale = torch.tensor([math.log(1.0 / hp.temperature)])
         self.log_logit_scale = nn.Parameter(log_scale, requires_grad=hp.learnable_temperature)
+        self._register_load_state_dict_pre_hook(_scalar_logit_scale_to_vector)
+
+    def configure_model(self) -> None:
+        """Shards the module with FSDP2 under Lightning's ``ModelParallelStrategy`` (``lame_pl.sharding``)."""
+        shard(self)
+
+    def setup(self, stage: str) -> None:
+        check_strategy(self.trainer.strategy, self.hparams.get("gradcache_chunk_size"))
 
     def configure_losses(self) -> None:
         """The loss object: InfoNCE across ranks and the decoder's cross-entropy, as named terms."""
@@ -174,7 +185,7 @@ class LaMEModule(LightningModule):
     @property
     def logit_scale(self) -> torch.Tensor:
         """``1 / temperature``, capped at 100 as in CLIP."""
-        return self.log_logit_scale.exp().clamp(max=100.0)
+        return self.log_logit_scale.exp().clamp(max=100.0).squeeze(0)
 
     @property
     def stage_spec(self) -> StageSpec:
@@ -286,7 +297,15 @@ class LaMEModule(LightningModule):
         if not training or spec.contrastive_loss_weight > 0:
             target = self.encode(batch["target"])
             outputs["target"] = target
-            negatives = self.encode(batch["negative"]).embedding if "negative" in batch else None
+            has_negatives = "negative" in batch
+            # Under FSDP2, a rank without hard negatives runs a forward too (adding nothing) when
+            # another rank encodes some: each forward gathers shards on every rank.
+            in_step = training and lockstep(self, {"negative": int(has_negatives)})["negative"]
+            if has_negatives:
+                negatives = self.encode(batch["negative"]).embedding
+            elif in_step:
+                first_row = split_rows(batch["query"], 1, self.encoder.spatial_merge_size)[0]
+                negatives = self.encode(first_row).embedding[:0]
         if self.decodes and (not training or spec.decoder_loss_weight > 0):
             predicted = self.decoder(query.reason_states, **batch["decoder"])
         # Training gathers across ranks; evaluation ranks each rank's batch alone (whole-split
@@ -349,6 +368,9 @@ class LaMEModule(LightningModule):
         for optimizer in self.trainer.optimizers:
             optimizer.zero_grad()
         self._step_holds_gradients = True
+
+    def on_before_optimizer_step(self, optimizer: torch.optim.Optimizer) -> None:
+        average_unsharded_gradients(self)  # FSDP2 only: the temperature's gradient
 
     def optimizer_zero_grad(self, epoch: int, batch_idx: int, optimizer: torch.optim.Optimizer) -> None:
         if self._step_holds_gradients:  # zeroed before the GradCache step's chunks
@@ -470,6 +492,13 @@ def decoder_rows(batch: dict[str, Any]) -> int:
     """How many rows of ``batch`` carry a decoder label (all of them when the collator says nothing)."""
     labelled = batch.get("decoder", {}).get("labelled")
     return len(batch["keys"]) if labelled is None else int(labelled.sum())
+
+
+def _scalar_logit_scale_to_vector(state_dict: dict[str, Any], prefix: str, *args: Any) -> None:
+    """Checkpoints written before the temperature had shape (1,) hold it as a 0-d tensor."""
+    key = prefix + "log_logit_scale"
+    if key in state_dict and state_dict[key].dim() == 0:
+        state_dict[key] = state_dict[key].reshape(1)
 
 
 def _pad_token_id(backbone: nn.Module) -> int:

@@ -1,7 +1,8 @@
 """One optimiser step of a fixed global batch through Lightning's Trainer, on one process or as two
-DDP ranks (gloo, CPU) that each hold half of it; rank 0 saves every trainable parameter's gradient.
+ranks (gloo, CPU; DDP or FSDP2) that each hold half of it; rank 0 saves every trainable
+parameter's gradient.
 
-    python tests/gradcache_ddp_run.py --devices 2 --chunk 2 --out DIR
+    python tests/gradcache_ddp_run.py --devices 2 --strategy fsdp --chunk 2 --out DIR
 
 Used by tests/test_gradcache.py: the gradients of the two runs must agree.
 """
@@ -16,6 +17,7 @@ from pathlib import Path
 
 import torch
 from lightning import Callback, Trainer
+from lightning.pytorch.strategies import ModelParallelStrategy
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from conftest import CAPTIONS, IMAGE_SIDE, random_image  # noqa: E402
@@ -29,7 +31,8 @@ ROWS = 8
 # Ranks hold different numbers of labelled rows and of hard negatives: the global normalisers
 # and the uneven gathers are what this run checks.
 LABELLED = [True, True, True, False, False, False, True, False]
-NEGATIVES = [["a black hexagon", "nothing at all here"], ["two red lines"]]
+# Rank 1 has none: under FSDP2 it must still run as many forwards as rank 0.
+NEGATIVES = [["a black hexagon", "nothing at all here", "two red lines"], []]
 
 
 def rank_batch(rank: int, world: int) -> dict:
@@ -44,25 +47,35 @@ def rank_batch(rank: int, world: int) -> dict:
     batch = PairCollator(processor, "Find the caption of this image.")(samples[rows])
     batch["decoder"]["labelled"] = torch.tensor(LABELLED[rows])
     negatives = [text for part in NEGATIVES[rank * 2 // world:(rank + 1) * 2 // world] for text in part]
-    batch["negative"] = PromptProcessor(processor, 64)([Side("", text) for text in negatives])
+    if negatives:
+        batch["negative"] = PromptProcessor(processor, 64)([Side("", text) for text in negatives])
     return batch
 
 
 class SaveGradients(Callback):
-    """Saves the (all-reduced) gradients just before the optimiser step, on rank 0."""
+    """Saves the synchronised gradients after the step (the optimiser does not clear them), on rank 0.
+
+    Not at ``on_before_optimizer_step``: callbacks see it before the module, whose hook averages
+    the temperature's gradient under FSDP2.
+    """
 
     def __init__(self, path: Path) -> None:
         self.path = path
 
-    def on_before_optimizer_step(self, trainer, pl_module, optimizer) -> None:
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        grads = {}
+        for name, p in pl_module.named_parameters():
+            if p.requires_grad:  # FSDP2 holds shards: every rank joins in assembling each gradient
+                grad = p.grad.full_tensor() if hasattr(p.grad, "full_tensor") else p.grad
+                grads[name] = grad.detach().clone()
         if trainer.global_rank == 0:
-            grads = {n: p.grad.detach().clone() for n, p in pl_module.named_parameters() if p.requires_grad}
             torch.save(grads, self.path)
 
 
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--devices", type=int, required=True)
+    parser.add_argument("--strategy", choices=["ddp", "fsdp"], default="ddp")
     parser.add_argument("--chunk", type=int, default=0, help="GradCache chunk size; 0 for the plain step")
     parser.add_argument("--out", type=Path, required=True)
     args = parser.parse_args()
@@ -74,8 +87,11 @@ def main() -> None:
         DecoderSpec(preset="tiny"), num_reason_tokens=2, stage=2, learnable_temperature=True,
         gradcache_chunk_size=args.chunk or None,
     )
+    strategy = "auto" if args.devices == 1 else "ddp"
+    if args.strategy == "fsdp":
+        strategy = ModelParallelStrategy(data_parallel_size=args.devices, tensor_parallel_size=1)
     trainer = Trainer(
-        accelerator="cpu", devices=args.devices, strategy="ddp" if args.devices > 1 else "auto", max_steps=1,
+        accelerator="cpu", devices=args.devices, strategy=strategy, max_steps=1,
         logger=False, enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
         use_distributed_sampler=False, callbacks=[SaveGradients(args.out / "grads.pt")],
     )

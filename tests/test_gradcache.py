@@ -220,20 +220,22 @@ def test_one_update_with_accumulation_and_clipping_equals_the_plain_one(tiny_spe
 # ----------------------------------------------------------------------------- two processes
 
 
-def test_two_process_ddp_gradients_equal_the_single_process_global_batch(tmp_path):
-    """Each rank holds half the rows, different numbers of labelled rows and of hard negatives; the
-    all-reduced gradient equals the one-process gradient of the whole batch, with and without GradCache."""
+def test_two_process_gradients_equal_the_single_process_global_batch(tmp_path):
+    """Each rank holds half the rows, different numbers of labelled rows, and one rank all the hard
+    negatives; the synchronised gradient equals the one-process gradient of the whole batch: DDP with
+    GradCache, FSDP2 (ModelParallelStrategy) with and without it."""
     script = Path(__file__).with_name("gradcache_ddp_run.py")
     env = {**os.environ, "PYTHONPATH": str(script.parents[1])}
     grads = {}
-    for devices, chunk in ((1, 0), (2, 2), (2, 0)):
-        out = tmp_path / f"{devices}-{chunk}"
+    for devices, strategy, chunk in ((1, "ddp", 0), (2, "ddp", 2), (2, "fsdp", 2), (2, "fsdp", 0)):
+        out = tmp_path / f"{devices}-{strategy}-{chunk}"
         out.mkdir()
-        run = subprocess.run([sys.executable, str(script), "--devices", str(devices), "--chunk", str(chunk),
-                              "--out", str(out)], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
+        run = subprocess.run([sys.executable, str(script), "--devices", str(devices), "--strategy", strategy,
+                              "--chunk", str(chunk), "--out", str(out)],
+                             cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
         assert run.returncode == 0, run.stderr[-3000:]
-        grads[devices, chunk] = torch.load(out / "grads.pt", weights_only=True)
-    reference = grads[1, 0]
+        grads[devices, strategy, chunk] = torch.load(out / "grads.pt", weights_only=True)
+    reference = grads.pop((1, "ddp", 0))
     assert len(reference) > 40 and "log_logit_scale" in reference
-    assert_same(reference, grads[2, 2])
-    assert_same(reference, grads[2, 0])
+    for run, got in grads.items():
+        assert_same(reference, got)

@@ -1,0 +1,126 @@
+"""How the module is spread over ranks beyond DDP: FSDP2 sharding, and what each strategy supports.
+
+Lightning's ``ModelParallelStrategy`` calls ``LaMEModule.configure_model``, which shards with
+FSDP2 (``torch.distributed.fsdp.fully_shard``): each transformer block of the backbone's language
+model and of the decoder (the blocks transformers itself never splits, ``_no_split_modules``)
+becomes a unit, then the encoder (vision tower, embeddings, reason vectors, projection) and the
+decoder; the temperature stays whole on every rank, its gradient averaged. Every rank must run
+the same units as often as the others (each forward gathers a unit's shards): hence the vision
+tower in the encoder's unit (ranks differ in which chunks hold images), and ranks short of hard
+negatives run zero-weighted forwards (``lockstep``). FSDP2 keeps each parameter's dtype and ``requires_grad``, so a stage's freezing
+holds; it needs one dtype per unit, so the backbone is loaded in float32 (``bf16-mixed``
+computes in bfloat16).
+
+GradCache back-propagates chunks inside ``training_step``; Lightning's ``FSDPStrategy`` (FSDP1)
+runs ``training_step`` inside its root unit's forward and asserts on that, and DeepSpeed's
+engine accumulates them wrongly (both seen on a CPU probe), so both are refused with GradCache.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+import torch
+from torch import nn
+
+if TYPE_CHECKING:
+    from lightning.pytorch.strategies import Strategy
+
+    from lame_pl.module import LaMEModule
+
+
+def check_strategy(strategy: Strategy, gradcache_chunk_size: int | None) -> None:
+    """Raises when the strategy cannot run what the module is configured to do."""
+    from lightning.pytorch.strategies import DeepSpeedStrategy, FSDPStrategy
+
+    if gradcache_chunk_size is None:
+        return
+    for kind, name in ((FSDPStrategy, "FSDPStrategy (FSDP1)"), (DeepSpeedStrategy, "DeepSpeedStrategy")):
+        if isinstance(strategy, kind):
+            raise ValueError(
+                f"model.gradcache_chunk_size is set but the trainer's strategy is {name}, whose gradients GradCache "
+                "cannot accumulate; use DDP or ModelParallelStrategy (FSDP2, configs/strategy/fsdp.yaml) with "
+                "GradCache, or set model.gradcache_chunk_size null"
+            )
+
+
+def _language_blocks(module: LaMEModule) -> list[nn.Module]:
+    """The transformer blocks of the backbone's language model and of the decoder.
+
+    The vision tower's blocks stay in the encoder's unit: a rank whose chunk has no image skips
+    them, and a unit that one rank runs and another does not would desynchronise the gathers.
+    """
+    models = [module.encoder.backbone.language_model]
+    if module.decoder is not None:
+        models.append(module.decoder.language_model)
+    names = set()
+    for model in (module.encoder.backbone, *models[1:]):
+        names.update(getattr(model, "_no_split_modules", None) or ())
+    return [block for model in models for block in model.modules() if type(block).__name__ in names]
+
+
+def shard(module: LaMEModule) -> None:
+    """Applies FSDP2 to ``module`` over its data-parallel mesh (``ModelParallelStrategy``); a no-op elsewhere."""
+    mesh = module.device_mesh
+    if mesh is None:
+        return
+    from torch.distributed.fsdp import FSDPModule, fully_shard
+
+    if isinstance(module.encoder, FSDPModule):  # configure_model runs again on a later fit
+        return
+    if "tensor_parallel" in mesh.mesh_dim_names and mesh["tensor_parallel"].size() > 1:
+        raise ValueError(
+            "lame_pl shards with FSDP2 only: set the ModelParallelStrategy's tensor_parallel_size to 1 and "
+            f"data_parallel_size to the number of devices (got a tensor-parallel size of {mesh['tensor_parallel'].size()})"
+        )
+    data_parallel = mesh["data_parallel"] if "data_parallel" in mesh.mesh_dim_names else mesh
+    dtypes = {p.dtype for p in module.parameters()}
+    if len(dtypes) > 1:
+        raise ValueError(
+            f"FSDP2 needs one parameter dtype per unit, but the module holds {sorted(str(d) for d in dtypes)}: load "
+            "backbone and decoder in float32 (backbone.dtype, decoder.dtype) and train under precision bf16-mixed"
+        )
+    blocks = _language_blocks(module)
+    if not blocks:
+        raise ValueError("no transformer block (the models' _no_split_modules) found in the language models to shard")
+    for block in blocks:
+        fully_shard(block, mesh=data_parallel)
+    # The encoder and the decoder are the outer units: Lightning calls training_step, never the
+    # LightningModule's forward, so a unit around the whole module would never gather its shards.
+    fully_shard(module.encoder, mesh=data_parallel)
+    if module.decoder is not None:
+        fully_shard(module.decoder, mesh=data_parallel)
+
+
+def average_unsharded_gradients(module: LaMEModule) -> None:
+    """Averages, over the ranks, the gradients of what no FSDP2 unit holds (the temperature).
+
+    FSDP2 reduces only its units' gradients; the module's own parameters (one number) stay whole
+    on every rank. Called before each optimiser step, on every rank, as DDP would average them.
+    """
+    if module.device_mesh is None:
+        return
+    import torch.distributed as dist
+
+    mesh = module.device_mesh
+    group = (mesh["data_parallel"] if "data_parallel" in mesh.mesh_dim_names else mesh).get_group()
+    for param in module.parameters(recurse=False):
+        if param.requires_grad:
+            if param.grad is None:
+                param.grad = torch.zeros_like(param)
+            dist.all_reduce(param.grad, op=dist.ReduceOp.AVG, group=group)
+
+
+def lockstep(module: LaMEModule, counts: dict[str, int]) -> dict[str, int]:
+    """How many forwards of each kind every rank runs: the most over ranks under FSDP2, else this rank's.
+
+    Each FSDP2 unit gathers its shards in every forward, so ranks must run as many forwards as
+    each other; a rank short of some (fewer hard negatives, or none) runs zero-weighted ones.
+    """
+    import torch.distributed as dist
+
+    if module.device_mesh is None or not dist.is_initialized() or dist.get_world_size() == 1:
+        return counts
+    most = torch.tensor(list(counts.values()), device=module.device)
+    dist.all_reduce(most, op=dist.ReduceOp.MAX)
+    return dict(zip(counts, most.tolist(), strict=True))

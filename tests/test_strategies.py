@@ -1,0 +1,109 @@
+"""The strategy overlays (configs/strategy/): they compose with the 2B recipe, FSDP2 fits and resumes on
+two CPU processes, and what a strategy cannot run is refused with a message naming it."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+from lightning.pytorch.strategies import DDPStrategy, DeepSpeedStrategy, FSDPStrategy
+
+from lame_pl import LaMEModule
+from lame_pl.sharding import check_strategy, shard
+
+ROOT = Path(__file__).resolve().parents[1]
+STRATEGY = ROOT / "configs" / "strategy"
+REAL = ROOT / "configs" / "qwen2vl-2b"
+LIGHTNING = Path(sys.executable).with_name("lightning")
+
+
+def printed(*configs: Path) -> dict:
+    args = [f"--config={c}" for c in configs]
+    result = subprocess.run([str(LIGHTNING), "fit", *args, "--print_config"], capture_output=True, text=True,
+                            timeout=120)
+    assert result.returncode == 0, result.stderr[-2000:]
+    return yaml.safe_load(result.stdout)
+
+
+def test_the_overlays_compose_with_the_2b_recipe():
+    fsdp = printed(REAL / "base.yaml", REAL / "stage2.yaml", STRATEGY / "fsdp.yaml")
+    strategy = fsdp["trainer"]["strategy"]
+    assert strategy["class_path"].endswith("ModelParallelStrategy")
+    assert strategy["init_args"]["tensor_parallel_size"] == 1
+    assert strategy["init_args"]["data_parallel_size"] == fsdp["trainer"]["devices"] == 8
+    assert strategy["init_args"]["save_distributed_checkpoint"] is False
+    model = fsdp["model"]["init_args"]
+    assert model["backbone"]["dtype"] == "float32" and model["gradcache_chunk_size"] == 8  # GradCache kept
+    zero2 = printed(REAL / "base.yaml", REAL / "stage2.yaml", STRATEGY / "deepspeed_zero2.yaml")
+    assert zero2["trainer"]["strategy"]["init_args"]["stage"] == 2
+    assert zero2["model"]["init_args"]["gradcache_chunk_size"] is None  # refused together, see below
+    nodes = printed(REAL / "base.yaml", REAL / "stage2.yaml", STRATEGY / "multinode.yaml")
+    global_batch = nodes["trainer"]["num_nodes"] * nodes["trainer"]["devices"] * nodes["data"]["init_args"]["batch_size"]
+    assert global_batch == 1024
+
+
+def test_gradcache_is_refused_where_its_gradients_were_wrong():
+    check_strategy(DDPStrategy(), 8)
+    check_strategy(FSDPStrategy(), None)
+    with pytest.raises(ValueError, match=r"gradcache_chunk_size is set but .* FSDPStrategy \(FSDP1\)"):
+        check_strategy(FSDPStrategy(), 8)
+    deepspeed = object.__new__(DeepSpeedStrategy)  # constructing one needs deepspeed installed
+    with pytest.raises(ValueError, match="DeepSpeedStrategy"):
+        check_strategy(deepspeed, 8)
+
+
+class _Mesh:
+    """The parts of a DeviceMesh that ``shard`` reads before it shards anything."""
+
+    mesh_dim_names = ("data_parallel", "tensor_parallel")
+
+    def __init__(self, tensor_parallel: int) -> None:
+        self.tensor_parallel = tensor_parallel
+
+    def __getitem__(self, name: str) -> _Mesh:
+        return self
+
+    def size(self) -> int:
+        return self.tensor_parallel
+
+
+def test_shard_refuses_tensor_parallelism_and_mixed_dtypes(tiny_spec, tiny_decoder, monkeypatch):
+    from dataclasses import replace
+
+    module = LaMEModule(replace(tiny_spec, dtype="bfloat16"), tiny_decoder, num_reason_tokens=2, stage=1)
+    monkeypatch.setattr(LaMEModule, "device_mesh", property(lambda self: _Mesh(2)))
+    with pytest.raises(ValueError, match="tensor_parallel_size to 1"):
+        shard(module)
+    monkeypatch.setattr(LaMEModule, "device_mesh", property(lambda self: _Mesh(1)))
+    with pytest.raises(ValueError, match=r"one parameter dtype per unit.*torch.bfloat16.*backbone.dtype"):
+        shard(module)
+
+
+def test_fsdp_overlay_fits_with_gradcache_and_resumes_on_two_processes(tmp_path):
+    shards = tmp_path / "shards"
+    subprocess.run([sys.executable, str(ROOT / "tools" / "make_shards.py"), "synthetic", "--out", str(shards),
+                    "--train", "32", "--val", "4", "--test", "4", "--image-size", "56", "--samples-per-shard", "8"],
+                   check=True, capture_output=True)
+    common = [
+        f"--config={ROOT / 'tests' / 'conf' / 'tiny.yaml'}", f"--config={STRATEGY / 'fsdp.yaml'}",
+        "--trainer.accelerator=cpu", "--trainer.devices=2", "--trainer.strategy.init_args.data_parallel_size=2",
+        "--model.init_args.stage=2", "--model.init_args.learnable_temperature=true",
+        "--model.init_args.gradcache_chunk_size=2", "--data.init_args.batch_size=4",
+        f"--data.init_args.train_shards={shards / 'train'}", "--trainer.limit_val_batches=0",
+        f"--trainer.default_root_dir={tmp_path}", "--trainer.callbacks+=lightning.pytorch.callbacks.ModelCheckpoint",
+        "--trainer.callbacks.save_last=true", f"--trainer.callbacks.dirpath={tmp_path / 'ckpt'}",
+    ]
+    fit = subprocess.run([str(LIGHTNING), "fit", *common, "--trainer.max_steps=2"], cwd=tmp_path,
+                         capture_output=True, text=True, timeout=300)
+    assert fit.returncode == 0, fit.stderr[-3000:]
+    last = tmp_path / "ckpt" / "last.ckpt"
+    state = torch.load(last, map_location="cpu", weights_only=True)  # one file, as under DDP
+    assert state["global_step"] == 2 and state["state_dict"]["log_logit_scale"].shape == (1,)
+    resumed = subprocess.run([str(LIGHTNING), "fit", *common, "--trainer.max_steps=3", f"--ckpt_path={last}"],
+                             cwd=tmp_path, capture_output=True, text=True, timeout=300)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert torch.load(last, map_location="cpu", weights_only=True)["global_step"] == 3
