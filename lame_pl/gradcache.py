@@ -66,8 +66,14 @@ class RandomState:
             yield
 
 
-def _rows(inputs: dict[str, torch.Tensor], start: int, stop: int) -> dict[str, torch.Tensor]:
-    return {key: value[start:stop] for key, value in inputs.items()}
+def _rows(inputs: dict[str, torch.Tensor], start: int, stop: int, device: torch.device) -> dict[str, torch.Tensor]:
+    return {key: value[start:stop].to(device, non_blocking=True) for key, value in inputs.items()}
+
+
+def _to(inputs: dict[str, Any], device: torch.device) -> dict[str, Any]:
+    """One chunk on the device (the batch stays where the data loader left it: ``LaMEModule.transfer_batch_to_device``)."""
+    return {key: value.to(device, non_blocking=True) if isinstance(value, torch.Tensor) else value
+            for key, value in inputs.items()}
 
 
 def _labelled_tokens(labels: dict[str, torch.Tensor]) -> int:
@@ -125,7 +131,7 @@ def gradcache_step(
                 states[name], parts = [], []
                 for i in range(runs[name]):
                     states[name].append(RandomState.capture(module.device))
-                    out = module.encode(chunks[name][i] if i < len(chunks[name]) else idle)
+                    out = module.encode(_to(chunks[name][i] if i < len(chunks[name]) else idle, module.device))
                     if i < len(chunks[name]):
                         parts.append(out.embedding)
                 embeddings[name] = torch.cat(parts).detach().requires_grad_() if parts else None
@@ -158,7 +164,7 @@ def gradcache_step(
             if i >= runs[name]:  # more chunks of negatives than of rows
                 continue
             with states[name][i].replay() if contrastive else nullcontext():
-                out = module.encode(chunks[name][i] if i < len(chunks[name]) else idle)
+                out = module.encode(_to(chunks[name][i] if i < len(chunks[name]) else idle, module.device))
             if i >= len(chunks[name]):  # in step with the other ranks, adding nothing
                 surrogate = surrogate + out.embedding.sum() * 0.0
                 continue
@@ -167,7 +173,7 @@ def gradcache_step(
             if contrastive:
                 surrogate = surrogate + (out.embedding * grads[name][start:stop]).sum()
             if name == "query" and decodes:
-                predicted = module.decoder(out.reason_states, **_rows(labels, start, stop))
+                predicted = module.decoder(out.reason_states, **_rows(labels, start, stop, module.device))
                 term = module.criterion.decoder(predicted, num_tokens=tokens)
                 surrogate = surrogate + spec.decoder_loss_weight * term
                 decoder_sum = decoder_sum + term.detach()

@@ -356,6 +356,16 @@ class LaMEModule(LightningModule):
             self.log("train/decoder/labelled_fraction", rows / batch_size, batch_size=batch_size)
         return loss
 
+    def transfer_batch_to_device(self, batch: Any, device: torch.device, dataloader_idx: int) -> Any:
+        """Leaves a training batch where it is under GradCache: its chunks go to the device one at a time.
+
+        A batch of 128 rows at Qwen2-VL's largest images holds ~3 GiB of float32 pixels per side,
+        more than the activations of a chunk of 8.
+        """
+        if self.hparams.get("gradcache_chunk_size") and self._trainer is not None and self.trainer.training:
+            return batch
+        return super().transfer_batch_to_device(batch, device, dataloader_idx)
+
     def _zero_grad_for_chunks(self, batch_idx: int) -> None:
         """Zeroes the gradients before GradCache accumulates its chunks' into them.
 

@@ -12,20 +12,22 @@ from __future__ import annotations
 import argparse
 import os
 import random
-import sys
 from pathlib import Path
 
 import torch
 from lightning import Callback, Trainer
 from lightning.pytorch.strategies import ModelParallelStrategy
+from PIL import Image
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from conftest import CAPTIONS, IMAGE_SIDE, random_image  # noqa: E402
+from datamodules.collate import PairCollator
+from lame_pl import BackboneSpec, DecoderSpec, LaMEModule
+from lame_pl.backbone import build_processor
+from lame_pl.prompt import PromptProcessor, Side
 
-from datamodules.collate import PairCollator  # noqa: E402
-from lame_pl import BackboneSpec, DecoderSpec, LaMEModule  # noqa: E402
-from lame_pl.backbone import build_processor  # noqa: E402
-from lame_pl.prompt import PromptProcessor, Side  # noqa: E402
+# Not conftest's: this script also runs where pytest is not installed (tools/device_check.sh).
+IMAGE_SIDE = 56
+CAPTIONS = ["a red circle at the top left", "two blue squares in the center", "three purple squares on the left",
+            "a green triangle at the bottom right and a yellow circle at the top"]
 
 ROWS = 8
 # Ranks hold different numbers of labelled rows and of hard negatives: the global normalisers
@@ -33,6 +35,10 @@ ROWS = 8
 LABELLED = [True, True, True, False, False, False, True, False]
 # Rank 1 has none: under FSDP2 it must still run as many forwards as rank 0.
 NEGATIVES = [["a black hexagon", "nothing at all here", "two red lines"], []]
+
+
+def random_image(rng: random.Random) -> Image.Image:
+    return Image.frombytes("RGB", (IMAGE_SIDE, IMAGE_SIDE), bytes(rng.getrandbits(8) for _ in range(IMAGE_SIDE**2 * 3)))
 
 
 def rank_batch(rank: int, world: int) -> dict:
@@ -76,6 +82,7 @@ def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--devices", type=int, required=True)
     parser.add_argument("--strategy", choices=["ddp", "fsdp"], default="ddp")
+    parser.add_argument("--accelerator", default="cpu", help="cpu (the tests) or gpu (tools/device_check.sh)")
     parser.add_argument("--chunk", type=int, default=0, help="GradCache chunk size; 0 for the plain step")
     parser.add_argument("--out", type=Path, required=True)
     args = parser.parse_args()
@@ -91,7 +98,7 @@ def main() -> None:
     if args.strategy == "fsdp":
         strategy = ModelParallelStrategy(data_parallel_size=args.devices, tensor_parallel_size=1)
     trainer = Trainer(
-        accelerator="cpu", devices=args.devices, strategy=strategy, max_steps=1,
+        accelerator=args.accelerator, devices=args.devices, strategy=strategy, max_steps=1,
         logger=False, enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
         use_distributed_sampler=False, callbacks=[SaveGradients(args.out / "grads.pt")],
     )
