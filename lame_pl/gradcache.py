@@ -17,8 +17,8 @@ The parameters' gradients are those of the full batch; only one chunk's activati
 at a time. VLM2Vec trains its 2B models with a global batch of 1024 in chunks of 8 this way.
 
 Inside Lightning's automatic optimisation, the chunks but the last are back-propagated during
-``training_step`` (through the strategy's own ``backward``, so that precision scaling and
-DeepSpeed's engine apply), and the last chunk's graph is what ``training_step`` returns: Lightning
+``training_step`` (through the strategy's own ``backward``, so that its precision plugin
+scales them as it scales a loss), and the last chunk's graph is what ``training_step`` returns: Lightning
 back-propagates it, which is where DDP all-reduces the gradients accumulated over all chunks.
 Gradient accumulation, clipping, schedulers, logging and checkpoints stay Lightning's.
 """
@@ -32,7 +32,7 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
-from lame_pl.losses import global_count, world_size
+from lame_pl.distributed import global_count, world_size
 from lame_pl.row_chunks import split_rows
 from lame_pl.sharding import lockstep
 
@@ -167,6 +167,9 @@ def gradcache_step(
                 out = module.encode(_to(chunks[name][i] if i < len(chunks[name]) else idle, module.device))
             if i >= len(chunks[name]):  # in step with the other ranks, adding nothing
                 surrogate = surrogate + out.embedding.sum() * 0.0
+                if name == "query" and decodes:  # the decoder's units run as often as on the others
+                    filler = module.decoder(out.reason_states, **_rows(labels, 0, 1, module.device))
+                    surrogate = surrogate + module.criterion.decoder(filler, num_tokens=1) * 0.0
                 continue
             start = i * chunk_size
             stop = start + out.embedding.shape[0]
@@ -187,10 +190,7 @@ def gradcache_step(
         final = surrogate
     if decodes:
         terms["decoder"] = decoder_sum
-    loss = sum(
-        (getattr(spec, f"{name}_loss_weight") * value for name, value in terms.items()),
-        torch.zeros((), device=module.device),
-    )
+    loss = module.weighted(terms)
     # The value of the step's loss, the gradient of the last chunk's surrogate.
     return final - final.detach() + loss, terms
 

@@ -22,13 +22,14 @@ from lame_pl.backbone import (
     qwen2_tokenizer,
 )
 from lame_pl.decoder import LatentDecoder
+from lame_pl.distributed import gather_rows
 from lame_pl.gradcache import gradcache_step
-from lame_pl.losses import LaMELoss, gather_rows
+from lame_pl.losses import LaMELoss
 from lame_pl.model import EncoderOutput, LaMEEncoder, text_config
 from lame_pl.modes import EncodeMode, resolve_mode
 from lame_pl.retrieval import chance_metrics, gold_ranks, metrics_from_ranks
 from lame_pl.row_chunks import split_rows
-from lame_pl.sharding import average_unsharded_gradients, check_strategy, lockstep, shard
+from lame_pl.sharding import average_unsharded_gradients, check_evaluation, check_strategy, lockstep, shard
 from lame_pl.stages import Stage1Spec, Stage2Spec, StageSpec, apply_stage
 from lame_pl.trainable import low_precision_trainable, trainable_summary
 
@@ -160,7 +161,7 @@ class LaMEModule(LightningModule):
         # Shape (1,), not a 0-d scalar: FSDP and DeepSpeed refuse 0-d parameters.
         log_scale = torch.tensor([math.log(1.0 / hp.temperature)])
         self.log_logit_scale = nn.Parameter(log_scale, requires_grad=hp.learnable_temperature)
-        self._register_load_state_dict_pre_hook(_scalar_logit_scale_to_vector)
+        self.register_load_state_dict_pre_hook(_scalar_logit_scale_to_vector)
 
     def configure_model(self) -> None:
         """Shards the module with FSDP2 under Lightning's ``ModelParallelStrategy`` (``lame_pl.sharding``)."""
@@ -168,6 +169,15 @@ class LaMEModule(LightningModule):
 
     def setup(self, stage: str) -> None:
         check_strategy(self.trainer.strategy, self.hparams.get("gradcache_chunk_size"))
+
+    def on_validation_start(self) -> None:
+        check_evaluation(self, "validation")
+
+    def on_test_start(self) -> None:
+        check_evaluation(self, "test")
+
+    def on_predict_start(self) -> None:
+        check_evaluation(self, "predict")
 
     def configure_losses(self) -> None:
         """The loss object: InfoNCE across ranks and the decoder's cross-entropy, as named terms."""
@@ -277,11 +287,6 @@ class LaMEModule(LightningModule):
     def encode(self, inputs: dict[str, torch.Tensor]) -> EncoderOutput:
         """Encodes one side of a batch (processor outputs) into embeddings and reason states."""
         return self.encoder(**inputs)
-
-    @property
-    def distributed(self) -> bool:
-        """Whether this module runs in a multi-process trainer."""
-        return self._trainer is not None and self.trainer.world_size > 1
 
     def model_step(self, batch: dict[str, Any], split: str) -> tuple[torch.Tensor, dict[str, torch.Tensor], dict]:
         """The step shared by train, val and test: encode, compute each loss term, weight them.
@@ -427,13 +432,6 @@ class LaMEModule(LightningModule):
 
     # ----------------------------------------------------------------------------- retrieval
 
-    def _rows_before_this_rank(self, rows: int) -> int:
-        """How many rows the ranks before this one hold (0 in a single process)."""
-        if not self.distributed:
-            return 0
-        sizes = self.all_gather(torch.tensor([rows], device=self.device)).flatten().tolist()
-        return int(sum(sizes[: self.global_rank]))
-
     def _retrieval_epoch_end(self, split: str) -> None:
         stored = self._eval_embeddings
         self._eval_embeddings = {"query": [], "target": []}
@@ -444,8 +442,8 @@ class LaMEModule(LightningModule):
         # Each rank ranks its own queries against every rank's targets, so each query is ranked
         # once; only the ranks, one integer per query, travel back. Targets arrive in rank order,
         # so this rank's gold targets start after those of the ranks before it.
-        offset = self._rows_before_this_rank(query.shape[0])
-        target, _ = gather_rows(local_target)
+        target, sizes = gather_rows(local_target)  # one target per query
+        offset = sum(sizes[: self.global_rank])
         gold = offset + torch.arange(query.shape[0], device=query.device)
         ranks = gold_ranks(query, target, gold) if query.shape[0] else gold
         ranks = gather_rows(ranks[:, None])[0].flatten()
@@ -504,7 +502,7 @@ def decoder_rows(batch: dict[str, Any]) -> int:
     return len(batch["keys"]) if labelled is None else int(labelled.sum())
 
 
-def _scalar_logit_scale_to_vector(state_dict: dict[str, Any], prefix: str, *args: Any) -> None:
+def _scalar_logit_scale_to_vector(module: nn.Module, state_dict: dict[str, Any], prefix: str, *args: Any) -> None:
     """Checkpoints written before the temperature had shape (1,) hold it as a 0-d tensor."""
     key = prefix + "log_logit_scale"
     if key in state_dict and state_dict[key].dim() == 0:

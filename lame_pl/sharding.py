@@ -5,15 +5,19 @@ FSDP2 (``torch.distributed.fsdp.fully_shard``): each transformer block of the ba
 model and of the decoder (the blocks transformers itself never splits, ``_no_split_modules``)
 becomes a unit, then the encoder (vision tower, embeddings, reason vectors, projection) and the
 decoder; the temperature stays whole on every rank, its gradient averaged. Every rank must run
-the same units as often as the others (each forward gathers a unit's shards): hence the vision
-tower in the encoder's unit (ranks differ in which chunks hold images), and ranks short of hard
-negatives run zero-weighted forwards (``lockstep``). FSDP2 keeps each parameter's dtype and ``requires_grad``, so a stage's freezing
+the same units as often as the others (each forward gathers a unit's shards, each backward
+reduce-scatters its gradients): hence the vision tower in the encoder's unit (ranks differ in
+which chunks hold images) with every parameter in the reduce-scatter, and ranks short of hard
+negatives run zero-weighted forwards (``lockstep``). Ranks may hold different numbers of
+evaluation batches, so validation, test and predict are refused on several FSDP2 ranks
+(evaluate the single-file checkpoint under DDP or with the evaluators). FSDP2 keeps each parameter's dtype and ``requires_grad``, so a stage's freezing
 holds; it needs one dtype per unit, so the backbone is loaded in float32 (``bf16-mixed``
 computes in bfloat16).
 
 GradCache back-propagates chunks inside ``training_step``; Lightning's ``FSDPStrategy`` (FSDP1)
 runs ``training_step`` inside its root unit's forward and asserts on that, and DeepSpeed's
-engine accumulates them wrongly (both seen on a CPU probe), so both are refused with GradCache.
+engine accumulates them wrongly (both seen on a CPU probe), so both are refused with GradCache;
+DeepSpeed's ZeRO stage 3 failed in the same probe and is refused outright.
 """
 
 from __future__ import annotations
@@ -22,6 +26,8 @@ from typing import TYPE_CHECKING
 
 import torch
 from torch import nn
+
+from lame_pl.distributed import world_size
 
 if TYPE_CHECKING:
     from lightning.pytorch.strategies import Strategy
@@ -33,6 +39,12 @@ def check_strategy(strategy: Strategy, gradcache_chunk_size: int | None) -> None
     """Raises when the strategy cannot run what the module is configured to do."""
     from lightning.pytorch.strategies import DeepSpeedStrategy, FSDPStrategy
 
+    config = getattr(strategy, "config", None) or {}
+    if isinstance(strategy, DeepSpeedStrategy) and config.get("zero_optimization", {}).get("stage") == 3:
+        raise ValueError(
+            "DeepSpeed ZeRO stage 3 is not supported: a CPU probe failed at the first backward where the reason "
+            "and [EMBED] vectors are joined; shard with ModelParallelStrategy (configs/strategy/fsdp.yaml) instead"
+        )
     if gradcache_chunk_size is None:
         return
     for kind, name in ((FSDPStrategy, "FSDPStrategy (FSDP1)"), (DeepSpeedStrategy, "DeepSpeedStrategy")):
@@ -90,6 +102,12 @@ def shard(module: LaMEModule) -> None:
     fully_shard(module.encoder, mesh=data_parallel)
     if module.decoder is not None:
         fully_shard(module.decoder, mesh=data_parallel)
+    # A unit reduce-scatters the gradients its parameters received; a trained vision tower gets
+    # none on a rank whose chunk has no image, so every parameter takes part (zeros) to keep the
+    # ranks' reduce-scatters the same size.
+    for unit in (module.encoder, module.decoder):
+        if unit is not None:
+            unit.set_reduce_scatter_unused_params(True)
 
 
 def average_unsharded_gradients(module: LaMEModule) -> None:
@@ -119,8 +137,19 @@ def lockstep(module: LaMEModule, counts: dict[str, int]) -> dict[str, int]:
     """
     import torch.distributed as dist
 
-    if module.device_mesh is None or not dist.is_initialized() or dist.get_world_size() == 1:
+    if module.device_mesh is None or world_size() == 1:
         return counts
     most = torch.tensor(list(counts.values()), device=module.device)
     dist.all_reduce(most, op=dist.ReduceOp.MAX)
     return dict(zip(counts, most.tolist(), strict=True))
+
+
+def check_evaluation(module: LaMEModule, what: str) -> None:
+    """Raises before an evaluation loop on several FSDP2 ranks, which could hang (uneven batch counts)."""
+    if module.device_mesh is None or world_size() == 1:
+        return
+    raise ValueError(
+        f"{what} under ModelParallelStrategy (FSDP2) on several ranks is not supported: ranks may hold different "
+        "numbers of batches, and each forward gathers shards on every rank; set trainer.limit_val_batches 0 (or "
+        "no val_shards) for fit, and evaluate the checkpoint (one file) under DDP or with tools/eval_mmeb.py"
+    )

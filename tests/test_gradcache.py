@@ -75,11 +75,17 @@ def test_gradients_equal_those_of_the_full_batch(tiny_spec, tiny_decoder, batch,
     assert any(g.abs().max() > 0 for g in full.values())
 
 
-def test_dropout_is_replayed_so_both_passes_agree(tiny_spec, tiny_decoder, batch):
+@pytest.mark.parametrize("mode", [
+    dict(),
+    # Activation checkpointing drops latent_sequential's KV cache in training: the pass without
+    # gradients must take the same recomputing path, with the same dropout draws.
+    dict(encode_mode="latent_sequential", gradient_checkpointing=True),
+], ids=["lame", "latent_sequential with checkpointing"])
+def test_dropout_is_replayed_so_both_passes_agree(tiny_spec, tiny_decoder, batch, mode):
     """With adapter dropout, the gradient is that of the chunks encoded once, in pass 1's random order."""
     torch.manual_seed(0)
     module = LaMEModule(tiny_spec, tiny_decoder, num_reason_tokens=2, stage=2,
-                        stage2=Stage2Spec(lora=LoraSpec(dropout=0.5, init="kaiming")))
+                        stage2=Stage2Spec(lora=LoraSpec(dropout=0.5, init="kaiming")), **mode)
     # B starts at 0, so the adapters' dropout would change nothing: move B first.
     with torch.no_grad():
         for name, p in module.named_parameters():
@@ -95,7 +101,7 @@ def test_dropout_is_replayed_so_both_passes_agree(tiny_spec, tiny_decoder, batch
             for name in ("query", "target", "negative")}
     emb = {name: torch.cat([o.embedding for o in parts]) for name, parts in outs.items()}
     contrastive = module.criterion.contrastive(emb["query"], emb["target"], emb["negative"], module.logit_scale, True)
-    labels, tokens = batch["decoder"], 0
+    labels = batch["decoder"]
     tokens = int(labels["attention_mask"][labels["labelled"]].sum())
     decoder = sum(
         module.criterion.decoder(module.decoder(o.reason_states, **{k: v[i * chunk:(i + 1) * chunk]
@@ -222,12 +228,12 @@ def test_one_update_with_accumulation_and_clipping_equals_the_plain_one(tiny_spe
 
 def test_two_process_gradients_equal_the_single_process_global_batch(tmp_path):
     """Each rank holds half the rows, different numbers of labelled rows, and one rank all the hard
-    negatives; the synchronised gradient equals the one-process gradient of the whole batch: DDP with
-    GradCache, FSDP2 (ModelParallelStrategy) with and without it."""
+    negatives; the synchronised gradient equals the one-process gradient of the whole batch: DDP and
+    FSDP2 (ModelParallelStrategy), each with and without GradCache."""
     script = Path(__file__).with_name("gradcache_ddp_run.py")
     env = {**os.environ, "PYTHONPATH": str(script.parents[1])}
     grads = {}
-    for devices, strategy, chunk in ((1, "ddp", 0), (2, "ddp", 2), (2, "fsdp", 2), (2, "fsdp", 0)):
+    for devices, strategy, chunk in ((1, "ddp", 0), (2, "ddp", 2), (2, "ddp", 0), (2, "fsdp", 2), (2, "fsdp", 0)):
         out = tmp_path / f"{devices}-{strategy}-{chunk}"
         out.mkdir()
         run = subprocess.run([sys.executable, str(script), "--devices", str(devices), "--strategy", strategy,
@@ -238,4 +244,7 @@ def test_two_process_gradients_equal_the_single_process_global_batch(tmp_path):
     reference = grads.pop((1, "ddp", 0))
     assert len(reference) > 40 and "log_logit_scale" in reference
     for run, got in grads.items():
-        assert_same(reference, got)
+        try:
+            assert_same(reference, got)
+        except AssertionError as err:
+            raise AssertionError(f"run {run}: {err}") from None

@@ -13,7 +13,7 @@ import yaml
 from lightning.pytorch.strategies import DDPStrategy, DeepSpeedStrategy, FSDPStrategy
 
 from lame_pl import LaMEModule
-from lame_pl.sharding import check_strategy, shard
+from lame_pl.sharding import check_evaluation, check_strategy, shard
 
 ROOT = Path(__file__).resolve().parents[1]
 STRATEGY = ROOT / "configs" / "strategy"
@@ -46,14 +46,19 @@ def test_the_overlays_compose_with_the_2b_recipe():
     assert global_batch == 1024
 
 
-def test_gradcache_is_refused_where_its_gradients_were_wrong():
+def test_gradcache_and_zero3_are_refused_where_they_failed():
     check_strategy(DDPStrategy(), 8)
     check_strategy(FSDPStrategy(), None)
     with pytest.raises(ValueError, match=r"gradcache_chunk_size is set but .* FSDPStrategy \(FSDP1\)"):
         check_strategy(FSDPStrategy(), 8)
     deepspeed = object.__new__(DeepSpeedStrategy)  # constructing one needs deepspeed installed
+    deepspeed.config = {"zero_optimization": {"stage": 2}}
+    check_strategy(deepspeed, None)
     with pytest.raises(ValueError, match="DeepSpeedStrategy"):
         check_strategy(deepspeed, 8)
+    deepspeed.config = {"zero_optimization": {"stage": 3}}
+    with pytest.raises(ValueError, match="ZeRO stage 3 is not supported"):
+        check_strategy(deepspeed, None)
 
 
 class _Mesh:
@@ -107,3 +112,23 @@ def test_fsdp_overlay_fits_with_gradcache_and_resumes_on_two_processes(tmp_path)
                              cwd=tmp_path, capture_output=True, text=True, timeout=300)
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     assert torch.load(last, map_location="cpu", weights_only=True)["global_step"] == 3
+
+
+def test_evaluation_on_several_fsdp2_ranks_is_refused(tiny_spec, monkeypatch):
+    """Ranks may hold different numbers of evaluation batches; every FSDP2 forward gathers on all ranks."""
+    module = LaMEModule(tiny_spec, None, num_reason_tokens=0, stage=2)
+    check_evaluation(module, "validation")  # no mesh: DDP or one process
+    monkeypatch.setattr(LaMEModule, "device_mesh", property(lambda self: _Mesh(1)))
+    monkeypatch.setattr("lame_pl.sharding.world_size", lambda: 2)
+    with pytest.raises(ValueError, match=r"validation under ModelParallelStrategy \(FSDP2\) on several ranks"):
+        check_evaluation(module, "validation")
+
+
+def test_a_checkpoint_with_a_scalar_temperature_loads(tiny_spec):
+    """Checkpoints from before the temperature had shape (1,), which FSDP and DeepSpeed need."""
+    module = LaMEModule(tiny_spec, None, num_reason_tokens=0, stage=2)
+    state = module.state_dict()
+    state["log_logit_scale"] = torch.tensor(2.5)
+    module.load_state_dict(state, strict=True)
+    assert module.log_logit_scale.shape == (1,) and module.log_logit_scale.item() == 2.5
+    assert module.logit_scale.shape == ()

@@ -31,8 +31,12 @@ Ratios (null, with the reason in ``null_reasons``, when a configuration they nee
 ``memory_ratio_gradcache_b256_over_plain_b8`` (peaks) and ``..._over_start`` (what the steps
 added), and ``time_ratio_gradcache_over_plain``, seconds per sample of GradCache over those of
 the plain step at the largest batch both ran (``time_ratio_batch``). With a contrastive loss,
-GradCache runs the encoder forward twice: about 4/3 of the plain step's compute (one forward
-and a backward of two forwards' cost, plus one forward more).
+GradCache runs the encoder forward once more: that adds about a third of the encoder's cost when
+its weights train (a backward costs about two forwards) and about a half with frozen base
+weights and adapters (the backward skips the weight gradients), less for the whole step, whose
+decoder and optimiser run once. On CUDA a GradCache batch is built in host memory, as the
+Trainer leaves it (``LaMEModule.transfer_batch_to_device``), and its chunks move to the device.
+A configuration that fails (out of memory) is recorded with its error; the others still report.
 """
 
 from __future__ import annotations
@@ -214,8 +218,9 @@ def measure(args: argparse.Namespace, mode: str, size: int) -> dict[str, Any]:
     spec = backbone_spec(args)
     processor = build_processor(spec)
     text = prompt_text(processor.tokenizer, args.text_tokens)
-    batch = training_batch(processor, text, synthetic_image(args.image_size), size, device)
     chunk = args.chunk_size if mode == "gradcache" else None
+    # Under GradCache the Trainer leaves the batch in host memory and moves chunks to the device.
+    batch = training_batch(processor, text, synthetic_image(args.image_size), size, "cpu" if chunk else device)
     torch.manual_seed(0)
     stage2 = Stage2Spec(lora=LoraSpec()) if args.recipe == "dora" else Stage2Spec()
     module = LaMEModule(spec, DecoderSpec(preset=args.decoder_preset), num_reason_tokens=args.reason_tokens,
@@ -393,7 +398,8 @@ def print_table(report: dict[str, Any]) -> None:
             print(f"{key}: {value:.3f}")
         elif value is None and key in report["null_reasons"]:
             print(f"{key}: null ({report['null_reasons'][key]})")
-    print(f"(goals: memory ratio <= {GOAL}, time ratio <= {GOAL}; the extra forward pass puts the time floor near 4/3)")
+    print(f"(goals: memory ratio <= {GOAL}, time ratio <= {GOAL}; the extra encoder forward adds about 1/3 when "
+          "the weights train, about 1/2 with adapters on frozen weights)")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -410,12 +416,19 @@ def main(argv: list[str] | None = None) -> int:
         torch.set_num_threads(args.threads)
     load_start = [round(x, 2) for x in os.getloadavg()]
     plan = [("plain", b) for b in args.plain_batches] + [("gradcache", b) for b in args.gradcache_batches]
-    results = []
+    results, failures = [], []
     for mode, size in plan:
-        if args.isolate == "process":
-            result = _child(args, mode, size)
-        else:
-            result = measure(args, mode, size)
+        try:
+            if args.isolate == "process":
+                result = _child(args, mode, size)
+            else:
+                result = measure(args, mode, size)
+        except (RuntimeError, torch.cuda.OutOfMemoryError) as err:  # e.g. out of memory: the others still run
+            failures.append({"mode": mode, "batch": size, "error": str(err)[-2000:]})
+            print(f"  {mode} batch {size}: failed: {str(err).splitlines()[-1] if str(err) else type(err).__name__}",
+                  flush=True)
+            continue
+        finally:
             gc.collect()
             if args.device == "cuda":
                 torch.cuda.empty_cache()
@@ -423,11 +436,16 @@ def main(argv: list[str] | None = None) -> int:
         print(f"  {mode} batch {size}: {result['samples_per_s']:.2f} samples/s, peak {result['peak_mib']:.0f} MiB",
               flush=True)
     figures, reasons = ratios(results)
+    for failure in failures:  # a ratio that needed a failed configuration says so
+        for key, value in figures.items():
+            if value is None and key in reasons:
+                reasons[key] += f"; {failure['mode']} batch {failure['batch']} failed"
     report: dict[str, Any] = {
         **{k: v for k, v in figures.items() if k.startswith(("memory_ratio_gradcache_b", "time_ratio", "cpu_time_ratio"))},
         "ratios": figures,
         "null_reasons": reasons,
-        "goals": {"memory_ratio_max": GOAL, "time_ratio_max": GOAL, "time_ratio_floor_approx": 4 / 3},
+        "goals": {"memory_ratio_max": GOAL, "time_ratio_max": GOAL,
+                  "extra_encoder_forward_approx": {"full": 4 / 3, "dora": 3 / 2}},
         "memory_figure": "process peak RSS (MiB)" if args.device == "cpu" else "torch.cuda.max_memory_allocated (MiB)",
         "config": {"preset": args.preset, "decoder_preset": args.decoder_preset, "device": args.device,
                    "dtype": args.dtype, "attn": args.attn, "recipe": args.recipe,
@@ -437,6 +455,7 @@ def main(argv: list[str] | None = None) -> int:
                    "threads": args.threads, "isolate": args.isolate, "stage": 2},
         "machine": machine(args.device),
         "results": results,
+        "failures": failures,
         "load_average_start": load_start,
         "load_average_end": [round(x, 2) for x in os.getloadavg()],
     }
@@ -444,7 +463,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.json is not None:
         args.json.parent.mkdir(parents=True, exist_ok=True)
         args.json.write_text(json.dumps(report, indent=1) + "\n")
-    return 0 if all(r["loss_finite"] for r in results) else 1
+    return 0 if all(r["loss_finite"] for r in results) and not failures else 1
 
 
 if __name__ == "__main__":

@@ -170,7 +170,11 @@ def cached_step(encoder: LaMEEncoder, seq: CachedSequence, inputs_embeds: torch.
 
 
 def checkpointing_drops_cache(backbone: nn.Module) -> bool:
-    """Whether a training forward would drop the KV cache (transformers does under activation checkpointing)."""
-    if not (backbone.training and torch.is_grad_enabled()):
+    """Whether a training forward would drop the KV cache (transformers does under activation checkpointing).
+
+    Decided by the training mode alone, not by whether gradients are on: GradCache's first pass
+    runs without them, and must take the same path, with the same dropout draws, as its second.
+    """
+    if not backbone.training:
         return False
     return any(getattr(m, "gradient_checkpointing", False) for m in backbone.modules())
