@@ -71,7 +71,7 @@ def test_one_process_per_configuration(tmp_path):
     [
         (["--plain-batches", "8,0"], "--plain-batches batch sizes must be >= 1"),
         (["--gradcache-batches", "4,x"], "--gradcache-batches must be comma-separated integers"),
-        (["--chunk-size", "0"], "--chunk-size must be >= 1"),
+        (["--chunk-size", "0"], "argument --chunk-size: expected a positive integer, got 0"),
         (["--preset", "huge"], "--preset: invalid choice: 'huge'"),
         (["--image-size", "50"], "--image-size must be a multiple of 28"),
     ],

@@ -62,6 +62,7 @@ import torch
 
 from lame_pl import BackboneSpec, DecoderSpec, LaMEModule, LoraSpec, Stage2Spec
 from lame_pl.backbone import BACKBONE_PRESETS, DECODER_PRESETS, build_processor
+from lame_pl.data.shard_args import positive_int
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from bench_encode import machine, prompt_text, synchronize, synthetic_image, training_batch  # noqa: E402
@@ -70,19 +71,6 @@ MODES = ("plain", "gradcache")
 GOAL = 1.5  # the goal for both ratios
 MEMORY_KEY = "memory_ratio_gradcache_b{big}_over_plain_b{small}"
 HEADLINE_BATCHES = (256, 8)  # GradCache batch, plain batch of the headline memory ratio
-
-
-def _flag_int(flag: str):
-    def parse(text: str) -> int:
-        try:
-            value = int(text)
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"{flag} must be an integer, got {text!r}") from None
-        if value < 1:
-            raise argparse.ArgumentTypeError(f"{flag} must be >= 1, got {value}")
-        return value
-
-    return parse
 
 
 def _flag_batches(flag: str):
@@ -125,19 +113,19 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--gradient-checkpointing", action="store_true",
                         help="recompute activations in the backward pass (the 2B recipe does)")
     parser.add_argument("--attn", default="sdpa", choices=["sdpa", "eager"], help="attention (default sdpa)")
-    parser.add_argument("-K", "--reason-tokens", type=_flag_int("-K/--reason-tokens"), default=8, help="K (default 8)")
-    parser.add_argument("--image-size", type=_flag_int("--image-size"), default=112,
+    parser.add_argument("-K", "--reason-tokens", type=positive_int, default=8, help="K (default 8)")
+    parser.add_argument("--image-size", type=positive_int, default=112,
                         help="image side in pixels, a multiple of 28 (default 112: 16 image tokens)")
-    parser.add_argument("--text-tokens", type=_flag_int("--text-tokens"), default=8,
+    parser.add_argument("--text-tokens", type=positive_int, default=8,
                         help="tokens of the query instruction (default 8)")
     parser.add_argument("--plain-batches", type=_flag_batches("--plain-batches"), default=[8, 64],
                         help="comma-separated batch sizes of the plain step (default 8,64; '' skips it)")
     parser.add_argument("--gradcache-batches", type=_flag_batches("--gradcache-batches"), default=[64, 256],
                         help="comma-separated batch sizes of the GradCache step (default 64,256; '' skips it)")
-    parser.add_argument("--chunk-size", type=_flag_int("--chunk-size"), default=8,
+    parser.add_argument("--chunk-size", type=positive_int, default=8,
                         help="GradCache chunk size, rows (default 8)")
-    parser.add_argument("--steps", type=_flag_int("--steps"), default=3, help="timed steps after one warm-up (default 3)")
-    parser.add_argument("--threads", type=_flag_int("--threads"), default=None,
+    parser.add_argument("--steps", type=positive_int, default=3, help="timed steps after one warm-up (default 3)")
+    parser.add_argument("--threads", type=positive_int, default=None,
                         help="torch CPU threads (default: torch's choice); no more than the idle cores")
     parser.add_argument("--isolate", default=None, choices=["process", "none"],
                         help="process: each configuration in a fresh process of this tool; none: all in this one "
