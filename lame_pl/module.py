@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import warnings
 from pathlib import Path
 from typing import Any, Literal
 
@@ -34,6 +35,10 @@ from lame_pl.stages import Stage1Spec, Stage2Spec, StageSpec, apply_stage
 from lame_pl.trainable import low_precision_trainable, trainable_summary
 
 STAGE_KEY = "lame_stage"
+
+# Lightning notes that the module's transfer_batch_to_device (GradCache keeps a training batch on
+# the host) wins over the data module's default one, at every run: that is the intent.
+warnings.filterwarnings("ignore", message=r"You have overridden `transfer_batch_to_device` in `LightningModule` but")
 
 
 class LaMEModule(LightningModule):
