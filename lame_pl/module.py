@@ -23,7 +23,7 @@ from lame_pl.backbone import (
     qwen2_tokenizer,
 )
 from lame_pl.decoder import LatentDecoder
-from lame_pl.distributed import gather_rows
+from lame_pl.distributed import gather_rows, global_count, world_size
 from lame_pl.gradcache import gradcache_step
 from lame_pl.losses import LaMELoss
 from lame_pl.model import EncoderOutput, LaMEEncoder, text_config
@@ -339,14 +339,19 @@ class LaMEModule(LightningModule):
     def _log_losses(
         self, split: str, loss: torch.Tensor, terms: dict[str, torch.Tensor], batch_size: int, decoder_rows: int
     ) -> None:
-        # Training logs each step; evaluation logs the epoch mean, averaged over ranks. The
-        # decoder term is a mean over labelled rows, so its epoch mean weighs batches by those
-        # (NaN for a split without any labelled row: there is nothing to reconstruct).
+        # Training logs each step the global batch's terms: on each rank a term is its share of
+        # the global mean scaled by the world size (lame_pl.losses), so their average over ranks
+        # is that mean. Evaluation logs the epoch mean, averaged over ranks; the decoder term is
+        # a mean over labelled rows, so its epoch mean weighs batches by those (NaN for a split
+        # without any labelled row: there is nothing to reconstruct).
         per_step = split == "train"
-        options = dict(on_step=per_step, on_epoch=not per_step, sync_dist=not per_step)
+        several = world_size() > 1
+        options = dict(on_step=per_step, on_epoch=not per_step, sync_dist=not per_step or several)
         self.log(f"{split}/loss", loss, prog_bar=True, batch_size=batch_size, **options)
         for name, value in terms.items():
             rows = decoder_rows if name == "decoder" else batch_size
+            if per_step and name == "decoder" and several:  # the same decision on every rank
+                rows = int(global_count(rows, self.device))
             if per_step and rows == 0:  # no labelled row: the term is a placeholder 0, not a loss
                 continue
             self.log(f"{split}/loss/{name}", value, batch_size=rows, **options)
@@ -363,7 +368,8 @@ class LaMEModule(LightningModule):
         self.log("train/temperature", 1.0 / self.logit_scale.detach(), batch_size=batch_size)
         self.log("train/stage", float(self.stage), batch_size=batch_size)
         if "decoder" in batch:
-            self.log("train/decoder/labelled_fraction", rows / batch_size, batch_size=batch_size)
+            self.log("train/decoder/labelled_fraction", rows / batch_size, batch_size=batch_size,
+                     sync_dist=world_size() > 1)
         return loss
 
     def transfer_batch_to_device(self, batch: Any, device: torch.device, dataloader_idx: int) -> Any:

@@ -10,6 +10,7 @@ Used by tests/test_gradcache.py: the gradients of the two runs must agree.
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import random
 from pathlib import Path
@@ -76,6 +77,8 @@ class SaveGradients(Callback):
                 grads[name] = grad.detach().clone()
         if trainer.global_rank == 0:
             torch.save(grads, self.path)
+            losses = {k: float(v) for k, v in trainer.callback_metrics.items() if k.startswith("train/loss")}
+            self.path.with_name("losses.json").write_text(json.dumps(losses))
 
 
 def main() -> None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import random
 import subprocess
@@ -232,7 +233,7 @@ def test_two_process_gradients_equal_the_single_process_global_batch(tmp_path):
     FSDP2 (ModelParallelStrategy), each with and without GradCache."""
     script = Path(__file__).with_name("gradcache_ddp_run.py")
     env = {**os.environ, "PYTHONPATH": str(script.parents[1])}
-    grads = {}
+    grads, losses = {}, {}
     for devices, strategy, chunk in ((1, "ddp", 0), (2, "ddp", 2), (2, "ddp", 0), (2, "fsdp", 2), (2, "fsdp", 0)):
         out = tmp_path / f"{devices}-{strategy}-{chunk}"
         out.mkdir()
@@ -241,7 +242,13 @@ def test_two_process_gradients_equal_the_single_process_global_batch(tmp_path):
                              cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
         assert run.returncode == 0, run.stderr[-3000:]
         grads[devices, strategy, chunk] = torch.load(out / "grads.pt", weights_only=True)
+        losses[devices, strategy, chunk] = json.loads((out / "losses.json").read_text())
     reference = grads.pop((1, "ddp", 0))
+    # What the ranks log is the global batch's loss, term by term.
+    logged = losses.pop((1, "ddp", 0))
+    assert set(logged) == {"train/loss", "train/loss/contrastive", "train/loss/decoder"}
+    for run, got in losses.items():
+        assert got.keys() == logged.keys() and all(got[k] == pytest.approx(v, rel=1e-5) for k, v in logged.items()), run
     assert len(reference) > 40 and "log_logit_scale" in reference
     for run, got in grads.items():
         try:
