@@ -17,10 +17,10 @@ The parameters' gradients are those of the full batch; only one chunk's activati
 at a time. VLM2Vec trains its 2B models with a global batch of 1024 in chunks of 8 this way.
 
 Inside Lightning's automatic optimisation, the chunks but the last are back-propagated during
-``training_step`` (through the strategy's own ``backward``, so that its precision plugin
-scales them as it scales a loss), and the last chunk's graph is what ``training_step`` returns: Lightning
-back-propagates it, which is where DDP all-reduces the gradients accumulated over all chunks.
-Gradient accumulation, clipping, schedulers, logging and checkpoints stay Lightning's.
+``training_step`` (through the strategy's own ``backward``, so that its precision plugin scales
+them as it scales a loss), and the last chunk's graph is what ``training_step`` returns:
+Lightning back-propagates it, which is where DDP all-reduces the gradients accumulated over all
+chunks. Gradient accumulation, clipping, schedulers, logging and checkpoints stay Lightning's.
 """
 
 from __future__ import annotations
