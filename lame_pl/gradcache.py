@@ -33,7 +33,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 from lame_pl.distributed import global_count, world_size
-from lame_pl.row_chunks import split_rows
+from lame_pl.row_chunks import first_row, split_rows
 from lame_pl.sharding import lockstep
 
 if TYPE_CHECKING:
@@ -119,7 +119,7 @@ def gradcache_step(
     chunks = {name: split_rows(batch[name], chunk_size, merge) if name in batch else [] for name in names}
     runs = lockstep(module, {name: len(parts) for name, parts in chunks.items()})
     # What a rank short of chunks encodes to keep in step with the others (its first query row).
-    idle = split_rows(batch["query"], 1, merge)[0] if runs != {n: len(c) for n, c in chunks.items()} else None
+    idle = first_row(batch["query"], merge) if runs != {n: len(c) for n, c in chunks.items()} else None
     terms: dict[str, torch.Tensor] = {}
     grads: dict[str, torch.Tensor] = {}
     states: dict[str, list[RandomState]] = {}

@@ -29,7 +29,7 @@ from lame_pl.losses import LaMELoss
 from lame_pl.model import EncoderOutput, LaMEEncoder, text_config
 from lame_pl.modes import EncodeMode, resolve_mode
 from lame_pl.retrieval import chance_metrics, gold_ranks, metrics_from_ranks
-from lame_pl.row_chunks import split_rows
+from lame_pl.row_chunks import first_row
 from lame_pl.sharding import average_unsharded_gradients, check_evaluation, check_strategy, lockstep, shard
 from lame_pl.stages import Stage1Spec, Stage2Spec, StageSpec, apply_stage
 from lame_pl.trainable import low_precision_trainable, trainable_summary
@@ -189,13 +189,14 @@ class LaMEModule(LightningModule):
         self.criterion = LaMELoss()
 
     @property
+    def has_reason_states(self) -> bool:
+        """Whether encoding yields reason states (K > 0, not ``explicit_cot``, which generates text instead)."""
+        return self.encoder.num_reason_tokens > 0 and self.encoder.encode_mode != "explicit_cot"
+
+    @property
     def decodes(self) -> bool:
-        """Whether the decoder has reason states to read (a decoder, K > 0, not ``explicit_cot``)."""
-        return (
-            self.decoder is not None
-            and self.encoder.num_reason_tokens > 0
-            and self.encoder.encode_mode != "explicit_cot"
-        )
+        """Whether the decoder has reason states to read."""
+        return self.decoder is not None and self.has_reason_states
 
     @property
     def logit_scale(self) -> torch.Tensor:
@@ -223,7 +224,7 @@ class LaMEModule(LightningModule):
             )
         contrastive = spec.contrastive_loss_weight > 0
         # explicit_cot has no reason states (and does not train): nothing reaches the decoder.
-        uses_reason = self.encoder.num_reason_tokens > 0 and self.encoder.encode_mode != "explicit_cot"
+        uses_reason = self.has_reason_states
         apply_stage(self.encoder.backbone, spec)
         # The reason vectors reach the decoder through the reason states and InfoNCE through
         # [EMBED], which attends to them.
@@ -314,8 +315,8 @@ class LaMEModule(LightningModule):
             if has_negatives:
                 negatives = self.encode(batch["negative"]).embedding
             elif in_step:
-                first_row = split_rows(batch["query"], 1, self.encoder.spatial_merge_size)[0]
-                negatives = self.encode(first_row).embedding[:0]
+                idle = first_row(batch["query"], self.encoder.spatial_merge_size)
+                negatives = self.encode(idle).embedding[:0]
         if self.decodes and (not training or spec.decoder_loss_weight > 0):
             predicted = self.decoder(query.reason_states, **batch["decoder"])
         # Training gathers across ranks; evaluation ranks each rank's batch alone (whole-split

@@ -42,7 +42,9 @@ def _row_media_counts(token_types: torch.Tensor, kind: int, grids: torch.Tensor,
     return counts
 
 
-def split_rows(inputs: dict[str, Any], chunk_size: int, merge_size: int) -> list[dict[str, Any]]:
+def split_rows(
+    inputs: dict[str, Any], chunk_size: int, merge_size: int, max_chunks: int | None = None
+) -> list[dict[str, Any]]:
     """``inputs`` cut into consecutive chunks of at most ``chunk_size`` rows.
 
     Each chunk keeps its rows' images and videos, and drops the padding columns that none of its
@@ -53,6 +55,7 @@ def split_rows(inputs: dict[str, Any], chunk_size: int, merge_size: int) -> list
         inputs: One side of a batch: processor outputs (``lame_pl.prompt.PromptProcessor``).
         chunk_size: Most rows per chunk.
         merge_size: The vision tower's spatial merge size (patches per token along each side).
+        max_chunks: Only the first this many chunks.
 
     Raises:
         ValueError: On a key this function does not know how to cut (so nothing is silently
@@ -67,7 +70,7 @@ def split_rows(inputs: dict[str, Any], chunk_size: int, merge_size: int) -> list
     if unknown:
         raise ValueError(f"cannot cut processor inputs {unknown} into chunks of rows")
     rows = inputs["input_ids"].shape[0]
-    bounds = [(start, min(start + chunk_size, rows)) for start in range(0, rows, chunk_size)]
+    bounds = [(start, min(start + chunk_size, rows)) for start in range(0, rows, chunk_size)][:max_chunks]
     media: list[tuple[tuple[str, ...], tuple[str, ...], list[int], list[int]]] = []
     for kind, (grid_key, values, grids) in _MEDIA.items():
         if inputs.get(grid_key) is None:
@@ -95,3 +98,8 @@ def split_rows(inputs: dict[str, Any], chunk_size: int, merge_size: int) -> list
                     chunk[key] = inputs[key][item_from:item_to]
         chunks.append(chunk)
     return chunks
+
+
+def first_row(inputs: dict[str, Any], merge_size: int) -> dict[str, Any]:
+    """The batch's first row alone, with its images and videos."""
+    return split_rows(inputs, 1, merge_size, max_chunks=1)[0]
