@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections import Counter
+from collections.abc import Mapping
 from typing import Any
 
 import torch.distributed as dist
@@ -36,7 +37,7 @@ class DataHealth(Callback):
     # ----------------------------------------------------------------------------- counting
 
     def _count(self, split: str, batch: Any) -> dict[str, int]:
-        skipped = batch.get("skipped") if isinstance(batch, dict) else None
+        skipped = batch.get("skipped") if isinstance(batch, Mapping) else None
         if skipped:
             if split == "train":
                 self.train_total.update(skipped)
@@ -49,7 +50,7 @@ class DataHealth(Callback):
         self._count("train", batch)
         for reason, count in sorted(self.train_total.items()):
             pl_module.log(f"data/skipped/{reason}", float(count), on_step=True, on_epoch=False, batch_size=1)
-        sources = batch.get("sources") if isinstance(batch, dict) else None
+        sources = batch.get("sources") if isinstance(batch, Mapping) else None
         if sources:
             self.sources.update(sources)
             seen = sum(self.sources.values())

@@ -25,7 +25,7 @@ chunks. Gradient accumulation, clipping, schedulers, logging and checkpoints sta
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
@@ -66,6 +66,34 @@ class RandomState:
             yield
 
 
+class HostBatch(Mapping):
+    """A training batch left in host memory, read-only, that ``DistributedDataParallel`` passes as is.
+
+    With ``device_ids`` set (every GPU run), DDP moves its forward's inputs to its device before
+    calling the module, descending into tensors, lists, tuples and dicts: the whole batch, which
+    GradCache exists not to hold there. DDP has no switch for this, and a ``Mapping`` that is not
+    a ``dict`` is one of the types it leaves alone. Code that reads the batch (``batch["query"]``,
+    ``batch.get("skipped")``, ``"decoder" in batch``) reads it as before.
+    """
+
+    __slots__ = ("_batch",)
+
+    def __init__(self, batch: Mapping[str, Any]) -> None:
+        self._batch = batch
+
+    def __getitem__(self, key: str) -> Any:
+        return self._batch[key]
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._batch)
+
+    def __len__(self) -> int:
+        return len(self._batch)
+
+    def __repr__(self) -> str:
+        return f"HostBatch({sorted(self._batch)})"
+
+
 def _rows(inputs: dict[str, torch.Tensor], start: int, stop: int, device: torch.device) -> dict[str, torch.Tensor]:
     return {key: value[start:stop].to(device, non_blocking=True) for key, value in inputs.items()}
 
@@ -103,7 +131,7 @@ def _needs_anchor(module: LaMEModule) -> bool:
 
 
 def gradcache_step(
-    module: LaMEModule, batch: dict[str, Any], chunk_size: int
+    module: LaMEModule, batch: Mapping[str, Any], chunk_size: int
 ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """One training step of ``module`` on ``batch`` in chunks of ``chunk_size`` rows.
 

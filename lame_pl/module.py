@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 import warnings
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any, Literal
 
@@ -24,7 +25,7 @@ from lame_pl.backbone import (
 )
 from lame_pl.decoder import LatentDecoder
 from lame_pl.distributed import gather_rows, global_count, world_size
-from lame_pl.gradcache import gradcache_step
+from lame_pl.gradcache import HostBatch, gradcache_step
 from lame_pl.losses import LaMELoss
 from lame_pl.model import EncoderOutput, LaMEEncoder, text_config
 from lame_pl.modes import EncodeMode, resolve_mode
@@ -357,7 +358,7 @@ class LaMEModule(LightningModule):
                 continue
             self.log(f"{split}/loss/{name}", value, batch_size=rows, **options)
 
-    def training_step(self, batch: dict[str, Any], batch_idx: int) -> torch.Tensor:
+    def training_step(self, batch: Mapping[str, Any], batch_idx: int) -> torch.Tensor:
         chunk = self.hparams.get("gradcache_chunk_size")
         if chunk:
             self._zero_grad_for_chunks(batch_idx)
@@ -377,10 +378,11 @@ class LaMEModule(LightningModule):
         """Leaves a training batch where it is under GradCache: its chunks go to the device one at a time.
 
         A batch of 128 rows at Qwen2-VL's largest images holds ~3 GiB of float32 pixels per side,
-        more than the activations of a chunk of 8.
+        more than the activations of a chunk of 8. It is wrapped in a ``HostBatch``, which DDP's
+        forward does not move to the device either.
         """
         if self.hparams.get("gradcache_chunk_size") and self._trainer is not None and self.trainer.training:
-            return batch
+            return HostBatch(batch)
         return super().transfer_batch_to_device(batch, device, dataloader_idx)
 
     def _zero_grad_for_chunks(self, batch_idx: int) -> None:
@@ -508,7 +510,7 @@ class LaMEModule(LightningModule):
                 )
 
 
-def decoder_rows(batch: dict[str, Any]) -> int:
+def decoder_rows(batch: Mapping[str, Any]) -> int:
     """How many rows of ``batch`` carry a decoder label (all of them when the collator says nothing)."""
     labelled = batch.get("decoder", {}).get("labelled")
     return len(batch["keys"]) if labelled is None else int(labelled.sum())

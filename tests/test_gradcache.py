@@ -14,9 +14,10 @@ import torch
 from conftest import CAPTIONS, random_image
 from lightning import Trainer
 
+from callbacks import DataHealth
 from datamodules.collate import PairCollator
 from lame_pl import LaMEModule, LoraSpec
-from lame_pl.gradcache import gradcache_step
+from lame_pl.gradcache import HostBatch, gradcache_step
 from lame_pl.model import LaMEEncoder
 from lame_pl.prompt import PromptProcessor, Side
 from lame_pl.row_chunks import split_rows
@@ -222,6 +223,32 @@ def test_one_update_with_accumulation_and_clipping_equals_the_plain_one(tiny_spe
     # Without accumulation the update is the first batch's alone: the second batch counted above.
     alone = _fit_one_update(tiny_spec, tiny_decoder, [batch], 2, gradient_clip_val=0.05)
     assert max((alone[n] - cached[n]).abs().max() for n in cached) > 1e-4
+
+
+def test_ddp_passes_the_host_batch_as_is():
+    """DDP on a GPU (``device_ids`` set) moves its forward's inputs to its device before the module
+    sees them; the batch GradCache keeps in host memory must reach ``training_step`` untouched."""
+    from torch.distributed.utils import _to_kwargs
+
+    rows = {"query": {"input_ids": torch.ones(2, 3, dtype=torch.long)}, "keys": ["a", "b"]}
+    host = HostBatch(rows)
+    moved, _ = _to_kwargs((host, 0), None, torch.device("cuda", 0), False)
+    assert moved[0][0] is host and host["query"]["input_ids"].device.type == "cpu"
+    assert dict(host) == rows and "query" in host and host.get("skipped") is None
+    if not torch.cuda.is_available():  # the same batch as a dict is moved (here: fails to be)
+        with pytest.raises((AssertionError, RuntimeError)):
+            _to_kwargs((rows, 0), None, torch.device("cuda", 0), False)
+
+
+def test_the_trainer_hands_a_gradcache_step_a_host_batch_that_callbacks_read(tiny_spec, tiny_decoder, batch):
+    class Seen(DataHealth):
+        def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+            self.batch_type = type(batch)
+
+    seen = Seen()
+    _fit_one_update(tiny_spec, tiny_decoder, [dict(batch, skipped={"bad_image": 2})], 3, callbacks=[seen])
+    assert seen.batch_type is HostBatch
+    assert seen.train_total == {"bad_image": 2}
 
 
 # ----------------------------------------------------------------------------- two processes
