@@ -32,6 +32,7 @@ LAYOUT: dict[str, dict[str, list]] = {
         "pairwise cosine (1 = collapsed)": ["Multiline", [r"^diag/reason/pairwise_cosine$"]],
         "[EMBED] attention shares": ["Multiline", [r"^diag/attention/"]],
         "decoder loss per stage": ["Multiline", [r"^diag/decoder_loss/", r"^(train|val)/loss/decoder$"]],
+        "latent text: word overlap with its label vs chance": ["Multiline", [r"^diag/latent_text/"]],
     },
     "5 data": {
         "skipped samples": ["Multiline", [r"data/skipped/"]],

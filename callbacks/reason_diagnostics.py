@@ -9,6 +9,7 @@ from lightning import LightningModule, Trainer
 
 from callbacks.attention_probe import embed_attention_shares, last_layer_attention
 from callbacks.space_stats import mean_pairwise_cosine
+from callbacks.tensorboard_writer import logged_step, summary_writer
 from callbacks.validation_subset import ValidationSubsetCallback
 
 
@@ -26,6 +27,10 @@ class ReasonDiagnostics(ValidationSubsetCallback):
       forward of the subset's query batches (``attention: false`` skips it).
     - ``decoder_loss/stage{1,2}``: the decoder's reconstruction loss over the whole validation
       split (all ranks), under the name of the stage in force, so that the stages' curves part.
+    - ``latent_text/word_f1`` and ``latent_text/chance_word_f1``: the latent decoder's greedy
+      text from the reason states of the first ``num_texts`` labelled queries, its word overlap
+      with each query's own label, and with the other queries' labels (chance); the texts
+      themselves go to TensorBoard's Text tab (``diag/latent_text``) beside their labels.
 
     Subset statistics come from rank 0; the decoder loss is summed over ranks (every rank joins).
 
@@ -33,11 +38,22 @@ class ReasonDiagnostics(ValidationSubsetCallback):
         num_samples: Size of the fixed validation subset.
         every_n_epochs: Report the subset statistics on every n-th validation run.
         attention: Measure the attention shares.
+        num_texts: Queries whose latent text is decoded and logged (0: none).
+        max_text_tokens: Most tokens of each decoded text.
     """
 
-    def __init__(self, num_samples: int = 64, every_n_epochs: int = 1, attention: bool = True) -> None:
+    def __init__(self, num_samples: int = 64, every_n_epochs: int = 1, attention: bool = True,
+                 num_texts: int = 8, max_text_tokens: int = 32) -> None:
         super().__init__(num_samples, every_n_epochs)
+        if not isinstance(num_texts, int) or num_texts < 0 or num_texts == 1:
+            raise ValueError(f"ReasonDiagnostics.num_texts must be 0 or an integer >= 2 (chance compares rows), "
+                             f"got {num_texts!r}")
+        if not isinstance(max_text_tokens, int) or max_text_tokens < 1:
+            raise ValueError(f"ReasonDiagnostics.max_text_tokens must be an integer >= 1, got {max_text_tokens!r}")
         self.attention = attention
+        self.num_texts = num_texts
+        self.max_text_tokens = max_text_tokens
+        self._tokenizer = None
         self._decoder_sum = 0.0
         self._decoder_count = 0
 
@@ -55,7 +71,40 @@ class ReasonDiagnostics(ValidationSubsetCallback):
             del columns["reason"]
             if not self.attention:
                 return
+        elif self.num_texts and getattr(pl_module, "decoder", None) is not None and "decoder" in batch:
+            columns["label"] = self._labels(pl_module, batch["decoder"])
         self.rows.add(**columns)
+
+    def _labels(self, pl_module: LightningModule, decoder_batch: dict[str, torch.Tensor]) -> list[str | None]:
+        """Each row's decoder label as text (what the decoder is trained to write); ``None`` where unlabelled."""
+        if self._tokenizer is None:
+            from lame_pl.backbone import build_processor
+
+            self._tokenizer = build_processor(pl_module.backbone_spec).tokenizer
+        labelled = decoder_batch.get("labelled")
+        labels = []
+        for row, (ids, mask) in enumerate(zip(decoder_batch["input_ids"], decoder_batch["attention_mask"], strict=True)):
+            if labelled is not None and not bool(labelled[row]):
+                labels.append(None)
+            else:
+                labels.append(self._tokenizer.decode(ids[mask.bool()].tolist(), skip_special_tokens=True).strip())
+        return labels
+
+    def latent_texts(self, pl_module: LightningModule) -> tuple[list[str], list[str]]:
+        """The decoder's greedy texts for the first ``num_texts`` labelled rows, and their labels."""
+        from lame_pl.latent_text import decode_reason_states
+
+        if "label" not in self.rows:
+            return [], []
+        labels = self.rows.values("label")
+        rows = [i for i, label in enumerate(labels) if label][: self.num_texts]
+        if len(rows) < 2:
+            return [], []
+        states = self.rows.tensor("reason")[rows].to(pl_module.device)
+        decoder = pl_module.decoder
+        dtype = next(decoder.parameters()).dtype
+        texts = decode_reason_states(decoder, self._tokenizer, states.to(dtype), self.max_text_tokens)
+        return texts, [labels[i] for i in rows]
 
     def statistics(self) -> dict[str, float]:
         """The statistics of the collected subset, keyed by metric name."""
@@ -75,6 +124,21 @@ class ReasonDiagnostics(ValidationSubsetCallback):
     def report(self, trainer: Trainer, pl_module: LightningModule) -> None:
         for name, value in self.statistics().items():
             pl_module.log(name, value, rank_zero_only=True)
+        texts, labels = self.latent_texts(pl_module)
+        if not texts:
+            return
+        from lame_pl.latent_text import overlap_against_chance
+
+        for name, value in overlap_against_chance(texts, labels).items():
+            pl_module.log(f"diag/latent_text/{name}", value, rank_zero_only=True)
+        writer = summary_writer(trainer, type(self).__name__)
+        if writer is not None:
+            def cell(text: str) -> str:
+                return text.replace("|", "\\|").replace("\n", " ") or "(empty)"
+
+            table = "| label | decoded from the reason states |\n|---|---|\n" + "\n".join(
+                f"| {cell(label)} | {cell(text)} |" for text, label in zip(texts, labels, strict=True))
+            writer.add_text("diag/latent_text", table, logged_step(trainer))
 
     # ----------------------------------------------------------------------------- decoder loss
 

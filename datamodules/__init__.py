@@ -1,7 +1,9 @@
-"""Data pipelines: WebDataset shards to collated model inputs."""
+"""Data pipelines: WebDataset shards to collated model inputs; a user's own corpus to embed."""
 
 from datamodules.collate import InstructionCollator, PairCollator
+from datamodules.corpus import CorpusDataModule
 from datamodules.image_text import ImageTextDataModule, ShardDataModule
 from datamodules.pairs import InstructionPairDataModule
 
-__all__ = ["ImageTextDataModule", "InstructionCollator", "InstructionPairDataModule", "PairCollator", "ShardDataModule"]
+__all__ = ["CorpusDataModule", "ImageTextDataModule", "InstructionCollator", "InstructionPairDataModule",
+           "PairCollator", "ShardDataModule"]

@@ -114,7 +114,7 @@ def _complete(sample: dict[str, Any]) -> bool:
     return "txt" in sample and any(ext in sample for ext in IMAGE_EXTENSIONS)
 
 
-def _open_image(data: bytes, ext: str, max_pixels: int) -> tuple[Image.Image | None, str, str]:
+def open_image(data: bytes, ext: str, max_pixels: int) -> tuple[Image.Image | None, str, str]:
     """(image, "", "") for usable image bytes, else (None, skip reason, detail).
 
     The header is read before any pixel is decoded, so an absurdly large image costs nothing
@@ -293,7 +293,7 @@ class DecodePairs(DecodeStage):
         token = next((t for t in VISION_TOKENS if t in text), None)
         if token is not None:  # the processor would expect an image the caption does not carry
             return skip("vision_token", f"the caption holds the special token {token}")
-        image, reason, detail = _open_image(sample[ext], ext, self.max_image_pixels)
+        image, reason, detail = open_image(sample[ext], ext, self.max_image_pixels)
         if image is None:
             return skip(reason, detail)
         return {"key": key, "image": image, "text": text}
@@ -362,7 +362,7 @@ class DecodeInstructionPairs(DecodeStage):
                 present = sorted(k for k in sample if not k.startswith("__"))
                 self._skip(sample, "missing_image", f"{side}: the json names member {member!r}; the sample has {present}")
                 return None
-            image, reason, detail = _open_image(data, member, self.max_image_pixels)
+            image, reason, detail = open_image(data, member, self.max_image_pixels)
             if image is None:
                 self._skip(sample, reason, f"{side} {member}: {detail}")
                 return None

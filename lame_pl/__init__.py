@@ -1,7 +1,8 @@
 """LaME: latent-reasoning multimodal embeddings in PyTorch Lightning.
 
 The exports load on first use, so that light parts of the package (the shard writers in
-``lame_pl.data``, ``lame_pl.media``) do not pull in torch, Lightning and transformers.
+``lame_pl.data``, ``lame_pl.media``) do not pull in torch, Lightning and transformers, and
+``LaMEEmbedder`` (a trained model's embedder) does not pull in Lightning.
 """
 
 from __future__ import annotations
@@ -12,6 +13,7 @@ from typing import Any
 _EXPORTS = {
     "BackboneSpec": "lame_pl.backbone",
     "DecoderSpec": "lame_pl.backbone",
+    "LaMEEmbedder": "lame_pl.embedder",
     "LaMEModule": "lame_pl.module",
     "LoraSpec": "lame_pl.stages",
     "Stage1Spec": "lame_pl.stages",

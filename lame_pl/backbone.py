@@ -229,6 +229,11 @@ def build_processor(spec: BackboneSpec):
     )
 
 
+def dtype_of(name: str) -> torch.dtype:
+    """The torch dtype a spec's ``dtype`` names."""
+    return _dtype(name)
+
+
 def _dtype(name: str) -> torch.dtype:
     return {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[name]
 
@@ -259,12 +264,21 @@ def backbone_config(preset: str, attn_implementation: str | None = None):
     return config
 
 
-def build_backbone(spec: BackboneSpec) -> nn.Module:
-    """The backbone without its LM head (a ``Qwen2VLModel``-like module returning hidden states)."""
+def build_backbone(spec: BackboneSpec, pretrained: bool = True) -> nn.Module:
+    """The backbone without its LM head (a ``Qwen2VLModel``-like module returning hidden states).
+
+    Args:
+        spec: Where the backbone comes from.
+        pretrained: Read a checkpoint directory's weights; ``False`` builds the architecture
+            from its config alone, for a caller that loads trained weights over it.
+    """
     attn = spec.attn_implementation or default_attn_implementation()
     if spec.path is not None:
-        from transformers import AutoModel
+        from transformers import AutoConfig, AutoModel
 
+        if not pretrained:
+            config = AutoConfig.from_pretrained(spec.path, local_files_only=True)
+            return AutoModel.from_config(config, dtype=_dtype(spec.dtype), attn_implementation=attn)
         return AutoModel.from_pretrained(
             spec.path, local_files_only=True, dtype=_dtype(spec.dtype), attn_implementation=attn
         )

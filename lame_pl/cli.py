@@ -6,10 +6,14 @@ the project's own), and runnable as ``python -m lame_pl``.
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any
 
 from lightning import LightningDataModule, LightningModule
 from lightning.pytorch.cli import ArgsType, LightningCLI
+from lightning.pytorch.utilities import rank_zero_info
+
+from lame_pl.checkpoint import read_checkpoint
 
 # Model settings that say how to encode, not what was trained: given for a run with --ckpt_path,
 # they win over the checkpoint's hyper-parameters.
@@ -46,8 +50,18 @@ class LaMECLI(LightningCLI):
         subcommand = self.config.get("subcommand")
         config = self.config.get(subcommand) if subcommand else self.config
         init_args = self._model_init_args()
-        if config and config.get("ckpt_path") and init_args and init_args.get("init_from"):
+        ckpt = config.get("ckpt_path") if config else None
+        if ckpt and init_args and init_args.get("init_from"):
             init_args.init_from = None
+        # The decoder's output ids travel in the checkpoint's weights (lame_pl.checkpoint): a
+        # vocabulary file that is gone where this runs (another directory, another machine) is
+        # not needed. "last"/"best" are resolved later by the Trainer and are left alone.
+        decoder = init_args.get("decoder") if init_args else None
+        vocab = decoder.get("vocab_file") if decoder else None
+        if ckpt and vocab and not Path(vocab).is_file() and Path(ckpt).is_file():
+            if read_checkpoint(ckpt).stores_output_ids:
+                rank_zero_info(f"decoder.vocab_file {vocab!r} is not here: the decoder's output ids come from {ckpt}")
+                decoder.vocab_file = None
 
     def instantiate_classes(self) -> None:
         # jsonargparse reports a failed constructor inside a long dump of the whole config;

@@ -8,6 +8,10 @@ from torch import nn
 
 from lame_pl.losses import IGNORE_INDEX, DecoderLogits
 
+# Where a restricted decoder keeps its output ids in a module's state dict (and so in a checkpoint):
+# restoring reads them from there, not from the vocabulary file the run was configured with.
+OUTPUT_IDS = "output_ids"
+
 
 class LatentDecoder(nn.Module):
     """A projector into a small causal LM that reads the K reason states as a prefix.
@@ -28,16 +32,31 @@ class LatentDecoder(nn.Module):
         self.language_model = language_model
         width = language_model.config.hidden_size
         self.projector = nn.Sequential(nn.Linear(input_dim, width), nn.GELU(), nn.Linear(width, width))
-        self.restricted = output_ids is not None
+        self.restricted = False
         if output_ids is not None:
-            vocab = language_model.get_output_embeddings().weight.shape[0]
-            ids = torch.tensor(sorted(set(output_ids)), dtype=torch.long)
-            if ids.numel() == 0 or ids.min() < 0 or ids.max() >= vocab:
-                raise ValueError(f"decoder output ids must be non-empty and within [0, {vocab}), got {ids.tolist()[:10]}")
-            position = torch.full((vocab,), -1, dtype=torch.long)
-            position[ids] = torch.arange(ids.numel())
-            self.register_buffer("output_ids", ids, persistent=False)
-            self.register_buffer("output_position", position, persistent=False)
+            self.set_output_ids(output_ids)
+
+    def set_output_ids(self, output_ids: list[int] | torch.Tensor) -> None:
+        """Restricts the softmax to ``output_ids`` (kept in the state dict as ``output_ids``)."""
+        vocab = self.language_model.get_output_embeddings().weight.shape[0]
+        ids = torch.as_tensor(output_ids, dtype=torch.long).flatten().unique(sorted=True)
+        if ids.numel() == 0 or ids.min() < 0 or ids.max() >= vocab:
+            raise ValueError(f"decoder output ids must be non-empty and within [0, {vocab}), got {ids.tolist()[:10]}")
+        device = self.projector[0].weight.device
+        position = torch.full((vocab,), -1, dtype=torch.long)
+        position[ids] = torch.arange(ids.numel())
+        # Persistent, so that a checkpoint carries them; the positions follow from them.
+        self.register_buffer(OUTPUT_IDS, ids.to(device), persistent=True)
+        self.register_buffer("output_position", position.to(device), persistent=False)
+        self.restricted = True
+
+    def _load_from_state_dict(self, state_dict: dict, prefix: str, *args, **kwargs) -> None:
+        # Stored ids win over those the decoder was built with (or their absence): their number
+        # may differ, so they are adopted here rather than copied into the current buffer.
+        stored = state_dict.get(prefix + OUTPUT_IDS)
+        if stored is not None:
+            self.set_output_ids(stored)
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
 
     def forward(
         self,
@@ -91,6 +110,43 @@ class LatentDecoder(nn.Module):
                 raise ValueError(f"target token ids {missing[:10]} are not in the decoder's output vocabulary file")
             targets = positions
         return DecoderLogits(self._logits(predicts), targets)
+
+    @torch.no_grad()
+    def generate(self, reason_states: torch.Tensor, max_tokens: int = 32, stop_id: int | None = None) -> list[list[int]]:
+        """Greedy text from each row's reason states alone: what the bottleneck carries.
+
+        The whole prefix is recomputed at every step (no KV cache): the texts are short, and a
+        decoder built with activation checkpointing keeps no cache.
+
+        Args:
+            reason_states: ``(B, K, H)`` final states of the reason tokens.
+            max_tokens: Most tokens per row.
+            stop_id: A row ends at this token, left out of its result (training labels end in
+                ``<|endoftext|>``).
+
+        Returns:
+            Each row's token ids (of the whole vocabulary).
+        """
+        if max_tokens < 1:
+            raise ValueError(f"max_tokens must be >= 1, got {max_tokens}")
+        batch, k = reason_states.shape[:2]
+        if k == 0:
+            raise ValueError("the latent decoder needs num_reason_tokens > 0")
+        device = reason_states.device
+        ids = torch.zeros(batch, 0, dtype=torch.long, device=device)
+        done = torch.zeros(batch, dtype=torch.bool, device=device)
+        for _ in range(max_tokens):
+            hidden = self._hidden(reason_states, ids, torch.ones_like(ids))
+            chosen = self._logits(hidden[:, -1]).argmax(dim=-1)
+            if self.restricted:
+                chosen = self.output_ids[chosen]
+            ids = torch.cat([ids, chosen[:, None]], dim=1)
+            if stop_id is not None:
+                done |= chosen == stop_id
+                if bool(done.all()):
+                    break
+        rows = ids.tolist()
+        return [row[: row.index(stop_id)] if stop_id in row else row for row in rows]
 
     def _hidden(self, reason_states: torch.Tensor, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
         """The LM's final states over ``[projected reason states][target tokens]``."""

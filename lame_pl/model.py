@@ -17,7 +17,7 @@ from lame_pl.modes import ENCODERS, EncodeMode, resolve_mode
 from lame_pl.modes.common import EncoderOutput, check_left_padded, text_config
 from lame_pl.modes.explicit_cot import unties_head
 
-__all__ = ["EncoderOutput", "LaMEEncoder", "text_config"]
+__all__ = ["EncoderOutput", "LaMEEncoder", "build_encoder", "merge_lora", "text_config"]
 
 
 class LaMEEncoder(nn.Module):
@@ -172,6 +172,68 @@ class LaMEEncoder(nn.Module):
         if pixel_values is not None:
             inputs.update(pixel_values=pixel_values, image_grid_thw=image_grid_thw)
         return ENCODERS[self.encode_mode](self, inputs)
+
+
+def build_encoder(
+    backbone: nn.Module,
+    num_reason_tokens: int,
+    bottleneck_mask: bool = False,
+    embed_dim: int | None = None,
+    encode_mode: EncodeMode | None = None,
+    cot_tokens: int | None = None,
+) -> LaMEEncoder:
+    """A ``LaMEEncoder`` on ``backbone`` with the placeholder and stop ids that backbone's config names.
+
+    The one place the training module, the embedder and the exported folder build an encoder.
+    """
+    return LaMEEncoder(
+        backbone,
+        num_reason_tokens=num_reason_tokens,
+        bottleneck_mask=bottleneck_mask,
+        embed_dim=embed_dim,
+        placeholder_token_id=pad_token_id(backbone),
+        encode_mode=encode_mode,
+        cot_tokens=cot_tokens,
+        cot_stop_token_ids=stop_token_ids(backbone),
+    )
+
+
+def pad_token_id(backbone: nn.Module) -> int:
+    """The backbone config's pad id, else the Qwen2 tokenizer's."""
+    pad = getattr(text_config(backbone), "pad_token_id", None)
+    if pad is not None:
+        return pad
+    from lame_pl.backbone import qwen2_tokenizer
+
+    return qwen2_tokenizer().pad_token_id
+
+
+def stop_token_ids(backbone: nn.Module) -> tuple[int, ...]:
+    """Where ``explicit_cot`` stops a row: the checkpoint's end-of-sequence ids, else Qwen2's."""
+    eos = getattr(text_config(backbone), "eos_token_id", None)
+    if eos is not None:
+        return tuple(eos) if isinstance(eos, (list, tuple)) else (eos,)
+    from lame_pl.backbone import qwen2_tokenizer
+
+    tokenizer = qwen2_tokenizer()
+    return tuple(tokenizer.convert_tokens_to_ids(t) for t in ("<|im_end|>", "<|endoftext|>"))
+
+
+def merge_lora(module: nn.Module) -> int:
+    """Merges every LoRA/DoRA adapter of ``module`` into its base layer (peft's ``merge``) and
+    puts the base layer back in the adapter's place, in place; returns how many were merged."""
+    from peft.tuners.tuners_utils import BaseTunerLayer
+
+    adapted = [name for name, child in module.named_modules() if isinstance(child, BaseTunerLayer)]
+    # Outermost first; a layer nested inside another adapter goes with it.
+    outer = [name for name in adapted if not any(name.startswith(other + ".") for other in adapted)]
+    for name in outer:
+        parent_name, _, child_name = name.rpartition(".")
+        parent = module.get_submodule(parent_name) if parent_name else module
+        layer = parent.get_submodule(child_name)
+        layer.merge()
+        setattr(parent, child_name, layer.get_base_layer())
+    return len(outer)
 
 
 def _std(table: torch.Tensor, rows: int = 8192) -> float:

@@ -21,21 +21,18 @@ from lame_pl.backbone import (
     build_backbone,
     build_decoder,
     enable_activation_checkpointing,
-    qwen2_tokenizer,
 )
+from lame_pl.checkpoint import DECODER_OUTPUT_IDS, STAGE_KEY, read_checkpoint
 from lame_pl.decoder import LatentDecoder
-from lame_pl.distributed import gather_rows, global_count, world_size
+from lame_pl.distributed import global_count, split_retrieval_metrics, world_size
 from lame_pl.gradcache import HostBatch, gradcache_step
 from lame_pl.losses import LaMELoss
-from lame_pl.model import EncoderOutput, LaMEEncoder, text_config
+from lame_pl.model import EncoderOutput, build_encoder, text_config
 from lame_pl.modes import EncodeMode, resolve_mode
-from lame_pl.retrieval import chance_metrics, gold_ranks, metrics_from_ranks
 from lame_pl.row_chunks import first_row
 from lame_pl.sharding import average_unsharded_gradients, check_evaluation, check_strategy, lockstep, shard
 from lame_pl.stages import Stage1Spec, Stage2Spec, StageSpec, apply_stage
 from lame_pl.trainable import low_precision_trainable, trainable_summary
-
-STAGE_KEY = "lame_stage"
 
 # Lightning notes that the module's transfer_batch_to_device (GradCache keeps a training batch on
 # the host) wins over the data module's default one, at every run: that is the intent.
@@ -140,15 +137,13 @@ class LaMEModule(LightningModule):
         """Builds the encoder (backbone + latent tokens), the decoder and the logit scale."""
         hp = self.hparams
         backbone = build_backbone(self.backbone_spec)
-        self.encoder = LaMEEncoder(
+        self.encoder = build_encoder(
             backbone,
             num_reason_tokens=hp.num_reason_tokens,
             bottleneck_mask=hp.bottleneck_mask,
             embed_dim=hp.embed_dim,
-            placeholder_token_id=_pad_token_id(backbone),
             encode_mode=hp.encode_mode,
             cot_tokens=hp.cot_tokens,
-            cot_stop_token_ids=_stop_token_ids(backbone),
         )
         self.decoder = None
         if self.decoder_spec is not None:
@@ -258,7 +253,12 @@ class LaMEModule(LightningModule):
         # weights_only: a user-given file must not run code. This project's checkpoints load so
         # (their specs are registered as safe globals in lame_pl.backbone and lame_pl.stages).
         checkpoint = torch.load(path, map_location="cpu", weights_only=True)
-        state = checkpoint.get("state_dict", checkpoint)
+        state = dict(checkpoint.get("state_dict", checkpoint))
+        # The decoder's output ids are a setting of this run (decoder.vocab_file), not a weight to take over.
+        if self.decoder is not None and self.decoder.restricted:
+            state[DECODER_OUTPUT_IDS] = self.decoder.output_ids
+        else:
+            state.pop(DECODER_OUTPUT_IDS, None)
         result = self.load_state_dict(state, strict=False)
         rank_zero_info(f"init_from {path}: loaded {len(state) - len(result.unexpected_keys)} tensors")
         if result.missing_keys:
@@ -438,10 +438,29 @@ class LaMEModule(LightningModule):
         return self._eval_step(batch, "test")
 
     def predict_step(self, batch: dict[str, Any], batch_idx: int) -> dict[str, Any]:
-        """Embeddings of both sides of a batch, keyed like the samples."""
-        out = {"keys": batch["keys"], "query": self.encode(batch["query"]).embedding}
-        if "target" in batch:
-            out["target"] = self.encode(batch["target"]).embedding
+        """Embeddings of the sides a batch holds, with the samples' keys and texts.
+
+        A split of pairs has both sides; a user's corpus (``datamodules.CorpusDataModule``) one,
+        ``query`` for images and ``target`` for texts, and none in a batch whose every image was
+        unreadable. ``callbacks.EmbeddingWriter`` writes them to disk; without a prediction
+        writer the first batch warns, naming it, since the embeddings would only live in this
+        process's memory.
+
+        Returns:
+            ``{"keys", "texts"}`` and ``"query"``/``"target"`` for the sides in the batch: the
+            embeddings are ``(B, D)`` L2-normalised; ``texts`` are the targets' texts (a
+            corpus's lines or image paths), or ``None``.
+        """
+        if batch_idx == 0 and self._trainer is not None:
+            from lightning.pytorch.callbacks import BasePredictionWriter
+
+            if not any(isinstance(c, BasePredictionWriter) for c in self.trainer.callbacks):
+                rank_zero_warn("predict writes no embeddings: add a writer, e.g. --config configs/demo/predict.yaml "
+                               "or --trainer.callbacks+=callbacks.EmbeddingWriter --trainer.callbacks.path=DIR")
+        out = {"keys": batch["keys"], "texts": batch.get("texts")}
+        for side in ("query", "target"):
+            if side in batch:
+                out[side] = self.encode(batch[side]).embedding
         return out
 
     # ----------------------------------------------------------------------------- retrieval
@@ -449,26 +468,12 @@ class LaMEModule(LightningModule):
     def _retrieval_epoch_end(self, split: str) -> None:
         stored = self._eval_embeddings
         self._eval_embeddings = {"query": [], "target": []}
-        # A rank with no batch (fewer shards than ranks) still joins the collectives below.
+        # A rank with no batch (fewer shards than ranks) still joins the collectives.
         empty = torch.zeros(0, self.encoder.embedding_dim, device=self.device)
         query = torch.cat(stored["query"]) if stored["query"] else empty
-        local_target = torch.cat(stored["target"]) if stored["target"] else empty
-        # Each rank ranks its own queries against every rank's targets, so each query is ranked
-        # once; only the ranks, one integer per query, travel back. Targets arrive in rank order,
-        # so this rank's gold targets start after those of the ranks before it.
-        target, sizes = gather_rows(local_target)  # one target per query
-        offset = sum(sizes[: self.global_rank])
-        gold = offset + torch.arange(query.shape[0], device=query.device)
-        ranks = gold_ranks(query, target, gold) if query.shape[0] else gold
-        ranks = gather_rows(ranks[:, None])[0].flatten()
-        if ranks.numel() == 0:
-            return
-        for name, value in metrics_from_ranks(ranks).items():
-            self.log(f"{split}/{name}", value, rank_zero_only=True)
-        if split == "test":
-            self.log("test/num_candidates", float(target.shape[0]), rank_zero_only=True)
-            for name, value in chance_metrics(target.shape[0]).items():
-                self.log(f"chance/{name}", value, rank_zero_only=True)
+        target = torch.cat(stored["target"]) if stored["target"] else empty
+        for name, value in split_retrieval_metrics(query, target, split).items():
+            self.log(name, value, rank_zero_only=True)
 
     def on_validation_epoch_end(self) -> None:
         self._retrieval_epoch_end("val")
@@ -477,6 +482,20 @@ class LaMEModule(LightningModule):
         self._retrieval_epoch_end("test")
 
     # ----------------------------------------------------------------------------- checkpoints
+
+    @classmethod
+    def load_from_checkpoint(cls, checkpoint_path: str | Path, map_location: Any = None, hparams_file: Any = None,
+                             strict: bool | None = None, **kwargs: Any) -> LaMEModule:
+        """Lightning's ``load_from_checkpoint``, reading no file beside the checkpoint.
+
+        ``init_from`` (weights already in the checkpoint) is not re-read, and the decoder takes
+        its output ids from the checkpoint's weights, not from ``decoder.vocab_file`` (an older
+        checkpoint without them still reads that file, and names it when it is missing).
+        Keyword arguments override hyper-parameters, as in Lightning.
+        """
+        overrides = read_checkpoint(checkpoint_path).restore_overrides()
+        return super().load_from_checkpoint(checkpoint_path, map_location, hparams_file, strict,
+                                            **{**overrides, **kwargs})
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         checkpoint[STAGE_KEY] = self.stage
@@ -488,6 +507,11 @@ class LaMEModule(LightningModule):
         if stage != self.stage:
             rank_zero_info(f"resuming in stage {stage}, the stage saved in the checkpoint")
         self.set_stage(stage)
+        state = checkpoint.get("state_dict")
+        if state is not None and self.decoder is not None and self.decoder.restricted:
+            # Checkpoints written before the output ids were kept in the weights: those of the
+            # vocabulary file this module was built with.
+            state.setdefault(DECODER_OUTPUT_IDS, self.decoder.output_ids)
         # Only a resumed fit restores the optimiser; test, predict and the evaluators do not.
         if self._trainer is not None and self.trainer.state.fn == TrainerFn.FITTING:
             self.check_resumable(checkpoint)
@@ -521,17 +545,3 @@ def _scalar_logit_scale_to_vector(module: nn.Module, state_dict: dict[str, Any],
     key = prefix + "log_logit_scale"
     if key in state_dict and state_dict[key].dim() == 0:
         state_dict[key] = state_dict[key].reshape(1)
-
-
-def _pad_token_id(backbone: nn.Module) -> int:
-    pad = getattr(text_config(backbone), "pad_token_id", None)
-    return pad if pad is not None else qwen2_tokenizer().pad_token_id
-
-
-def _stop_token_ids(backbone: nn.Module) -> tuple[int, ...]:
-    """Where ``explicit_cot`` stops a row: the checkpoint's end-of-sequence ids, else Qwen2's."""
-    eos = getattr(text_config(backbone), "eos_token_id", None)
-    if eos is not None:
-        return tuple(eos) if isinstance(eos, (list, tuple)) else (eos,)
-    tokenizer = qwen2_tokenizer()
-    return tuple(tokenizer.convert_tokens_to_ids(t) for t in ("<|im_end|>", "<|endoftext|>"))

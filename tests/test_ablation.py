@@ -10,6 +10,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from lame_pl.index import load_embeddings
+
 ROOT = Path(__file__).resolve().parents[1]
 TOOLS = ROOT / "tools"
 if str(TOOLS) not in sys.path:
@@ -110,8 +112,8 @@ def test_two_rows_end_to_end_on_the_tiny_preset(tmp_path, monkeypatch, capsys, _
         assert r["count/queries"] == 8 and r["chance/count/hard@1"] == 0.25
         assert r["encode_ms_per_sample"] > 0 and r["encode_batch"] == 8
         assert (out / f"{r['mode']}-k{r['k']}" / "checkpoints" / "last.ckpt").is_file()
-        embeddings = torch.load(out / f"{r['mode']}-k{r['k']}" / "test_embeddings.pt")
-        assert len(embeddings["keys"]) == 32
+        embeddings = load_embeddings(out / f"{r['mode']}-k{r['k']}" / "test_embeddings")
+        assert len(embeddings.keys) == 32
     # The two rows really differ in their model: K=0 has no decoder, K=2 has one.
     k0 = torch.load(out / "discriminative-k0" / "checkpoints" / "last.ckpt", weights_only=True)["state_dict"]
     k2 = torch.load(out / "lame-k2" / "checkpoints" / "last.ckpt", weights_only=True)["state_dict"]

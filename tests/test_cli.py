@@ -151,6 +151,23 @@ def test_test_writes_retrieval_metrics_beside_chance(shards, tmp_path):
     assert 0.0 <= metrics["test/recall@1"] <= metrics["test/recall@5"] <= 1.0
 
 
+def test_test_runs_a_checkpoint_from_another_directory(shards, tmp_path, monkeypatch):
+    """The run's relative decoder.vocab_file is not where `lightning test` runs: the ids come with the weights."""
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "vocab.json").write_bytes((shards / "vocab.json").read_bytes())
+    monkeypatch.chdir(run)
+    fit(*data_args(shards), *run_args(run, "v"), "--model.init_args.decoder.vocab_file=vocab.json",
+        "--trainer.max_steps=1")
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    monkeypatch.chdir(elsewhere)
+    out = elsewhere / "metrics.json"
+    build_cli(["test", f"--config={CONF}", *data_args(shards), f"--ckpt_path={run / 'v' / 'checkpoints' / 'last.ckpt'}",
+               "--trainer.callbacks+=callbacks.MetricsFile", f"--trainer.callbacks.path={out}"])
+    assert json.loads(out.read_text())["test/num_candidates"] == 8
+
+
 @pytest.mark.parametrize(
     ("flag", "message"),
     [
@@ -170,13 +187,15 @@ def test_bad_input_fails_with_a_message_naming_it(flag, message, shards, tmp_pat
 
 
 def test_predict_writes_keyed_embeddings(shards, tmp_path):
-    out = tmp_path / "embeddings.pt"
+    from lame_pl.index import load_embeddings
+
+    out = tmp_path / "embeddings"
     build_cli(["predict", f"--config={CONF}", *data_args(shards),
                "--trainer.callbacks+=callbacks.EmbeddingWriter", f"--trainer.callbacks.path={out}"])
-    saved = torch.load(out)
-    assert len(saved["keys"]) == len(set(saved["keys"])) == 8
-    assert saved["query"].shape == saved["target"].shape and saved["query"].shape[0] == 8
-    assert torch.allclose(saved["query"].norm(dim=-1), torch.ones(8), atol=1e-4)
+    saved = load_embeddings(out)
+    assert len(saved.keys) == len(set(saved.keys)) == 8 and all(saved.texts)
+    assert saved.query.shape == saved.target.shape and saved.query.shape[0] == 8
+    assert torch.allclose(saved.query.norm(dim=-1), torch.ones(8), atol=1e-4)
 
 
 def test_validate_writes_whole_split_retrieval_metrics(shards, tmp_path):

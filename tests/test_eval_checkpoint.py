@@ -165,7 +165,7 @@ def test_training_collator_and_evaluator_build_identical_inputs(checkpoint, tmp_
     negatives = [Item("Represent the answer:", "red"), Item("Represent the image:", "", (paths["negative.png"],))]
 
     encoder = CheckpointEncoder(checkpoint, max_text_length=8)
-    collate = InstructionCollator(build_processor(encoder.module.backbone_spec), query_instruction="Find the video:",
+    collate = InstructionCollator(build_processor(encoder.embedder.backbone_spec), query_instruction="Find the video:",
                                   target_instruction="unused", max_text_length=8)
     batch = collate(samples)
     for side, items in (("query", queries), ("target", targets), ("negative", negatives)):

@@ -86,7 +86,7 @@ def test_demo_run_writes_scalars_heatmap_layout_and_projector(shards, tmp_path, 
         "diag/effective_rank/query", "diag/effective_rank/target", "diag/norm/query", "diag/norm/target",
         "diag/temperature", "diag/reason/norm/mean", "diag/reason/norm/token0", "diag/reason/norm/token7",
         "diag/reason/pairwise_cosine", "diag/attention/input", "diag/attention/reason", "diag/attention/embed",
-        "diag/decoder_loss/stage2",
+        "diag/decoder_loss/stage2", "diag/latent_text/word_f1", "diag/latent_text/chance_word_f1",
     }
     expected |= {"train/loss", "train/decoder/labelled_fraction"}  # training scalars get a chart too
     assert expected <= set(tags["scalars"]), expected - set(tags["scalars"])
@@ -101,6 +101,13 @@ def test_demo_run_writes_scalars_heatmap_layout_and_projector(shards, tmp_path, 
     assert value("diag/temperature") == pytest.approx(0.05)  # the demo's temperature
     assert 1.0 <= value("diag/effective_rank/query") <= VAL_SAMPLES + 1e-4
     assert value("diag/decoder_loss/stage2") == pytest.approx(value("val/loss/decoder"), rel=1e-5)
+
+    # The latent decoder's texts beside their labels, one row per decoded query (8 by default).
+    (text_event,) = events.Tensors("diag/latent_text/text_summary")
+    table = text_event.tensor_proto.string_val[0].decode()
+    assert text_event.step == STEP and table.startswith("| label | decoded from the reason states |")
+    assert len(table.splitlines()) == 2 + min(8, VAL_SAMPLES)
+    assert 0.0 <= value("diag/latent_text/chance_word_f1") <= 1.0 and 0.0 <= value("diag/latent_text/word_f1") <= 1.0
 
     (heatmap,) = events.Images("diag/similarity")
     assert (heatmap.width, heatmap.height, heatmap.step) == (VAL_SAMPLES * 4, VAL_SAMPLES * 4, STEP)

@@ -26,7 +26,7 @@ the mode's latent steps) of one fixed batch, the first test batch, the same for 
 of ``--repeats`` timed calls after one warm-up, in ``torch.inference_mode``, divided by the batch
 size; all rows are timed together once training is over, in turns (one call per row per round),
 so that other jobs on the machine slow every row alike. Results go to ``OUT/results.json`` and ``OUT/results.md``; each row's run (TensorBoard logs,
-``last.ckpt``, ``test_embeddings.pt``) to ``OUT/<mode>-k<K>/``.
+``last.ckpt``, ``test_embeddings/``) to ``OUT/<mode>-k<K>/``.
 
 Stage 1 is left out by default (``--stage1-steps 0``): with a random backbone there is nothing
 pretrained for a decoder-only warm-up to build on, the decoder loss trains the reason tokens in
@@ -55,6 +55,7 @@ if str(ROOT) not in sys.path:  # run as a script: make the repository's packages
     sys.path.insert(0, str(ROOT))
 
 from lame_pl.data.shard_writer import MANIFEST  # noqa: E402
+from lame_pl.index import load_embeddings  # noqa: E402
 from lame_pl.retrieval import chance_metrics, ranks_in_block, retrieval_metrics  # noqa: E402
 
 CONFIG = ROOT / "configs" / "ablation" / "train.yaml"
@@ -268,8 +269,8 @@ def train_row(row: Row, data: Path, out: Path, steps: int, stage1_steps: int, se
 
 
 def predict_row(row: Row, checkpoint: Path, data: Path, out: Path, sets: list[str]) -> Path:
-    """``lightning predict`` over the test split; returns the embeddings file."""
-    path = out / row.name / "test_embeddings.pt"
+    """``lightning predict`` over the test split; returns the embeddings folder (``lame_pl.index``)."""
+    path = out / row.name / "test_embeddings"
     run_cli(["predict", *cli_args(row, data, out, 1, sets), f"--ckpt_path={checkpoint}",
              "--trainer.callbacks+=callbacks.EmbeddingWriter", f"--trainer.callbacks.path={path}"])
     return path
@@ -360,7 +361,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--seed", type=int, default=0, help="data seed (default 0)")
     parser.add_argument("--repeats", type=int, default=10, help="timed encode calls per row (default 10)")
     parser.add_argument("--reuse", action="store_true",
-                        help="skip training and prediction for rows whose last.ckpt and test_embeddings.pt are in "
+                        help="skip training and prediction for rows whose last.ckpt and test_embeddings/ are in "
                              "--out (scores and encode times are always computed afresh)")
     parser.add_argument("--threads", type=int, default=None,
                         help="torch CPU threads for training and timing (default: torch's choice); on a shared "
@@ -398,15 +399,16 @@ def main(argv: list[str] | None = None) -> int:
         start = time.perf_counter()
         result["load_before"] = os.getloadavg()[0]  # other jobs on the same cores slow every figure
         checkpoint = args.out / row.name / "checkpoints" / "last.ckpt"
-        embeddings_path = args.out / row.name / "test_embeddings.pt"
-        if args.reuse and checkpoint.is_file() and embeddings_path.is_file():
+        embeddings_path = args.out / row.name / "test_embeddings"
+        if args.reuse and checkpoint.is_file() and embeddings_path.is_dir():
             print(f"{row.name}: reusing {checkpoint} and {embeddings_path}")
             result["reused"] = True
         else:
             checkpoint = train_row(row, args.data, args.out, args.steps, args.stage1_steps, args.sets)
             result["train_s"] = time.perf_counter() - start
             embeddings_path = predict_row(row, checkpoint, args.data, args.out, args.sets)
-        result.update(kind_metrics(torch.load(embeddings_path), records))
+        saved = load_embeddings(embeddings_path)
+        result.update(kind_metrics({"keys": saved.keys, "query": saved.query, "target": saved.target}, records))
         result["row_s"] = time.perf_counter() - start
         result["load_after"] = os.getloadavg()[0]
         results.append(result)

@@ -13,9 +13,10 @@ from typing import Protocol
 import torch
 from PIL import Image
 
+from lame_pl.checkpoint import FALLBACK_MAX_TEXT_LENGTH, read_checkpoint
 from lame_pl.evaluation.tables import EvalDataError
 from lame_pl.evaluation.task import ImageRef, Item
-from lame_pl.prompt import LAYOUT_VERSION, PromptProcessor, Side
+from lame_pl.prompt import LAYOUT_VERSION, Side
 
 
 class ItemEncoder(Protocol):
@@ -42,18 +43,13 @@ def load_image(image: ImageRef) -> Image.Image:
         raise EvalDataError(f"{what} could not be decoded ({error})") from None
 
 
-# What texts are cut to when a checkpoint does not say what its training run cut them to.
-FALLBACK_MAX_TEXT_LENGTH = 512
-
-
 def trained_max_text_length(path: Path) -> int:
     """The ``data.max_text_length`` of the run that wrote the checkpoint at ``path``, said on stdout.
 
     Read memory-mapped, so that the weights are not loaded a second time.
     """
-    checkpoint = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
-    value = (checkpoint.get("datamodule_hyper_parameters") or {}).get("max_text_length")
-    if isinstance(value, int) and value >= 1:
+    value = read_checkpoint(path).max_text_length
+    if value is not None:
         print(f"max_text_length: {value} (the training run's data.max_text_length)")
         return value
     print(f"max_text_length: {FALLBACK_MAX_TEXT_LENGTH} (the checkpoint names none; set --max-text-length)")
@@ -66,6 +62,7 @@ class CheckpointEncoder:
     A query or candidate goes through ``lame_pl.prompt.PromptProcessor``, the code the training
     collators call (media, instruction, text; a video through the processor's video input),
     left-padded, and is embedded at [EMBED] with the encode mode the checkpoint was trained with.
+    The model is loaded by ``lame_pl.LaMEEmbedder.from_checkpoint`` (adapters merged, no decoder).
 
     Args:
         checkpoint: Path of the ``.ckpt`` file.
@@ -78,24 +75,20 @@ class CheckpointEncoder:
 
     def __init__(self, checkpoint: str | Path, device: str = "cpu", batch_size: int = 16,
                  max_text_length: int | None = None):
-        from lame_pl import LaMEModule
-        from lame_pl.backbone import build_processor
+        from lame_pl.embedder import LaMEEmbedder
 
         path = Path(checkpoint)
         if not path.is_file():
             raise EvalDataError(f"missing checkpoint file {path}")
         if batch_size < 1:
             raise ValueError(f"batch_size must be >= 1, got {batch_size}")
-        # init_from names the stage-1 weights the run started from; they are in this checkpoint
-        # already, and that file may be gone.
-        self.module = LaMEModule.load_from_checkpoint(str(path), map_location=device, init_from=None)
-        self.device = torch.device(device)
-        self.module.to(self.device).eval()
-        self.batch_size = batch_size
         if max_text_length is None:
             max_text_length = trained_max_text_length(path)
+        self.embedder = LaMEEmbedder.from_checkpoint(path, device=device, max_text_length=max_text_length)
+        self.device = torch.device(device)
+        self.batch_size = batch_size
         self.max_text_length = max_text_length
-        self.prompts = PromptProcessor(build_processor(self.module.backbone_spec), max_text_length)
+        self.prompts = self.embedder.prompts
         stat = path.stat()
         # The prompt layout is part of the identity: embeddings cached under another are stale.
         identity = (f"{path.resolve()}:{stat.st_size}:{stat.st_mtime_ns}:max_text_length={max_text_length}"
@@ -110,14 +103,11 @@ class CheckpointEncoder:
         except ValueError as error:  # a record the prompt cannot hold: one line, as for any bad record
             raise EvalDataError(str(error)) from None
 
-    @torch.inference_mode()
     def encode(self, items: Sequence[Item]) -> torch.Tensor:
         """Embeddings of ``items`` in batches of ``batch_size``."""
         out = []
         for start in range(0, len(items), self.batch_size):
-            inputs = self.inputs(items[start : start + self.batch_size])
-            inputs = {k: v.to(self.device) for k, v in inputs.items()}
-            out.append(self.module.encode(inputs).embedding.float().cpu())
+            out.append(self.embedder.embed(self.inputs(items[start : start + self.batch_size])))
         return torch.cat(out)
 
 

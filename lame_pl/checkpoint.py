@@ -1,0 +1,166 @@
+"""What a ``lightning fit`` checkpoint of ``LaMEModule`` holds, read without importing Lightning.
+
+The embedder, the exporter, the evaluators and ``LaMEModule.load_from_checkpoint`` read a
+checkpoint through here: its hyper-parameters (spec objects for a module built in Python,
+plain dicts for one built by LightningCLI), the stage it was saved in, its weights and what the
+training data module was configured with.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from lame_pl.backbone import BackboneSpec, DecoderSpec
+from lame_pl.decoder import OUTPUT_IDS
+from lame_pl.stages import LoraSpec  # also registers the stage specs as safe globals for torch.load
+
+# The checkpoint entry holding the stage the module was in (written by LaMEModule.on_save_checkpoint).
+STAGE_KEY = "lame_stage"
+# Where a restricted decoder's output ids sit in the module's state dict.
+DECODER_OUTPUT_IDS = f"decoder.{OUTPUT_IDS}"
+# What texts are cut to when a checkpoint does not say what its training run cut them to.
+FALLBACK_MAX_TEXT_LENGTH = 512
+
+
+def _field(value: Any, key: str, default: Any = None) -> Any:
+    """``value.key`` for a spec object, ``value[key]`` for a config dict."""
+    if isinstance(value, dict):
+        return value.get(key, default)
+    return getattr(value, key, default)
+
+
+def as_spec(value: Any, cls: type) -> Any:
+    """A spec of type ``cls`` from a spec object or a LightningCLI config dict (its own fields only)."""
+    if value is None or isinstance(value, cls):
+        return value
+    if isinstance(value, dict):
+        names = {f.name for f in dataclasses.fields(cls)}
+        return cls(**{k: v for k, v in value.items() if k in names})
+    raise ValueError(f"checkpoint hyper-parameter of type {type(value).__name__} is not a {cls.__name__}")
+
+
+@dataclass
+class TrainedCheckpoint:
+    """A checkpoint's parts.
+
+    Attributes:
+        path: The file.
+        hparams: The module's hyper-parameters, as stored.
+        state_dict: The module's weights (memory-mapped).
+        stage: The stage the module was saved in.
+        data_hparams: The data module's hyper-parameters (empty when none were saved).
+        global_step: Optimiser steps taken when it was saved.
+    """
+
+    path: Path
+    hparams: dict[str, Any]
+    state_dict: dict[str, torch.Tensor]
+    stage: int
+    data_hparams: dict[str, Any]
+    global_step: int
+
+    @property
+    def backbone_spec(self) -> BackboneSpec:
+        """Where the backbone came from (a missing ``path`` directory raises here)."""
+        return as_spec(self.hparams["backbone"], BackboneSpec)
+
+    @property
+    def stores_output_ids(self) -> bool:
+        """Whether the decoder's output ids are in the weights (checkpoints since they were kept there)."""
+        return DECODER_OUTPUT_IDS in self.state_dict
+
+    @property
+    def encoder_settings(self) -> dict[str, Any]:
+        """The keyword arguments of ``lame_pl.model.build_encoder`` the run used."""
+        hp = self.hparams
+        return dict(num_reason_tokens=hp.get("num_reason_tokens", 8), bottleneck_mask=hp.get("bottleneck_mask", False),
+                    embed_dim=hp.get("embed_dim"), encode_mode=hp.get("encode_mode"), cot_tokens=hp.get("cot_tokens"))
+
+    def encoder_state(self) -> dict[str, torch.Tensor]:
+        """The encoder's weights, named as in ``LaMEEncoder`` (without the ``encoder.`` prefix)."""
+        return {k.removeprefix("encoder."): v for k, v in self.state_dict.items() if k.startswith("encoder.")}
+
+    def decoder_state(self) -> dict[str, torch.Tensor]:
+        """The latent decoder's weights, named as in ``LatentDecoder`` (empty without a decoder)."""
+        return {k.removeprefix("decoder."): v for k, v in self.state_dict.items() if k.startswith("decoder.")}
+
+    @property
+    def lora(self) -> LoraSpec | None:
+        """The adapters the backbone carries: the saved stage's ``lora``, else another stage's."""
+        if not any("lora_" in key for key in self.state_dict):
+            return None
+        order = (self.stage, *(n for n in (1, 2) if n != self.stage))
+        for n in order:
+            lora = _field(self.hparams.get(f"stage{n}"), "lora")
+            if lora is not None:
+                return as_spec(lora, LoraSpec)
+        raise ValueError(f"checkpoint {self.path} holds LoRA weights but no stage of its hyper-parameters sets lora")
+
+    @property
+    def max_text_length(self) -> int | None:
+        """The training run's ``data.max_text_length``, when the checkpoint names one."""
+        value = self.data_hparams.get("max_text_length")
+        return value if isinstance(value, int) and value >= 1 else None
+
+    @property
+    def instructions(self) -> dict[str, str]:
+        """The training run's query and target instructions, where the data module had them."""
+        return {side: self.data_hparams[f"{side}_instruction"] for side in ("query", "target")
+                if isinstance(self.data_hparams.get(f"{side}_instruction"), str)}
+
+    def restore_overrides(self) -> dict[str, Any]:
+        """Hyper-parameters that make restoring this checkpoint read no file beside it.
+
+        ``init_from`` (the weights the run started from, already in this checkpoint) is dropped,
+        and so is ``decoder.vocab_file`` when the output ids are stored in the weights.
+
+        Raises:
+            FileNotFoundError: An older checkpoint without stored ids whose vocabulary file is
+                not there (named with the directory it was looked for from).
+        """
+        overrides: dict[str, Any] = {"init_from": None}
+        decoder = self.hparams.get("decoder")
+        vocab_file = _field(decoder, "vocab_file")
+        if vocab_file is None:
+            return overrides
+        if self.stores_output_ids:
+            overrides["decoder"] = (dict(decoder, vocab_file=None) if isinstance(decoder, dict)
+                                    else dataclasses.replace(as_spec(decoder, DecoderSpec), vocab_file=None))
+        elif not Path(vocab_file).is_file():
+            raise FileNotFoundError(
+                f"checkpoint {self.path} predates stored decoder output ids and its decoder.vocab_file "
+                f"{vocab_file!r} is not a file from {os.getcwd()}; run from the directory it was trained in"
+            )
+        return overrides
+
+
+def read_checkpoint(path: str | Path) -> TrainedCheckpoint:
+    """Reads a ``LaMEModule`` checkpoint with ``torch.load(weights_only=True)``, memory-mapped.
+
+    Raises:
+        FileNotFoundError: When ``path`` is not a file.
+        ValueError: When the file is not a LaMEModule checkpoint.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"checkpoint {str(path)!r} is not a file")
+    checkpoint = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+    if not isinstance(checkpoint, dict) or "state_dict" not in checkpoint or "hyper_parameters" not in checkpoint:
+        raise ValueError(f"checkpoint {path} has no state_dict and hyper_parameters: not a lightning fit checkpoint")
+    hparams = dict(checkpoint["hyper_parameters"])
+    if "backbone" not in hparams:
+        raise ValueError(f"checkpoint {path} has no backbone hyper-parameter: not a LaMEModule checkpoint")
+    return TrainedCheckpoint(
+        path=path,
+        hparams=hparams,
+        state_dict=checkpoint["state_dict"],
+        stage=int(checkpoint.get(STAGE_KEY, hparams.get("stage", 1))),
+        data_hparams=dict(checkpoint.get("datamodule_hyper_parameters") or {}),
+        global_step=int(checkpoint.get("global_step", 0)),
+    )
