@@ -42,6 +42,17 @@ test: install
 ablation: install
 	$(BIN)/python tools/ablate_modes.py $(ABLATION_ARGS)
 
+## compare: the CLIP anchor (open_clip, configs/demo/clip.yaml) trained on the demo shards for the
+## LaME demo's step count (100 + 600), tested, and printed beside the LaME demo's test metrics
+## (run `make demo` first for those)
+CLIP_RUNS := runs/clip
+.PHONY: compare
+compare: data
+	rm -rf $(CLIP_RUNS)
+	$(BIN)/lightning fit --config configs/demo/clip.yaml
+	$(BIN)/lightning test --config configs/demo/clip.yaml --ckpt_path $(CLIP_RUNS)/demo/checkpoints/last.ckpt
+	$(BIN)/python tools/show_metrics.py $(RUNS)/test_metrics.json $(CLIP_RUNS)/test_metrics.json --names LaME CLIP
+
 lint: install
 	$(BIN)/ruff check .
 

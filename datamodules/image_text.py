@@ -153,7 +153,14 @@ class ShardDataModule(L.LightningDataModule):
         self._epoch = -1
         self._batches = 0  # training batches this rank has taken in self._epoch
         self._resume: tuple[int, int] | None = None  # (epoch, batches) from load_state_dict
-        self.processor = build_processor(backbone)
+        self.processor = self.build_processor(backbone)
+
+    def build_processor(self, backbone: Any) -> Any:
+        """What turns samples into model inputs: the Qwen-VL processor of ``backbone``.
+
+        A format for another model family (``datamodules.clip``) overrides it.
+        """
+        return build_processor(backbone)
 
     def decode_stage(self, skips: SkipCounter) -> wds.PipelineStage:
         """The stage from raw tar samples to decoded samples, counting bad ones in ``skips``.

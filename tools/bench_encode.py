@@ -11,6 +11,12 @@ and, less sensitive to drifting load, the median over rounds of each round's own
 It also times stage-2 training steps (``LaMEModule.model_step`` + backward + AdamW) for
 ``lame`` with its latent decoder against ``discriminative`` without one.
 
+The ``clip`` row is the CLIP anchor's cost on the same image and text (``--clip-arch``, an
+open_clip architecture at ``--image-size``, random weights): its vision tower on the image plus
+its text tower on the text, cut at its context length (77 tokens for the built-in
+architectures), fused as ``lame_pl.clip_anchor.CLIPAnchor`` fuses a side. ``--clip-arch none``
+leaves it out.
+
     python tools/bench_encode.py --preset small --json /tmp/bench_small.json
     python tools/bench_encode.py --preset qwen2vl-2b-shape --device cuda --dtype bf16 --json OUT.json
 
@@ -54,6 +60,7 @@ from lame_pl.modes import hf_generation_model
 
 ENCODE_MODES = ("discriminative", "lame", "latent_sequential", "explicit_cot")
 HF_GENERATE = "hf_generate"
+CLIP = "clip"
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 # Plain words that the Qwen2 BPE keeps one token each (with their leading space), so that the
 # prompt has exactly the asked number of text tokens.
@@ -102,6 +109,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--train-batch-size", type=_positive_int, default=8, help="training batch size (default 8)")
     parser.add_argument("--decoder-preset", default="demo", choices=sorted(DECODER_PRESETS),
                         help="latent decoder of the lame training step (default demo; full Qwen2 vocabulary)")
+    parser.add_argument("--clip-arch", default="ViT-B-32",
+                        help="open_clip architecture of the clip row (default ViT-B-32; 'none' leaves the row out)")
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
     parser.add_argument("--json", type=Path, default=None, help="write the figures to this JSON file")
     return parser
@@ -124,6 +133,11 @@ def check_args(parser: argparse.ArgumentParser, args: argparse.Namespace) -> Non
         parser.error(f"--warmup and --train-steps must be >= 0, got {args.warmup} and {args.train_steps}")
     if args.backbone is not None and not Path(args.backbone).is_dir():
         parser.error(f"--backbone {args.backbone!r} is not a directory")
+    if args.clip_arch != "none":
+        import open_clip
+
+        if open_clip.get_model_config(args.clip_arch) is None:
+            parser.error(f"--clip-arch {args.clip_arch!r} is not a built-in open_clip architecture (or 'none')")
 
 
 def backbone_spec(args: argparse.Namespace) -> BackboneSpec:
@@ -207,6 +221,27 @@ def build_runners(backbone: torch.nn.Module, args: argparse.Namespace) -> dict[s
     out = {mode: run(encoder) for mode, encoder in runners.items()}
     out[HF_GENERATE] = generate
     return out
+
+
+def clip_runner(args: argparse.Namespace) -> tuple[Callable[[dict], Any], dict[str, Any]]:
+    """The clip row's runner (given a batch size's CLIP inputs) and what it measures, for the report."""
+    from lame_pl.clip_anchor import CLIPAnchor
+    from lame_pl.clip_spec import CLIPSpec
+
+    spec = CLIPSpec(arch=args.clip_arch, image_size=args.image_size)
+    module = CLIPAnchor(spec).to(args.device, DTYPES[args.dtype]).eval()
+    params = sum(p.numel() for p in module.clip.parameters())
+    return module.encode, {"arch": args.clip_arch, "parameters": params, "context_length": spec.text_length}
+
+
+def clip_inputs(text: str, image: Image.Image, batch: int, args: argparse.Namespace) -> dict[str, torch.Tensor]:
+    """A batch of the same image and text as CLIP inputs (open_clip's transform and tokenizer)."""
+    from datamodules.clip import CLIPProcessor
+    from lame_pl.clip_spec import CLIPSpec
+
+    processor = CLIPProcessor(CLIPSpec(arch=args.clip_arch, image_size=args.image_size))
+    return {"image": processor.images([image] * batch).to(args.device, DTYPES[args.dtype]),
+            "text": processor.texts([text] * batch).to(args.device)}
 
 
 def time_modes(runners: dict[str, Callable[[dict], Any]], inputs: dict, args: argparse.Namespace) -> dict[str, dict]:
@@ -342,8 +377,8 @@ def print_table(report: dict[str, Any]) -> None:
     print(f"| mode              | appended |{cols} peak MiB b{sizes[-1]} | time / lame b{sizes[0]} |")
     print("|" + "---|" * (4 + 2 * len(sizes)))
     appended = {"discriminative": "1", "lame": f"{cfg['K']}+1", "latent_sequential": f"{cfg['K']}+1 seq",
-                "explicit_cot": f"{cfg['T']}+1 seq", HF_GENERATE: f"{cfg['T']} seq"}
-    for name in (*ENCODE_MODES, HF_GENERATE):
+                "explicit_cot": f"{cfg['T']}+1 seq", HF_GENERATE: f"{cfg['T']} seq", CLIP: "dual"}
+    for name in (*ENCODE_MODES, HF_GENERATE, *([CLIP] if CLIP in head else [])):
         cells = "".join(
             f" {report['encode'][str(b)][name]['ms_per_sample']:>14.1f} | {report['encode'][str(b)][name]['samples_per_s']:>13.2f} |"
             for b in sizes
@@ -360,6 +395,10 @@ def print_table(report: dict[str, Any]) -> None:
                   for b in sizes if key in report["paired_ratios_by_batch"][str(b)]]
         print(f"{key:<42} " + "  ".join(cells))
     print("(ratios of medians; 'paired': median over rounds of the ratio within each round)")
+    if report.get("clip"):
+        clip = report["clip"]
+        print(f"clip: open_clip {clip['arch']} ({clip['parameters'] / 1e6:.1f}M parameters, random weights) at the same "
+              f"image size; its text cut at {clip['context_length']} tokens; image and text towers, fused")
     print(f"lame / discriminative over the FLOP floor: {report['lame_over_floor']:.3f} (goal <= 1.02)")
     if report["train"]:
         print()
@@ -389,6 +428,9 @@ def main(argv: list[str] | None = None) -> int:
     text = prompt_text(processor.tokenizer, args.text_tokens)
     image = synthetic_image(args.image_size)
     runners = build_runners(backbone, args)
+    clip_info: dict[str, Any] | None = None
+    if args.clip_arch != "none":
+        encode_clip, clip_info = clip_runner(args)
 
     encode: dict[str, dict] = {}
     ratios: dict[str, dict] = {}
@@ -398,13 +440,20 @@ def main(argv: list[str] | None = None) -> int:
         inputs = encode_inputs(processor, text, image, batch, args.device)
         n_tokens = int(inputs["input_ids"].shape[1])
         image_tokens = int((inputs["mm_token_type_ids"][0] == 1).sum())
-        encode[str(batch)] = time_modes(runners, inputs, args)
+        timed = runners
+        if clip_info is not None:
+            batch_clip = clip_inputs(text, image, batch, args)
+            # time_modes hands every runner the LaME inputs; the clip row encodes its own.
+            timed = {**runners, CLIP: lambda _inputs, batch_clip=batch_clip: encode_clip(batch_clip)}
+        encode[str(batch)] = time_modes(timed, inputs, args)
         ratios[str(batch)] = encode_ratios(encode[str(batch)], n_tokens, args.reason_tokens)
         paired[str(batch)] = paired_ratios(encode[str(batch)])
 
     train: dict[str, dict] = {}
     if args.train_steps > 0:
-        del runners, backbone
+        del runners, backbone, timed
+        if clip_info is not None:
+            del encode_clip
         gc.collect()
         batch = training_batch(processor, text, image, args.train_batch_size, args.device)
         train = time_training(spec, batch, args)
@@ -424,6 +473,7 @@ def main(argv: list[str] | None = None) -> int:
                    "train_batch_size": args.train_batch_size, "decoder_preset": args.decoder_preset,
                    "decoder_vocabulary": "full (151,936 tokens)"},
         "parameters": parameters,
+        "clip": clip_info,
         "encode": encode,
         "train": train,
         "machine": machine(args.device),

@@ -6,6 +6,9 @@
 nDCG@10 (recall@1 for negation) over each subset's whole corpus; one JSON per subset,
 summary.json and a table. Embeddings are cached, so a re-run only scores. The folder layout is
 described in lame_pl/evaluation/mrmr.py.
+
+A CLIP anchor checkpoint (configs/demo/clip.yaml) is evaluated the same way: the tool reads the
+model class the checkpoint stores and embeds through lame_pl/evaluation/clip_encoder.py.
 """
 
 from lame_pl.evaluation.run import main

@@ -26,7 +26,8 @@ def build_parser(benchmark: str) -> argparse.ArgumentParser:
     """The options of one evaluator."""
     title = BENCHMARKS[benchmark]["title"]
     parser = argparse.ArgumentParser(description=f"Evaluate a LaME checkpoint on {title} from a local folder.")
-    parser.add_argument("--checkpoint", required=True, help="a .ckpt written by `lightning fit`")
+    parser.add_argument("--checkpoint", required=True,
+                        help="a .ckpt written by `lightning fit` (LaME or the CLIP anchor, told apart by its stored class)")
     parser.add_argument("--data-root", required=True, help=f"the local {title} folder (layout: lame_pl/evaluation/{benchmark}.py)")
     parser.add_argument("--tasks", nargs="+", default=None, help="evaluate only these tasks (default: every one found)")
     parser.add_argument("--output-dir", required=True, help="where the per-task JSON files and summary.json go")
@@ -70,6 +71,18 @@ def evaluate(
     return records
 
 
+def checkpoint_encoder(args: argparse.Namespace) -> ItemEncoder:
+    """The encoder of ``--checkpoint``, chosen by the model class it stores: LaME or the CLIP anchor."""
+    from lame_pl.evaluation.clip_encoder import CLIPEncoder, is_clip_checkpoint
+
+    if is_clip_checkpoint(args.checkpoint):
+        if args.max_text_length is not None:
+            print("--max-text-length is ignored for a CLIP checkpoint: texts are cut at its context length",
+                  file=sys.stderr)
+        return CLIPEncoder(args.checkpoint, args.device, args.batch_size)
+    return CheckpointEncoder(args.checkpoint, args.device, args.batch_size, args.max_text_length)
+
+
 def main(benchmark: str, argv: Sequence[str] | None = None, encoder: ItemEncoder | None = None) -> dict[str, Any]:
     """Runs one evaluator; bad data ends it with ``error: ...`` on stderr and exit status 1.
 
@@ -90,7 +103,7 @@ def main(benchmark: str, argv: Sequence[str] | None = None, encoder: ItemEncoder
     try:
         tasks = load_tasks(benchmark, args)  # read and check everything before loading a model
         if encoder is None:
-            encoder = CheckpointEncoder(args.checkpoint, args.device, args.batch_size, args.max_text_length)
+            encoder = checkpoint_encoder(args)
         cache = EmbeddingCache(Path(args.cache_dir) if args.cache_dir else output_dir / "cache")
         records = evaluate(tasks, encoder, cache, output_dir)
     except EvalDataError as error:

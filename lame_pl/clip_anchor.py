@@ -1,0 +1,188 @@
+"""The CLIP anchor: an open_clip dual encoder trained with open_clip's own loss on LaME's shards.
+
+It logs the metric names LaME logs where they mean the same (``train/loss``,
+``train/loss/contrastive``, ``train/temperature``, ``val/loss``, ``val/recall@1``,
+``test/recall@1``, ``chance/...``), ranked by ``lame_pl.retrieval``, so that the two runs sit side
+by side in TensorBoard and ``tools/show_metrics.py``.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any, Literal
+
+import torch
+import torch.nn.functional as F
+from lightning import LightningModule
+
+from lame_pl.clip_spec import CLIPSpec, build_clip
+from lame_pl.distributed import split_retrieval_metrics, world_size
+
+# Written into every checkpoint, so that the evaluators pick the CLIP encoder for it.
+ENCODER_KIND_KEY = "encoder_kind"
+ENCODER_KIND = "clip"
+
+
+class CLIPAnchor(LightningModule):
+    """An open_clip dual encoder (random init or local weights) trained with ``open_clip.ClipLoss``.
+
+    A side of a batch is ``{"image": (B, 3, S, S)}``, ``{"text": (B, L)}`` or both; a side with
+    both is embedded as the normalised sum of its two normalised embeddings (score-level fusion:
+    a dual encoder has no joint input).
+
+    Args:
+        backbone: The open_clip architecture, its changes and its weights.
+        lr: Peak learning rate of AdamW.
+        weight_decay: AdamW weight decay on matrices (gains, biases and the temperature get none,
+            as in open_clip's training).
+        warmup_steps: Linear warm-up steps.
+        lr_schedule: Shape after warm-up.
+        temperature: Start temperature; ``None`` keeps the model's own (CLIP's 0.07, or the weights file's).
+        learnable_temperature: Learn the temperature (a log logit scale, capped at 100 as in CLIP).
+        local_loss: open_clip's ``local_loss`` on several ranks: each rank's rows against every
+            rank's, not the whole global matrix on every rank.
+        gather_with_grad: open_clip's ``gather_with_grad``: the gathered rows carry gradients
+            back to their rank (the full global-batch gradient).
+    """
+
+    def __init__(
+        self,
+        backbone: CLIPSpec,
+        lr: float = 5e-4,
+        weight_decay: float = 0.1,
+        warmup_steps: int = 0,
+        lr_schedule: Literal["constant", "cosine", "linear"] = "cosine",
+        temperature: float | None = None,
+        learnable_temperature: bool = True,
+        local_loss: bool = True,
+        gather_with_grad: bool = True,
+    ) -> None:
+        super().__init__()
+        if temperature is not None and not temperature > 0:
+            raise ValueError(f"model.temperature must be > 0 (or null), got {temperature}")
+        if not lr > 0:
+            raise ValueError(f"model.lr must be > 0, got {lr}")
+        if warmup_steps < 0:
+            raise ValueError(f"model.warmup_steps must be >= 0, got {warmup_steps}")
+        self.save_hyperparameters()
+        self.spec = backbone
+        self.clip = build_clip(backbone)
+        if temperature is not None:
+            with torch.no_grad():
+                self.clip.logit_scale.fill_(math.log(1.0 / temperature))
+        self.clip.logit_scale.requires_grad_(learnable_temperature)
+        self.criterion = self._loss(rank=0, world_size=1)
+        self._eval_embeddings: dict[str, list[torch.Tensor]] = {"query": [], "target": []}
+
+    def _loss(self, rank: int, world_size: int) -> Any:
+        from open_clip import ClipLoss
+
+        hp = self.hparams
+        return ClipLoss(local_loss=hp.local_loss, gather_with_grad=hp.gather_with_grad, cache_labels=True,
+                        rank=rank, world_size=world_size)
+
+    def setup(self, stage: str) -> None:
+        # The ranks are known only once the trainer has started its processes.
+        self.criterion = self._loss(self.trainer.global_rank, self.trainer.world_size)
+
+    @property
+    def logit_scale(self) -> torch.Tensor:
+        """``1 / temperature``, capped at 100 as in CLIP."""
+        return self.clip.logit_scale.exp().clamp(max=100.0)
+
+    @property
+    def embedding_dim(self) -> int:
+        """Width of an embedding."""
+        return int(self.spec.model_config()["embed_dim"])
+
+    # ----------------------------------------------------------------------------- encoding
+
+    def encode(self, inputs: dict[str, torch.Tensor]) -> torch.Tensor:
+        """``(B, D)`` L2-normalised embeddings of one side (``image``, ``text`` or both)."""
+        parts = []
+        if "image" in inputs:
+            parts.append(self.clip.encode_image(inputs["image"], normalize=True))
+        if "text" in inputs:
+            parts.append(self.clip.encode_text(inputs["text"], normalize=True))
+        if not parts:
+            raise ValueError(f"a CLIP side needs 'image' or 'text'; got {sorted(inputs)}")
+        return parts[0] if len(parts) == 1 else F.normalize(sum(parts), dim=-1)
+
+    def model_step(self, batch: dict[str, Any]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """The loss of a batch (``ClipLoss``: both directions, gathered across ranks) and its embeddings."""
+        query, target = self.encode(batch["query"]), self.encode(batch["target"])
+        return self.criterion(query, target, self.logit_scale), query, target
+
+    # ----------------------------------------------------------------------------- steps
+
+    def training_step(self, batch: dict[str, Any], batch_idx: int) -> torch.Tensor:
+        loss, _, _ = self.model_step(batch)
+        size = len(batch["keys"])
+        # With local_loss each rank holds its own rows' loss; their mean is the global batch's.
+        sync = world_size() > 1
+        # ClipLoss is one term: the contrastive one, under LaME's name for it too.
+        self.log("train/loss", loss, prog_bar=True, batch_size=size, sync_dist=sync)
+        self.log("train/loss/contrastive", loss, batch_size=size, sync_dist=sync)
+        self.log("train/temperature", 1.0 / self.logit_scale.detach(), batch_size=size)
+        return loss
+
+    def _eval_step(self, batch: dict[str, Any], split: str) -> dict[str, Any]:
+        loss, query, target = self.model_step(batch)
+        size = len(batch["keys"])
+        for name in (f"{split}/loss", f"{split}/loss/contrastive"):
+            self.log(name, loss, batch_size=size, on_step=False, on_epoch=True, sync_dist=True)
+        self._eval_embeddings["query"].append(query.detach())
+        self._eval_embeddings["target"].append(target.detach())
+        return {"query": query, "target": target, "keys": batch["keys"], "texts": batch.get("texts")}
+
+    def validation_step(self, batch: dict[str, Any], batch_idx: int) -> dict[str, Any]:
+        """Logs the loss and keeps the embeddings for whole-split retrieval."""
+        return self._eval_step(batch, "val")
+
+    def test_step(self, batch: dict[str, Any], batch_idx: int) -> dict[str, Any]:
+        """As ``validation_step``, for the test split."""
+        return self._eval_step(batch, "test")
+
+    def predict_step(self, batch: dict[str, Any], batch_idx: int) -> dict[str, Any]:
+        """Embeddings of both sides of a batch, keyed like the samples."""
+        out = {"keys": batch["keys"], "query": self.encode(batch["query"])}
+        if "target" in batch:
+            out["target"] = self.encode(batch["target"])
+        return out
+
+    def _retrieval_epoch_end(self, split: str) -> None:
+        stored, self._eval_embeddings = self._eval_embeddings, {"query": [], "target": []}
+        empty = torch.zeros(0, self.embedding_dim, device=self.device)
+        query = torch.cat(stored["query"]) if stored["query"] else empty
+        target = torch.cat(stored["target"]) if stored["target"] else empty
+        for name, value in split_retrieval_metrics(query, target, split).items():  # as LaME ranks a split
+            self.log(name, value, rank_zero_only=True)
+
+    def on_validation_epoch_end(self) -> None:
+        self._retrieval_epoch_end("val")
+
+    def on_test_epoch_end(self) -> None:
+        self._retrieval_epoch_end("test")
+
+    # ----------------------------------------------------------------------------- optimiser
+
+    def configure_optimizers(self) -> Any:
+        """AdamW (decay on matrices only, as open_clip trains), warm-up and the configured schedule."""
+        hp = self.hparams
+        trainable = [(n, p) for n, p in self.named_parameters() if p.requires_grad]
+        decay = [p for n, p in trainable if p.ndim >= 2 and "embedding" not in n]
+        rest = [p for n, p in trainable if not (p.ndim >= 2 and "embedding" not in n)]
+        optimizer = torch.optim.AdamW(
+            [{"params": decay, "weight_decay": hp.weight_decay}, {"params": rest, "weight_decay": 0.0}], lr=hp.lr
+        )
+        if hp.lr_schedule == "constant" and hp.warmup_steps == 0:
+            return optimizer
+        from transformers import get_scheduler
+
+        name = "constant_with_warmup" if hp.lr_schedule == "constant" else hp.lr_schedule
+        remaining = max(1, int(self.trainer.estimated_stepping_batches) - self.global_step)
+        scheduler = get_scheduler(name, optimizer, num_warmup_steps=hp.warmup_steps, num_training_steps=remaining)
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
+
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        checkpoint[ENCODER_KIND_KEY] = ENCODER_KIND
