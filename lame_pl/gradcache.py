@@ -20,7 +20,8 @@ Inside Lightning's automatic optimisation, the chunks but the last are back-prop
 ``training_step`` (through the strategy's own ``backward``, so that its precision plugin scales
 them as it scales a loss), and the last chunk's graph is what ``training_step`` returns:
 Lightning back-propagates it, which is where DDP all-reduces the gradients accumulated over all
-chunks. Gradient accumulation, clipping, schedulers, logging and checkpoints stay Lightning's.
+chunks (DeepSpeed's engine is told that the chunks before it are off its accumulation boundary).
+Gradient accumulation, clipping, schedulers, logging and checkpoints stay Lightning's.
 """
 
 from __future__ import annotations
@@ -229,4 +230,19 @@ def _backward(module: LaMEModule, surrogate: torch.Tensor) -> None:
         surrogate.backward()
         return
     strategy = module.trainer.strategy
-    strategy.backward(surrogate, module.trainer.optimizers[0] if module.trainer.optimizers else None)
+    optimizer = module.trainer.optimizers[0] if module.trainer.optimizers else None
+    engine = strategy.model
+    managed = getattr(engine, "managed_gradient_accumulation", lambda: True)
+    if not hasattr(engine, "set_gradient_accumulation_boundary") or not managed():
+        strategy.backward(surrogate, optimizer)
+        return
+    # DeepSpeed: each backward on the engine's accumulation boundary (every backward when
+    # accumulate_grad_batches is 1) makes ZeRO-2 rebuild its gradient partition from that
+    # backward alone, dropping the chunks before it. The chunks inside the step are marked
+    # off the boundary; Lightning's backward of the last chunk keeps the engine's own count.
+    saved = engine._is_gradient_accumulation_boundary
+    engine.set_gradient_accumulation_boundary(False)
+    try:
+        strategy.backward(surrogate, optimizer)
+    finally:
+        engine._is_gradient_accumulation_boundary = saved

@@ -15,9 +15,10 @@ holds; it needs one dtype per unit, so the backbone is loaded in float32 (``bf16
 computes in bfloat16).
 
 GradCache back-propagates chunks inside ``training_step``; Lightning's ``FSDPStrategy`` (FSDP1)
-runs ``training_step`` inside its root unit's forward and asserts on that, and DeepSpeed's
-engine accumulates them wrongly (both seen on a CPU probe), so both are refused with GradCache;
-DeepSpeed's ZeRO stage 3 failed in the same probe and is refused outright.
+runs ``training_step`` inside its root unit's forward and asserts on that (seen on a CPU probe),
+so it is refused with GradCache. DeepSpeed ZeRO-2 takes GradCache's chunks off its accumulation
+boundary (``lame_pl.gradcache._backward``) and then gives DDP's gradients; DeepSpeed's ZeRO stage 3
+failed in the probe and is refused outright.
 """
 
 from __future__ import annotations
@@ -47,13 +48,12 @@ def check_strategy(strategy: Strategy, gradcache_chunk_size: int | None) -> None
         )
     if gradcache_chunk_size is None:
         return
-    for kind, name in ((FSDPStrategy, "FSDPStrategy (FSDP1)"), (DeepSpeedStrategy, "DeepSpeedStrategy")):
-        if isinstance(strategy, kind):
-            raise ValueError(
-                f"model.gradcache_chunk_size is set but the trainer's strategy is {name}, whose gradients GradCache "
-                "cannot accumulate; use DDP or ModelParallelStrategy (FSDP2, configs/strategy/fsdp.yaml) with "
-                "GradCache, or set model.gradcache_chunk_size null"
-            )
+    if isinstance(strategy, FSDPStrategy):
+        raise ValueError(
+            "model.gradcache_chunk_size is set but the trainer's strategy is FSDPStrategy (FSDP1), whose gradients "
+            "GradCache cannot accumulate; use DDP, DeepSpeed ZeRO-2 or ModelParallelStrategy (FSDP2, "
+            "configs/strategy/fsdp.yaml) with GradCache, or set model.gradcache_chunk_size null"
+        )
 
 
 def _language_blocks(module: LaMEModule) -> list[nn.Module]:

@@ -113,13 +113,14 @@ fi
 
 if [[ $SECTIONS == *deepspeed* ]]; then
   # DeepSpeed ZeRO-2 (configs/strategy/deepspeed_zero2.yaml) where deepspeed is installed: three
-  # steps on the tiny config, then a resume.
+  # steps on the tiny config with GradCache in chunks of 4 rows, then a resume.
   if python3 -c "import deepspeed" 2> /dev/null; then
     zero2() {
       python3 tools/make_shards.py synthetic --out /tmp/ds_shards --train 64 --val 8 --test 8 --image-size 56 \
         --overwrite || return 1
       local ds=(--config tests/conf/tiny.yaml --config configs/strategy/deepspeed_zero2.yaml
         --trainer.accelerator=gpu --trainer.devices=1 --model.init_args.stage=2 --data.init_args.batch_size=8
+        --model.init_args.gradcache_chunk_size=4
         --data.init_args.train_shards=/tmp/ds_shards/train --trainer.limit_val_batches=0
         --trainer.default_root_dir=/tmp/ds_run --trainer.callbacks+=lightning.pytorch.callbacks.ModelCheckpoint
         --trainer.callbacks.save_last=true --trainer.callbacks.dirpath=/tmp/ds_run/ckpt)
