@@ -45,16 +45,23 @@ class EmbeddingWriter(BasePredictionWriter):
         path: The output folder.
         rows_per_shard: Rows after which a shard is written (a shard ends at a batch boundary,
             so it may hold a little more; the last one of a rank fewer).
-        resume: Keep the whole shards of an earlier run and compute only the missing items.
+        resume: Keep the whole shards of an earlier run and compute only the missing items. The
+            shards must come from the same checkpoint (file, size and modification time), encode
+            mode, prompt layout and corpus content, or the run stops naming what differs.
+        checkpoint: The checkpoint the predict run embeds with, recorded in every shard (and so
+            in an index built from them); the CLI fills it from ``--ckpt_path``. Resuming needs it.
     """
 
-    def __init__(self, path: str = "runs/embeddings", rows_per_shard: int = 65536, resume: bool = False) -> None:
+    def __init__(self, path: str = "runs/embeddings", rows_per_shard: int = 65536, resume: bool = False,
+                 checkpoint: str | None = None) -> None:
         super().__init__(write_interval="batch")
         if rows_per_shard < 1:
             raise ValueError(f"EmbeddingWriter.rows_per_shard must be >= 1, got {rows_per_shard}")
         self.path = Path(path)
         self.rows_per_shard = rows_per_shard
         self.resume = resume
+        self.checkpoint = checkpoint
+        self._model: dict[str, Any] = {}
         self._reset()
 
     def _reset(self) -> None:
@@ -81,7 +88,11 @@ class EmbeddingWriter(BasePredictionWriter):
         datamodule = trainer.datamodule
         info = getattr(datamodule, "corpus_info", None)
         self._info = dict(info) if isinstance(info, Mapping) else {}
+        self._model = model_identity(pl_module, self.checkpoint)
         skip = getattr(datamodule, "skip_predicted", None) if self.resume else None
+        if skip is not None and not self.checkpoint:
+            raise ValueError("EmbeddingWriter.resume needs the checkpoint the rows are embedded with: run predict with "
+                             "--ckpt_path, or give EmbeddingWriter(checkpoint=...)")
         if skip is not None:
             self._check_same_corpus()
         if trainer.is_global_zero:
@@ -107,22 +118,26 @@ class EmbeddingWriter(BasePredictionWriter):
             self._finish(trainer, pl_module)
 
     def _corpus_metadata(self) -> dict[str, str]:
-        """What each shard records of the corpus it was embedded from (nothing for a split of pairs)."""
+        """What each shard records: the model that embedded it and, for a user's corpus, the corpus."""
+        metadata = {"model": json.dumps(self._model, sort_keys=True)}
         if "corpus" not in self._info:
-            return {}
-        return {"corpus": str(self._info["corpus"]), "source": str(self._info.get("source") or ""),
-                "instruction": str(self._info.get("instruction") or "")}
+            return metadata
+        return {**metadata, "corpus": str(self._info["corpus"]), "source": str(self._info.get("source") or ""),
+                "instruction": str(self._info.get("instruction") or ""),
+                "content": str(self._info.get("content") or ""),
+                "max_text_length": str(self._info.get("max_text_length") or "")}
 
     def _check_same_corpus(self) -> None:
-        """A resumed run adds to shards of the same corpus, embedded the same way, or fails naming both."""
+        """A resumed run adds to shards of the same corpus, embedded the same way by the same model,
+        or fails naming what differs."""
         wanted = self._corpus_metadata()
         for shard in scan_shards(self.path)[0]:
-            found = {k: shard.metadata.get(k, "") for k in ("corpus", "source", "instruction")}
-            if found != {k: wanted.get(k, "") for k in found}:
-                raise ValueError(f"EmbeddingWriter.resume: {shard.path} holds {found['corpus'] or 'a split'} "
-                                 f"{found['source']!r} (instruction {found['instruction']!r}), not "
-                                 f"{wanted.get('corpus', 'a split')} {wanted.get('source', '')!r} (instruction "
-                                 f"{wanted.get('instruction', '')!r}); give another path or resume false")
+            differs = [key for key in wanted if shard.metadata.get(key, "") != wanted[key]]
+            if differs:
+                found = {key: shard.metadata.get(key, "(none)") for key in differs}
+                raise ValueError(f"EmbeddingWriter.resume: {shard.path} was embedded with other {', '.join(differs)} "
+                                 f"({found} here: {({key: wanted[key] for key in differs})}); give another path "
+                                 "or resume false")
 
     def _clean(self, keep: bool, datamodule: Any) -> None:
         if self.path.exists() and not self.path.is_dir():
@@ -163,7 +178,8 @@ class EmbeddingWriter(BasePredictionWriter):
 
     def _finish(self, trainer: Trainer, pl_module: LightningModule) -> None:
         """Sums the run up over ranks: ``embeddings.json`` and one line."""
-        counts = torch.tensor([float(self._computed), float(self._skip_count)], device=pl_module.device)
+        # The strategy's device: this may run in setup, before the module is moved there.
+        counts = torch.tensor([float(self._computed), float(self._skip_count)], device=trainer.strategy.root_device)
         if trainer.world_size > 1:
             counts = trainer.strategy.reduce(counts, reduce_op="sum")
         if not trainer.is_global_zero:
@@ -200,3 +216,18 @@ class EmbeddingWriter(BasePredictionWriter):
         self._first_row += len(self._keys)
         self._computed += len(self._keys)
         self._keys, self._texts, self._sides, self._shard_skipped = [], [], {}, []
+
+
+def model_identity(pl_module: LightningModule, checkpoint: str | None) -> dict[str, Any]:
+    """What the embeddings depend on besides the data: the checkpoint file and how it encodes."""
+    from lame_pl.prompt import LAYOUT_VERSION
+
+    identity: dict[str, Any] = {"module": type(pl_module).__name__, "layout": LAYOUT_VERSION, "checkpoint": None}
+    if checkpoint:
+        path = Path(checkpoint).resolve()
+        stat = path.stat()
+        identity.update(checkpoint=str(path), checkpoint_file=f"{stat.st_size}:{stat.st_mtime_ns}")
+    encoder = getattr(pl_module, "encoder", None)
+    if encoder is not None:
+        identity.update(encode_mode=str(encoder.encode_mode), num_reason_tokens=int(encoder.num_reason_tokens))
+    return identity

@@ -19,6 +19,7 @@ The dataset is map-style, so a rerun can leave out the items already written
 
 from __future__ import annotations
 
+import hashlib
 from collections import Counter
 from pathlib import Path
 from typing import Any
@@ -31,6 +32,8 @@ from datamodules.samples import open_image
 from lame_pl.backbone import BackboneSpec, build_processor
 from lame_pl.data.shard_writer import IMAGE_EXTENSIONS, image_extension, read_image
 from lame_pl.prompt import VISION_TOKENS, PromptProcessor, Side
+
+FALLBACK_MAX_TEXT_LENGTH = 64  # the data modules' default, when no checkpoint names one
 
 
 def list_images(folder: Path) -> list[str]:
@@ -134,8 +137,11 @@ class CorpusDataModule(L.LightningDataModule):
         num_workers: DataLoader worker processes (images are decoded there); 0 loads in the
             main process.
         instruction: Instruction of every item (an image's query instruction, a text's target
-            instruction); None or "" for none.
-        max_text_length: Most tokens of the instruction and of each line (cut separately).
+            instruction); "" for none. ``None``: with ``lightning predict --ckpt_path``, the
+            training run's (its query instruction for images, its target one for texts: the
+            layout the model was trained on; said at start), else none.
+        max_text_length: Most tokens of the instruction and of each line (cut separately);
+            ``None``: the training run's ``data.max_text_length`` with ``--ckpt_path``, else 64.
         max_image_pixels: Images with more pixels are skipped as ``image_too_large``.
 
     Raises:
@@ -151,11 +157,13 @@ class CorpusDataModule(L.LightningDataModule):
         batch_size: int = 32,
         num_workers: int = 0,
         instruction: str | None = None,
-        max_text_length: int = 64,
+        max_text_length: int | None = None,
         max_image_pixels: int = 64_000_000,
     ) -> None:
         super().__init__()
         self.save_hyperparameters()
+        if max_text_length is None:  # the CLI sets the checkpoint's (lame_pl.cli) when predicting with one
+            max_text_length = FALLBACK_MAX_TEXT_LENGTH
         if (images is None) == (texts is None):
             raise ValueError("give data.images=FOLDER or data.texts=FILE" if images is None else
                              f"give data.images or data.texts, not both (got {images} and {texts})")
@@ -190,7 +198,20 @@ class CorpusDataModule(L.LightningDataModule):
         """What the embeddings writer records: corpus kind, source, instruction, item and blank counts."""
         # Absolute, so that a resumed run from another working directory sees the same corpus.
         return {"corpus": self.corpus, "source": str(self.source.resolve()), "instruction": self.instruction,
-                "items": len(self.items), "blank_lines": self.blank_lines}
+                "items": len(self.items), "blank_lines": self.blank_lines, "content": self.content_fingerprint(),
+                "max_text_length": self.collator.prompts.max_text_length}
+
+    def content_fingerprint(self) -> str:
+        """A digest of what the corpus holds now (the text file's bytes; each image's path, size and
+        modification time), so that a resumed run does not keep rows of files that changed since."""
+        digest = hashlib.sha256()
+        if self.corpus == "texts":
+            digest.update(self.source.read_bytes())
+        else:
+            for key in self.items.keys:
+                stat = (self.source / key).stat()
+                digest.update(f"{key}\0{stat.st_size}\0{stat.st_mtime_ns}\n".encode())
+        return digest.hexdigest()[:32]
 
     def skip_predicted(self, done: set[str]) -> int:
         """Leaves out of the predict loader the items whose key is in ``done``; returns how many.

@@ -56,12 +56,37 @@ class LaMECLI(LightningCLI):
         # The decoder's output ids travel in the checkpoint's weights (lame_pl.checkpoint): a
         # vocabulary file that is gone where this runs (another directory, another machine) is
         # not needed. "last"/"best" are resolved later by the Trainer and are left alone.
+        # The prediction writer records which checkpoint embedded its rows (a resume checks it).
+        if ckpt and Path(ckpt).is_file():
+            for callback in (config.get("trainer") or {}).get("callbacks") or []:
+                args = callback.get("init_args") if hasattr(callback, "get") else None
+                if str(callback.get("class_path", "")).endswith("EmbeddingWriter") and args is not None \
+                        and not args.get("checkpoint"):
+                    args.checkpoint = str(ckpt)
+        if ckpt and Path(ckpt).is_file():
+            self._corpus_settings_from(read_checkpoint(ckpt), config)
         decoder = init_args.get("decoder") if init_args else None
         vocab = decoder.get("vocab_file") if decoder else None
         if ckpt and vocab and not Path(vocab).is_file() and Path(ckpt).is_file():
             if read_checkpoint(ckpt).stores_output_ids:
                 rank_zero_info(f"decoder.vocab_file {vocab!r} is not here: the decoder's output ids come from {ckpt}")
                 decoder.vocab_file = None
+
+    @staticmethod
+    def _corpus_settings_from(checkpoint: Any, config: Any) -> None:
+        """A user's corpus (datamodules.CorpusDataModule) laid out as the checkpoint's run laid out
+        its training inputs, where the command line leaves the instruction or text budget unset."""
+        data = config.get("data") if config else None
+        if data is None or not str(data.get("class_path", "")).endswith("CorpusDataModule"):
+            return
+        args = data.get("init_args")
+        side = "query" if args.get("images") else "target"  # images embed as queries, lines as targets
+        if args.get("instruction") is None:
+            args.instruction = checkpoint.instructions.get(side, "")
+            rank_zero_info(f"data.instruction: {args.instruction!r} (the training run's {side} instruction)")
+        if args.get("max_text_length") is None and checkpoint.max_text_length:
+            args.max_text_length = checkpoint.max_text_length
+            rank_zero_info(f"data.max_text_length: {args.max_text_length} (the training run's)")
 
     def instantiate_classes(self) -> None:
         # jsonargparse reports a failed constructor inside a long dump of the whole config;

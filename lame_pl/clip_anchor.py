@@ -72,6 +72,7 @@ class CLIPAnchor(LightningModule):
                 self.clip.logit_scale.fill_(math.log(1.0 / temperature))
         self.clip.logit_scale.requires_grad_(learnable_temperature)
         self.criterion = self._loss(rank=0, world_size=1)
+        self._local_criterion = self._loss(rank=0, world_size=1)  # evaluation: never gathers
         self._eval_embeddings: dict[str, list[torch.Tensor]] = {"query": [], "target": []}
 
     def _loss(self, rank: int, world_size: int) -> Any:
@@ -127,7 +128,10 @@ class CLIPAnchor(LightningModule):
         return loss
 
     def _eval_step(self, batch: dict[str, Any], split: str) -> dict[str, Any]:
-        loss, query, target = self.model_step(batch)
+        # Each rank's own rows only (as LaME's evaluation loss): ranks may hold different numbers
+        # of evaluation batches and rows, which a gathering ClipLoss would wait on or mismatch.
+        query, target = self.encode(batch["query"]), self.encode(batch["target"])
+        loss = self._local_criterion(query, target, self.logit_scale)
         size = len(batch["keys"])
         for name in (f"{split}/loss", f"{split}/loss/contrastive"):
             self.log(name, loss, batch_size=size, on_step=False, on_epoch=True, sync_dist=True)
@@ -144,10 +148,11 @@ class CLIPAnchor(LightningModule):
         return self._eval_step(batch, "test")
 
     def predict_step(self, batch: dict[str, Any], batch_idx: int) -> dict[str, Any]:
-        """Embeddings of both sides of a batch, keyed like the samples."""
-        out = {"keys": batch["keys"], "query": self.encode(batch["query"])}
-        if "target" in batch:
-            out["target"] = self.encode(batch["target"])
+        """Embeddings of the sides a batch holds, with the samples' keys and texts (as ``LaMEModule``'s)."""
+        out = {"keys": batch["keys"], "texts": batch.get("texts")}
+        for side in ("query", "target"):
+            if side in batch:
+                out[side] = self.encode(batch[side])
         return out
 
     def _retrieval_epoch_end(self, split: str) -> None:

@@ -23,8 +23,17 @@ from lame_pl.prompt import PromptProcessor, Side
 ImageInput = Image.Image | str | Path | None
 
 
-def encoder_from_checkpoint(checkpoint: TrainedCheckpoint) -> LaMEEncoder:
-    """The checkpoint's encoder (no decoder), its adapters merged, in eval mode on the CPU."""
+def encoder_from_checkpoint(checkpoint: TrainedCheckpoint, merge: bool | None = None) -> LaMEEncoder:
+    """The checkpoint's encoder (no decoder), in eval mode on the CPU.
+
+    Args:
+        checkpoint: The read checkpoint.
+        merge: Merge LoRA/DoRA adapters into the base weights. ``None``: where the base weights
+            are float32 (exact to ~1e-7); adapters on low-precision weights (the 2B recipe's
+            bfloat16) stay as trained, since merging there rounds the adapter's update away
+            (~10% of it on a DoRA layer in bfloat16). ``True`` (export): merge, in float32,
+            so the whole encoder becomes float32.
+    """
     backbone = build_backbone(checkpoint.backbone_spec, pretrained=False)  # the weights come next
     encoder = build_encoder(backbone, **checkpoint.encoder_settings)
     lora = checkpoint.lora
@@ -39,7 +48,11 @@ def encoder_from_checkpoint(checkpoint: TrainedCheckpoint) -> LaMEEncoder:
             f"(missing {result.missing_keys[:5]}, unexpected {result.unexpected_keys[:5]})"
         )
     if lora is not None:
-        merge_lora(encoder.backbone.language_model)
+        low_precision = any(p.dtype != torch.float32 for n, p in encoder.named_parameters() if "base_layer" in n)
+        if merge or (merge is None and not low_precision):
+            if low_precision:
+                encoder.float()
+            merge_lora(encoder.backbone.language_model)
     return encoder.eval()
 
 
@@ -77,6 +90,9 @@ class LaMEEmbedder:
         self.backbone_spec = backbone_spec
         self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
         self.encoder.to(self.device)
+        # The training run's instructions ({"query": ..., "target": ...}, where known): what to
+        # pass as ``instructions`` to embed as the model was trained.
+        self.trained_instructions: dict[str, str] = {}
         # Where explain() finds the latent decoder, loaded on first use (embedding never needs it).
         self.decoder_source: tuple[str, Path] | None = None
         self.decoder: torch.nn.Module | None = None
@@ -84,7 +100,7 @@ class LaMEEmbedder:
     @classmethod
     def from_checkpoint(cls, path: str | Path, device: str | torch.device | None = None,
                         encode_mode: str | None = None, cot_tokens: int | None = None,
-                        max_text_length: int | None = None) -> LaMEEmbedder:
+                        max_text_length: int | None = None, merge_adapters: bool | None = None) -> LaMEEmbedder:
         """Loads a ``lightning fit`` checkpoint of ``LaMEModule`` (no decoder is built).
 
         Args:
@@ -94,11 +110,14 @@ class LaMEEmbedder:
             cot_tokens: T for ``encode_mode="explicit_cot"``.
             max_text_length: Token budget of each instruction and text; ``None`` is the training
                 run's ``data.max_text_length`` (512 when the checkpoint names none).
+            merge_adapters: See ``encoder_from_checkpoint``'s ``merge``.
         """
         checkpoint = read_checkpoint(path)
         spec = checkpoint.backbone_spec
         length = max_text_length or checkpoint.max_text_length or FALLBACK_MAX_TEXT_LENGTH
-        embedder = cls(encoder_from_checkpoint(checkpoint), build_processor(spec), length, device, spec)
+        encoder = encoder_from_checkpoint(checkpoint, merge_adapters)
+        embedder = cls(encoder, build_processor(spec), length, device, spec)
+        embedder.trained_instructions = checkpoint.instructions
         embedder.decoder_source = ("checkpoint", Path(path))
         if encode_mode is not None:
             embedder.set_encode_mode(encode_mode, cot_tokens)
@@ -114,6 +133,7 @@ class LaMEEmbedder:
         encoder, processor, lame = read_folder(directory)
         length = max_text_length or lame.get("max_text_length") or FALLBACK_MAX_TEXT_LENGTH
         embedder = cls(encoder, processor, length, device)
+        embedder.trained_instructions = dict(lame.get("instructions") or {})
         embedder.decoder_source = ("folder", Path(directory))
         if encode_mode is not None:
             embedder.set_encode_mode(encode_mode, cot_tokens)

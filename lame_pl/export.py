@@ -3,8 +3,9 @@
 Layout of the folder::
 
     config.json          the backbone's transformers config, plus a "lame" entry (FORMAT)
-    model.safetensors    the encoder: "backbone.*" (adapters merged), "reason_embeddings",
-                         "embed_embedding", "projection.*"; "decoder.*" only with the decoder
+    model.safetensors    the backbone under Hugging Face's own names (adapters merged; so
+                         ``AutoModel.from_pretrained(DIR)`` loads it), LaME's "lame.reason_embeddings",
+                         "lame.embed_embedding", "lame.projection.*"; "decoder.*" only with the decoder
     processor and tokenizer files (processor.save_pretrained)
     README.md            a model card generated from the run's hyper-parameters
 
@@ -30,11 +31,12 @@ from lame_pl.checkpoint import TrainedCheckpoint, as_spec, read_checkpoint
 from lame_pl.model import LaMEEncoder, build_encoder, text_config
 from lame_pl.prompt import LAYOUT_VERSION
 
-FORMAT = "lame_pl/1"
+FORMAT = "lame_pl/2"  # 2: backbone weights under Hugging Face names, LaME's under "lame."
 CONFIG_NAME = "config.json"
 WEIGHTS_NAME = "model.safetensors"
 CARD_NAME = "README.md"
 DECODER_PREFIX = "decoder."
+BACKBONE_PREFIX, LAME_PREFIX = "backbone.", "lame."
 
 
 def lame_fields(encoder: LaMEEncoder, checkpoint: TrainedCheckpoint) -> dict[str, Any]:
@@ -119,10 +121,12 @@ def export_checkpoint(checkpoint: str | Path, out: str | Path, with_decoder: boo
 
     out = Path(out)
     read = read_checkpoint(checkpoint)
-    embedder = LaMEEmbedder.from_checkpoint(read.path, device="cpu")
+    # Plain weights in Hugging Face conventions: adapters merged (in float32 when the backbone is
+    # in low precision, so that the merge keeps the adapters' update).
+    embedder = LaMEEmbedder.from_checkpoint(read.path, device="cpu", merge_adapters=True)
     encoder = embedder.encoder
     lame = lame_fields(encoder, read)
-    weights = _unshared(encoder.state_dict())
+    weights = hf_names(_unshared(encoder.state_dict()))
     if with_decoder:
         decoder = decoder_from_checkpoint(read, text_config(encoder.backbone).hidden_size)
         lame["decoder"] = {"config": decoder.language_model.config.to_dict(),
@@ -144,6 +148,20 @@ def export_checkpoint(checkpoint: str | Path, out: str | Path, with_decoder: boo
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     return out
+
+
+def hf_names(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """The encoder's weights under the names a folder holds them: the backbone's as Hugging Face's
+    ``AutoModel`` names them (so ``AutoModel.from_pretrained(DIR)`` loads the trained backbone),
+    LaME's own (reason and [EMBED] vectors, projection) under ``lame.``."""
+    return {(k.removeprefix(BACKBONE_PREFIX) if k.startswith(BACKBONE_PREFIX) else LAME_PREFIX + k): v
+            for k, v in state.items()}
+
+
+def encoder_names(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """The inverse of ``hf_names`` (the decoder's ``decoder.`` weights left out)."""
+    return {(k.removeprefix(LAME_PREFIX) if k.startswith(LAME_PREFIX) else BACKBONE_PREFIX + k): v
+            for k, v in state.items() if not k.startswith(DECODER_PREFIX)}
 
 
 def read_lame_config(directory: str | Path) -> dict[str, Any]:
@@ -186,8 +204,7 @@ def read_folder(directory: str | Path) -> tuple[LaMEEncoder, Any, dict[str, Any]
                             bottleneck_mask=lame["bottleneck_mask"],
                             embed_dim=lame["embed_dim"] if lame["projection"] else None,
                             encode_mode=lame["encode_mode"], cot_tokens=lame["cot_tokens"])
-    state = {k: v for k, v in _weights(directory).items() if not k.startswith(DECODER_PREFIX)}
-    encoder.load_state_dict(state, strict=True)
+    encoder.load_state_dict(encoder_names(_weights(directory)), strict=True)
     processor = AutoProcessor.from_pretrained(str(directory), local_files_only=True)
     return encoder.eval(), processor, lame
 

@@ -80,6 +80,8 @@ class Embeddings:
         corpus: ``images`` or ``texts`` for a user's corpus, ``None`` for a split of pairs.
         instruction: The instruction a corpus was embedded with (``""`` for none).
         skipped: Keys left out as unreadable, as the shards record them.
+        model: What embedded the rows (``callbacks.embedding_writer.model_identity``: the
+            checkpoint file, the encode mode, the prompt layout); empty for older folders.
     """
 
     keys: list[str]
@@ -89,6 +91,7 @@ class Embeddings:
     corpus: str | None = None
     instruction: str = ""
     skipped: list[str] = field(default_factory=list)
+    model: dict[str, Any] = field(default_factory=dict)
 
     def default_side(self) -> str:
         """The side to index when none is named: ``target`` when written, else ``query``."""
@@ -255,11 +258,15 @@ def load_embeddings(path: str | Path) -> Embeddings:
     skipped: list[str] = []
     sides: dict[str, list[torch.Tensor]] = {}
     corpora: set[tuple[str | None, str]] = set()
+    models: set[str] = set()
     for shard in shards:
         metadata = shard_metadata(shard)
         corpora.add((metadata.get("corpus"), metadata.get("instruction", "")))
+        models.add(metadata.get("model") or "")
         if len(corpora) > 1:  # a rerun on another corpus without resume removes the old shards
             raise EmbeddingsError(f"{shard}: of corpus {metadata.get('corpus')!r} unlike the shards before it")
+        if len(models) > 1:
+            raise EmbeddingsError(f"{shard}: embedded by another model than the shards before it")
         skipped += _skipped_keys(shard, metadata)
         tensors = _read_tensors(shard)
         items = _read_items(shard.with_suffix(".jsonl"))
@@ -275,7 +282,8 @@ def load_embeddings(path: str | Path) -> Embeddings:
         texts += [item.get("text") for item in items]
     joined = {name: torch.cat(parts) for name, parts in sides.items()}
     corpus, instruction = corpora.pop()
-    return Embeddings(keys, texts, joined.get("query"), joined.get("target"), corpus, instruction, skipped)
+    model = json.loads(shard_metadata(shards[0]).get("model") or "{}")
+    return Embeddings(keys, texts, joined.get("query"), joined.get("target"), corpus, instruction, skipped, model)
 
 
 # ----------------------------------------------------------------------------- the index
@@ -382,7 +390,7 @@ def index_embeddings(embeddings: Embeddings, side: str | None = None, kind: str 
     """
     side = side or embeddings.default_side()
     index = build_index(embeddings.side(side), kind, nlist)
-    meta = {"side": side, "kind": kind, "source": source}
+    meta = {"side": side, "kind": kind, "source": source, "model": embeddings.model}
     if embeddings.corpus is not None:  # tools/search.py lays an image query out as the corpus was
         meta.update(corpus=embeddings.corpus, instruction=embeddings.instruction)
     return SearchIndex(index, list(embeddings.keys), list(embeddings.texts), meta)

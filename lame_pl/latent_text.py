@@ -37,8 +37,8 @@ def word_f1(predicted: str, reference: str) -> float:
     return 2 * precision * recall / (precision + recall)
 
 
-def overlap_against_chance(texts: list[str], references: list[str]) -> dict[str, float]:
-    """Mean word F1 of each text with its own reference, and with the others' (chance).
+def overlap_rows(texts: list[str], references: list[str]) -> list[tuple[float, float]]:
+    """Per row: word F1 of the text with its own reference, and its mean with the other rows' (chance).
 
     Chance pairs every text with every other row's reference, so a decoder that writes the
     same text for every input scores as much against chance as against its own references.
@@ -46,6 +46,11 @@ def overlap_against_chance(texts: list[str], references: list[str]) -> dict[str,
     n = len(texts)
     if n != len(references) or n < 2:
         raise ValueError(f"need as many texts as references, at least 2; got {n} and {len(references)}")
-    own = sum(word_f1(t, r) for t, r in zip(texts, references, strict=True)) / n
-    others = sum(word_f1(texts[i], references[j]) for i in range(n) for j in range(n) if i != j) / (n * (n - 1))
-    return {"word_f1": own, "chance_word_f1": others}
+    return [(word_f1(texts[i], references[i]),
+             sum(word_f1(texts[i], references[j]) for j in range(n) if j != i) / (n - 1)) for i in range(n)]
+
+
+def overlap_against_chance(texts: list[str], references: list[str]) -> dict[str, float]:
+    """Mean word F1 of each text with its own reference (``word_f1``) and with the others' (``chance_word_f1``)."""
+    rows = overlap_rows(texts, references)
+    return {"word_f1": sum(own for own, _ in rows) / len(rows), "chance_word_f1": sum(c for _, c in rows) / len(rows)}

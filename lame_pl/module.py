@@ -485,7 +485,8 @@ class LaMEModule(LightningModule):
 
     @classmethod
     def load_from_checkpoint(cls, checkpoint_path: str | Path, map_location: Any = None, hparams_file: Any = None,
-                             strict: bool | None = None, **kwargs: Any) -> LaMEModule:
+                             strict: bool | None = None, weights_only: bool | None = True,
+                             **kwargs: Any) -> LaMEModule:
         """Lightning's ``load_from_checkpoint``, reading no file beside the checkpoint.
 
         ``init_from`` (weights already in the checkpoint) is not re-read, and the decoder takes
@@ -494,8 +495,9 @@ class LaMEModule(LightningModule):
         Keyword arguments override hyper-parameters, as in Lightning.
         """
         overrides = read_checkpoint(checkpoint_path).restore_overrides()
+        # weights_only by default: a user-given file must not run code.
         return super().load_from_checkpoint(checkpoint_path, map_location, hparams_file, strict,
-                                            **{**overrides, **kwargs})
+                                            weights_only=weights_only, **{**overrides, **kwargs})
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         checkpoint[STAGE_KEY] = self.stage

@@ -72,6 +72,9 @@ def corpus(tmp_path_factory) -> dict[str, Path]:
     return {"images": tmp / "images", "texts": tmp / "lines.txt", "tmp": tmp}
 
 
+TRAINED_QUERY_INSTRUCTION = "Find the caption that describes this image."  # ImageTextDataModule's default
+
+
 def predict(ckpt: Path, out: Path, *data: str, resume: bool = False, rows_per_shard: int = 2,
             batch_size: int = 2) -> None:
     """``lightning predict`` of a corpus into ``out``, two items a batch."""
@@ -95,7 +98,8 @@ def test_an_image_folder_is_embedded_as_queries_keyed_by_relative_path(image_emb
     assert saved.keys == sorted(IMAGES) and saved.texts == saved.keys
     assert saved.target is None and saved.query.shape[0] == len(IMAGES)
     assert torch.allclose(saved.query.norm(dim=-1), torch.ones(len(IMAGES)), atol=1e-4)
-    assert (saved.corpus, saved.instruction, saved.skipped) == ("images", "", ["bad.png"])
+    # Laid out as the training run laid out its image queries: its query instruction (the default).
+    assert (saved.corpus, saved.instruction, saved.skipped) == ("images", TRAINED_QUERY_INSTRUCTION, ["bad.png"])
     summary = json.loads((image_embeddings / SUMMARY_FILE).read_text())
     assert summary["rows"] == summary["computed"] == len(IMAGES) and summary["resumed"] == 0
     assert (summary["skipped"], summary["skipped_examples"], summary["corpus"]) == (1, ["bad.png"], "images")
@@ -125,8 +129,7 @@ def test_an_image_corpus_indexes_its_side_and_an_image_finds_itself(image_embedd
     assert "indexed 5 query rows of the images corpus" in capsys.readouterr().out
     index = load_index(out)
     assert (index.meta["side"], index.meta["corpus"], index.keys) == ("query", "images", sorted(IMAGES))
-    # An image query gets the corpus's instruction (none), not the checkpoint's query instruction,
-    # so it embeds exactly as the corpus did.
+    # An image query gets the corpus's instruction, so it embeds exactly as the corpus did.
     search_tool.main(["--index", str(out), "--checkpoint", str(ckpt), "--image", str(corpus["images"] / "sub/d.png"),
                       "-k", "3", "--json"])
     hits = json.loads(capsys.readouterr().out)["queries"][0]["hits"]
@@ -189,10 +192,31 @@ def test_resume_encodes_only_the_missing_rows_and_ends_as_a_fresh_run(image_embe
 def test_resume_refuses_a_folder_of_another_corpus(image_embeddings, ckpt, corpus, tmp_path):
     other = tmp_path / "embeddings"
     shutil.copytree(image_embeddings, other)
-    with pytest.raises(ValueError, match=r"EmbeddingWriter.resume: .*rank000-000000000.safetensors holds images "
-                                         r".* not texts .*lines.txt.*; give another path or resume false"):
+    with pytest.raises(ValueError, match=r"EmbeddingWriter.resume: .*rank000-000000000.safetensors was embedded with "
+                                         r"other corpus, source, .*lines.txt.*; give another path or resume false"):
         predict(ckpt, other, f"--data.texts={corpus['texts']}", resume=True)
     assert len(list(other.glob("*.safetensors"))) == 2  # nothing removed
+
+
+def test_resume_refuses_rows_of_another_checkpoint(image_embeddings, ckpt, corpus, tmp_path):
+    """Rows embedded by one checkpoint are never kept for another (here: the same weights in another file)."""
+    other = tmp_path / "embeddings"
+    shutil.copytree(image_embeddings, other)
+    second = tmp_path / "other.ckpt"
+    shutil.copy(ckpt, second)
+    with pytest.raises(ValueError, match=r"rank000-000000000.safetensors was embedded with other model .*other.ckpt"):
+        predict(second, other, f"--data.images={corpus['images']}", resume=True)
+    assert len(list(other.glob("*.safetensors"))) == 2  # nothing removed
+
+
+def test_resume_refuses_a_text_file_that_changed(tmp_path, ckpt, corpus):
+    lines = tmp_path / "lines.txt"
+    lines.write_text(Path(corpus["texts"]).read_text())
+    out = tmp_path / "embeddings"
+    predict(ckpt, out, f"--data.texts={lines}", resume=True)
+    lines.write_text(lines.read_text() + "one more line\n")
+    with pytest.raises(ValueError, match=r"was embedded with other content"):
+        predict(ckpt, out, f"--data.texts={lines}", resume=True)
 
 
 def test_without_resume_a_rerun_replaces_the_earlier_shards(image_embeddings, ckpt, corpus, tmp_path):
@@ -236,3 +260,9 @@ def test_resume_on_a_streamed_split_warns_and_recomputes(ckpt, tmp_path):
     again = load_embeddings(out)
     assert again.keys == first.keys and json.loads((out / SUMMARY_FILE).read_text())["computed"] == 4
     assert torch.allclose(again.query, first.query, atol=1e-5)
+
+
+def test_an_explicit_instruction_wins_over_the_trained_one(ckpt, corpus, tmp_path):
+    out = tmp_path / "embeddings"
+    predict(ckpt, out, f"--data.images={corpus['images']}", "--data.instruction=")
+    assert load_embeddings(out).instruction == ""

@@ -209,3 +209,19 @@ def test_explain_decodes_the_reason_states_with_the_checkpoints_decoder(trained,
     # The same weights as the module's decoder (a one-step model writes much the same text for every input).
     module_state = {k: v for k, v in module.decoder.state_dict().items()}
     assert all(torch.equal(v, module_state[k]) for k, v in decoder.state_dict().items())
+
+
+def test_rows_are_laid_out_as_the_training_collator_lays_them_out(trained, processor):
+    """The embedder's inputs for an image + instruction and for a caption are the training batch's, token for token."""
+    from datamodules.collate import PairCollator
+
+    embedder = LaMEEmbedder.from_checkpoint(trained["plain"], device="cpu")
+    rng = random.Random(7)
+    samples = [{"key": str(i), "image": random_image(rng), "text": CAPTIONS[i]} for i in range(3)]
+    batch = PairCollator(processor, INSTRUCTION)(samples)
+    queries = embedder.prompts(embedder.sides(images=[s["image"] for s in samples], instructions=INSTRUCTION))
+    targets = embedder.prompts(embedder.sides(texts=[s["text"] for s in samples]))
+    for got, expected in ((queries, batch["query"]), (targets, batch["target"])):
+        assert got.keys() == expected.keys()
+        for key in expected:
+            assert torch.equal(got[key], expected[key]), key

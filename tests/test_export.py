@@ -48,8 +48,15 @@ def test_the_exported_folder_embeds_as_the_lightning_module(trained, name, tmp_p
     assert lame["format"] == FORMAT and lame["num_reason_tokens"] == 2 and lame["encode_mode"] == "lame"
     assert lame["decoder"] is None and (lame["merged_adapters"] is not None) == (name == "dora")
     weights = load_file(str(out / "model.safetensors"))
-    assert "reason_embeddings" in weights and "embed_embedding" in weights
+    assert "lame.reason_embeddings" in weights and "lame.embed_embedding" in weights
     assert not any(k.startswith("decoder.") or "lora_" in k for k in weights)  # decoder left out, adapters merged
+    # The backbone under Hugging Face's own names: transformers loads the trained backbone alone.
+    from transformers import AutoModel
+
+    backbone = AutoModel.from_pretrained(str(out), local_files_only=True)
+    loaded = backbone.state_dict()
+    backbone_keys = [k for k in weights if not k.startswith("lame.")]
+    assert backbone_keys and all(torch.equal(loaded[k], weights[k]) for k in backbone_keys)
     card = (out / "README.md").read_text()
     assert "| reason tokens (K) | 2 |" in card and "LaMEEmbedder.from_pretrained" in card
 
@@ -132,3 +139,32 @@ def test_explain_needs_a_folder_exported_with_the_decoder(trained, tmp_path):  #
     assert LaMEEmbedder.from_pretrained(with_decoder).explain(texts=TEXTS, max_tokens=5) == expected
     with pytest.raises(ValueError, match="exported without the decoder"):
         LaMEEmbedder.from_pretrained(without).explain(texts=TEXTS)
+
+
+def test_adapters_on_a_bfloat16_backbone_stay_as_trained_and_export_merges_in_float32(
+        tiny_spec, tiny_decoder, make_batch, tmp_path):
+    """Merging DoRA into bfloat16 weights would round the adapters' update away: embedding keeps them,
+    the export merges in float32."""
+    import dataclasses
+
+    from test_embedder import _train
+
+    from lame_pl import LaMEModule
+    from lame_pl.stages import LoraSpec, Stage2Spec
+
+    spec = dataclasses.replace(tiny_spec, dtype="bfloat16")
+    dora = Stage2Spec(lora=LoraSpec(r=4, alpha=8, dropout=0.0, use_dora=True))
+    module = LaMEModule(backbone=spec, decoder=tiny_decoder, num_reason_tokens=2, stage=2, stage2=dora)
+    checkpoint = _train(module, make_batch(4), tmp_path / "bf16.ckpt", perturb_adapters=True)
+    embedder = LaMEEmbedder.from_checkpoint(checkpoint, device="cpu")
+    assert any("lora_" in n for n, _ in embedder.encoder.named_parameters())  # not merged
+    rows = _rows(tmp_path)
+    expected = _module_embeddings(checkpoint, embedder, rows)
+    assert (embedder.encode(**rows) - expected).abs().max() <= 1e-5
+    out = export_tool("--checkpoint", str(checkpoint), "--out", str(tmp_path / "exported"))
+    assert out == 0
+    exported = LaMEEmbedder.from_pretrained(tmp_path / "exported", device="cpu")
+    assert {p.dtype for p in exported.encoder.parameters()} == {torch.float32}
+    assert not any("lora_" in n for n, _ in exported.encoder.named_parameters())
+    # float32 arithmetic on the merged weights against bfloat16 activations: close, not equal.
+    assert (exported.encode(**rows) - expected).abs().max() <= 5e-2

@@ -2,13 +2,24 @@
 
 from __future__ import annotations
 
+import json
+import subprocess
+import sys
+from pathlib import Path
+
 import pytest
 import torch
+from test_embedder import _train
 
+from lame_pl import LaMEModule
 from lame_pl.backbone import build_decoder, qwen2_tokenizer
 from lame_pl.decoder import LatentDecoder
 from lame_pl.latent_text import decode_reason_states, overlap_against_chance, word_f1
 from lame_pl.prompt import END_OF_TEXT
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "tools"))
+import explain  # noqa: E402
 
 
 @pytest.fixture(scope="module")
@@ -62,3 +73,22 @@ def test_word_f1_and_chance():
     assert same["word_f1"] == pytest.approx(same["chance_word_f1"])
     with pytest.raises(ValueError, match="at least 2"):
         overlap_against_chance(["a"], ["a"])
+
+
+
+def test_explain_tool_scores_a_split_against_chance(tmp_path, tiny_spec, tiny_decoder, make_batch):
+    """tools/explain.py on a tiny checkpoint and tiny shards: the JSON holds every text and consistent scores."""
+    subprocess.run([sys.executable, str(ROOT / "tools" / "make_shards.py"), "synthetic", "--out", str(tmp_path / "d"),
+                    "--train", "4", "--val", "4", "--test", "6", "--image-size", "56", "--overwrite"],
+                   check=True, capture_output=True)
+    module = LaMEModule(tiny_spec, tiny_decoder, num_reason_tokens=2, stage=1)
+    checkpoint = _train(module, make_batch(4), tmp_path / "m.ckpt")
+    out = tmp_path / "explain.json"
+    assert explain.main(["--checkpoint", str(checkpoint), "--shards", str(tmp_path / "d" / "test"), "-n", "5",
+                         "--max-tokens", "4", "--json", str(out)]) == 0
+    report = json.loads(out.read_text())
+    assert report["count"] == 5 and len(report["rows"]) == 5
+    assert report["difference"] == pytest.approx(report["word_f1"] - report["chance_word_f1"])
+    assert 1 <= report["distinct_texts"] <= 5 and report["difference_se"] >= 0
+    with pytest.raises(SystemExit, match="holds no .tar shard"):
+        explain.main(["--checkpoint", str(checkpoint), "--shards", str(tmp_path / "nowhere")])

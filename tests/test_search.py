@@ -128,6 +128,13 @@ def test_a_free_text_query_is_embedded_by_the_checkpoint(run, capsys):
     hits = json.loads(capsys.readouterr().out)["queries"][0]["hits"]
     # A caption embedded as a target embeds like the indexed target of the same caption.
     assert hits[0]["text"] == text and hits[0]["score"] == pytest.approx(1.0, abs=1e-4)
+    # Without --checkpoint, the index's own (index.json names it); another file is refused.
+    search_tool.main(["--index", str(out), "--text", text, "-k", "2", "--json"])
+    assert json.loads(capsys.readouterr().out)["queries"][0]["hits"] == hits
+    other = run["tmp"] / "other.ckpt"
+    other.write_bytes(b"not this one")
+    with pytest.raises(SystemExit, match=r"--checkpoint .*other.ckpt is not the checkpoint that embedded"):
+        search_tool.main(["--index", str(out), "--checkpoint", str(other), "--text", text])
 
 
 def test_a_bare_predict_warns_that_it_writes_nothing(shards, tmp_path):

@@ -55,7 +55,7 @@ if str(ROOT) not in sys.path:  # run as a script: make the repository's packages
     sys.path.insert(0, str(ROOT))
 
 from lame_pl.data.shard_writer import MANIFEST  # noqa: E402
-from lame_pl.index import load_embeddings  # noqa: E402
+from lame_pl.index import SUMMARY_FILE, load_embeddings  # noqa: E402
 from lame_pl.retrieval import chance_metrics, ranks_in_block, retrieval_metrics  # noqa: E402
 
 CONFIG = ROOT / "configs" / "ablation" / "train.yaml"
@@ -400,7 +400,8 @@ def main(argv: list[str] | None = None) -> int:
         result["load_before"] = os.getloadavg()[0]  # other jobs on the same cores slow every figure
         checkpoint = args.out / row.name / "checkpoints" / "last.ckpt"
         embeddings_path = args.out / row.name / "test_embeddings"
-        if args.reuse and checkpoint.is_file() and embeddings_path.is_dir():
+        # embeddings.json is written last: a folder without it is a predict that did not finish.
+        if args.reuse and checkpoint.is_file() and (embeddings_path / SUMMARY_FILE).is_file():
             print(f"{row.name}: reusing {checkpoint} and {embeddings_path}")
             result["reused"] = True
         else:

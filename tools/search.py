@@ -35,11 +35,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--index", required=True, help="folder written by tools/index.py")
     parser.add_argument("--queries", help="embeddings folder whose query side to search with")
-    parser.add_argument("--text", help="a free text to search with (needs --checkpoint)")
-    parser.add_argument("--image", help="an image file to search with (needs --checkpoint)")
+    parser.add_argument("--text", help="a free text to search with")
+    parser.add_argument("--image", help="an image file to search with")
     parser.add_argument("--instruction", help="instruction of the free query (default with an image: an image "
                         "corpus's own instruction, else the run's query instruction; none for a text alone)")
-    parser.add_argument("--checkpoint", help="the lightning fit checkpoint that embeds --text/--image")
+    parser.add_argument("--checkpoint", help="the lightning fit checkpoint that embeds --text/--image (default: "
+                        "the one that embedded the index, which index.json names)")
     parser.add_argument("--device", default="cpu")
     parser.add_argument("-k", type=int, default=10, help="hits per query")
     parser.add_argument("--show", type=int, default=5, help="--queries: how many queries' hits to print "
@@ -49,11 +50,29 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     free = args.text is not None or args.image is not None
     if free == (args.queries is not None):
         parser.error("give either --queries or --text/--image")
-    if free and not args.checkpoint:
-        parser.error("--text/--image need --checkpoint to embed them")
     if args.k < 1:
         parser.error(f"-k must be >= 1, got {args.k}")
     return args
+
+
+def query_checkpoint(model: dict[str, Any], given: str | None, index: str) -> str:
+    """The checkpoint that embeds a free query: the index's own, or ``given`` when it is that file.
+
+    Raises:
+        ValueError: When no checkpoint is known, or ``given`` is not the one that embedded the
+            index (another model's query vectors would rank the index silently wrong).
+    """
+    recorded = model.get("checkpoint")
+    if given is None:
+        if not recorded:
+            raise ValueError(f"{index}: index.json names no checkpoint; give --checkpoint to embed --text/--image")
+        return recorded
+    if recorded:
+        stat = Path(given).stat() if Path(given).is_file() else None
+        same_file = stat is not None and f"{stat.st_size}:{stat.st_mtime_ns}" == model.get("checkpoint_file")
+        if Path(given).resolve() != Path(recorded) and not same_file:
+            raise ValueError(f"--checkpoint {given} is not the checkpoint that embedded {index} ({recorded})")
+    return given
 
 
 def query_instruction(checkpoint: Path) -> str:
@@ -95,7 +114,8 @@ def search_queries(index: SearchIndex, folder: str, k: int) -> dict[str, Any]:
     scores, ids = index.search(query, k)
     result: dict[str, Any] = {"queries": [{"key": key, "text": text, "hits": hits} for key, text, hits in
                                           zip(embeddings.keys, embeddings.texts, index.hits(scores, ids), strict=True)]}
-    if set(embeddings.keys) <= set(index.keys):
+    # Recall only where a query's gold is the index row of its key: an index of targets.
+    if index.meta.get("side", "target") == "target" and set(embeddings.keys) <= set(index.keys):
         result["metrics"] = index_recall(index, query, embeddings.keys, RECALL_AT)
     return result
 
@@ -121,8 +141,9 @@ def main(argv: list[str] | None = None) -> None:
         if args.queries is not None:
             result = search_queries(index, args.queries, args.k)
         else:
+            checkpoint = query_checkpoint(index.meta.get("model") or {}, args.checkpoint, args.index)
             corpus_instruction = index.meta.get("instruction") if index.meta.get("corpus") == "images" else None
-            vector = encode_query(args.checkpoint, args.text, args.image, args.instruction, args.device,
+            vector = encode_query(checkpoint, args.text, args.image, args.instruction, args.device,
                                   corpus_instruction)
             scores, ids = index.search(vector, args.k)
             result = {"queries": [{"key": None, "text": args.text, "image": args.image,

@@ -67,6 +67,9 @@ def main(argv: list[str] | None = None) -> int:
         print(table(json.loads(args.paths[0].read_text())))
         return 0
     names = args.names or [path.parent.name or str(path) for path in args.paths]
+    if len(set(names)) != len(names):  # one column per name: a repeated one would hide a run
+        print(f"error: the columns would share a name ({', '.join(names)}); give distinct --names", file=sys.stderr)
+        return 2
     print(side_by_side({name: json.loads(path.read_text()) for name, path in zip(names, args.paths, strict=True)}))
     return 0
 

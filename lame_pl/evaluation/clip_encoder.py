@@ -62,7 +62,8 @@ class CLIPEncoder:
             path = Path(checkpoint)
             if not path.is_file():
                 raise EvalDataError(f"missing checkpoint file {path}")
-            module = CLIPAnchor.load_from_checkpoint(str(path), map_location=device)
+            # weights_only: a user-given file must not run code.
+            module = CLIPAnchor.load_from_checkpoint(str(path), map_location=device, weights_only=True)
             stat = path.stat()
             identity = f"{path.resolve()}:{stat.st_size}:{stat.st_mtime_ns}"
         else:
