@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import importlib.util
 import random
+from pathlib import Path
 
 import pytest
 import torch
@@ -33,6 +35,15 @@ def tiny_decoder() -> DecoderSpec:
 @pytest.fixture(scope="session")
 def processor(tiny_spec):
     return build_processor(tiny_spec)
+
+
+def load_tool(name: str):
+    """``tools/<name>.py`` imported as a module (the tools are scripts, not a package)."""
+    path = Path(__file__).resolve().parents[1] / "tools" / f"{name}.py"
+    spec = importlib.util.spec_from_file_location(f"tools_{name}", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
 
 
 def random_image(rng: random.Random, side: int = IMAGE_SIDE) -> Image.Image:

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import random
 import shutil
@@ -12,6 +11,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import load_tool
 from PIL import Image
 from safetensors.torch import load_file
 
@@ -26,14 +26,7 @@ LINES = ["a red circle at the top left", "", "two blue squares in the center", "
          "a green triangle at the bottom right"]
 
 
-def _tool(name: str):
-    spec = importlib.util.spec_from_file_location(f"tools_{name}", ROOT / "tools" / f"{name}.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
-index_tool, search_tool = _tool("index"), _tool("search")
+index_tool, search_tool = load_tool("index"), load_tool("search")
 
 
 @pytest.fixture(autouse=True)

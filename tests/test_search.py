@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import subprocess
 import sys
@@ -11,6 +10,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from conftest import load_tool
 
 from lame_pl.cli import build_cli
 from lame_pl.index import (
@@ -31,14 +31,7 @@ CONF = ROOT / "tests" / "conf" / "tiny.yaml"
 TEST_SAMPLES = 12
 
 
-def _tool(name: str):
-    spec = importlib.util.spec_from_file_location(f"tools_{name}", ROOT / "tools" / f"{name}.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
-index_tool, search_tool = _tool("index"), _tool("search")
+index_tool, search_tool = load_tool("index"), load_tool("search")
 
 
 @pytest.fixture(autouse=True)
