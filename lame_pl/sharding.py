@@ -17,8 +17,10 @@ computes in bfloat16).
 GradCache back-propagates chunks inside ``training_step``; Lightning's ``FSDPStrategy`` (FSDP1)
 runs ``training_step`` inside its root unit's forward and asserts on that (seen on a CPU probe),
 so it is refused with GradCache. DeepSpeed ZeRO-2 takes GradCache's chunks off its accumulation
-boundary (``lame_pl.gradcache._backward``) and then gives DDP's gradients; DeepSpeed's ZeRO stage 3
-failed in the probe and is refused outright.
+boundary (``lame_pl.gradcache._backward``) and then gives DDP's gradients. DeepSpeed's ZeRO stage 3
+is refused outright: a CPU probe matched DDP (with and without GradCache) only when every rank ran
+the same submodules, and stopped in DeepSpeed's own check (or a mismatched gather) as soon as one
+rank's chunk held images and another's did not, which this project's data does.
 """
 
 from __future__ import annotations
@@ -43,8 +45,9 @@ def check_strategy(strategy: Strategy, gradcache_chunk_size: int | None) -> None
     config = getattr(strategy, "config", None) or {}
     if isinstance(strategy, DeepSpeedStrategy) and config.get("zero_optimization", {}).get("stage") == 3:
         raise ValueError(
-            "DeepSpeed ZeRO stage 3 is not supported: a CPU probe failed at the first backward where the reason "
-            "and [EMBED] vectors are joined; shard with ModelParallelStrategy (configs/strategy/fsdp.yaml) instead"
+            "DeepSpeed ZeRO stage 3 is not supported: it needs every rank to run the same submodules in the same "
+            "order at every step, and ranks whose batches differ in images (a rank of text-only rows runs no vision "
+            "tower) do not; shard with ModelParallelStrategy (configs/strategy/fsdp.yaml) instead"
         )
     if gradcache_chunk_size is None:
         return
