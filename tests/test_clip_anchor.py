@@ -139,6 +139,12 @@ def test_clip_encoder_embeds_items_as_the_module_encodes_sides(tmp_path):
     assert torch.allclose(rows, got[:3], atol=1e-5)
     with pytest.raises(ValueError, match="2 texts but 1 images"):
         encoder.embed(texts=["a", "b"], images=[str(image_path)])
+    # LaMEEmbedder.encode's arguments: batching does not change a row; an instruction is refused, not dropped.
+    one_by_one = encoder.embed(texts=["", "a red circle"], images=[str(image_path), None], batch_size=1,
+                               device="cpu", instructions="")
+    assert torch.allclose(one_by_one, got[:2], atol=1e-5)
+    with pytest.raises(ValueError, match="embeds no instruction"):
+        encoder.embed(texts=["a red circle"], instructions="Find the caption.")
 
 
 def test_eval_mmeb_picks_the_clip_encoder_for_a_clip_checkpoint(fitted, tmp_path, monkeypatch, capsys):

@@ -101,20 +101,45 @@ class CLIPEncoder:
         return out
 
     @torch.inference_mode()
-    def embed(self, texts: Sequence[str] | None = None, images: Sequence[Any] | None = None) -> torch.Tensor:
+    def embed(self, texts: Sequence[str] | None = None, images: Sequence[Any] | None = None,
+              instructions: str | Sequence[str] | None = None, batch_size: int | None = None,
+              device: str | torch.device | None = None, progress: bool = False) -> torch.Tensor:
         """``(N, D)`` L2-normalised embeddings of rows given as texts, images (PIL or paths) or both.
 
-        As ``LaMEEmbedder.encode`` takes rows: when both are given, row ``i`` is ``texts[i]`` with
-        ``images[i]`` (either may be None), fused as ``encode`` fuses an item.
+        Takes rows as ``LaMEEmbedder.encode`` does: when both are given, row ``i`` is ``texts[i]``
+        with ``images[i]`` (either may be None), fused as ``encode`` fuses an item. A dual encoder
+        embeds no instruction: a non-empty one is refused rather than dropped.
+
+        Args:
+            texts: One string a row, or ``None``.
+            images: One PIL image or path a row (``None`` for none), or ``None``.
+            instructions: Must be empty (accepted for ``LaMEEmbedder.encode``'s signature).
+            batch_size: Rows per forward pass; ``None`` is the encoder's.
+            device: Move the model there first; ``None`` stays where it is.
+            progress: Show a progress bar.
         """
         if texts is None and images is None:
             raise ValueError("embed needs texts, images or both")
+        given = [instructions] if isinstance(instructions, str) else list(instructions or [])
+        if any(given):
+            raise ValueError("embed: the CLIP anchor is a dual encoder and embeds no instruction; leave instructions empty")
+        if device is not None:
+            self.device = torch.device(device)
+            self.module.to(self.device)
+        step = batch_size or self.batch_size
+        if step < 1:
+            raise ValueError(f"embed: batch_size must be >= 1, got {step}")
         rows = len(texts) if texts is not None else len(images or [])
         if texts is not None and images is not None and len(images) != rows:
             raise ValueError(f"embed: {len(texts)} texts but {len(images)} images; give one of each per row")
         parts: list[list[torch.Tensor | None]] = [[None, None] for _ in range(rows)]
-        for start in range(0, rows, self.batch_size):
-            stop = min(rows, start + self.batch_size)
+        starts = range(0, rows, step)
+        if progress:
+            from tqdm.auto import tqdm
+
+            starts = tqdm(starts, desc="embed", unit="batch")
+        for start in starts:
+            stop = min(rows, start + step)
             pictures = [(i, images[i]) for i in range(start, stop) if images is not None and images[i] is not None]
             if pictures:
                 pixels = self.processor.images([_pil(image) for _, image in pictures]).to(self.device)
