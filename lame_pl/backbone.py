@@ -212,6 +212,19 @@ def qwen2_tokenizer():
     return tokenizer
 
 
+# Files of a local backbone folder that are weights (or their index): a checkpoint holds the
+# trained weights itself, so only the other files travel with it (``backbone_files``).
+_WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".gguf", ".msgpack", ".h5", ".index.json")
+_FILE_LIMIT = 64 * 2**20  # larger files are not configs or tokenizer files
+
+
+def backbone_files(path: str | Path) -> dict[str, bytes]:
+    """The files building a local backbone without its weights needs (configs, processor and
+    tokenizer files; top level, weights left out), by name."""
+    return {f.name: f.read_bytes() for f in sorted(Path(path).iterdir())
+            if f.is_file() and not f.name.endswith(_WEIGHT_SUFFIXES) and f.stat().st_size <= _FILE_LIMIT}
+
+
 def build_processor(spec: BackboneSpec):
     """The transformers processor for the backbone: the checkpoint's own, or Qwen2-VL's for presets."""
     if spec.path is not None:

@@ -9,7 +9,10 @@ training data module was configured with.
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import os
+import shutil
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -26,6 +29,31 @@ STAGE_KEY = "lame_stage"
 DECODER_OUTPUT_IDS = f"decoder.{OUTPUT_IDS}"
 # What texts are cut to when a checkpoint does not say what its training run cut them to.
 FALLBACK_MAX_TEXT_LENGTH = 512
+# The checkpoint entry holding a local backbone folder's configs and processor files (written by
+# LaMEModule.on_save_checkpoint; lame_pl.backbone.backbone_files).
+BACKBONE_FILES = "lame_backbone_files"
+
+
+def materialise_backbone_files(files: dict[str, bytes]) -> Path:
+    """A folder holding ``files`` (a backbone's configs and processor files), written once under
+    ``$LAME_PL_CACHE`` (default ``~/.cache/lame_pl``) and keyed by their content."""
+    digest = hashlib.sha256()
+    for name in sorted(files):
+        digest.update(name.encode() + b"\0" + hashlib.sha256(files[name]).digest())
+    root = Path(os.environ.get("LAME_PL_CACHE") or Path.home() / ".cache" / "lame_pl")
+    folder = root / "backbones" / digest.hexdigest()[:20]
+    if not (folder / ".complete").is_file():
+        tmp = folder.with_name(f"{folder.name}.tmp{os.getpid()}")
+        tmp.mkdir(parents=True, exist_ok=True)
+        for name, data in files.items():
+            if Path(name).name != name:  # a file name, never a path out of the folder
+                raise ValueError(f"stored backbone file name {name!r} is not a plain file name")
+            (tmp / name).write_bytes(data)
+        (tmp / ".complete").write_text("")
+        if folder.exists():
+            shutil.rmtree(folder)
+        tmp.replace(folder)
+    return folder
 
 
 def _field(value: Any, key: str, default: Any = None) -> Any:
@@ -64,11 +92,25 @@ class TrainedCheckpoint:
     stage: int
     data_hparams: dict[str, Any]
     global_step: int
+    backbone_files: dict[str, bytes] = dataclasses.field(default_factory=dict)
 
     @property
     def backbone_spec(self) -> BackboneSpec:
-        """Where the backbone came from (a missing ``path`` directory raises here)."""
-        return as_spec(self.hparams["backbone"], BackboneSpec)
+        """Where the backbone came from.
+
+        A local ``path`` that is not here is replaced, with a warning, by a folder of the configs
+        and processor files the checkpoint carries (its weights are the checkpoint's own); a
+        checkpoint without them raises naming the path.
+        """
+        value = self.hparams["backbone"]
+        path = _field(value, "path")
+        if path is not None and not Path(path).is_dir() and self.backbone_files:
+            folder = materialise_backbone_files(self.backbone_files)
+            warnings.warn(f"backbone.path {path!r} is not here: the backbone's configs and processor come from "
+                          f"checkpoint {self.path} (unpacked to {folder})", stacklevel=2)
+            value = dict(value, path=str(folder)) if isinstance(value, dict) else \
+                dataclasses.replace(value, path=str(folder))
+        return as_spec(value, BackboneSpec)
 
     @property
     def stores_output_ids(self) -> bool:
@@ -163,4 +205,5 @@ def read_checkpoint(path: str | Path) -> TrainedCheckpoint:
         stage=int(checkpoint.get(STAGE_KEY, hparams.get("stage", 1))),
         data_hparams=dict(checkpoint.get("datamodule_hyper_parameters") or {}),
         global_step=int(checkpoint.get("global_step", 0)),
+        backbone_files=dict(checkpoint.get(BACKBONE_FILES) or {}),
     )

@@ -18,11 +18,12 @@ from torch import nn
 from lame_pl.backbone import (
     BackboneSpec,
     DecoderSpec,
+    backbone_files,
     build_backbone,
     build_decoder,
     enable_activation_checkpointing,
 )
-from lame_pl.checkpoint import DECODER_OUTPUT_IDS, STAGE_KEY, read_checkpoint
+from lame_pl.checkpoint import BACKBONE_FILES, DECODER_OUTPUT_IDS, STAGE_KEY, read_checkpoint
 from lame_pl.decoder import LatentDecoder
 from lame_pl.distributed import global_count, split_retrieval_metrics, world_size
 from lame_pl.gradcache import HostBatch, gradcache_step
@@ -501,6 +502,10 @@ class LaMEModule(LightningModule):
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         checkpoint[STAGE_KEY] = self.stage
+        if self.backbone_spec.path is not None:
+            # The backbone folder's configs and processor files (not its weights: the state dict
+            # holds the trained ones), so that embedding with this file needs no backbone.path.
+            checkpoint[BACKBONE_FILES] = backbone_files(self.backbone_spec.path)
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         # Runs before the weights load and before the optimiser is built, so a run resumed in

@@ -225,3 +225,25 @@ def test_rows_are_laid_out_as_the_training_collator_lays_them_out(trained, proce
         assert got.keys() == expected.keys()
         for key in expected:
             assert torch.equal(got[key], expected[key]), key
+
+
+def test_a_checkpoint_of_a_local_backbone_embeds_without_that_folder(tmp_path, make_batch, tiny_decoder, monkeypatch):
+    """The backbone folder's configs and processor files travel in the checkpoint; its weights are the checkpoint's."""
+    from transformers import Qwen2VLForConditionalGeneration
+
+    from lame_pl import BackboneSpec, LaMEModule
+    from lame_pl.backbone import backbone_config, build_processor
+
+    folder = tmp_path / "vlm"
+    Qwen2VLForConditionalGeneration(backbone_config("tiny", "sdpa")).save_pretrained(folder)
+    build_processor(BackboneSpec(preset="tiny", min_pixels=3136, max_pixels=3136)).save_pretrained(folder)
+    spec = BackboneSpec(path=str(folder), min_pixels=3136, max_pixels=3136)
+    module = LaMEModule(backbone=spec, decoder=tiny_decoder, num_reason_tokens=2, stage=2)
+    checkpoint = _train(module, make_batch(4), tmp_path / "local.ckpt")
+    expected = LaMEEmbedder.from_checkpoint(checkpoint, device="cpu").encode(texts=["a red circle at the top left"])
+    shutil.rmtree(folder)
+    monkeypatch.setenv("LAME_PL_CACHE", str(tmp_path / "cache"))
+    with pytest.warns(UserWarning, match=r"backbone.path .*vlm' is not here: the backbone's configs and processor"):
+        embedder = LaMEEmbedder.from_checkpoint(checkpoint, device="cpu")
+    assert torch.equal(embedder.encode(texts=["a red circle at the top left"]), expected)
+    assert not any(p.suffix == ".safetensors" for p in (tmp_path / "cache").rglob("*"))  # no weights copied
