@@ -13,7 +13,7 @@ from lightning import LightningModule, Trainer
 from lightning.pytorch.callbacks import BasePredictionWriter
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 
-from lame_pl.index import EMBEDDINGS_FORMAT, SIDES, SUMMARY_FILE, scan_shards, shard_stem, write_shard
+from lame_pl.index import EMBEDDINGS_FORMAT, SIDES, SUMMARY_FILE, ShardInfo, scan_shards, shard_stem, write_shard
 
 # Lightning looks for the batch indices of a prediction writer's loader and warns that an iterable
 # dataset (the WebDataset loaders) has none; this writer orders rows by rank and row, not by them.
@@ -93,15 +93,19 @@ class EmbeddingWriter(BasePredictionWriter):
         if skip is not None and not self.checkpoint:
             raise ValueError("EmbeddingWriter.resume needs the checkpoint the rows are embedded with: run predict with "
                              "--ckpt_path, or give EmbeddingWriter(checkpoint=...)")
+        if self.path.exists() and not self.path.is_dir():
+            raise NotADirectoryError(f"EmbeddingWriter.path {self.path} is a file, not a folder")
+        # Read once (every shard's JSONL): checked, cleaned and resumed from. Cleaning removes
+        # only broken files when resuming, so the whole shards read here stay as they are.
+        whole, broken = scan_shards(self.path)
         if skip is not None:
-            self._check_same_corpus()
+            self._check_same_corpus(whole)
         if trainer.is_global_zero:
-            self._clean(keep=skip is not None, datamodule=datamodule)
+            self._clean(whole, broken, keep=skip is not None, datamodule=datamodule)
         trainer.strategy.barrier("embedding_writer_clean")
         if skip is None:
             rank_zero_info(f"EmbeddingWriter: writing the predict split's embeddings to {self.path}/")
             return
-        whole, _ = scan_shards(self.path)
         mine = [s for s in whole if s.rank == trainer.global_rank]
         self._first_row = max((s.end_row for s in mine), default=0)
         self._kept_rows = sum(len(s.keys) for s in whole)
@@ -127,11 +131,11 @@ class EmbeddingWriter(BasePredictionWriter):
                 "content": str(self._info.get("content") or ""),
                 "max_text_length": str(self._info.get("max_text_length") or "")}
 
-    def _check_same_corpus(self) -> None:
+    def _check_same_corpus(self, whole: list[ShardInfo]) -> None:
         """A resumed run adds to shards of the same corpus, embedded the same way by the same model,
         or fails naming what differs."""
         wanted = self._corpus_metadata()
-        for shard in scan_shards(self.path)[0]:
+        for shard in whole:
             differs = [key for key in wanted if shard.metadata.get(key, "") != wanted[key]]
             if differs:
                 found = {key: shard.metadata.get(key, "(none)") for key in differs}
@@ -139,10 +143,7 @@ class EmbeddingWriter(BasePredictionWriter):
                                  f"({found} here: {({key: wanted[key] for key in differs})}); give another path "
                                  "or resume false")
 
-    def _clean(self, keep: bool, datamodule: Any) -> None:
-        if self.path.exists() and not self.path.is_dir():
-            raise NotADirectoryError(f"EmbeddingWriter.path {self.path} is a file, not a folder")
-        whole, broken = scan_shards(self.path)
+    def _clean(self, whole: list[ShardInfo], broken: list[Path], keep: bool, datamodule: Any) -> None:
         if self.resume and not keep and whole:
             rank_zero_warn(f"EmbeddingWriter.resume: {type(datamodule).__name__} streams its rows and cannot "
                            f"skip those already written; recomputing all of them into {self.path}/")

@@ -23,6 +23,13 @@ ENCODER_KIND_KEY = "encoder_kind"
 ENCODER_KIND = "clip"
 
 
+
+def fuse(parts: list[torch.Tensor]) -> torch.Tensor:
+    """An input with an image and a text: the normalised sum of their normalised embeddings (a dual
+    encoder has no joint input); one part alone is itself."""
+    return F.normalize(sum(parts), dim=-1)
+
+
 class CLIPAnchor(LightningModule):
     """An open_clip dual encoder (random init or local weights) trained with ``open_clip.ClipLoss``.
 
@@ -107,7 +114,7 @@ class CLIPAnchor(LightningModule):
             parts.append(self.clip.encode_text(inputs["text"], normalize=True))
         if not parts:
             raise ValueError(f"a CLIP side needs 'image' or 'text'; got {sorted(inputs)}")
-        return parts[0] if len(parts) == 1 else F.normalize(sum(parts), dim=-1)
+        return parts[0] if len(parts) == 1 else fuse(parts)
 
     def model_step(self, batch: dict[str, Any]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """The loss of a batch (``ClipLoss``: both directions, gathered across ranks) and its embeddings."""

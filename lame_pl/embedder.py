@@ -30,8 +30,8 @@ def encoder_from_checkpoint(checkpoint: TrainedCheckpoint, merge: bool | None = 
         checkpoint: The read checkpoint.
         merge: Merge LoRA/DoRA adapters into the base weights. ``None``: where the base weights
             are float32 (exact to ~1e-7); adapters on low-precision weights (the 2B recipe's
-            bfloat16) stay as trained, since merging there rounds the adapter's update away
-            (~10% of it on a DoRA layer in bfloat16). ``True`` (export): merge, in float32,
+            bfloat16) stay as trained, since merging there rounds part of the adapter's update
+            away. ``True`` (export): merge, in float32,
             so the whole encoder becomes float32.
     """
     backbone = build_backbone(checkpoint.backbone_spec, pretrained=False)  # the weights come next
@@ -60,14 +60,12 @@ def load_image(image: str | Path | Image.Image) -> Image.Image:
     """An RGB image from a PIL image or a path (a missing or unreadable file named in the error)."""
     if isinstance(image, Image.Image):
         return image if image.mode == "RGB" else image.convert("RGB")
+    from lame_pl.evaluation.encode import load_image as decode
+
     path = Path(image)
     if not path.is_file():
         raise FileNotFoundError(f"image {str(path)!r} is not a file")
-    try:
-        with Image.open(path) as opened:
-            return opened.convert("RGB")
-    except OSError as error:
-        raise ValueError(f"image {str(path)!r} could not be decoded ({error})") from None
+    return decode(path)  # EvalDataError, a ValueError, names a file that does not decode
 
 
 class LaMEEmbedder:

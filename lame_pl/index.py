@@ -282,7 +282,7 @@ def load_embeddings(path: str | Path) -> Embeddings:
         texts += [item.get("text") for item in items]
     joined = {name: torch.cat(parts) for name, parts in sides.items()}
     corpus, instruction = corpora.pop()
-    model = json.loads(shard_metadata(shards[0]).get("model") or "{}")
+    model = json.loads(models.pop() or "{}")
     return Embeddings(keys, texts, joined.get("query"), joined.get("target"), corpus, instruction, skipped, model)
 
 

@@ -77,9 +77,9 @@ def query_checkpoint(model: dict[str, Any], given: str | None, index: str) -> st
 
 def query_instruction(checkpoint: Path) -> str:
     """The ``data.query_instruction`` the checkpoint's run trained with ("" when it names none)."""
-    saved = torch.load(checkpoint, map_location="cpu", weights_only=True, mmap=True)
-    value = (saved.get("datamodule_hyper_parameters") or {}).get("query_instruction")
-    return value if isinstance(value, str) else ""
+    from lame_pl.checkpoint import read_checkpoint
+
+    return read_checkpoint(checkpoint).instructions.get("query", "")
 
 
 def encode_query(checkpoint: str, text: str | None, image: str | None, instruction: str | None,

@@ -16,7 +16,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from lame_pl.clip_anchor import ENCODER_KIND, ENCODER_KIND_KEY
+from lame_pl.clip_anchor import ENCODER_KIND, ENCODER_KIND_KEY, fuse
 from lame_pl.evaluation.encode import load_image
 from lame_pl.evaluation.tables import EvalDataError
 from lame_pl.evaluation.task import Item
@@ -155,7 +155,7 @@ class CLIPEncoder:
             present = [part for part in row if part is not None]
             if not present:
                 raise ValueError(f"embed: row {i} has neither a text nor an image")
-            out.append(F.normalize(sum(present), dim=-1))
+            out.append(fuse(present))
         return torch.stack(out)
 
     @torch.inference_mode()
@@ -167,7 +167,7 @@ class CLIPEncoder:
             parts = [part[row] for part in (images, texts) if row in part]
             if not parts:
                 raise EvalDataError(f"item {item.key()[:12]} has no text, image, video or instruction to embed")
-            out.append(F.normalize(sum(parts), dim=-1))
+            out.append(fuse(parts))
         return torch.stack(out)
 
 
