@@ -20,7 +20,8 @@ Inside Lightning's automatic optimisation, the chunks but the last are back-prop
 ``training_step`` (through the strategy's own ``backward``, so that its precision plugin scales
 them as it scales a loss), and the last chunk's graph is what ``training_step`` returns:
 Lightning back-propagates it, which is where DDP all-reduces the gradients accumulated over all
-chunks (DeepSpeed's engine is told that the chunks before it are off its accumulation boundary).
+chunks (DeepSpeed's engine is told that the chunks before it are off its accumulation boundary,
+and ZeRO-3's that each of them ends a micro-step).
 Gradient accumulation, clipping, schedulers, logging and checkpoints stay Lightning's.
 """
 
@@ -246,3 +247,8 @@ def _backward(module: LaMEModule, surrogate: torch.Tensor) -> None:
         strategy.backward(surrogate, optimizer)
     finally:
         engine._is_gradient_accumulation_boundary = saved
+    if engine.zero_optimization_partition_weights():
+        # ZeRO-3 copies (rather than adds) a backward's gradient partitions until it has counted a
+        # micro-step, which it does at the engine's next forward; the chunks all run inside one
+        # forward, so each would overwrite the one before. This one is counted now.
+        engine.optimizer.clear_backward_seen_flag()

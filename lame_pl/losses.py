@@ -12,7 +12,7 @@ global batch, even when ranks hold different numbers of rows or of labelled toke
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from typing import NamedTuple
 
 import torch
 import torch.distributed as dist
@@ -25,9 +25,11 @@ from lame_pl.distributed import gather_rows, global_count, world_size
 IGNORE_INDEX = -100
 
 
-@dataclass
-class DecoderLogits:
+class DecoderLogits(NamedTuple):
     """What the latent decoder predicts for a batch's labelled target tokens.
+
+    A ``NamedTuple``, as ``EncoderOutput``: DeepSpeed ZeRO-3 hooks the decoder's backward through
+    the tensors of its output, which it finds in tuples, lists and dicts only.
 
     Attributes:
         logits: ``(N, V)`` logits over the decoder's output vocabulary, one row per target token.

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import warnings
 from collections.abc import Sequence
+from typing import Any
 
 import torch
 from torch import nn
@@ -85,6 +86,9 @@ class LaMEEncoder(nn.Module):
         self.reason_embeddings = nn.Parameter(torch.randn(num_reason_tokens, hidden) * std)
         self.embed_embedding = nn.Parameter(torch.randn(1, hidden) * std)
         self.projection = nn.Linear(hidden, embed_dim) if embed_dim else nn.Identity()
+        # Set by the module under DeepSpeed ZeRO-3 (lame_pl.sharding.uniform_submodules): every
+        # pass runs the vision tower before the backbone, on blanks where the rows have no media.
+        self.vision_every_pass = False
 
     @property
     def embedding_dim(self) -> int:
@@ -132,6 +136,41 @@ class LaMEEncoder(nn.Module):
         latent = torch.cat([self.reason_embeddings, self.embed_embedding])
         appended = latent.unsqueeze(0).expand(input_ids.shape[0], -1, -1)
         return self.extend_inputs(input_ids, attention_mask, mm_token_type_ids, appended)
+
+    def vision_first(self, inputs_embeds: torch.Tensor, inputs: dict[str, Any]) -> tuple[torch.Tensor, dict[str, Any]]:
+        """Runs the vision tower on the images and on the video, or on a blank one of each, before the backbone.
+
+        For a strategy that needs every rank to run the same submodules in the same order (DeepSpeed
+        ZeRO-3 gathers each one's parameters around its forward and backward): the tower then runs
+        twice in every pass, whatever the rows hold, and the backbone receives the features
+        (``mm_encoder_outputs``, transformers' own input for precomputed ones) rather than pixels.
+        A blank's features fill no position and join the graph with weight 0, so the embedding is
+        unchanged and the tower's gradient from it is zero.
+
+        Returns:
+            ``inputs_embeds`` (tied to any blank's features) and ``inputs`` with the pixels replaced
+            by ``mm_encoder_outputs``.
+        """
+        inputs = dict(inputs)
+        encoded = {}
+        for kind, pixels_key, grid_key in (("image", "pixel_values", "image_grid_thw"),
+                                           ("video", "pixel_values_videos", "video_grid_thw")):
+            pixels, grid = inputs.pop(pixels_key, None), inputs.get(grid_key)
+            blank = pixels is None
+            if blank:
+                vision = self.backbone.visual.config
+                merge = self.spatial_merge_size
+                width = vision.in_channels * vision.temporal_patch_size * vision.patch_size**2
+                pixels = inputs_embeds.new_zeros(merge * merge, width)
+                grid = torch.tensor([[1, merge, merge]], device=inputs_embeds.device)
+            features = getattr(self.backbone, f"get_{kind}_features")(pixels, grid, return_dict=True)
+            if blank:
+                rows = torch.cat(features.pooler_output)
+                features.pooler_output = (rows[:0],)
+                inputs_embeds = inputs_embeds + 0.0 * rows.sum().to(inputs_embeds.dtype)
+            encoded[kind] = features
+        inputs["mm_encoder_outputs"] = encoded
+        return inputs_embeds, inputs
 
     def bottleneck_attention(self, inputs_embeds: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
         """Causal + padding mask in which the last row ([EMBED]) sees only the K reason tokens and itself."""

@@ -31,7 +31,14 @@ from lame_pl.losses import LaMELoss
 from lame_pl.model import EncoderOutput, build_encoder, text_config
 from lame_pl.modes import EncodeMode, resolve_mode
 from lame_pl.row_chunks import first_row
-from lame_pl.sharding import average_unsharded_gradients, check_evaluation, check_strategy, lockstep, shard
+from lame_pl.sharding import (
+    average_unsharded_gradients,
+    check_evaluation,
+    check_strategy,
+    lockstep,
+    shard,
+    uniform_submodules,
+)
 from lame_pl.stages import Stage1Spec, Stage2Spec, StageSpec, apply_stage
 from lame_pl.trainable import low_precision_trainable, trainable_summary
 
@@ -171,6 +178,7 @@ class LaMEModule(LightningModule):
 
     def setup(self, stage: str) -> None:
         check_strategy(self.trainer.strategy, self.hparams.get("gradcache_chunk_size"))
+        uniform_submodules(self)
 
     def on_validation_start(self) -> None:
         check_evaluation(self, "validation")
@@ -311,8 +319,8 @@ class LaMEModule(LightningModule):
             target = self.encode(batch["target"])
             outputs["target"] = target
             has_negatives = "negative" in batch
-            # Under FSDP2, a rank without hard negatives runs a forward too (adding nothing) when
-            # another rank encodes some: each forward gathers shards on every rank.
+            # Under FSDP2 and ZeRO-3, a rank without hard negatives runs a forward too (adding
+            # nothing) when another rank encodes some: each forward gathers shards on every rank.
             in_step = training and lockstep(self, {"negative": int(has_negatives)})["negative"]
             if has_negatives:
                 negatives = self.encode(batch["negative"]).embedding

@@ -17,10 +17,14 @@ computes in bfloat16).
 GradCache back-propagates chunks inside ``training_step``; Lightning's ``FSDPStrategy`` (FSDP1)
 runs ``training_step`` inside its root unit's forward and asserts on that (seen on a CPU probe),
 so it is refused with GradCache. DeepSpeed ZeRO-2 takes GradCache's chunks off its accumulation
-boundary (``lame_pl.gradcache._backward``) and then gives DDP's gradients. DeepSpeed's ZeRO stage 3
-is refused outright: a CPU probe matched DDP (with and without GradCache) only when every rank ran
-the same submodules, and stopped in DeepSpeed's own check (or a mismatched gather) as soon as one
-rank's chunk held images and another's did not, which this project's data does.
+boundary (``lame_pl.gradcache._backward``) and then gives DDP's gradients.
+
+DeepSpeed ZeRO-3 gathers each submodule's parameters around its own forward and backward, so
+every rank must run the same submodules in the same order at every step. Ranks run as many
+forwards of each kind as each other (``lockstep``, as under FSDP2), and every encoder pass runs
+the vision tower, on a blank image where its rows have none (``uniform_submodules``,
+``LaMEEncoder.idle_vision``): a rank of text-only rows would otherwise skip the tower that
+another rank's images run. As under FSDP2, evaluation loops on several ranks are refused.
 """
 
 from __future__ import annotations
@@ -40,15 +44,8 @@ if TYPE_CHECKING:
 
 def check_strategy(strategy: Strategy, gradcache_chunk_size: int | None) -> None:
     """Raises when the strategy cannot run what the module is configured to do."""
-    from lightning.pytorch.strategies import DeepSpeedStrategy, FSDPStrategy
+    from lightning.pytorch.strategies import FSDPStrategy
 
-    config = getattr(strategy, "config", None) or {}
-    if isinstance(strategy, DeepSpeedStrategy) and config.get("zero_optimization", {}).get("stage") == 3:
-        raise ValueError(
-            "DeepSpeed ZeRO stage 3 is not supported: it needs every rank to run the same submodules in the same "
-            "order at every step, and ranks whose batches differ in images (a rank of text-only rows runs no vision "
-            "tower) do not; shard with ModelParallelStrategy (configs/strategy/fsdp.yaml) instead"
-        )
     if gradcache_chunk_size is None:
         return
     if isinstance(strategy, FSDPStrategy):
@@ -57,6 +54,27 @@ def check_strategy(strategy: Strategy, gradcache_chunk_size: int | None) -> None
             "GradCache cannot accumulate; use DDP, DeepSpeed ZeRO-2 or ModelParallelStrategy (FSDP2, "
             "configs/strategy/fsdp.yaml) with GradCache, or set model.gradcache_chunk_size null"
         )
+
+
+def zero3(strategy: Strategy | None) -> bool:
+    """Whether ``strategy`` is DeepSpeed at ZeRO stage 3, which gathers each submodule's parameters in its forward."""
+    from lightning.pytorch.strategies import DeepSpeedStrategy
+
+    if not isinstance(strategy, DeepSpeedStrategy):
+        return False
+    return (getattr(strategy, "config", None) or {}).get("zero_optimization", {}).get("stage") == 3
+
+
+def uniform_submodules(module: LaMEModule) -> None:
+    """Under ZeRO-3 on several ranks, makes every encoder pass run the vision tower (see the module docstring)."""
+    module.encoder.vision_every_pass = world_size() > 1 and zero3(module.trainer.strategy)
+
+
+def _gathers_per_forward(module: LaMEModule) -> bool:
+    """Whether each forward gathers parameters on every rank: FSDP2 or ZeRO-3, on several ranks."""
+    if world_size() == 1:
+        return False
+    return module.device_mesh is not None or (module._trainer is not None and zero3(module.trainer.strategy))
 
 
 def _language_blocks(module: LaMEModule) -> list[nn.Module]:
@@ -133,14 +151,15 @@ def average_unsharded_gradients(module: LaMEModule) -> None:
 
 
 def lockstep(module: LaMEModule, counts: dict[str, int]) -> dict[str, int]:
-    """How many forwards of each kind every rank runs: the most over ranks under FSDP2, else this rank's.
+    """How many forwards of each kind every rank runs: the most over ranks under FSDP2 and ZeRO-3, else this rank's.
 
-    Each FSDP2 unit gathers its shards in every forward, so ranks must run as many forwards as
-    each other; a rank short of some (fewer hard negatives, or none) runs zero-weighted ones.
+    Each FSDP2 unit (ZeRO-3 submodule) gathers its shards in every forward, so ranks must run as
+    many forwards as each other; a rank short of some (fewer hard negatives, or none) runs
+    zero-weighted ones.
     """
     import torch.distributed as dist
 
-    if module.device_mesh is None or world_size() == 1:
+    if not _gathers_per_forward(module):
         return counts
     most = torch.tensor(list(counts.values()), device=module.device)
     dist.all_reduce(most, op=dist.ReduceOp.MAX)
@@ -148,11 +167,12 @@ def lockstep(module: LaMEModule, counts: dict[str, int]) -> dict[str, int]:
 
 
 def check_evaluation(module: LaMEModule, what: str) -> None:
-    """Raises before an evaluation loop on several FSDP2 ranks, which could hang (uneven batch counts)."""
-    if module.device_mesh is None or world_size() == 1:
+    """Raises before an evaluation loop on several FSDP2 or ZeRO-3 ranks, which could hang (uneven batch counts)."""
+    if not _gathers_per_forward(module):
         return
+    name = "ModelParallelStrategy (FSDP2)" if module.device_mesh is not None else "DeepSpeed ZeRO-3"
     raise ValueError(
-        f"{what} under ModelParallelStrategy (FSDP2) on several ranks is not supported: ranks may hold different "
-        "numbers of batches, and each forward gathers shards on every rank; set trainer.limit_val_batches 0 (or "
-        "no val_shards) for fit, and evaluate the checkpoint (one file) under DDP or with tools/eval_mmeb.py"
+        f"{what} under {name} on several ranks is not supported: ranks may hold different numbers of batches, and "
+        "each forward gathers shards on every rank; set trainer.limit_val_batches 0 (or no val_shards) for fit, and "
+        "evaluate the checkpoint (one file) under DDP or with tools/eval_mmeb.py"
     )

@@ -1,10 +1,12 @@
 """One optimiser step of a fixed global batch through Lightning's Trainer, on one process or as two
-ranks (gloo, CPU; DDP or FSDP2) that each hold half of it; rank 0 saves every trainable
-parameter's gradient.
+ranks (gloo, CPU; DDP, FSDP2 or DeepSpeed ZeRO-2/3) that each hold half of it; rank 0 saves every
+trainable parameter's gradient.
 
     python tests/gradcache_ddp_run.py --devices 2 --strategy fsdp --chunk 2 --out DIR
 
-Used by tests/test_gradcache.py: the gradients of the two runs must agree.
+Used by tests/test_gradcache.py and tests/test_deepspeed.py: the gradients of the runs must agree.
+DeepSpeed keeps its gradients in its own partitions, so under it the step is SGD with lr 1 and
+what is saved is the update (the gradient, through DeepSpeed's own optimiser step).
 """
 
 from __future__ import annotations
@@ -17,7 +19,8 @@ from pathlib import Path
 
 import torch
 from lightning import Callback, Trainer
-from lightning.pytorch.strategies import ModelParallelStrategy
+from lightning.pytorch.callbacks import ModelCheckpoint
+from lightning.pytorch.strategies import DDPStrategy, DeepSpeedStrategy, ModelParallelStrategy
 from PIL import Image
 
 from datamodules.collate import PairCollator
@@ -31,6 +34,9 @@ CAPTIONS = ["a red circle at the top left", "two blue squares in the center", "t
             "a green triangle at the bottom right and a yellow circle at the top"]
 
 ROWS = 8
+# Rank 1's queries are text: its passes hold no image where rank 0's do (ZeRO-3 then needs the
+# same submodules run on both ranks, lame_pl.sharding.uniform_submodules).
+TEXT_QUERIES = [False, False, False, False, True, True, True, True]
 # Ranks hold different numbers of labelled rows and of hard negatives: the global normalisers
 # and the uneven gathers are what this run checks.
 LABELLED = [True, True, True, False, False, False, True, False]
@@ -52,11 +58,73 @@ def rank_batch(rank: int, world: int) -> dict:
     size = ROWS // world
     rows = slice(rank * size, (rank + 1) * size)
     batch = PairCollator(processor, "Find the caption of this image.")(samples[rows])
+    batch["query"] = PromptProcessor(processor, 64)([
+        Side("Find the caption matching this description.", f"picture: {s['text']}") if text
+        else Side("Find the caption of this image.", "", [s["image"]])
+        for s, text in zip(samples[rows], TEXT_QUERIES[rows], strict=True)
+    ])
     batch["decoder"]["labelled"] = torch.tensor(LABELLED[rows])
     negatives = [text for part in NEGATIVES[rank * 2 // world:(rank + 1) * 2 // world] for text in part]
     if negatives:
         batch["negative"] = PromptProcessor(processor, 64)([Side("", text) for text in negatives])
     return batch
+
+
+class CPUDeepSpeedStrategy(DeepSpeedStrategy):
+    """Lightning's DeepSpeed strategy without its CUDA-only checks: DeepSpeed itself runs on gloo ranks."""
+
+    def setup_environment(self) -> None:
+        DDPStrategy.setup_environment(self)
+
+    def setup_distributed(self) -> None:
+        from lightning.fabric.utilities.seed import reset_seed
+
+        reset_seed()
+        self.set_world_ranks()
+        self._init_deepspeed_distributed()
+
+    def _setup_model_and_optimizer(self, model, optimizer, lr_scheduler=None):
+        import deepspeed
+
+        engine, optimizer, _, _ = deepspeed.initialize(
+            args=argparse.Namespace(device_rank=self.local_rank), config=self.config, model=model,
+            model_parameters=[p for p in model.parameters() if p.requires_grad], optimizer=optimizer,
+            lr_scheduler=lr_scheduler, dist_init_required=False,
+        )
+        return engine, optimizer
+
+
+def deepspeed_strategy(stage: int, accelerator: str) -> DeepSpeedStrategy:
+    """ZeRO ``stage``, on the CPU through ``CPUDeepSpeedStrategy``."""
+    config = {"zero_optimization": {"stage": stage}, "train_micro_batch_size_per_gpu": ROWS // 2,
+              "zero_allow_untested_optimizer": True}
+    return (CPUDeepSpeedStrategy if accelerator == "cpu" else DeepSpeedStrategy)(config=config)
+
+
+def _full(param: torch.Tensor) -> torch.Tensor:
+    """The whole fp32 parameter (ZeRO-3 holds a partition on each rank)."""
+    if hasattr(param, "ds_id"):
+        from deepspeed.utils import safe_get_full_fp32_param
+
+        return safe_get_full_fp32_param(param).detach().clone()
+    return param.detach().clone().float()
+
+
+class SaveUpdate(Callback):
+    """Saves, on rank 0, how the step moved each trainable parameter: with SGD at lr 1, its gradient."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
+        self.before = {n: _full(p) for n, p in pl_module.named_parameters() if p.requires_grad}
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        update = {n: self.before[n] - _full(p) for n, p in pl_module.named_parameters() if p.requires_grad}
+        if trainer.global_rank == 0:
+            torch.save(update, self.path)
+            losses = {k: float(v) for k, v in trainer.callback_metrics.items() if k.startswith("train/loss")}
+            self.path.with_name("losses.json").write_text(json.dumps(losses))
 
 
 class SaveGradients(Callback):
@@ -84,10 +152,12 @@ class SaveGradients(Callback):
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--devices", type=int, required=True)
-    parser.add_argument("--strategy", choices=["ddp", "fsdp"], default="ddp")
+    parser.add_argument("--strategy", choices=["ddp", "fsdp", "deepspeed2", "deepspeed3"], default="ddp")
     parser.add_argument("--accelerator", default="cpu", help="cpu (the tests) or gpu (tools/device_check.sh)")
     parser.add_argument("--chunk", type=int, default=0, help="GradCache chunk size; 0 for the plain step")
     parser.add_argument("--out", type=Path, required=True)
+    parser.add_argument("--steps", type=int, default=1, help="optimiser steps (the saved update is the last one's)")
+    parser.add_argument("--resume", default=None, help="a checkpoint of an earlier run to resume from")
     args = parser.parse_args()
     rank = int(os.environ.get("LOCAL_RANK", 0))  # set by Lightning's launcher in the child process
     batch = rank_batch(rank, args.devices)
@@ -98,14 +168,21 @@ def main() -> None:
         gradcache_chunk_size=args.chunk or None,
     )
     strategy = "auto" if args.devices == 1 else "ddp"
+    save = SaveGradients(args.out / "grads.pt")
     if args.strategy == "fsdp":
         strategy = ModelParallelStrategy(data_parallel_size=args.devices, tensor_parallel_size=1)
+    if args.strategy.startswith("deepspeed"):
+        strategy = deepspeed_strategy(int(args.strategy[-1]), args.accelerator)
+        module.configure_optimizers = lambda: torch.optim.SGD([p for p in module.parameters() if p.requires_grad],
+                                                              lr=1.0)
+        save = SaveUpdate(args.out / "grads.pt")
     trainer = Trainer(
-        accelerator=args.accelerator, devices=args.devices, strategy=strategy, max_steps=1,
-        logger=False, enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
-        use_distributed_sampler=False, callbacks=[SaveGradients(args.out / "grads.pt")],
+        accelerator=args.accelerator, devices=args.devices, strategy=strategy, max_steps=args.steps,
+        logger=False, enable_progress_bar=False, enable_model_summary=False, use_distributed_sampler=False,
+        callbacks=[save, ModelCheckpoint(args.out / "checkpoints", save_last=True, save_top_k=0)],
     )
-    trainer.fit(module, torch.utils.data.DataLoader([batch], batch_size=None, collate_fn=lambda b: b))
+    loader = torch.utils.data.DataLoader([batch] * args.steps, batch_size=None, collate_fn=lambda b: b)
+    trainer.fit(module, loader, ckpt_path=args.resume)
 
 
 if __name__ == "__main__":

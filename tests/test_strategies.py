@@ -3,9 +3,11 @@ two CPU processes, and what a strategy cannot run is refused with a message nami
 
 from __future__ import annotations
 
+import random
 import subprocess
 import sys
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -13,7 +15,7 @@ import yaml
 from lightning.pytorch.strategies import DDPStrategy, DeepSpeedStrategy, FSDPStrategy
 
 from lame_pl import LaMEModule
-from lame_pl.sharding import check_evaluation, check_strategy, shard
+from lame_pl.sharding import check_evaluation, check_strategy, shard, uniform_submodules
 
 ROOT = Path(__file__).resolve().parents[1]
 STRATEGY = ROOT / "configs" / "strategy"
@@ -41,12 +43,16 @@ def test_the_overlays_compose_with_the_2b_recipe():
     zero2 = printed(REAL / "base.yaml", REAL / "stage2.yaml", STRATEGY / "deepspeed_zero2.yaml")
     assert zero2["trainer"]["strategy"]["init_args"]["stage"] == 2
     assert zero2["model"]["init_args"]["gradcache_chunk_size"] == 8  # GradCache kept
+    zero3 = printed(REAL / "base.yaml", REAL / "stage2.yaml", STRATEGY / "deepspeed_zero3.yaml")
+    assert zero3["trainer"]["strategy"]["init_args"]["stage"] == 3
+    assert zero3["model"]["init_args"]["gradcache_chunk_size"] == 8
+    assert zero3["data"]["init_args"]["val_shards"] is None  # evaluation on several ZeRO-3 ranks is refused
     nodes = printed(REAL / "base.yaml", REAL / "stage2.yaml", STRATEGY / "multinode.yaml")
     global_batch = nodes["trainer"]["num_nodes"] * nodes["trainer"]["devices"] * nodes["data"]["init_args"]["batch_size"]
     assert global_batch == 1024
 
 
-def test_gradcache_and_zero3_are_refused_where_they_failed():
+def test_gradcache_is_refused_where_it_failed():
     check_strategy(DDPStrategy(), 8)
     check_strategy(FSDPStrategy(), None)
     with pytest.raises(ValueError, match=r"gradcache_chunk_size is set but .* FSDPStrategy \(FSDP1\)"):
@@ -56,8 +62,8 @@ def test_gradcache_and_zero3_are_refused_where_they_failed():
     check_strategy(deepspeed, None)
     check_strategy(deepspeed, 8)  # ZeRO-2 takes GradCache (lame_pl.gradcache._backward)
     deepspeed.config = {"zero_optimization": {"stage": 3}}
-    with pytest.raises(ValueError, match="ZeRO stage 3 is not supported"):
-        check_strategy(deepspeed, None)
+    check_strategy(deepspeed, None)
+    check_strategy(deepspeed, 8)  # ZeRO-3 takes GradCache (tests/test_deepspeed.py)
 
 
 class _Mesh:
@@ -123,6 +129,27 @@ def test_evaluation_on_several_fsdp2_ranks_is_refused(tiny_spec, monkeypatch):
         check_evaluation(module, "validation")
 
 
+def test_under_zero3_on_several_ranks_every_pass_runs_the_vision_tower_and_evaluation_is_refused(
+        tiny_spec, monkeypatch):
+    module = LaMEModule(tiny_spec, None, num_reason_tokens=0, stage=2)
+    deepspeed = object.__new__(DeepSpeedStrategy)
+    deepspeed.config = {"zero_optimization": {"stage": 3}}
+    monkeypatch.setattr(LaMEModule, "trainer", property(lambda self: SimpleNamespace(strategy=deepspeed)))
+    monkeypatch.setattr(module, "_trainer", object())
+    uniform_submodules(module)  # one process: nothing to keep in step
+    assert not module.encoder.vision_every_pass
+    check_evaluation(module, "test")
+    monkeypatch.setattr("lame_pl.sharding.world_size", lambda: 2)
+    uniform_submodules(module)
+    assert module.encoder.vision_every_pass
+    with pytest.raises(ValueError, match=r"test under DeepSpeed ZeRO-3 on several ranks is not supported"):
+        check_evaluation(module, "test")
+    deepspeed.config = {"zero_optimization": {"stage": 2}}
+    uniform_submodules(module)
+    assert not module.encoder.vision_every_pass
+    check_evaluation(module, "test")
+
+
 def test_a_checkpoint_with_a_scalar_temperature_loads(tiny_spec):
     """Checkpoints from before the temperature had shape (1,), which FSDP and DeepSpeed need."""
     module = LaMEModule(tiny_spec, None, num_reason_tokens=0, stage=2)
@@ -131,3 +158,55 @@ def test_a_checkpoint_with_a_scalar_temperature_loads(tiny_spec):
     module.load_state_dict(state, strict=True)
     assert module.log_logit_scale.shape == (1,) and module.log_logit_scale.item() == 2.5
     assert module.logit_scale.shape == ()
+
+
+def _calls(encoder, inputs: dict) -> tuple[list[str], torch.Tensor]:
+    """Every submodule forward a pass starts, in order (what ZeRO-3 gathers for), and the embedding."""
+    seen = []
+    handles = [m.register_forward_pre_hook(lambda m, a, name=name: seen.append(name))
+               for name, m in encoder.named_modules()]
+    try:
+        out = encoder(**inputs)
+    finally:
+        for handle in handles:
+            handle.remove()
+    return seen, out.embedding
+
+
+@pytest.mark.parametrize("mode", ["lame", "latent_sequential", "discriminative"])
+def test_vision_first_runs_the_same_submodules_for_text_image_and_video_and_keeps_the_embedding(
+        tiny_spec, processor, mode):
+    """What ZeRO-3 needs of ranks whose rows differ in media (``uniform_submodules``)."""
+    from conftest import random_image
+
+    from lame_pl.backbone import build_backbone
+    from lame_pl.model import build_encoder
+    from lame_pl.prompt import PromptProcessor, Side
+
+    rng = random.Random(3)
+    torch.manual_seed(0)
+    k = 0 if mode == "discriminative" else 2
+    encoder = build_encoder(build_backbone(tiny_spec), num_reason_tokens=k, encode_mode=mode).eval()
+    sides = PromptProcessor(processor, 16)
+    batches = {
+        "text": sides([Side("Find the caption.", "a red circle"), Side("", "two squares")]),
+        "image": sides([Side("Represent the image.", "", (random_image(rng),)), Side("", "a text row")]),
+        "video": sides([Side("Understand the video.", "", video=[random_image(rng, 28) for _ in range(2)])]),
+    }
+    sequences = {}
+    with torch.no_grad():
+        for name, inputs in batches.items():
+            plain_calls, plain = _calls(encoder, inputs)
+            encoder.vision_every_pass = True
+            sequences[name], uniform = _calls(encoder, inputs)
+            encoder.vision_every_pass = False
+            assert torch.equal(plain, uniform), name
+            if name == "text":
+                assert not any(".visual" in call for call in plain_calls)
+    assert sequences["text"] == sequences["image"] == sequences["video"]
+    assert sum(call == "backbone.visual" for call in sequences["text"]) == 2  # an image pass and a video pass
+    # The blanks join the graph with weight 0: the tower gets a zero gradient, not none.
+    encoder.vision_every_pass = True
+    encoder(**batches["text"]).embedding.sum().backward()
+    tower = [p.grad for p in encoder.backbone.visual.parameters()]
+    assert all(g is not None and not g.any() for g in tower)

@@ -5,7 +5,7 @@
 # stage-2 training section times a few bf16 steps of lame (with the Qwen3-0.6B-shape decoder)
 # against discriminative; then the 2B-shape training benchmark (plain step against GradCache at
 # 128 per GPU in chunks of 8), one step's gradients with GradCache and FSDP2 against the plain
-# step on CUDA, and DeepSpeed ZeRO-2 when deepspeed is importable.
+# step on CUDA, and DeepSpeed ZeRO-2 and ZeRO-3 when deepspeed is importable.
 #
 # The device image has torch, transformers, lightning, peft and tensorboard, not these pure-Python
 # packages; carry them as wheels in .whl/ (ignored by git):
@@ -112,23 +112,24 @@ PY
 fi
 
 if [[ $SECTIONS == *deepspeed* ]]; then
-  # DeepSpeed ZeRO-2 (configs/strategy/deepspeed_zero2.yaml) where deepspeed is installed: three
-  # steps on the tiny config with GradCache in chunks of 4 rows, then a resume.
+  # DeepSpeed ZeRO-2 and ZeRO-3 (configs/strategy/deepspeed_zero{2,3}.yaml) where deepspeed is
+  # installed: three steps on the tiny config with GradCache in chunks of 4 rows, then a resume.
   if python3 -c "import deepspeed" 2> /dev/null; then
-    zero2() {
-      python3 tools/make_shards.py synthetic --out /tmp/ds_shards --train 64 --val 8 --test 8 --image-size 56 \
-        --overwrite || return 1
-      local ds=(--config tests/conf/tiny.yaml --config configs/strategy/deepspeed_zero2.yaml
+    zero() {
+      [[ -d /tmp/ds_shards/train ]] || python3 tools/make_shards.py synthetic --out /tmp/ds_shards --train 64 \
+        --val 8 --test 8 --image-size 56 --overwrite || return 1
+      local ds=(--config tests/conf/tiny.yaml --config "configs/strategy/deepspeed_zero$1.yaml"
         --trainer.accelerator=gpu --trainer.devices=1 --model.init_args.stage=2 --data.init_args.batch_size=8
         --model.init_args.gradcache_chunk_size=4
         --data.init_args.train_shards=/tmp/ds_shards/train --trainer.limit_val_batches=0
-        --trainer.default_root_dir=/tmp/ds_run --trainer.callbacks+=lightning.pytorch.callbacks.ModelCheckpoint
-        --trainer.callbacks.save_last=true --trainer.callbacks.dirpath=/tmp/ds_run/ckpt)
+        --trainer.default_root_dir="/tmp/ds_run$1" --trainer.callbacks+=lightning.pytorch.callbacks.ModelCheckpoint
+        --trainer.callbacks.save_last=true --trainer.callbacks.dirpath="/tmp/ds_run$1/ckpt")
       python3 -m lame_pl fit "${ds[@]}" --trainer.max_steps=3 \
-        && python3 -m lame_pl fit "${ds[@]}" --trainer.max_steps=5 --ckpt_path=/tmp/ds_run/ckpt/last.ckpt
+        && python3 -m lame_pl fit "${ds[@]}" --trainer.max_steps=5 --ckpt_path="/tmp/ds_run$1/ckpt/last.ckpt"
     }
-    step deepspeed_zero2 zero2
+    step deepspeed_zero2 zero 2
+    step deepspeed_zero3 zero 3
   else
-    echo "== deepspeed is not importable on this machine: the ZeRO-2 run is skipped" | tee -a "$SUMMARY"
+    echo "== deepspeed is not importable on this machine: the ZeRO-2 and ZeRO-3 runs are skipped" | tee -a "$SUMMARY"
   fi
 fi

@@ -7,7 +7,7 @@ tokens, fed-back states, generated tokens, [EMBED]) sits at the same positions i
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -18,9 +18,12 @@ if TYPE_CHECKING:
     from lame_pl.model import LaMEEncoder
 
 
-@dataclass
-class EncoderOutput:
+class EncoderOutput(NamedTuple):
     """What one encoder pass yields.
+
+    A ``NamedTuple``, not a dataclass: DeepSpeed ZeRO-3 looks for a module's output tensors in
+    tuples, lists and dicts only, and gathers the encoder's own parameters (the reason and [EMBED]
+    vectors) for the backward through hooks on those tensors.
 
     Attributes:
         embedding: L2-normalised embedding from the [EMBED] state, ``(B, D)``.
@@ -99,6 +102,8 @@ def full_pass(
     position_ids, deltas = encoder.backbone.get_rope_index(
         input_ids, mm_token_type_ids=mm_token_type_ids, attention_mask=attention_mask, **grids
     )
+    if encoder.vision_every_pass:
+        inputs_embeds, inputs = encoder.vision_first(inputs_embeds, inputs)
     mask = encoder.bottleneck_attention(inputs_embeds, attention_mask) if bottleneck else attention_mask
     # Only the embeddings go in: the backbone finds image positions by comparing them with the
     # image token's embedding (Qwen3-VL refuses ids and embeddings together).
