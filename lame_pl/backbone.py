@@ -219,10 +219,12 @@ _FILE_LIMIT = 64 * 2**20  # larger files are not configs or tokenizer files
 
 
 def backbone_files(path: str | Path) -> dict[str, bytes]:
-    """The files building a local backbone without its weights needs (configs, processor and
-    tokenizer files; top level, weights left out), by name."""
+    """The files building a local backbone or decoder without its weights needs (configs,
+    processor and tokenizer files; top level, weights left out), by name."""
+    # Hidden files (.gitattributes, the marker of a folder unpacked from a checkpoint) are not needed.
     return {f.name: f.read_bytes() for f in sorted(Path(path).iterdir())
-            if f.is_file() and not f.name.endswith(_WEIGHT_SUFFIXES) and f.stat().st_size <= _FILE_LIMIT}
+            if f.is_file() and not f.name.startswith(".") and not f.name.endswith(_WEIGHT_SUFFIXES)
+            and f.stat().st_size <= _FILE_LIMIT}
 
 
 def build_processor(spec: BackboneSpec):
@@ -301,12 +303,22 @@ def build_backbone(spec: BackboneSpec, pretrained: bool = True) -> nn.Module:
     return Qwen2VLModel._from_config(backbone_config(spec.preset, attn), dtype=_dtype(spec.dtype))
 
 
-def build_decoder(spec: DecoderSpec, attn_implementation: str | None = None) -> nn.Module:
-    """The latent decoder: a causal LM that reads a prefix of ``inputs_embeds``."""
+def build_decoder(spec: DecoderSpec, attn_implementation: str | None = None, pretrained: bool = True) -> nn.Module:
+    """The latent decoder: a causal LM that reads a prefix of ``inputs_embeds``.
+
+    Args:
+        spec: Where the decoder comes from.
+        attn_implementation: As ``BackboneSpec.attn_implementation``; ``None`` picks one.
+        pretrained: Read a checkpoint directory's weights; ``False`` builds the architecture
+            from its config alone, for a caller that loads trained weights over it.
+    """
     attn = attn_implementation or default_attn_implementation()
     if spec.path is not None:
-        from transformers import AutoModelForCausalLM
+        from transformers import AutoConfig, AutoModelForCausalLM
 
+        if not pretrained:
+            config = AutoConfig.from_pretrained(spec.path, local_files_only=True)
+            return AutoModelForCausalLM.from_config(config, dtype=_dtype(spec.dtype), attn_implementation=attn)
         return AutoModelForCausalLM.from_pretrained(
             spec.path, local_files_only=True, dtype=_dtype(spec.dtype), attn_implementation=attn
         )

@@ -8,11 +8,13 @@ training data module was configured with.
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import hashlib
 import os
 import shutil
 import warnings
+from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -32,16 +34,18 @@ FALLBACK_MAX_TEXT_LENGTH = 512
 # The checkpoint entry holding a local backbone folder's configs and processor files (written by
 # LaMEModule.on_save_checkpoint; lame_pl.backbone.backbone_files).
 BACKBONE_FILES = "lame_backbone_files"
+# The same for a latent decoder built from a local folder (``decoder.path``).
+DECODER_FILES = "lame_decoder_files"
 
 
-def materialise_backbone_files(files: dict[str, bytes]) -> Path:
-    """A folder holding ``files`` (a backbone's configs and processor files), written once under
-    ``$LAME_PL_CACHE`` (default ``~/.cache/lame_pl``) and keyed by their content."""
+def materialise_backbone_files(files: dict[str, bytes], kind: str = "backbones") -> Path:
+    """A folder holding ``files`` (a backbone's or decoder's configs and processor files), written
+    once under ``$LAME_PL_CACHE/<kind>`` (default ``~/.cache/lame_pl``) and keyed by their content."""
     digest = hashlib.sha256()
     for name in sorted(files):
         digest.update(name.encode() + b"\0" + hashlib.sha256(files[name]).digest())
     root = Path(os.environ.get("LAME_PL_CACHE") or Path.home() / ".cache" / "lame_pl")
-    folder = root / "backbones" / digest.hexdigest()[:20]
+    folder = root / kind / digest.hexdigest()[:20]
     if not (folder / ".complete").is_file():
         tmp = folder.with_name(f"{folder.name}.tmp{os.getpid()}")
         tmp.mkdir(parents=True, exist_ok=True)
@@ -61,6 +65,20 @@ def _field(value: Any, key: str, default: Any = None) -> Any:
     if isinstance(value, dict):
         return value.get(key, default)
     return getattr(value, key, default)
+
+
+def _with(value: Any, **changes: Any) -> Any:
+    """A copy of ``value`` (a spec object or a config dict) with ``changes``.
+
+    A spec is copied without re-running its checks: those would look for the files the
+    changes stop it from naming (a missing ``path`` beside a ``vocab_file`` being dropped).
+    """
+    if isinstance(value, dict):
+        return dict(value, **changes)
+    value = copy.copy(value)
+    for key, item in changes.items():
+        setattr(value, key, item)
+    return value
 
 
 def as_spec(value: Any, cls: type) -> Any:
@@ -84,6 +102,8 @@ class TrainedCheckpoint:
         stage: The stage the module was saved in.
         data_hparams: The data module's hyper-parameters (empty when none were saved).
         global_step: Optimiser steps taken when it was saved.
+        backbone_files: A local backbone folder's configs and processor files (no weights).
+        decoder_files: A local decoder folder's configs and tokenizer files (no weights).
     """
 
     path: Path
@@ -93,6 +113,31 @@ class TrainedCheckpoint:
     data_hparams: dict[str, Any]
     global_step: int
     backbone_files: dict[str, bytes] = dataclasses.field(default_factory=dict)
+    decoder_files: dict[str, bytes] = dataclasses.field(default_factory=dict)
+
+    def local_folder(self, name: str, value: Any) -> Any:
+        """``value`` (the ``backbone`` or ``decoder`` hyper-parameter, a spec or a config dict)
+        with a local ``path`` that is not here replaced by the stored files' folder.
+
+        The folder is unpacked under ``$LAME_PL_CACHE`` with a warning naming both paths; the
+        weights are the checkpoint's own. ``value`` is returned as it is when its path is here,
+        when it has none, or when it is ``None``.
+
+        Raises:
+            FileNotFoundError: The path is not here and the checkpoint stores no copy of its files.
+        """
+        path = _field(value, "path")
+        if path is None or Path(path).is_dir():
+            return value
+        files = {"backbone": self.backbone_files, "decoder": self.decoder_files}[name]
+        if not files:
+            raise FileNotFoundError(f"{name}.path {path!r} is not a directory here and checkpoint {self.path} "
+                                    f"stores no copy of its configs: put that folder back (or pass {name}= a spec)")
+        folder = materialise_backbone_files(files, kind=f"{name}s")
+        warnings.warn(f"{name}.path {path!r} is not here: the {name}'s configs "
+                      f"{'and processor ' if name == 'backbone' else ''}come from checkpoint {self.path} "
+                      f"(unpacked to {folder})", stacklevel=3)
+        return _with(value, path=str(folder))
 
     @property
     def backbone_spec(self) -> BackboneSpec:
@@ -102,15 +147,18 @@ class TrainedCheckpoint:
         and processor files the checkpoint carries (its weights are the checkpoint's own); a
         checkpoint without them raises naming the path.
         """
-        value = self.hparams["backbone"]
-        path = _field(value, "path")
-        if path is not None and not Path(path).is_dir() and self.backbone_files:
-            folder = materialise_backbone_files(self.backbone_files)
-            warnings.warn(f"backbone.path {path!r} is not here: the backbone's configs and processor come from "
-                          f"checkpoint {self.path} (unpacked to {folder})", stacklevel=2)
-            value = dict(value, path=str(folder)) if isinstance(value, dict) else \
-                dataclasses.replace(value, path=str(folder))
-        return as_spec(value, BackboneSpec)
+        return as_spec(self.local_folder("backbone", self.hparams["backbone"]), BackboneSpec)
+
+    @property
+    def decoder_spec(self) -> DecoderSpec | None:
+        """The latent decoder's spec, as restoring builds it (``None`` without a decoder).
+
+        Its ``vocab_file`` is dropped when the output ids are in the weights, and a local
+        ``path`` that is not here is replaced as in ``backbone_spec``; build it with
+        ``build_decoder(spec, pretrained=False)``, since a replaced folder holds no weights.
+        """
+        value = self.restore_overrides().get("decoder", self.hparams.get("decoder"))
+        return as_spec(self.local_folder("decoder", value), DecoderSpec)
 
     @property
     def stores_output_ids(self) -> bool:
@@ -156,29 +204,37 @@ class TrainedCheckpoint:
         return {side: self.data_hparams[f"{side}_instruction"] for side in ("query", "target")
                 if isinstance(self.data_hparams.get(f"{side}_instruction"), str)}
 
-    def restore_overrides(self) -> dict[str, Any]:
+    def restore_overrides(self, folders: Iterable[str] = ()) -> dict[str, Any]:
         """Hyper-parameters that make restoring this checkpoint read no file beside it.
 
         ``init_from`` (the weights the run started from, already in this checkpoint) is dropped,
         and so is ``decoder.vocab_file`` when the output ids are stored in the weights.
 
+        Args:
+            folders: Of ``backbone`` and ``decoder``, those whose local ``path``, when it is not
+                here, is replaced by the folder of the files the checkpoint stores
+                (``local_folder``, which warns or raises).
+
         Raises:
             FileNotFoundError: An older checkpoint without stored ids whose vocabulary file is
-                not there (named with the directory it was looked for from).
+                not there (named with the directory it was looked for from), or a folder of
+                ``folders`` that is not here and has no stored copy.
         """
         overrides: dict[str, Any] = {"init_from": None}
         decoder = self.hparams.get("decoder")
         vocab_file = _field(decoder, "vocab_file")
-        if vocab_file is None:
-            return overrides
-        if self.stores_output_ids:
-            overrides["decoder"] = (dict(decoder, vocab_file=None) if isinstance(decoder, dict)
-                                    else dataclasses.replace(as_spec(decoder, DecoderSpec), vocab_file=None))
-        elif not Path(vocab_file).is_file():
+        if vocab_file is not None and self.stores_output_ids:
+            overrides["decoder"] = _with(decoder, vocab_file=None)
+        elif vocab_file is not None and not Path(vocab_file).is_file():
             raise FileNotFoundError(
                 f"checkpoint {self.path} predates stored decoder output ids and its decoder.vocab_file "
                 f"{vocab_file!r} is not a file from {os.getcwd()}; run from the directory it was trained in"
             )
+        for name in folders:
+            value = overrides.get(name, self.hparams.get(name))
+            local = self.local_folder(name, value)
+            if local is not value:
+                overrides[name] = local
         return overrides
 
 
@@ -206,4 +262,5 @@ def read_checkpoint(path: str | Path) -> TrainedCheckpoint:
         data_hparams=dict(checkpoint.get("datamodule_hyper_parameters") or {}),
         global_step=int(checkpoint.get("global_step", 0)),
         backbone_files=dict(checkpoint.get(BACKBONE_FILES) or {}),
+        decoder_files=dict(checkpoint.get(DECODER_FILES) or {}),
     )

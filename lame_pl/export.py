@@ -26,8 +26,8 @@ from typing import Any
 import torch
 from torch import nn
 
-from lame_pl.backbone import DecoderSpec, build_decoder, default_attn_implementation, dtype_of
-from lame_pl.checkpoint import TrainedCheckpoint, as_spec, read_checkpoint
+from lame_pl.backbone import build_decoder, default_attn_implementation, dtype_of
+from lame_pl.checkpoint import TrainedCheckpoint, read_checkpoint
 from lame_pl.model import LaMEEncoder, build_encoder, text_config
 from lame_pl.prompt import LAYOUT_VERSION
 
@@ -69,9 +69,11 @@ def decoder_from_checkpoint(checkpoint: TrainedCheckpoint, hidden_size: int) -> 
 
     if checkpoint.hparams.get("decoder") is None:
         raise ValueError(f"checkpoint {checkpoint.path} has no latent decoder to export")
-    # Stored output ids come with the weights; an older checkpoint's are read from its vocabulary file.
-    spec = as_spec(checkpoint.restore_overrides().get("decoder", checkpoint.hparams["decoder"]), DecoderSpec)
-    decoder = LatentDecoder(build_decoder(spec, checkpoint.backbone_spec.attn_implementation), input_dim=hidden_size)
+    # Stored output ids come with the weights (an older checkpoint's are read from its vocabulary
+    # file), and so do all the others: the decoder is built from its config alone.
+    backbone = checkpoint.hparams["backbone"]  # not as a spec: its path check would fail where the folder is gone
+    attn = backbone.get("attn_implementation") if isinstance(backbone, dict) else backbone.attn_implementation
+    decoder = LatentDecoder(build_decoder(checkpoint.decoder_spec, attn, pretrained=False), input_dim=hidden_size)
     decoder.load_state_dict(checkpoint.decoder_state(), strict=True)
     return decoder
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import math
 import warnings
 from collections.abc import Mapping
+from contextvars import ContextVar
 from pathlib import Path
 from typing import Any, Literal
 
@@ -23,7 +24,7 @@ from lame_pl.backbone import (
     build_decoder,
     enable_activation_checkpointing,
 )
-from lame_pl.checkpoint import BACKBONE_FILES, DECODER_OUTPUT_IDS, STAGE_KEY, read_checkpoint
+from lame_pl.checkpoint import BACKBONE_FILES, DECODER_FILES, DECODER_OUTPUT_IDS, STAGE_KEY, read_checkpoint
 from lame_pl.decoder import LatentDecoder
 from lame_pl.distributed import global_count, split_retrieval_metrics, world_size
 from lame_pl.gradcache import HostBatch, gradcache_step
@@ -45,6 +46,12 @@ from lame_pl.trainable import low_precision_trainable, trainable_summary
 # Lightning notes that the module's transfer_batch_to_device (GradCache keeps a training batch on
 # the host) wins over the data module's default one, at every run: that is the intent.
 warnings.filterwarnings("ignore", message=r"You have overridden `transfer_batch_to_device` in `LightningModule` but")
+
+# True while LaMEModule.load_from_checkpoint builds a module whose state dict then supplies every
+# weight: the backbone and decoder are built from their configs, without reading (or needing) the
+# pretrained weights of a local folder. A context variable, not an argument, so that it is neither
+# a hyper-parameter saved in checkpoints nor an option of the CLI.
+_RESTORING: ContextVar[bool] = ContextVar("lame_restoring", default=False)
 
 
 class LaMEModule(LightningModule):
@@ -144,7 +151,8 @@ class LaMEModule(LightningModule):
     def configure_models(self) -> None:
         """Builds the encoder (backbone + latent tokens), the decoder and the logit scale."""
         hp = self.hparams
-        backbone = build_backbone(self.backbone_spec)
+        pretrained = not _RESTORING.get()
+        backbone = build_backbone(self.backbone_spec, pretrained=pretrained)
         self.encoder = build_encoder(
             backbone,
             num_reason_tokens=hp.num_reason_tokens,
@@ -155,7 +163,7 @@ class LaMEModule(LightningModule):
         )
         self.decoder = None
         if self.decoder_spec is not None:
-            language_model = build_decoder(self.decoder_spec, self.backbone_spec.attn_implementation)
+            language_model = build_decoder(self.decoder_spec, self.backbone_spec.attn_implementation, pretrained)
             self.decoder = LatentDecoder(
                 language_model, input_dim=text_config(backbone).hidden_size, output_ids=self.decoder_spec.output_ids()
             )
@@ -500,13 +508,25 @@ class LaMEModule(LightningModule):
 
         ``init_from`` (weights already in the checkpoint) is not re-read, and the decoder takes
         its output ids from the checkpoint's weights, not from ``decoder.vocab_file`` (an older
-        checkpoint without them still reads that file, and names it when it is missing).
-        Keyword arguments override hyper-parameters, as in Lightning.
+        checkpoint without them still reads that file, and names it when it is missing). The
+        backbone and decoder are built from their configs alone, since the checkpoint holds
+        every weight: a local ``backbone.path`` or ``decoder.path`` is read for its configs when
+        it is here, and when it is not, the copies of its configs and processor files stored in
+        the checkpoint are unpacked under ``$LAME_PL_CACHE`` (with a warning) and the restored
+        module's spec names that folder. (With ``strict=False``, weights missing from the
+        checkpoint are therefore randomly initialised, not pretrained.) Keyword arguments
+        override hyper-parameters, as in Lightning.
         """
-        overrides = read_checkpoint(checkpoint_path).restore_overrides()
-        # weights_only by default: a user-given file must not run code.
-        return super().load_from_checkpoint(checkpoint_path, map_location, hparams_file, strict,
-                                            weights_only=weights_only, **{**overrides, **kwargs})
+        # A missing folder is replaced only where the caller gives no spec of their own.
+        folders = [name for name in ("backbone", "decoder") if name not in kwargs]
+        overrides = read_checkpoint(checkpoint_path).restore_overrides(folders)
+        token = _RESTORING.set(True)
+        try:
+            # weights_only by default: a user-given file must not run code.
+            return super().load_from_checkpoint(checkpoint_path, map_location, hparams_file, strict,
+                                                weights_only=weights_only, **{**overrides, **kwargs})
+        finally:
+            _RESTORING.reset(token)
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         checkpoint[STAGE_KEY] = self.stage
@@ -514,6 +534,8 @@ class LaMEModule(LightningModule):
             # The backbone folder's configs and processor files (not its weights: the state dict
             # holds the trained ones), so that embedding with this file needs no backbone.path.
             checkpoint[BACKBONE_FILES] = backbone_files(self.backbone_spec.path)
+        if self.decoder_spec is not None and self.decoder_spec.path is not None:
+            checkpoint[DECODER_FILES] = backbone_files(self.decoder_spec.path)  # likewise for decoder.path
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         # Runs before the weights load and before the optimiser is built, so a run resumed in
