@@ -31,6 +31,10 @@ class ReasonDiagnostics(ValidationSubsetCallback):
       text from the reason states of the first ``num_texts`` labelled queries, its word overlap
       with each query's own label, and with the other queries' labels (chance); the texts
       themselves go to TensorBoard's Text tab (``diag/latent_text``) beside their labels.
+    - ``latent_text/information``: over the subset's labelled queries, the decoder's loss with
+      each row's reason states taken from another row, minus its loss with the row's own (nats
+      per token): what the reason states tell the decoder beyond the labels' common form. About 0
+      when the decoder reads nothing from them, whatever its loss.
 
     Subset statistics come from rank 0; the decoder loss is summed over ranks (every rank joins).
 
@@ -56,6 +60,7 @@ class ReasonDiagnostics(ValidationSubsetCallback):
         self._tokenizer = None
         self._decoder_sum = 0.0
         self._decoder_count = 0
+        self._information = [0.0, 0.0, 0]  # loss sums with own and with other rows' states, tokens
 
     # ----------------------------------------------------------------------------- subset
 
@@ -73,7 +78,25 @@ class ReasonDiagnostics(ValidationSubsetCallback):
                 return
         elif self.num_texts and getattr(pl_module, "decoder", None) is not None and "decoder" in batch:
             columns["label"] = self._labels(pl_module, batch["decoder"])
+            self._add_information(pl_module, outputs["query"].reason_states, batch["decoder"])
         self.rows.add(**columns)
+
+    def _add_information(self, pl_module: LightningModule, states: torch.Tensor,
+                         decoder_batch: dict[str, torch.Tensor]) -> None:
+        """Adds the decoder's loss on the rows that enter the subset, with their own states and rolled by one."""
+        room = self.rows.room
+        states = states[:room]
+        if states.shape[0] < 2:
+            return
+        rows = {name: value[:room] for name, value in decoder_batch.items()}
+        own = pl_module.decoder(states, **rows)
+        tokens = own.num_tokens
+        if tokens == 0:
+            return
+        other = pl_module.decoder(states.roll(1, dims=0), **rows)
+        self._information[0] += float(pl_module.criterion.decoder(own)) * tokens
+        self._information[1] += float(pl_module.criterion.decoder(other)) * tokens
+        self._information[2] += tokens
 
     def _labels(self, pl_module: LightningModule, decoder_batch: dict[str, torch.Tensor]) -> list[str | None]:
         """Each row's decoder label as text (what the decoder is trained to write); ``None`` where unlabelled."""
@@ -124,6 +147,9 @@ class ReasonDiagnostics(ValidationSubsetCallback):
     def report(self, trainer: Trainer, pl_module: LightningModule) -> None:
         for name, value in self.statistics().items():
             pl_module.log(name, value, rank_zero_only=True)
+        own, other, tokens = self._information
+        if tokens:
+            pl_module.log("diag/latent_text/information", (other - own) / tokens, rank_zero_only=True)
         texts, labels = self.latent_texts(pl_module)
         if not texts:
             return
@@ -145,6 +171,7 @@ class ReasonDiagnostics(ValidationSubsetCallback):
     def on_validation_epoch_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
         super().on_validation_epoch_start(trainer, pl_module)
         self._decoder_sum, self._decoder_count = 0.0, 0
+        self._information = [0.0, 0.0, 0]
 
     def on_validation_batch_end(
         self, trainer: Trainer, pl_module: LightningModule, outputs: Any, batch: Any, batch_idx: int,

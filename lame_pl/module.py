@@ -73,6 +73,10 @@ class LaMEModule(LightningModule):
         temperature: InfoNCE temperature (its start value when learnable).
         learnable_temperature: Learn the temperature (as a log logit scale, capped at 100).
         lr: Peak learning rate of AdamW.
+        decoder_lr: Peak learning rate of the latent decoder (projector and LM), in its own
+            AdamW parameter group under the same schedule; ``None`` is ``lr``. A decoder trained
+            from scratch beside a slowly tuned encoder may need a larger one to learn to read the
+            reason states at all (the demo's does: ``configs/demo/base.yaml``).
         weight_decay: AdamW weight decay.
         warmup_steps: Linear warm-up steps at the start of each stage's optimiser.
         lr_schedule: Shape after warm-up.
@@ -105,6 +109,7 @@ class LaMEModule(LightningModule):
         temperature: float = 0.02,
         learnable_temperature: bool = False,
         lr: float = 5e-5,
+        decoder_lr: float | None = None,
         weight_decay: float = 0.0,
         warmup_steps: int = 0,
         lr_schedule: Literal["constant", "cosine", "linear"] = "constant",
@@ -129,6 +134,10 @@ class LaMEModule(LightningModule):
             raise ValueError(f"model.gradcache_chunk_size must be >= 1 (or null), got {gradcache_chunk_size}")
         if not temperature > 0:
             raise ValueError(f"model.temperature must be > 0, got {temperature}")
+        if decoder_lr is not None and not decoder_lr > 0:
+            raise ValueError(f"model.decoder_lr must be > 0 (or null for model.lr), got {decoder_lr}")
+        if decoder_lr is not None and decoder is None:
+            raise ValueError("model.decoder_lr is set but model.decoder is null: there is no decoder to train")
         if init_from is not None and not Path(init_from).is_file():
             raise FileNotFoundError(f"model.init_from {init_from!r} is not a file")
         self.save_hyperparameters()
@@ -290,11 +299,11 @@ class LaMEModule(LightningModule):
     def configure_optimizers(self) -> Any:
         """AdamW over what the stage in force trains, with warm-up and the configured schedule."""
         hp = self.hparams
-        params = [p for p in self.parameters() if p.requires_grad]
+        groups = self.param_groups()
         # The fused kernel is ~4x faster than foreach on a CPU, but Lightning cannot clip a fused
         # optimiser's gradients under mixed precision, so AMP runs fall back to foreach.
         amp = self._trainer is not None and isinstance(self.trainer.precision_plugin, MixedPrecision)
-        optimizer = torch.optim.AdamW(params, lr=hp.lr, weight_decay=hp.weight_decay, fused=not amp)
+        optimizer = torch.optim.AdamW(groups, lr=hp.lr, weight_decay=hp.weight_decay, fused=not amp)
         if hp.lr_schedule == "constant" and hp.warmup_steps == 0:
             return optimizer
         from transformers import get_scheduler
@@ -305,6 +314,18 @@ class LaMEModule(LightningModule):
             name, optimizer, num_warmup_steps=hp.warmup_steps, num_training_steps=remaining
         )
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
+
+    def param_groups(self) -> list[dict[str, Any]]:
+        """The optimiser's parameter groups: what the stage trains, the decoder apart under ``decoder_lr``."""
+        params = [p for p in self.parameters() if p.requires_grad]
+        decoder_lr = self.hparams.get("decoder_lr")
+        if decoder_lr is None:
+            return [{"params": params}]
+        # Named: LearningRateMonitor logs lr-AdamW/model and lr-AdamW/decoder.
+        own = {id(p) for p in self.decoder.parameters()}
+        groups = [{"params": [p for p in params if id(p) not in own], "name": "model"},
+                  {"params": [p for p in params if id(p) in own], "lr": decoder_lr, "name": "decoder"}]
+        return [group for group in groups if group["params"]]
 
     # ----------------------------------------------------------------------------- steps
 
@@ -568,6 +589,13 @@ class LaMEModule(LightningModule):
                     f"the checkpoint's optimiser holds {count} trainable tensors but stage {self.stage} trains "
                     f"{trains} here (a checkpoint from an older version, or another stage spec): its optimiser "
                     "cannot resume; start a new run from its weights with --model.init_args.init_from CKPT"
+                )
+            groups, wanted = len(saved[0]["param_groups"]), len(self.param_groups())
+            if groups != wanted:
+                raise ValueError(
+                    f"the checkpoint's optimiser has {groups} parameter group(s) but this run has {wanted}: "
+                    "model.decoder_lr was set or unset since it was written; resume with the checkpoint's "
+                    "decoder_lr, or start a new run from its weights with --model.init_args.init_from CKPT"
                 )
 
 

@@ -294,3 +294,31 @@ def test_subset_takes_the_first_rows_across_batches():
     fresh.on_validation_epoch_start(trainer, None)
     with pytest.raises(TypeError, match="reads the encoder outputs"):
         fresh.on_validation_batch_end(trainer, SimpleNamespace(), None, {}, 0)
+
+
+def test_information_is_the_loss_with_other_rows_states_minus_own_over_the_subset(tiny_spec, tiny_decoder, make_batch):
+    """Only the rows that enter the subset count; identical states in every row tell the decoder nothing."""
+    from lame_pl import LaMEModule
+
+    torch.manual_seed(0)
+    module = LaMEModule(tiny_spec, tiny_decoder, num_reason_tokens=2, stage=2).eval()
+    batch = make_batch(5)
+    callback = ReasonDiagnostics(num_samples=4, attention=False)
+    callback.on_validation_epoch_start(SimpleNamespace(is_global_zero=True, sanity_checking=False), module)
+    states = torch.randn(5, 2, 64)
+    with torch.no_grad():
+        callback._add_information(module, states, batch["decoder"])
+        rows = {name: value[:4] for name, value in batch["decoder"].items()}
+        own = module.decoder(states[:4], **rows)
+        other = module.decoder(states[:4].roll(1, dims=0), **rows)
+    tokens = own.num_tokens
+    expected = (F.cross_entropy(other.logits, other.targets, reduction="sum")
+                - F.cross_entropy(own.logits, own.targets, reduction="sum")) / tokens
+    gathered_own, gathered_other, counted = callback._information
+    assert counted == tokens and (gathered_other - gathered_own) / counted == pytest.approx(float(expected), abs=1e-5)
+    assert abs(float(expected)) > 1e-4  # random states: the rows' decodes differ
+    callback.on_validation_epoch_start(SimpleNamespace(is_global_zero=True, sanity_checking=False), module)
+    with torch.no_grad():
+        callback._add_information(module, states[:1].expand(5, -1, -1), batch["decoder"])
+    own_sum, other_sum, _ = callback._information
+    assert other_sum == pytest.approx(own_sum, rel=1e-6)

@@ -203,3 +203,25 @@ def test_a_resumed_fit_checks_the_optimiser_before_torch_does(build, make_batch,
     saved = sum(p.requires_grad for p in build(stage=1).parameters())
     with pytest.raises(ValueError, match=f"optimiser holds {saved} .*init_from"):
         Trainer(max_steps=2, **options).fit(other, loader, ckpt_path=tmp_path / "s1.ckpt")
+
+
+def test_decoder_lr_puts_the_decoder_in_its_own_group_and_a_resume_across_it_is_refused(build, tiny_spec):
+    plain = build(stage=2)
+    assert len(plain.param_groups()) == 1
+    module = build(stage=2, decoder_lr=1e-3)  # lr 1e-2
+    optimizer = module.configure_optimizers()  # constant, no warm-up: the optimiser alone
+    named = {group["name"]: group for group in optimizer.param_groups}
+    assert named["model"]["lr"] == pytest.approx(1e-2) and named["decoder"]["lr"] == pytest.approx(1e-3)
+    decoder = {id(p) for p in module.decoder.parameters() if p.requires_grad}
+    assert {id(p) for p in named["decoder"]["params"]} == decoder
+    trained = {id(p) for p in module.parameters() if p.requires_grad}
+    assert {id(p) for p in named["model"]["params"]} == trained - decoder
+    # A checkpoint whose optimiser had one group cannot resume into two, and says why.
+    saved = {"optimizer_states": [{"param_groups": [{"params": list(range(len(trained)))}]}]}
+    with pytest.raises(ValueError, match=r"1 parameter group\(s\) but this run has 2: model.decoder_lr"):
+        module.check_resumable(saved)
+    plain.check_resumable(saved)
+    with pytest.raises(ValueError, match="model.decoder_lr must be > 0"):
+        LaMEModule(tiny_spec, None, num_reason_tokens=0, decoder_lr=0.0)
+    with pytest.raises(ValueError, match="model.decoder_lr is set but model.decoder is null"):
+        LaMEModule(tiny_spec, None, num_reason_tokens=0, decoder_lr=1e-3)

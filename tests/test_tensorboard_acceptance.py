@@ -87,6 +87,7 @@ def test_demo_run_writes_scalars_heatmap_layout_and_projector(shards, tmp_path, 
         "diag/temperature", "diag/reason/norm/mean", "diag/reason/norm/token0", "diag/reason/norm/token7",
         "diag/reason/pairwise_cosine", "diag/attention/input", "diag/attention/reason", "diag/attention/embed",
         "diag/decoder_loss/stage2", "diag/latent_text/word_f1", "diag/latent_text/chance_word_f1",
+        "diag/latent_text/information",
     }
     expected |= {"train/loss", "train/decoder/labelled_fraction"}  # training scalars get a chart too
     assert expected <= set(tags["scalars"]), expected - set(tags["scalars"])
