@@ -1,5 +1,6 @@
 """Callbacks that a config can name as ``callbacks.<Name>``."""
 
+from callbacks.checkpointing import AtomicCheckpoint
 from callbacks.dashboard_layout import DashboardLayout
 from callbacks.data_health import DataHealth
 from callbacks.embedding_health import EmbeddingHealth
@@ -11,6 +12,7 @@ from callbacks.similarity_heatmap import SimilarityHeatmap
 from callbacks.stage_switch import StageSwitch
 
 __all__ = [
+    "AtomicCheckpoint",
     "DashboardLayout",
     "DataHealth",
     "EmbeddingHealth",

@@ -12,6 +12,7 @@ import copy
 import dataclasses
 import hashlib
 import os
+import pickle
 import shutil
 import warnings
 from collections.abc import Iterable
@@ -238,22 +239,78 @@ class TrainedCheckpoint:
         return overrides
 
 
+class CheckpointError(ValueError):
+    """A file that is not a readable checkpoint; the message is one line naming the path."""
+
+
+# A zip archive's first bytes: every torch.save file since PyTorch 1.6, Lightning's included.
+_ZIP_MAGIC = b"PK\x03\x04"
+
+
+def _first_line(error: BaseException) -> str:
+    """The first sentence of ``error``'s message (torch's run to a paragraph of advice)."""
+    text = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+    return text.split(". ")[0].rstrip(".")
+
+
+def _unreadable(path: Path, error: BaseException) -> str:
+    """What is wrong with ``path``, which ``torch.load`` failed to read with ``error``."""
+    size = path.stat().st_size
+    with open(path, "rb") as file:
+        head = file.read(len(_ZIP_MAGIC))
+    if size == 0:
+        return "is empty (0 bytes)"
+    if head != _ZIP_MAGIC:
+        return f"is not a torch checkpoint file (no zip archive header; {size} bytes)"
+    if isinstance(error, pickle.UnpicklingError) and "weights_only" in str(error):
+        return f"holds objects that a weights-only load refuses (torch.load weights_only=True: {_first_line(error)})"
+    return f"is truncated or damaged ({size} bytes; {_first_line(error)})"
+
+
+def load_checkpoint_file(path: str | Path, what: str = "checkpoint") -> dict[str, Any]:
+    """A Lightning checkpoint's dict, read with ``torch.load(weights_only=True)``, memory-mapped.
+
+    Memory-mapped, so that checking a large file reads its index and not its weights.
+
+    Args:
+        path: The file.
+        what: How messages name the file (``checkpoint``, ``model.init_from``, ``--checkpoint``).
+
+    Raises:
+        FileNotFoundError: When ``path`` is not a file.
+        CheckpointError: When it is empty, truncated, not a torch file, refused by the
+            weights-only loader, or a torch file that is not a dict with a ``state_dict``.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"{what} {str(path)!r} is not a file")
+    try:
+        checkpoint = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+    except Exception as error:  # torch raises RuntimeError, EOFError, KeyError, UnpicklingError...
+        raise CheckpointError(f"{what} {path} {_unreadable(path, error)}") from error
+    if not isinstance(checkpoint, dict):
+        raise CheckpointError(f"{what} {path} holds a {type(checkpoint).__name__}, not a Lightning checkpoint "
+                              "(a dict with a state_dict)")
+    if "state_dict" not in checkpoint:
+        raise CheckpointError(f"{what} {path} is a dict without a state_dict: not a Lightning checkpoint")
+    return checkpoint
+
+
 def read_checkpoint(path: str | Path) -> TrainedCheckpoint:
     """Reads a ``LaMEModule`` checkpoint with ``torch.load(weights_only=True)``, memory-mapped.
 
     Raises:
         FileNotFoundError: When ``path`` is not a file.
-        ValueError: When the file is not a LaMEModule checkpoint.
+        CheckpointError: When the file is not a readable LaMEModule checkpoint (a ``ValueError``).
     """
     path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"checkpoint {str(path)!r} is not a file")
-    checkpoint = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
-    if not isinstance(checkpoint, dict) or "state_dict" not in checkpoint or "hyper_parameters" not in checkpoint:
-        raise ValueError(f"checkpoint {path} has no state_dict and hyper_parameters: not a lightning fit checkpoint")
+    checkpoint = load_checkpoint_file(path)
+    if "hyper_parameters" not in checkpoint:
+        raise CheckpointError(f"checkpoint {path} has no state_dict and hyper_parameters: "
+                              "not a lightning fit checkpoint")
     hparams = dict(checkpoint["hyper_parameters"])
     if "backbone" not in hparams:
-        raise ValueError(f"checkpoint {path} has no backbone hyper-parameter: not a LaMEModule checkpoint")
+        raise CheckpointError(f"checkpoint {path} has no backbone hyper-parameter: not a LaMEModule checkpoint")
     return TrainedCheckpoint(
         path=path,
         hparams=hparams,

@@ -6,6 +6,7 @@ the project's own), and runnable as ``python -m lame_pl``.
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 from typing import Any
 
@@ -13,11 +14,13 @@ from lightning import LightningDataModule, LightningModule
 from lightning.pytorch.cli import ArgsType, LightningCLI
 from lightning.pytorch.utilities import rank_zero_info
 
-from lame_pl.checkpoint import read_checkpoint
+from lame_pl.checkpoint import CheckpointError, load_checkpoint_file, read_checkpoint
 
 # Model settings that say how to encode, not what was trained: given for a run with --ckpt_path,
 # they win over the checkpoint's hyper-parameters.
 ENCODE_TIME_SETTINGS = ("encode_mode", "cot_tokens")
+# What ModelCheckpoint names its last checkpoint: last.ckpt, last-v1.ckpt...
+LAST_CHECKPOINT = re.compile(r"^last(-v\d+)?\.ckpt$")
 
 
 class LaMECLI(LightningCLI):
@@ -32,7 +35,43 @@ class LaMECLI(LightningCLI):
         config = self.config.get(subcommand) if subcommand else self.config
         return config.model.get("init_args") if config and config.get("model") else None
 
+    def _subcommand_config(self) -> Any:
+        """The config of the subcommand being run (the whole config without one)."""
+        subcommand = self.config.get("subcommand")
+        return self.config.get(subcommand) if subcommand else self.config
+
+    def _resolve_ckpt_file(self) -> None:
+        """Checks a ``--ckpt_path`` file before anything reads it, and resolves a ``last.ckpt``.
+
+        A path to ``last.ckpt`` (``last-vN.ckpt``) stands for the newest checkpoint of its
+        directory that loads (a kill may have cut the newest short: each skipped file is warned
+        about); any other file must load, else the run ends with one line naming it.
+        """
+        # Imported here: lame_pl does not need the callbacks package until a checkpoint file is given.
+        from callbacks.checkpointing import newest_loadable_checkpoint
+
+        config = self._subcommand_config()
+        ckpt = config.get("ckpt_path") if config else None
+        if not ckpt or not isinstance(ckpt, str) or "://" in ckpt:
+            return  # none, "last"/"best" (the Trainer resolves them) or a URL
+        path = Path(ckpt)
+        try:
+            if LAST_CHECKPOINT.match(path.name) and (path.exists() or path.is_symlink()):
+                newest = newest_loadable_checkpoint(path.parent)
+                if newest is None:
+                    if path.is_file():
+                        load_checkpoint_file(path, "--ckpt_path")  # says what is wrong with the file asked for
+                    raise CheckpointError(f"--ckpt_path {path}: no checkpoint in {path.parent} loads")
+                if newest.resolve() != path.resolve():
+                    rank_zero_info(f"--ckpt_path {path}: using {newest}, the newest checkpoint in its folder that loads")
+                    config.ckpt_path = str(newest)
+            elif path.is_file():  # a folder is a sharded checkpoint: its strategy reads it
+                load_checkpoint_file(path, "--ckpt_path")
+        except CheckpointError as error:
+            raise SystemExit(f"error: {error}") from None
+
     def _parse_ckpt_path(self) -> None:
+        self._resolve_ckpt_file()
         # LightningCLI lets the checkpoint's hyper-parameters override every model setting given
         # for the run. That is right for what the weights were trained with, not for how to
         # encode: a lame checkpoint may be tested in another encode mode.
@@ -53,6 +92,13 @@ class LaMECLI(LightningCLI):
         ckpt = config.get("ckpt_path") if config else None
         if ckpt and init_args and init_args.get("init_from"):
             init_args.init_from = None
+        # A damaged or foreign init_from file ends the run with one line, not torch's traceback.
+        init_from = init_args.get("init_from") if init_args else None
+        if init_from and Path(init_from).is_file():
+            try:
+                load_checkpoint_file(init_from, "model.init_from")
+            except CheckpointError as error:
+                raise SystemExit(f"error: {error}") from None
         # The decoder's output ids travel in the checkpoint's weights (lame_pl.checkpoint): a
         # vocabulary file that is gone where this runs (another directory, another machine) is
         # not needed. "last"/"best" are resolved later by the Trainer and are left alone.

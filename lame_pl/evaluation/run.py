@@ -10,6 +10,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+from lame_pl.checkpoint import CheckpointError, load_checkpoint_file
 from lame_pl.evaluation import mmeb, mmeb_tasks, mrmr
 from lame_pl.evaluation.encode import CheckpointEncoder, EmbeddingCache, ItemEncoder, embed_items
 from lame_pl.evaluation.report import format_table, summarize, task_record, write_task_json
@@ -75,6 +76,11 @@ def checkpoint_encoder(args: argparse.Namespace) -> ItemEncoder:
     """The encoder of ``--checkpoint``, chosen by the model class it stores: LaME or the CLIP anchor."""
     from lame_pl.evaluation.clip_encoder import CLIPEncoder, is_clip_checkpoint
 
+    # Checked first: a truncated or foreign file ends in one line naming it (CheckpointError),
+    # not in whatever the first reader of its contents trips over.
+    # (A missing file is named by the encoder.)
+    if Path(args.checkpoint).is_file():
+        load_checkpoint_file(args.checkpoint, "--checkpoint")
     if is_clip_checkpoint(args.checkpoint):
         if args.max_text_length is not None:
             print("--max-text-length is ignored for a CLIP checkpoint: texts are cut at its context length",
@@ -106,7 +112,7 @@ def main(benchmark: str, argv: Sequence[str] | None = None, encoder: ItemEncoder
             encoder = checkpoint_encoder(args)
         cache = EmbeddingCache(Path(args.cache_dir) if args.cache_dir else output_dir / "cache")
         records = evaluate(tasks, encoder, cache, output_dir)
-    except EvalDataError as error:
+    except (EvalDataError, CheckpointError) as error:
         raise SystemExit(f"error: {error}") from None
     summary = summarize(records, spec["modalities"], spec["groups"])
     summary.update(benchmark=spec["title"], checkpoint=str(args.checkpoint), tasks=records)
