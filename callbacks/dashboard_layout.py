@@ -13,6 +13,7 @@ LAYOUT: dict[str, dict[str, list]] = {
         "temperature": ["Multiline", [r"^train/temperature$", r"^diag/temperature$"]],
         "learning rate": ["Multiline", [r"^lr-"]],
         "stage": ["Multiline", [r"^train/stage$"]],
+        "skipped steps (non-finite, zero gradient)": ["Multiline", [r"^train/(nonfinite|zero_gradient)_steps$"]],
     },
     "2 retrieval": {
         "validation": ["Multiline", [r"^val/(recall|mrr|ndcg)"]],
@@ -32,7 +33,7 @@ LAYOUT: dict[str, dict[str, list]] = {
         "pairwise cosine (1 = collapsed)": ["Multiline", [r"^diag/reason/pairwise_cosine$"]],
         "[EMBED] attention shares": ["Multiline", [r"^diag/attention/"]],
         "decoder loss per stage": ["Multiline", [r"^diag/decoder_loss/", r"^(train|val)/loss/decoder$"]],
-        "latent text: word overlap with its label vs chance": ["Multiline", [r"^diag/latent_text/"]],
+        "latent text: word overlap vs chance, information (nats)": ["Multiline", [r"^diag/latent_text/"]],
     },
     "5 data": {
         "skipped samples": ["Multiline", [r"data/skipped/"]],

@@ -12,6 +12,7 @@ from typing import Any, Literal
 import torch
 from lightning import LightningModule
 from lightning.pytorch.plugins.precision import MixedPrecision
+from lightning.pytorch.strategies import DeepSpeedStrategy
 from lightning.pytorch.trainer.states import TrainerFn
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from torch import nn
@@ -24,13 +25,21 @@ from lame_pl.backbone import (
     build_decoder,
     enable_activation_checkpointing,
 )
-from lame_pl.checkpoint import BACKBONE_FILES, DECODER_FILES, DECODER_OUTPUT_IDS, STAGE_KEY, read_checkpoint
+from lame_pl.checkpoint import (
+    BACKBONE_FILES,
+    DECODER_FILES,
+    DECODER_OUTPUT_IDS,
+    STAGE_KEY,
+    load_checkpoint_file,
+    read_checkpoint,
+)
 from lame_pl.decoder import LatentDecoder
 from lame_pl.distributed import global_count, split_retrieval_metrics, world_size
 from lame_pl.gradcache import HostBatch, gradcache_step
 from lame_pl.losses import LaMELoss
 from lame_pl.model import EncoderOutput, build_encoder, text_config
 from lame_pl.modes import EncodeMode, resolve_mode
+from lame_pl.nonfinite import NONFINITE_KEY, ZERO_GRADIENT_KEY, NonFiniteGuard, check_finite_weights
 from lame_pl.row_chunks import first_row
 from lame_pl.sharding import (
     average_unsharded_gradients,
@@ -52,6 +61,9 @@ warnings.filterwarnings("ignore", message=r"You have overridden `transfer_batch_
 # pretrained weights of a local folder. A context variable, not an argument, so that it is neither
 # a hyper-parameter saved in checkpoints nor an option of the CLI.
 _RESTORING: ContextVar[bool] = ContextVar("lame_restoring", default=False)
+
+# CLIP's cap on 1 / temperature.
+_MAX_LOGIT_SCALE = 100.0
 
 
 class LaMEModule(LightningModule):
@@ -94,6 +106,10 @@ class LaMEModule(LightningModule):
             a batch in chunks of this many rows, for the gradient of the full (global) batch's
             loss at the activation memory of one chunk, for one extra forward pass when the
             stage has a contrastive loss. ``None`` encodes each side in one piece.
+        max_nonfinite_steps: A step whose loss or gradient norm is not finite is skipped (no
+            weight or optimiser state changes) and counted (``train/nonfinite_steps``), as is one
+            whose gradient is all zero with a non-zero loss (``train/zero_gradient_steps``); this
+            many skipped in a row stop the run (``lame_pl.nonfinite``).
     """
 
     def __init__(
@@ -118,6 +134,7 @@ class LaMEModule(LightningModule):
         encode_mode: EncodeMode | None = None,
         cot_tokens: int | None = None,
         gradcache_chunk_size: int | None = None,
+        max_nonfinite_steps: int = 5,
     ) -> None:
         super().__init__()
         if stage not in (1, 2):
@@ -134,6 +151,12 @@ class LaMEModule(LightningModule):
             raise ValueError(f"model.gradcache_chunk_size must be >= 1 (or null), got {gradcache_chunk_size}")
         if not temperature > 0:
             raise ValueError(f"model.temperature must be > 0, got {temperature}")
+        if 1.0 / temperature > _MAX_LOGIT_SCALE:
+            # The logit scale is capped (logit_scale): such a run would train at 0.01, not as configured.
+            raise ValueError(f"model.temperature {temperature} is below {1 / _MAX_LOGIT_SCALE}, "
+                             f"the floor set by the logit scale's cap of {_MAX_LOGIT_SCALE:g}")
+        if isinstance(max_nonfinite_steps, bool) or not isinstance(max_nonfinite_steps, int) or max_nonfinite_steps < 1:
+            raise ValueError(f"model.max_nonfinite_steps must be an integer >= 1, got {max_nonfinite_steps!r}")
         if decoder_lr is not None and not decoder_lr > 0:
             raise ValueError(f"model.decoder_lr must be > 0 (or null for model.lr), got {decoder_lr}")
         if decoder_lr is not None and decoder is None:
@@ -150,6 +173,7 @@ class LaMEModule(LightningModule):
         self.configure_models()
         self.configure_losses()
         self._step_holds_gradients = False
+        self._nonfinite = NonFiniteGuard(max_nonfinite_steps)
         if init_from is not None:
             self.load_weights(init_from)
         self.set_stage(stage)
@@ -196,6 +220,21 @@ class LaMEModule(LightningModule):
     def setup(self, stage: str) -> None:
         check_strategy(self.trainer.strategy, self.hparams.get("gradcache_chunk_size"))
         uniform_submodules(self)
+        self._restrict_decoder_labels()
+
+    def on_fit_start(self) -> None:
+        # Again after a --ckpt_path restore, whose stored output ids win over the vocabulary file's;
+        # the training loader is made after this hook.
+        self._restrict_decoder_labels()
+
+    def _restrict_decoder_labels(self) -> None:
+        """Gives a restricted decoder's output ids to the data module, which then leaves a row whose
+        label needs another token out of the decoder loss, and counts it (``decoder_unseen_token``)."""
+        datamodule = getattr(self.trainer, "datamodule", None)
+        if self.decoder is None or not self.decoder.restricted:
+            return
+        if hasattr(getattr(datamodule, "collator", None), "set_output_ids"):
+            datamodule.set_decoder_output_ids(self.decoder.output_ids.tolist())
 
     def on_validation_start(self) -> None:
         check_evaluation(self, "validation")
@@ -223,7 +262,7 @@ class LaMEModule(LightningModule):
     @property
     def logit_scale(self) -> torch.Tensor:
         """``1 / temperature``, capped at 100 as in CLIP."""
-        return self.log_logit_scale.exp().clamp(max=100.0).squeeze(0)
+        return self.log_logit_scale.exp().clamp(max=_MAX_LOGIT_SCALE).squeeze(0)
 
     @property
     def stage_spec(self) -> StageSpec:
@@ -278,13 +317,14 @@ class LaMEModule(LightningModule):
         """Loads a checkpoint's model weights (not its optimiser) and reports what did not match."""
         # weights_only: a user-given file must not run code. This project's checkpoints load so
         # (their specs are registered as safe globals in lame_pl.backbone and lame_pl.stages).
-        checkpoint = torch.load(path, map_location="cpu", weights_only=True)
-        state = dict(checkpoint.get("state_dict", checkpoint))
+        checkpoint = load_checkpoint_file(path, "model.init_from")  # one line naming a damaged file
+        state = dict(checkpoint["state_dict"])
         # The decoder's output ids are a setting of this run (decoder.vocab_file), not a weight to take over.
         if self.decoder is not None and self.decoder.restricted:
             state[DECODER_OUTPUT_IDS] = self.decoder.output_ids
         else:
             state.pop(DECODER_OUTPUT_IDS, None)
+        self._init_temperature(path, checkpoint, state)
         result = self.load_state_dict(state, strict=False)
         rank_zero_info(f"init_from {path}: loaded {len(state) - len(result.unexpected_keys)} tensors")
         if result.missing_keys:
@@ -295,6 +335,31 @@ class LaMEModule(LightningModule):
             )
         if len(result.unexpected_keys) == len(state):
             raise ValueError(f"init_from {path}: no key of the checkpoint matches this model")
+
+    def _init_temperature(self, path: str, checkpoint: Mapping[str, Any], state: dict[str, Any]) -> None:
+        """Decides between the configured temperature and ``init_from``'s, and says so when they differ.
+
+        A temperature the checkpoint learned (its ``log_logit_scale`` differs from its own
+        configured one) is kept when this run learns the temperature too: stage 2 goes on from
+        stage 1's. Otherwise the run trains with the temperature its config shows.
+        """
+        saved = state.get("log_logit_scale")
+        if saved is None:
+            return
+        configured = float(self.hparams.temperature)
+        theirs = 1.0 / min(float(saved.float().reshape(-1)[0].exp()), _MAX_LOGIT_SCALE)
+        if math.isclose(theirs, configured, rel_tol=1e-5):
+            return
+        their_config = (checkpoint.get("hyper_parameters") or {}).get("temperature")
+        learned = their_config is not None and not math.isclose(theirs, float(their_config), rel_tol=1e-5)
+        if learned and self.hparams.learnable_temperature:
+            rank_zero_info(f"init_from: temperature {configured:g} from the config replaced by {theirs:.4g} "
+                           f"learned in {path}")
+            return
+        state["log_logit_scale"] = self.log_logit_scale.detach().clone()  # this run's, loaded as any other key
+        origin = "learned" if learned else "configured"
+        rank_zero_info(f"init_from: temperature {configured:g} from the config kept, not {theirs:.4g} {origin} "
+                       f"in {path}" + (" (model.learnable_temperature is false)" if learned else ""))
 
     def configure_optimizers(self) -> Any:
         """AdamW over what the stage in force trains, with warm-up and the configured schedule."""
@@ -403,6 +468,7 @@ class LaMEModule(LightningModule):
             loss, terms = gradcache_step(self, batch, chunk)
         else:
             loss, terms, _ = self.model_step(batch, "train")
+        self._nonfinite.watch(loss, terms)
         batch_size, rows = len(batch["keys"]), decoder_rows(batch)
         self._log_losses("train", loss, terms, batch_size, rows)
         self.log("train/temperature", 1.0 / self.logit_scale.detach(), batch_size=batch_size)
@@ -438,6 +504,18 @@ class LaMEModule(LightningModule):
 
     def on_before_optimizer_step(self, optimizer: torch.optim.Optimizer) -> None:
         average_unsharded_gradients(self)  # FSDP2 only: the temperature's gradient
+        # Here, not in training_step: the whole step's gradient exists (every micro-batch of an
+        # accumulation cycle, every GradCache chunk). A non-finite step's gradients are dropped,
+        # so the optimiser leaves the weights and its state alone (lame_pl.nonfinite).
+        names = {id(p): name for name, p in self.named_parameters()}
+        params = [(names.get(id(p), "?"), p) for group in optimizer.param_groups for p in group["params"]]
+        # Under a GradScaler an inf gradient is its overflow signal: it skips that step itself.
+        scaler = getattr(self.trainer.precision_plugin, "scaler", None) if self._trainer is not None else None
+        # DeepSpeed steps on its own gradient partitions (p.grad is not what it applies).
+        deepspeed = self._trainer is not None and isinstance(self.trainer.strategy, DeepSpeedStrategy)
+        self._nonfinite.check(params, self.global_step, check_gradients=scaler is None, can_skip=not deepspeed)
+        self.log("train/nonfinite_steps", float(self._nonfinite.total), on_step=True, on_epoch=False)
+        self.log("train/zero_gradient_steps", float(self._nonfinite.dead), on_step=True, on_epoch=False)
 
     def optimizer_zero_grad(self, epoch: int, batch_idx: int, optimizer: torch.optim.Optimizer) -> None:
         if self._step_holds_gradients:  # zeroed before the GradCache step's chunks
@@ -550,7 +628,11 @@ class LaMEModule(LightningModule):
             _RESTORING.reset(token)
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        # A checkpoint of non-finite weights would overwrite good ones (last.ckpt): refuse it.
+        check_finite_weights(self, self.global_step)
         checkpoint[STAGE_KEY] = self.stage
+        checkpoint[NONFINITE_KEY] = self._nonfinite.total
+        checkpoint[ZERO_GRADIENT_KEY] = self._nonfinite.dead
         if self.backbone_spec.path is not None:
             # The backbone folder's configs and processor files (not its weights: the state dict
             # holds the trained ones), so that embedding with this file needs no backbone.path.
@@ -565,6 +647,8 @@ class LaMEModule(LightningModule):
         if stage != self.stage:
             rank_zero_info(f"resuming in stage {stage}, the stage saved in the checkpoint")
         self.set_stage(stage)
+        # The counts go on across a resume.
+        self._nonfinite.total, self._nonfinite.dead = checkpoint.get(NONFINITE_KEY, 0), checkpoint.get(ZERO_GRADIENT_KEY, 0)
         state = checkpoint.get("state_dict")
         if state is not None and self.decoder is not None and self.decoder.restricted:
             # Checkpoints written before the output ids were kept in the weights: those of the
