@@ -12,6 +12,7 @@ from typing import Any
 
 import torch
 
+from lame_pl.data.text import decoder_token_ids
 from lame_pl.prompt import END_OF_TEXT, PromptProcessor, Side
 
 # What the decoder regenerates for an instruction pair: the target's text, or, where the target
@@ -20,7 +21,15 @@ DECODER_LABELS = ("target_text", "target_or_query_text")
 
 
 class _ProcessorCollator:
-    """What every collator shares: the prompt processor and the decoder labels."""
+    """What every collator shares: the prompt processor and the decoder labels.
+
+    ``output_ids`` (None: the whole vocabulary) are the token ids a restricted decoder can emit
+    (``decoder.vocab_file``, set through ``ShardDataModule.set_decoder_output_ids``): a row whose
+    label needs another token is unlabelled, and listed in ``batch["decoder_unseen"]`` as
+    ``(row, detail)`` for ``datamodules.samples.CountedBatches`` to count.
+    """
+
+    output_ids: frozenset[int] | None = None
 
     def __init__(self, processor: Any, max_text_length: int, decoder_max_length: int) -> None:
         if decoder_max_length < 2:
@@ -32,25 +41,49 @@ class _ProcessorCollator:
         self.eos_id = self.tokenizer.convert_tokens_to_ids(END_OF_TEXT)
         self.pad_id = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else self.eos_id
 
-    def _decoder_inputs(self, labels: Sequence[str | None]) -> dict[str, torch.Tensor]:
+    def _decoder_inputs(self, labels: Sequence[str | None]) -> tuple[dict[str, torch.Tensor], list[tuple[int, str]]]:
         """Right-padded decoder labels, each ending in ``<|endoftext|>``, and which rows have one.
 
-        A row whose label is ``None`` or blank is unlabelled: it carries ``<|endoftext|>`` alone
-        as a placeholder and ``labelled`` is False, so the decoder loss can leave it out.
+        A row whose label is ``None`` or blank, or needs a token outside ``output_ids``, is
+        unlabelled: it carries ``<|endoftext|>`` alone as a placeholder and ``labelled`` is False,
+        so the decoder loss can leave it out.
+
+        Returns:
+            The decoder inputs, and ``(row, detail)`` for each row unlabelled for an unseen token.
         """
         labelled = [bool(label and label.strip()) for label in labels]
         texts = [label if has else "" for label, has in zip(labels, labelled, strict=True)]
-        ids = self.tokenizer(texts, add_special_tokens=False)["input_ids"]
+        ids = decoder_token_ids(self.tokenizer, texts)
         # Keep room for <|endoftext|>, so that every labelled row teaches the decoder where to stop.
         ids = [row[: self.decoder_max_length - 1] + [self.eos_id] for row in ids]
+        unseen = []
+        if self.output_ids is not None:
+            for i, row in enumerate(ids):
+                missing = sorted({t for t in row if t not in self.output_ids})
+                if labelled[i] and missing:
+                    # One unseen token costs this row its decoder term, not the run.
+                    labelled[i] = False
+                    tokens = self.tokenizer.convert_ids_to_tokens(missing[:5])
+                    unseen.append((i, f"decoder label token ids {missing[:5]} {tokens} are not in decoder.vocab_file"))
+                    ids[i] = [self.eos_id]
         length = max(len(row) for row in ids)
         input_ids = torch.full((len(ids), length), self.pad_id, dtype=torch.long)
         attention_mask = torch.zeros((len(ids), length), dtype=torch.long)
         for i, row in enumerate(ids):
             input_ids[i, : len(row)] = torch.tensor(row, dtype=torch.long)
             attention_mask[i, : len(row)] = 1
-        return {"input_ids": input_ids, "attention_mask": attention_mask,
-                "labelled": torch.tensor(labelled, dtype=torch.bool)}
+        decoder = {"input_ids": input_ids, "attention_mask": attention_mask,
+                   "labelled": torch.tensor(labelled, dtype=torch.bool)}
+        return decoder, unseen
+
+    def set_output_ids(self, output_ids: Sequence[int] | None) -> None:
+        """The token ids the decoder can emit (None: all); rows needing others become unlabelled."""
+        self.output_ids = None if output_ids is None else frozenset(int(i) for i in output_ids)
+
+    def _with_unseen(self, batch: dict[str, Any], unseen: list[tuple[int, str]]) -> dict[str, Any]:
+        if unseen:
+            batch["decoder_unseen"] = unseen
+        return batch
 
 
 class PairCollator(_ProcessorCollator):
@@ -84,13 +117,14 @@ class PairCollator(_ProcessorCollator):
     def __call__(self, samples: list[dict[str, Any]]) -> dict[str, Any]:
         """Collate samples into ``{"query", "target", "decoder", "keys", "texts"}``."""
         texts = [s["text"] for s in samples]
-        return {
+        decoder, unseen = self._decoder_inputs(texts)
+        return self._with_unseen({
             "query": self.prompts([Side(self.query_instruction, "", (s["image"],)) for s in samples]),
             "target": self.prompts([Side(self.target_instruction, t) for t in texts]),
-            "decoder": self._decoder_inputs(texts),
+            "decoder": decoder,
             "keys": [s["key"] for s in samples],
             "texts": texts,
-        }
+        }, unseen)
 
 
 class InstructionCollator(_ProcessorCollator):
@@ -149,16 +183,17 @@ class InstructionCollator(_ProcessorCollator):
             target_instruction = s["target"]["instruction"] or self.target_instruction
             targets.append(side(s["target"], target_instruction))
             negatives += [side(n, target_instruction) for n in s["negatives"]]
+        decoder, unseen = self._decoder_inputs([self._label(s) for s in samples])
         batch = {
             "query": self.prompts(queries),
             "target": self.prompts(targets),
-            "decoder": self._decoder_inputs([self._label(s) for s in samples]),
+            "decoder": decoder,
             "keys": [s["key"] for s in samples],
             "texts": [s["target"]["text"] for s in samples],
         }
         if negatives:
             batch["negative"] = self.prompts(negatives)
-        return batch
+        return self._with_unseen(batch, unseen)
 
 
 def side(record: dict[str, Any], default_instruction: str = "") -> Side:

@@ -17,6 +17,7 @@ for what a resumed run sees.
 from __future__ import annotations
 
 import math
+from collections import Counter
 from collections.abc import Callable, Iterator
 from typing import Any
 
@@ -28,14 +29,20 @@ from torch.utils.data import DataLoader
 from datamodules.collate import PairCollator
 from datamodules.mixture import ShardSet, WeightedMixture, expand_mixture
 from datamodules.samples import (
+    DEFAULT_MAX_CONSECUTIVE_SKIPS,
+    DEFAULT_MAX_MEMBER_BYTES,
+    SKIPS_ONLY,
     CountedBatches,
     DecodePairs,
     EpochShards,
     EpochState,
+    NoGoodSamplesError,
     SkipConsumed,
     SkipCounter,
     TarSamples,
     WorkerShuffle,
+    describe_counts,
+    name_shards,
 )
 from datamodules.shards import MANIFEST, count_samples, expand_shards, shard_sizes
 from lame_pl.backbone import BackboneSpec, build_processor
@@ -78,6 +85,14 @@ class ShardDataModule(L.LightningDataModule):
         mixture_root: Folder that the relative ``shards`` paths of ``train_mixture`` start from
             (absolute paths and URLs are kept), so that a config names each set once and a user
             sets one root; None: relative to the working directory.
+        max_consecutive_skips: Training stops with ``NoGoodSamplesError`` naming the shards after
+            this many skipped samples in a row with no good one (a loader worker would otherwise
+            draw bad shards for ever). Validation and test read each shard once: a split (of a
+            rank) with no good sample at all is that error, whatever its length.
+        allow_missing_shards: Warn about shards a brace pattern names that do not exist, rather
+            than refuse to start.
+        max_member_bytes: Tar members larger than this are passed over unread and their sample
+            skipped as ``member_too_large``.
     """
 
     collator: Any
@@ -99,13 +114,18 @@ class ShardDataModule(L.LightningDataModule):
         resampled: bool = True,
         train_mixture: list[ShardSet] | None = None,
         mixture_root: str | None = None,
+        max_consecutive_skips: int = DEFAULT_MAX_CONSECUTIVE_SKIPS,
+        allow_missing_shards: bool = False,
+        max_member_bytes: int = DEFAULT_MAX_MEMBER_BYTES,
     ) -> None:
         super().__init__()
         # Records the subclass's own arguments too: Lightning reads every __init__ frame of self.
         self.save_hyperparameters()
         for key, value, low in (("batch_size", batch_size, 1), ("eval_batch_size", eval_batch_size, 1),
                                 ("num_workers", num_workers, 0), ("shuffle_buffer", shuffle_buffer, 1),
-                                ("samples_per_epoch", samples_per_epoch, 1), ("max_image_pixels", max_image_pixels, 1)):
+                                ("samples_per_epoch", samples_per_epoch, 1), ("max_image_pixels", max_image_pixels, 1),
+                                ("max_consecutive_skips", max_consecutive_skips, 1),
+                                ("max_member_bytes", max_member_bytes, 1)):
             if value is not None and (not isinstance(value, int) or value < low):
                 raise ValueError(f"data.{key} must be an integer >= {low}, got {value!r}")
         self.batch_size = batch_size
@@ -115,9 +135,11 @@ class ShardDataModule(L.LightningDataModule):
         self.seed = seed
         self.strict = strict
         self.max_image_pixels = max_image_pixels
+        self.max_consecutive_skips = max_consecutive_skips
+        self.max_member_bytes = max_member_bytes
         # Expanded now, so that a wrong path fails at construction rather than minutes into a run.
         self.shards = {
-            split: None if spec is None else expand_shards(spec, f"data.{split}_shards")
+            split: None if spec is None else expand_shards(spec, f"data.{split}_shards", allow_missing_shards)
             for split, spec in (("train", train_shards), ("val", val_shards), ("test", test_shards))
         }
         self.mixture: list[tuple[ShardSet, list[str]]] | None = None
@@ -131,7 +153,7 @@ class ShardDataModule(L.LightningDataModule):
                 raise ValueError(
                     "data.train_mixture samples its sets by weight, with replacement; it needs data.resampled true"
                 )
-            self.mixture = expand_mixture(train_mixture, mixture_root)
+            self.mixture = expand_mixture(train_mixture, mixture_root, allow_missing=allow_missing_shards)
             self.shards["train"] = [url for _, urls in self.mixture for url in urls]
         self.samples_per_epoch = samples_per_epoch
         if self.shards["train"] is not None and samples_per_epoch is None:
@@ -170,6 +192,18 @@ class ShardDataModule(L.LightningDataModule):
         """
         raise NotImplementedError(f"{type(self).__name__} must implement decode_stage")
 
+    def set_decoder_output_ids(self, output_ids: list[int] | None) -> None:
+        """The token ids a restricted decoder can emit (``decoder.vocab_file``); None: all of them.
+
+        A row whose label needs another token is left out of the decoder loss and counted as
+        ``decoder_unseen_token`` (with ``strict``, an error naming the shard and key). Call it
+        before the loaders are made: workers take the collator with them.
+        """
+        setter = getattr(self.collator, "set_output_ids", None)
+        if setter is None:
+            raise TypeError(f"{type(self.collator).__name__} builds no decoder labels to restrict")
+        setter(output_ids)
+
     def _urls(self, split: str) -> list[str]:
         urls = self.shards[split]
         if urls is None:
@@ -177,18 +211,24 @@ class ShardDataModule(L.LightningDataModule):
         return urls
 
     def _shards_to_batches(
-        self, batch_size: int, partial: bool, shuffle: wds.PipelineStage | None = None
+        self, batch_size: int, partial: bool, shuffle: wds.PipelineStage | None = None, split: str = "train"
     ) -> list[wds.PipelineStage]:
         """Stages from shard URLs to batches, sharing one counter that carries skips into the batches."""
-        skips = SkipCounter(self.strict)
+        skips = self._skip_counter(split)
         decode = self.decode_stage(skips)
         return [
-            TarSamples(skips, complete=decode.complete),
+            TarSamples(skips, complete=decode.complete, max_member_bytes=self.max_member_bytes),
             # Raw bytes are shuffled, before decoding, as a decoded image takes far more memory.
             *([shuffle] if shuffle is not None else []),
             decode,
             CountedBatches(skips, batch_size, self.collator, partial=partial),
         ]
+
+    def _skip_counter(self, split: str) -> SkipCounter:
+        # Only training streams are endless; evaluation checks for a split with no good sample.
+        limit = self.max_consecutive_skips if split == "train" else None
+        what = "data.train_mixture" if split == "train" and self.mixture else f"data.{split}_shards"
+        return SkipCounter(self.strict, limit, what)
 
     def _rank_and_world_size(self) -> tuple[int, int]:
         if self.trainer is not None:
@@ -318,6 +358,7 @@ class ShardDataModule(L.LightningDataModule):
             dataset,
             self._start_epoch,
             self._took_batch,
+            f"data.train_mixture's shards {name_shards(urls)}" if self.mixture else f"data.train_shards {name_shards(urls)}",
             num_workers=self.num_workers,
             # Workers keep their pipeline; the epoch reaches them through the shared EpochState.
             persistent_workers=self.num_workers > 0,
@@ -326,7 +367,7 @@ class ShardDataModule(L.LightningDataModule):
     def _mixture_pipeline(self, state: EpochState, rank: int, world_size: int) -> wds.DataPipeline:
         """One resampled stream per set (shards to decoded samples), interleaved by weight, then batched."""
         assert self.mixture is not None
-        skips = SkipCounter(self.strict)
+        skips = self._skip_counter("train")
         streams = []
         # The sets share data.shuffle_buffer, so a mixture of many sets holds no more raw samples
         # per worker than one set would.
@@ -336,7 +377,7 @@ class ShardDataModule(L.LightningDataModule):
             decode = self.decode_stage(skips)
             streams.append(wds.DataPipeline(
                 EpochShards(urls, seed, state, rank, world_size, resampled=True),
-                TarSamples(skips, complete=decode.complete),
+                TarSamples(skips, complete=decode.complete, max_member_bytes=self.max_member_bytes),
                 WorkerShuffle(buffer, seed, state, rank),
                 decode,
             ))
@@ -355,10 +396,10 @@ class ShardDataModule(L.LightningDataModule):
             _ShardList(urls),
             wds.split_by_worker,
             # Bad samples are skipped but never silently: each batch reports them (or strict raises).
-            *self._shards_to_batches(self.eval_batch_size, partial=True),
+            *self._shards_to_batches(self.eval_batch_size, partial=True, split=split),
         )
         # Shards are split between workers, so workers beyond the shard count would idle.
-        return DataLoader(dataset, batch_size=None, shuffle=False, num_workers=min(self.num_workers, len(urls)))
+        return _EvalLoader(dataset, f"data.{split}_shards", urls, num_workers=min(self.num_workers, len(urls)))
 
 
     def val_dataloader(self) -> DataLoader | list:
@@ -389,6 +430,45 @@ class _ShardList(torch.utils.data.IterableDataset):
     def __iter__(self) -> Iterator[dict[str, str]]:
         return iter([{"url": url} for url in self.urls])
 
+class _EvalLoader(DataLoader):
+    """An evaluation loader whose every skip reaches a batch, and that refuses a split with no good sample.
+
+    A worker whose shards ran out with skips no batch carried sends them alone (``SKIPS_ONLY``);
+    they are folded into a neighbouring batch, one batch being held back for that, so
+    ``callbacks.DataHealth`` counts them. A split (of this rank) whose shards yield no sample
+    at all raises ``NoGoodSamplesError``, rather than an evaluation that reports no metric.
+    """
+
+    def __init__(self, dataset: Any, what: str, urls: list[str], **kwargs: Any) -> None:
+        super().__init__(dataset, batch_size=None, shuffle=False, **kwargs)
+        self.what = what
+        self.urls = urls
+
+    def __iter__(self) -> Iterator[Any]:
+        return self._folded(super().__iter__())
+
+    def _folded(self, items: Iterator[Any]) -> Iterator[Any]:
+        held, waiting = None, Counter()
+        for item in items:
+            if isinstance(item, dict) and item.get(SKIPS_ONLY):
+                (waiting if held is None else held["skipped"]).update(item["skipped"])
+                continue
+            if waiting:
+                item["skipped"] = dict(Counter(item["skipped"]) + waiting)
+                waiting = Counter()
+            if held is not None:
+                yield {**held, "skipped": dict(held["skipped"])}
+            held = item
+            held["skipped"] = Counter(held["skipped"])
+        if held is None and self.urls:
+            raise NoGoodSamplesError(
+                f"{self.what}: no good sample in {len(self.urls)} shard(s) {name_shards(self.urls)}; "
+                f"skipped {sum(waiting.values())} ({describe_counts(waiting)})"
+            )
+        if held is not None:
+            yield {**held, "skipped": dict(held["skipped"])}
+
+
 class _EpochLoader(DataLoader):
     """A DataLoader that tells its datamodule when an epoch starts and counts the batches it hands out.
 
@@ -396,10 +476,12 @@ class _EpochLoader(DataLoader):
     the loader is the one moment both a Trainer and a plain loop go through.
     """
 
-    def __init__(self, dataset: Any, on_epoch: Callable[[], int], on_batch: Callable[[], None], **kwargs: Any) -> None:
+    def __init__(self, dataset: Any, on_epoch: Callable[[], int], on_batch: Callable[[], None], what: str,
+                 **kwargs: Any) -> None:
         super().__init__(dataset, batch_size=None, shuffle=False, **kwargs)
         self._on_epoch = on_epoch
         self._on_batch = on_batch
+        self.what = what
 
     def __iter__(self) -> Iterator[Any]:
         # Before the workers are told to start (or resume), so they read this epoch's seeds.
@@ -408,9 +490,14 @@ class _EpochLoader(DataLoader):
 
     def _counted(self, batches: Iterator[Any], remaining: int) -> Iterator[Any]:
         # A resumed epoch ends where it would have, as Lightning's own batch count expects.
+        taken = 0
         for batch, _ in zip(batches, range(remaining), strict=False):
             self._on_batch()
+            taken += 1
             yield batch
+        if remaining and not taken:
+            # Shards read once (data.resampled false) that held too few good samples for a batch.
+            raise NoGoodSamplesError(f"{self.what}: the training epoch yielded no batch; see the skip warnings")
 
 
 class ImageTextDataModule(ShardDataModule):

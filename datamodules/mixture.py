@@ -84,7 +84,8 @@ def _resolve(spec: str, root: str | None) -> str:
 
 
 def expand_mixture(
-    sets: list[ShardSet], root: str | None = None, key: str = "data.train_mixture", root_key: str = "data.mixture_root"
+    sets: list[ShardSet], root: str | None = None, key: str = "data.train_mixture", root_key: str = "data.mixture_root",
+    allow_missing: bool = False,
 ) -> list[tuple[ShardSet, list[str]]]:
     """Checks the sets (``check_mixture``), resolves their relative paths against ``root`` and lists their shards.
 
@@ -94,6 +95,8 @@ def expand_mixture(
             working directory.
         key: The mixture's config key, named in errors.
         root_key: ``root``'s config key, named in errors.
+        allow_missing: Warn about shards a pattern names that do not exist, rather than raise
+            (``expand_shards``).
 
     Returns:
         ``(set, shard URLs)`` per set, in order; each set's ``shards`` is the resolved spec.
@@ -113,7 +116,7 @@ def expand_mixture(
         specs = [item.shards] if isinstance(item.shards, str) else list(item.shards)
         resolved = [_resolve(spec, root) for spec in specs]
         try:
-            urls = expand_shards(resolved, "shards")
+            urls = expand_shards(resolved, "shards", allow_missing)
         except (OSError, ValueError) as err:
             hint = f" (relative paths start at {root_key} {root!r})" if root is not None else ""
             raise type(err)(f"{key}[{i}] ({item.name}): {err}{hint}") from None

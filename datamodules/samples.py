@@ -1,9 +1,12 @@
 """WebDataset pipeline stages that read tar shards, decode and check samples, and batch them.
 
 Bad input (damaged tar data, an image that will not decode or is absurdly large, a missing image,
-an empty caption, an instruction pair's JSON that does not parse or lacks a field) is skipped and counted by reason in a ``SkipCounter`` shared by the stages of
-one pipeline; the batching stage hands each batch its worker's counts in ``batch["skipped"]``.
-With ``strict`` the first bad sample raises a ``BadSampleError`` naming the shard, key and reason.
+an empty caption, an instruction pair's JSON that does not parse or lacks a field, a tar member
+over the size cap or stored as a link, a shard that holds no sample) is skipped and counted by
+reason in a ``SkipCounter`` shared by the stages of one pipeline; the batching stage hands each
+batch its worker's counts in ``batch["skipped"]``. With ``strict`` the first bad sample raises a
+``BadSampleError`` naming the shard, key and reason. A run of ``max_consecutive`` skips with no good
+sample between them raises ``NoGoodSamplesError`` naming the shards, rather than spinning forever.
 """
 
 from __future__ import annotations
@@ -24,10 +27,17 @@ from PIL import Image
 
 from lame_pl.data.instruction_pairs import parse_pair_json
 from lame_pl.data.shard_writer import IMAGE_EXTENSIONS, TAR_BLOCK
+from lame_pl.data.text import caption_text
+from lame_pl.media import IMAGE_FORMATS
 from lame_pl.prompt import VISION_TOKENS
 
 SKIP_REASONS = ("corrupt_tar", "bad_image", "empty_caption", "missing_image", "image_too_large", "bad_json",
-                "vision_token")
+                "vision_token", "member_too_large", "tar_link", "empty_shard", "decoder_unseen_token")
+# Tar members larger than this are passed over unread (data.max_member_bytes): a sample is small.
+DEFAULT_MAX_MEMBER_BYTES = 64 * 2**20
+# Skips in a row with no good sample before a pipeline gives up (data.max_consecutive_skips).
+DEFAULT_MAX_CONSECUTIVE_SKIPS = 1000
+SHARDS_NAMED = 5  # shards listed by name in an error; the rest are counted
 # Qwen-VL's resizing refuses images longer than this ratio; one such image would fail its batch.
 MAX_ASPECT_RATIO = 200
 COMPRESSED_MAGIC = (b"\x1f\x8b", b"BZh", b"\xfd7zXZ")
@@ -39,6 +49,22 @@ class BadSampleError(ValueError):
     """A bad sample met with ``strict`` on; the message names the shard, the key and the reason."""
 
 
+class NoGoodSamplesError(RuntimeError):
+    """Shards that yield no good sample: a run of skips too long, or a split with none at all."""
+
+
+def name_shards(urls: list[str], total: int | None = None) -> str:
+    """The first few of ``urls`` quoted, and how many more there are (of ``total``, default all)."""
+    total = len(urls) if total is None else total
+    named = ", ".join(repr(u) for u in urls[:SHARDS_NAMED])
+    return named + (f" and {total - SHARDS_NAMED} more" if total > SHARDS_NAMED else "")
+
+
+def describe_counts(counts: dict[str, int]) -> str:
+    """``bad_image 3, empty_caption 1``, by reason."""
+    return ", ".join(f"{reason} {count}" for reason, count in sorted(counts.items())) or "none"
+
+
 class SkipCounter:
     """Counts skipped samples by reason, in the process that runs the pipeline.
 
@@ -47,23 +73,58 @@ class SkipCounter:
 
     Args:
         strict: Raise ``BadSampleError`` at the first bad sample instead of counting it.
+        max_consecutive: Raise ``NoGoodSamplesError`` at this many skips in a row with no good
+            sample (``good``) between them; None never does.
+        what: The config key of the shards (``data.train_shards``), named in that error.
     """
 
-    def __init__(self, strict: bool = False) -> None:
+    def __init__(self, strict: bool = False, max_consecutive: int | None = None, what: str = "the shards") -> None:
         self.strict = strict
+        self.max_consecutive = max_consecutive
+        self.what = what
         self.counts: Counter[str] = Counter()
+        self.total = 0  # skips ever counted here, never drained: tells whether a stage skipped
         self._warned: set[str] = set()
+        self._run: Counter[str] = Counter()  # skips since the last good sample, by reason
+        self._run_shards: dict[str, None] = {}  # their shards, in order met
 
-    def skip(self, reason: str, url: str, key: str | None, detail: str) -> None:
-        """Count one skipped sample (or raise, when strict)."""
+    def good(self) -> None:
+        """A good sample went through: a run of skips ends."""
+        if self._run:
+            self._run, self._run_shards = Counter(), {}
+
+    def skip(self, reason: str, url: str, key: str | None, detail: str, dropped: bool = True) -> None:
+        """Count one skipped sample (or raise, when strict).
+
+        Args:
+            reason: One of ``SKIP_REASONS``.
+            url: The shard.
+            key: The sample's key, if known.
+            detail: What was wrong.
+            dropped: Whether the whole sample was lost (False: only a part, such as its decoder
+                label); only lost samples make up a run of skips.
+        """
         where = f"shard {url!r}, sample {key!r}" if key is not None else f"shard {url!r}, sample of unknown key"
         message = f"{where}: {reason} ({detail})"
         if self.strict:
             raise BadSampleError(f"{message}; set data.strict false to skip and count such samples")
         self.counts[reason] += 1
+        self.total += 1
         # One warning per reason and process names a shard to inspect; the rest are only counted.
         (log.debug if reason in self._warned else log.warning)("skipping %s", message)
         self._warned.add(reason)
+        if not dropped:
+            return
+        self._run[reason] += 1
+        self._run_shards.setdefault(url)
+        run = sum(self._run.values())
+        if self.max_consecutive is not None and run >= self.max_consecutive:
+            # Without this a stream of only bad samples (resampled for ever) spins without a batch.
+            shards = list(self._run_shards)
+            raise NoGoodSamplesError(
+                f"{self.what}: {run} samples in a row skipped with no good one ({describe_counts(self._run)}) "
+                f"in shard(s) {name_shards(shards)}; fix or remove them, or raise data.max_consecutive_skips"
+            )
 
     def drain(self) -> dict[str, int]:
         """The counts since the last drain, which start again from zero."""
@@ -118,10 +179,11 @@ def open_image(data: bytes, ext: str, max_pixels: int) -> tuple[Image.Image | No
     """(image, "", "") for usable image bytes, else (None, skip reason, detail).
 
     The header is read before any pixel is decoded, so an absurdly large image costs nothing
-    but its bytes.
+    but its bytes. Only ``lame_pl.media.IMAGE_FORMATS`` are tried: PIL's other plugins (EPS runs
+    Ghostscript) never see shard bytes.
     """
     try:
-        image = Image.open(io.BytesIO(data))
+        image = Image.open(io.BytesIO(data), formats=IMAGE_FORMATS)
         width, height = image.size
     except Image.DecompressionBombError as exn:
         return None, "image_too_large", str(exn)
@@ -147,19 +209,33 @@ class TarSamples(wds.PipelineStage):
     ``__corrupt__``; when no neighbour explains a jump, one sample of unknown key is counted.
     Members of one sample must be adjacent in the tar, as WebDataset requires.
 
+    A member larger than ``max_member_bytes`` is passed over unread and its sample skipped as
+    ``member_too_large``; a hard or symbolic link member (GNU tar stores a repeated file as a hard
+    link, which a stream cannot read back) skips its sample as ``tar_link``; a shard that yields
+    no sample and no other skip counts once as ``empty_shard``.
+
     Args:
         skips: The pipeline's skip counter.
         complete: Whether a raw sample has every member its format needs (judges damage
             next to a gap); defaults to the image-caption format's.
+        max_member_bytes: Largest member read into memory.
     """
 
-    def __init__(self, skips: SkipCounter, complete: Callable[[dict[str, Any]], bool] = _complete) -> None:
+    def __init__(self, skips: SkipCounter, complete: Callable[[dict[str, Any]], bool] = _complete,
+                 max_member_bytes: int = DEFAULT_MAX_MEMBER_BYTES) -> None:
         self.skips = skips
         self.complete = complete
+        self.max_member_bytes = max_member_bytes
 
     def run(self, src: Iterator[dict[str, Any]]) -> Iterator[dict[str, Any]]:
         for shard in src:
-            yield from self._shard(shard["url"])
+            url, before, samples = shard["url"], self.skips.total, 0
+            for sample in self._shard(url):
+                samples += 1
+                yield sample
+            if not samples and self.skips.total == before:
+                # Counted, so that endless draws of empty shards end at max_consecutive_skips.
+                self.skips.skip("empty_shard", url, None, "the shard holds no sample")
 
     def _unexplained(self, url: str, after: str | None, detail: str) -> None:
         where = "at the start of the shard" if after is None else f"after sample {after!r}"
@@ -189,7 +265,8 @@ class TarSamples(wds.PipelineStage):
                     for info in tar:
                         jump = jump or info.offset != expected
                         expected = info.offset_data + -(-info.size // TAR_BLOCK) * TAR_BLOCK
-                        parsed = _split_name(info.name) if info.isreg() else None
+                        linked = info.islnk() or info.issym()
+                        parsed = _split_name(info.name) if info.isreg() or linked else None
                         if parsed is None:
                             continue
                         key, ext = parsed
@@ -216,6 +293,18 @@ class TarSamples(wds.PipelineStage):
                                 sample["__gap__"] = gap
                         if ext in sample:
                             sample["__corrupt__"] = f"member {info.name!r} appears twice"
+                            continue
+                        if linked:
+                            kind = "hard" if info.islnk() else "symbolic"
+                            sample.setdefault("__skip__", (
+                                "tar_link", f"member {info.name!r} is a {kind} link to {info.linkname!r}; "
+                                "write shards with `tar --hard-dereference` (or tools/make_shards.py)"))
+                            continue
+                        if info.size > self.max_member_bytes:
+                            # Passed over unread: the stream reads past it in blocks, never whole.
+                            sample.setdefault("__skip__", (
+                                "member_too_large",
+                                f"member {info.name!r} has {info.size} bytes > data.max_member_bytes {self.max_member_bytes}"))
                             continue
                         reading = key
                         sample[ext] = tar.extractfile(info).read()
@@ -261,8 +350,14 @@ class DecodeStage(wds.PipelineStage):
             if "__corrupt__" in sample:  # marked by TarSamples next to damaged tar data
                 self._skip(sample, "corrupt_tar", sample["__corrupt__"])
                 continue
+            if "__skip__" in sample:  # a member TarSamples would not read (too large, a link)
+                self._skip(sample, *sample["__skip__"])
+                continue
             decoded = self._decode(sample)
             if decoded is not None:
+                self.skips.good()
+                # Where the sample came from, so that a later stage can name it in a skip.
+                decoded.setdefault("__url__", sample["__url__"])
                 yield decoded
 
     def _skip(self, sample: dict[str, Any], reason: str, detail: str) -> None:
@@ -286,8 +381,8 @@ class DecodePairs(DecodeStage):
         if ext is None:
             members = sorted(k for k in sample if not k.startswith("__"))
             return skip("missing_image", f"no {'/'.join(IMAGE_EXTENSIONS)} member; it has {members}")
-        # A stray byte should not cost a caption; a trailing newline is not part of one.
-        text = sample.get("txt", b"").decode("utf-8", errors="replace").strip()
+        # The one caption normalisation, shared with tools/decoder_vocab.py.
+        text = caption_text(sample.get("txt", b""))
         if not text:
             return skip("empty_caption", "no txt member" if "txt" not in sample else "the txt member is blank")
         token = next((t for t in VISION_TOKENS if t in text), None)
@@ -370,13 +465,21 @@ class DecodeInstructionPairs(DecodeStage):
         return images
 
 
+SKIPS_ONLY = "skips_only"  # marks an item of an evaluation stream that carries counts and no sample
+
+
 class CountedBatches(wds.PipelineStage):
     """Collated batches that carry ``skipped``: what this process skipped since its previous batch.
 
-    Samples drawn from a mixture also give their set's name, as ``batch["sources"]``.
+    Samples drawn from a mixture also give their set's name, as ``batch["sources"]``. A collator
+    that dropped a row's decoder label (a token outside the decoder's vocabulary) lists it in
+    ``batch["decoder_unseen"]`` as ``(row, detail)``; it is counted here as ``decoder_unseen_token``
+    (or raised, when strict) with the row's shard and key.
 
     A batch goes out only when the next good sample arrives or the stream ends, so the last batch
-    of a finite stream also carries the skips behind its last sample.
+    of a finite stream also carries the skips behind its last sample. With ``partial`` (a finite
+    evaluation stream), skips that no batch is left to carry go out as ``{"skipped": counts,
+    SKIPS_ONLY: True}``, which the evaluation loader folds into a batch (``image_text._EvalLoader``).
     """
 
     def __init__(self, skips: SkipCounter, batch_size: int, collate: Callable[[list], dict], partial: bool) -> None:
@@ -387,6 +490,9 @@ class CountedBatches(wds.PipelineStage):
 
     def _emit(self, samples: list[dict[str, Any]]) -> dict[str, Any]:
         batch = self.collate(samples)
+        for row, detail in batch.pop("decoder_unseen", ()):
+            sample = samples[row]
+            self.skips.skip("decoder_unseen_token", sample.get("__url__", "?"), sample.get("key"), detail, dropped=False)
         batch["skipped"] = self.skips.drain()
         if "source" in samples[0]:  # the mixture set of each sample (datamodules.mixture)
             batch["sources"] = [s["source"] for s in samples]
@@ -401,6 +507,8 @@ class CountedBatches(wds.PipelineStage):
             samples.append(sample)
         if samples and (self.partial or len(samples) == self.batch_size):
             yield self._emit(samples)
+        elif self.skips.counts and self.partial:
+            yield {"skipped": self.skips.drain(), SKIPS_ONLY: True}
         elif self.skips.counts:
             # No batch is left to carry them: they ride on this process's next batch, if it has one.
             log.warning("skipped %s at the end of a stream with no batch left to report them",

@@ -4,27 +4,37 @@ from __future__ import annotations
 
 import glob
 import json
+import logging
 import os
 
 from braceexpand import braceexpand
 
 from lame_pl.data.shard_writer import MANIFEST
 
+log = logging.getLogger(__name__)
+MISSING_NAMED = 5  # missing shards named in an error or warning; the rest are counted
+
 
 def is_remote(url: str) -> bool:
     return "://" in url or url.startswith("pipe:")
 
 
-def expand_shards(spec: str | list[str], key: str) -> list[str]:
+def expand_shards(spec: str | list[str], key: str, allow_missing: bool = False) -> list[str]:
     """Expand a shard spec into a list of shard paths or URLs.
+
+    Every file a brace pattern names must exist, and every glob it expands to must match one:
+    a pattern that names 100 shards of which 8 exist would otherwise train on the 8 unnoticed.
 
     Args:
         spec: A brace pattern (``data/train/shard-{000000..000005}.tar``), a glob, a directory
             (all ``*.tar`` inside, sorted), a single file, or a list of those.
         key: The config key the spec came from, named in errors (e.g. ``data.train_shards``).
+        allow_missing: Warn about the shards a pattern names that do not exist, instead of
+            raising (``data.allow_missing_shards``).
 
     Raises:
-        ValueError: When a pattern matches no file or a directory holds no ``.tar``.
+        ValueError: When a pattern matches no file, names shards that do not exist (without
+            ``allow_missing``), or a directory holds no ``.tar``.
         FileNotFoundError: When a named directory or file does not exist.
         PermissionError: When a local shard cannot be opened for reading.
     """
@@ -32,6 +42,7 @@ def expand_shards(spec: str | list[str], key: str) -> list[str]:
     if not specs:
         raise ValueError(f"{key} is an empty list; give a shard pattern, a glob or a directory")
     urls: list[str] = []
+    missing: list[str] = []
     for item in specs:
         item = os.path.expanduser(str(item))
         if is_remote(item):
@@ -42,7 +53,13 @@ def expand_shards(spec: str | list[str], key: str) -> list[str]:
                 raise ValueError(f"{key} directory {item!r} holds no .tar shard")
             urls.extend(found)
         elif any(c in item for c in "{*?["):
-            candidates = [p for pattern in braceexpand(item) for p in sorted(glob.glob(pattern))]
+            candidates = []
+            for pattern in braceexpand(item):
+                found = sorted(glob.glob(pattern))
+                # A glob may match several files, a plain name must be one; either matching none is missing.
+                if not found:
+                    missing.append(pattern)
+                candidates += found
             if not candidates:
                 raise ValueError(f"{key} {item!r} matches no shard file")
             urls.extend(candidates)
@@ -52,6 +69,13 @@ def expand_shards(spec: str | list[str], key: str) -> list[str]:
             raise FileNotFoundError(f"{key} shard file {item!r} does not exist")
         else:
             urls.append(item)
+    if missing:
+        named = ", ".join(repr(m) for m in missing[:MISSING_NAMED])
+        more = f" and {len(missing) - MISSING_NAMED} more" if len(missing) > MISSING_NAMED else ""
+        message = f"{key} names {len(missing)} shard(s) that do not exist: {named}{more}"
+        if not allow_missing:
+            raise ValueError(f"{message}; fix the pattern, or set data.allow_missing_shards true to train on the rest")
+        log.warning("%s; reading the %d that do (data.allow_missing_shards)", message, len(urls))
     for url in urls:
         if not is_remote(url):
             _check_readable(url, key)

@@ -20,6 +20,10 @@ import numpy as np
 # The image types a shard can hold (lame_pl.data.shard_writer.IMAGE_EXTENSIONS), so that a frame
 # the evaluator reads is one training can store.
 FRAME_SUFFIXES = (".jpg", ".jpeg", ".png", ".webp")
+# The PIL formats an image may be decoded from (``Image.open(fp, formats=IMAGE_FORMATS)``), for
+# shards and for the evaluators: PIL would otherwise try each of its plugins, and some reach far
+# (EPS runs Ghostscript where it is installed).
+IMAGE_FORMATS = ("PNG", "JPEG", "WEBP", "GIF", "BMP")
 # VLM2Vec-V2's frames per video, in training (train_alltasks.yaml) and in MMEB-v2 (video.yaml).
 DEFAULT_NUM_FRAMES = 8
 

@@ -16,6 +16,7 @@ from PIL import Image
 from lame_pl.checkpoint import FALLBACK_MAX_TEXT_LENGTH, read_checkpoint
 from lame_pl.evaluation.tables import EvalDataError
 from lame_pl.evaluation.task import ImageRef, Item
+from lame_pl.media import IMAGE_FORMATS
 from lame_pl.prompt import LAYOUT_VERSION, Side
 
 
@@ -36,7 +37,8 @@ class ItemEncoder(Protocol):
 def load_image(image: ImageRef) -> Image.Image:
     """An RGB PIL image from a path or encoded bytes; a clear error when it does not decode."""
     try:
-        with Image.open(io.BytesIO(image) if isinstance(image, bytes) else image) as opened:
+        # Only the allow-listed formats: PIL's others include EPS, which runs Ghostscript.
+        with Image.open(io.BytesIO(image) if isinstance(image, bytes) else image, formats=IMAGE_FORMATS) as opened:
             return opened.convert("RGB")
     except (OSError, ValueError) as error:
         what = "inline image bytes" if isinstance(image, bytes) else f"image {image}"
