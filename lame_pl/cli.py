@@ -6,6 +6,7 @@ the project's own), and runnable as ``python -m lame_pl``.
 
 from __future__ import annotations
 
+import os
 import re
 from pathlib import Path
 from typing import Any
@@ -19,6 +20,8 @@ from lame_pl.checkpoint import CheckpointError, load_checkpoint_file, read_check
 # Model settings that say how to encode, not what was trained: given for a run with --ckpt_path,
 # they win over the checkpoint's hyper-parameters.
 ENCODE_TIME_SETTINGS = ("encode_mode", "cot_tokens")
+# The environment variable that lets --ckpt_path be a URL (read weights-only even then).
+ALLOW_REMOTE = "LAME_PL_ALLOW_REMOTE_CHECKPOINTS"
 # What ModelCheckpoint names its last checkpoint: last.ckpt, last-v1.ckpt...
 LAST_CHECKPOINT = re.compile(r"^last(-v\d+)?\.ckpt$")
 
@@ -52,8 +55,17 @@ class LaMECLI(LightningCLI):
 
         config = self._subcommand_config()
         ckpt = config.get("ckpt_path") if config else None
-        if not ckpt or not isinstance(ckpt, str) or "://" in ckpt:
-            return  # none, "last"/"best" (the Trainer resolves them) or a URL
+        if isinstance(ckpt, str) and "://" in ckpt:
+            if os.environ.get(ALLOW_REMOTE) != "1":
+                raise SystemExit(
+                    f"error: --ckpt_path {ckpt} is a URL: remote checkpoints are refused (Lightning would fetch it over "
+                    f"the network and unpickle it); download it and give the file, or set {ALLOW_REMOTE}=1"
+                )
+            rank_zero_info(f"--ckpt_path {ckpt}: a remote checkpoint, allowed by {ALLOW_REMOTE}=1, read weights-only")
+            config.weights_only = True
+            return
+        if not ckpt or not isinstance(ckpt, str):
+            return  # none, or "last"/"best" (the Trainer resolves them)
         path = Path(ckpt)
         try:
             if LAST_CHECKPOINT.match(path.name) and (path.exists() or path.is_symlink()):

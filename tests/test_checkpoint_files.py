@@ -296,3 +296,21 @@ def test_a_bad_evaluator_checkpoint_is_named_in_one_line(benchmark, name, bad_fi
     with pytest.raises(SystemExit) as error:
         eval_main(benchmark, ["--checkpoint", str(path), "--data-root", str(data), "--output-dir", str(tmp_path / "o")])
     assert one_line_error(error).startswith(f"error: --checkpoint {path} {BAD_FILES[name]}")
+
+
+def test_a_remote_ckpt_path_is_refused_unless_allowed(shards, tmp_path):
+    """Lightning would fetch a URL over the network and unpickle it (issue 12 item 13). Through the
+    console script: the refusal comes before anything is built."""
+    url = "http://127.0.0.1:9/model.ckpt"  # nothing listens there: an allowed fetch fails locally
+    command = [str(Path(sys.executable).with_name("lightning")), *fit_args(shards, tmp_path / "ckpt"),
+               "--trainer.max_steps=1", "--ckpt_path", url]
+    env = {k: v for k, v in os.environ.items() if k != "LAME_PL_ALLOW_REMOTE_CHECKPOINTS"}
+    refused = subprocess.run(command, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
+    assert refused.returncode != 0
+    assert refused.stderr.strip().splitlines()[-1].startswith(
+        f"error: --ckpt_path {url} is a URL: remote checkpoints are refused")
+    allowed = subprocess.run(command, cwd=tmp_path, env={**env, "LAME_PL_ALLOW_REMOTE_CHECKPOINTS": "1"},
+                             capture_output=True, text=True, timeout=300)
+    assert f"--ckpt_path {url}: a remote checkpoint, allowed by LAME_PL_ALLOW_REMOTE_CHECKPOINTS=1, read weights-only" \
+        in allowed.stdout + allowed.stderr
+    assert allowed.returncode != 0  # nothing to fetch there

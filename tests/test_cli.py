@@ -248,9 +248,11 @@ def test_init_from_refuses_a_file_that_would_run_code(tmp_path, tiny_spec):
     import pickle
 
     from lame_pl import LaMEModule
+    from lame_pl.checkpoint import CheckpointError
 
     module = LaMEModule(tiny_spec, None, num_reason_tokens=0, stage=2)
     path = tmp_path / "foreign.ckpt"
     torch.save({"state_dict": module.state_dict(), "extra": Path("anything")}, path)
-    with pytest.raises(pickle.UnpicklingError, match="weights_only"):
+    with pytest.raises(CheckpointError, match="holds objects that a weights-only load refuses") as caught:
         module.load_weights(str(path))
+    assert isinstance(caught.value.__cause__, pickle.UnpicklingError)
