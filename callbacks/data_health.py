@@ -16,8 +16,9 @@ class DataHealth(Callback):
 
     Logged metrics:
 
-    - ``data/skipped/<reason>``: training, on step, the cumulative count of *this rank* since the
-      run started (resumes included). No collective runs per step, and ranks may see different
+    - ``data/skipped/<reason>``: training, on step and at the end of every epoch, the cumulative
+      count of *this rank* since the run started (resumes included); on one device the epoch-end
+      value is the summary line's. No collective runs per step, and ranks may see different
       reasons, which a synchronised log could deadlock on; the logger shows rank 0's counts.
     - ``<split>/data/skipped/<reason>``: validation and test, at epoch end, the epoch's count
       summed over all ranks.
@@ -104,6 +105,11 @@ class DataHealth(Callback):
         self.sources = Counter()
 
     def on_train_epoch_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        # The step logs reach the logger every log_every_n_steps only: the skips of the batches
+        # after the last logged step would miss it. Logged here too, the totals reach the logger
+        # at the epoch's end, as the summary line prints them.
+        for reason, count in sorted(self.train_total.items()):
+            pl_module.log(f"data/skipped/{reason}", float(count), on_step=False, on_epoch=True, batch_size=1)
         self._epoch_end("train", trainer, pl_module)
 
     def on_validation_epoch_start(self, trainer: Trainer, pl_module: LightningModule) -> None:

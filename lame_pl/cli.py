@@ -16,6 +16,7 @@ from lightning.pytorch.cli import ArgsType, LightningCLI
 from lightning.pytorch.utilities import rank_zero_info
 
 from lame_pl.checkpoint import CheckpointError, load_checkpoint_file, read_checkpoint
+from lame_pl.run_dir import checkpoint_folders, existing_checkpoints, remove_checkpoints, resumed_step, set_purge_step
 
 # Model settings that say how to encode, not what was trained: given for a run with --ckpt_path,
 # they win over the checkpoint's hyper-parameters.
@@ -31,6 +32,11 @@ class LaMECLI(LightningCLI):
 
     def add_arguments_to_parser(self, parser) -> None:
         parser.link_arguments("model.init_args.backbone", "data.init_args.backbone")
+        parser.add_argument(
+            "--start_over", type=bool, default=False,
+            help="fit only: delete the checkpoints an earlier run left in this run's checkpoint folder and hide "
+                 "its TensorBoard steps, then train from scratch (without it, such a fit is refused)",
+        )
 
     def _model_init_args(self) -> Any:
         """The model's ``init_args`` in the config of the subcommand being run (None if absent)."""
@@ -96,9 +102,15 @@ class LaMECLI(LightningCLI):
                 init_args[key] = value
 
     def before_instantiate_classes(self) -> None:
+        subcommand = self.config.get("subcommand")
+        # SaveConfigCallback writes into the logger's folder, which a validate/test/predict run
+        # given the training config shares with the training run: its config.yaml stays the fit's.
+        if subcommand and subcommand != "fit":
+            self.save_config_kwargs = {**self.save_config_kwargs, "config_filename": f"config_{subcommand}.yaml"}
+            if self._subcommand_config().get("start_over"):
+                raise SystemExit(f"error: --start_over is for fit, not {subcommand}")
         # A full checkpoint restores every weight, so the weights that started the run
         # (init_from, e.g. stage 1's checkpoint) are neither needed nor required to still exist.
-        subcommand = self.config.get("subcommand")
         config = self.config.get(subcommand) if subcommand else self.config
         init_args = self._model_init_args()
         ckpt = config.get("ckpt_path") if config else None
@@ -129,6 +141,44 @@ class LaMECLI(LightningCLI):
             if read_checkpoint(ckpt).stores_output_ids:
                 rank_zero_info(f"decoder.vocab_file {vocab!r} is not here: the decoder's output ids come from {ckpt}")
                 decoder.vocab_file = None
+
+    def before_fit(self) -> None:
+        """Refuses a fresh fit into a checkpoint folder an earlier run left checkpoints in (unless
+        ``--start_over``), and hides from TensorBoard the steps a resumed or restarted run logs again.
+
+        Runs before ``trainer.fit`` creates the TensorBoard writer, which takes the purge step.
+        """
+        config = self._subcommand_config()
+        start_over = bool(config.get("start_over"))
+        # Kept out of the config.yaml this run saves: fitting from that file must not delete again.
+        config.start_over = False
+        ckpt = config.get("ckpt_path")
+        if ckpt:
+            if start_over:
+                raise SystemExit(f"error: --start_over true and --ckpt_path {ckpt} contradict: give one")
+            try:
+                step = resumed_step(self.trainer, str(ckpt))
+            except CheckpointError as error:
+                raise SystemExit(f"error: {error}") from None
+            if step is not None:
+                set_purge_step(self.trainer, step)
+            return
+        if self.trainer.fast_dev_run:  # saves no checkpoint and logs nothing: nothing to refuse or hide
+            return
+        for folder in checkpoint_folders(self.trainer):
+            found = existing_checkpoints(folder)
+            if not found:
+                continue
+            if not start_over:
+                names = ", ".join(p.name for p in found[:3]) + (", ..." if len(found) > 3 else "")
+                raise SystemExit(
+                    f"error: checkpoint folder {folder} already holds an earlier run's checkpoints ({names}): "
+                    "resume it with --ckpt_path last, or delete them and start over with --start_over true"
+                )
+            if self.trainer.is_global_zero:
+                remove_checkpoints(found)
+        if start_over:
+            set_purge_step(self.trainer, 0)  # the earlier run's events, all of them, no longer shown
 
     @staticmethod
     def _corpus_settings_from(checkpoint: Any, config: Any) -> None:

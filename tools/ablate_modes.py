@@ -238,7 +238,9 @@ def cli_args(row: Row, data: Path, out: Path, steps: int, sets: list[str],
 
 
 def _checkpoint_args(dirpath: Path) -> list[str]:
-    return ["--trainer.callbacks+=lightning.pytorch.callbacks.ModelCheckpoint",
+    # Each row trains from scratch: a rerun into the same --out replaces its checkpoints
+    # (lame_pl.cli refuses a fresh fit into a checkpoint folder that holds some, unless told so).
+    return ["--start_over=true", "--trainer.callbacks+=lightning.pytorch.callbacks.ModelCheckpoint",
             f"--trainer.callbacks.dirpath={dirpath}", "--trainer.callbacks.save_last=true",
             "--trainer.callbacks.save_top_k=0"]
 
