@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import importlib.util
 import random
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -66,3 +68,20 @@ def make_batch(processor):
 @pytest.fixture(autouse=True)
 def _seed():
     torch.manual_seed(0)
+
+
+def make_synthetic_shards(out: Path, train: int, val: int, test: int) -> Path:
+    """Synthetic demo scenes (56 px, 16 samples a shard) written by ``tools/make_shards.py``, as a user writes them."""
+    subprocess.run(
+        [sys.executable, str(Path(__file__).resolve().parents[1] / "tools" / "make_shards.py"), "synthetic",
+         "--out", str(out), "--overwrite", "--train", str(train), "--val", str(val), "--test", str(test),
+         "--image-size", "56", "--samples-per-shard", "16"],
+        check=True, capture_output=True,
+    )
+    return out
+
+
+@pytest.fixture(scope="session")
+def small_shards(tmp_path_factory) -> Path:
+    """32 training, 4 validation and 4 test scenes, shared by the tests that only read them."""
+    return make_synthetic_shards(tmp_path_factory.mktemp("small_shards"), 32, 4, 4)

@@ -65,14 +65,8 @@ main()
 
 
 @pytest.fixture(scope="module")
-def shards(tmp_path_factory) -> Path:
-    out = tmp_path_factory.mktemp("shards")
-    subprocess.run(
-        [sys.executable, str(ROOT / "tools" / "make_shards.py"), "synthetic", "--out", str(out), "--overwrite",
-         "--train", "32", "--val", "4", "--test", "4", "--image-size", "56", "--samples-per-shard", "16"],
-        check=True, capture_output=True,
-    )
-    return out
+def shards(small_shards) -> Path:
+    return small_shards
 
 
 def fit_args(shards: Path, ckpt_dir: Path, *extra: str) -> list[str]:

@@ -10,6 +10,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import make_synthetic_shards
 
 from lame_pl.cli import build_cli
 
@@ -20,12 +21,7 @@ LIGHTNING = Path(sys.executable).with_name("lightning")
 
 @pytest.fixture(scope="module")
 def shards(tmp_path_factory) -> Path:
-    out = tmp_path_factory.mktemp("shards")
-    subprocess.run(
-        [sys.executable, str(ROOT / "tools" / "make_shards.py"), "synthetic", "--out", str(out), "--overwrite",
-         "--train", "48", "--val", "8", "--test", "8", "--image-size", "56", "--samples-per-shard", "16"],
-        check=True, capture_output=True,
-    )
+    out = make_synthetic_shards(tmp_path_factory.mktemp("shards"), 48, 8, 8)
     subprocess.run(
         [sys.executable, str(ROOT / "tools" / "decoder_vocab.py"), str(out / "train"), str(out / "val"),
          str(out / "test"), "--out", str(out / "vocab.json")],

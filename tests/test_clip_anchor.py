@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import random_image
+from conftest import make_synthetic_shards, random_image
 from test_eval_mmeb import write_mmeb
 
 from datamodules.clip import CLIPPairCollator, CLIPProcessor
@@ -36,13 +36,7 @@ CAPTIONS = ["a red circle at the top left", "two blue squares in the center", "a
 
 @pytest.fixture(scope="module")
 def shards(tmp_path_factory) -> Path:
-    out = tmp_path_factory.mktemp("clip_shards")
-    subprocess.run(
-        [sys.executable, str(ROOT / "tools" / "make_shards.py"), "synthetic", "--out", str(out), "--overwrite",
-         "--train", "32", "--val", "8", "--test", "8", "--image-size", "56", "--samples-per-shard", "16"],
-        check=True, capture_output=True,
-    )
-    return out
+    return make_synthetic_shards(tmp_path_factory.mktemp("clip_shards"), 32, 8, 8)
 
 
 def data_args(shards: Path) -> list[str]:
