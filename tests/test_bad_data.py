@@ -11,14 +11,14 @@ import sys
 import tarfile
 import textwrap
 import tracemalloc
-from collections import Counter
 from pathlib import Path
 
 import pytest
-import webdataset as wds
 from conftest import load_tool
 from lightning import Trainer
 from PIL import Image
+from test_data_robust import datamodule as eval_dm
+from test_data_robust import read_all, write
 
 from callbacks import DataHealth
 from datamodules import ImageTextDataModule
@@ -44,25 +44,6 @@ def good(key: str, seed: int = 0, text: str | None = None) -> dict:
 
 def bad(key: str) -> dict:
     return {"__key__": key, "png": b"not an image", "txt": "x"}
-
-
-def write(path: Path, samples: list[dict]) -> Path:
-    with wds.TarWriter(str(path)) as sink:
-        for sample in samples:
-            sink.write(sample)
-    return path
-
-
-def eval_dm(val, **kwargs) -> ImageTextDataModule:
-    return ImageTextDataModule(SPEC, val_shards=val, **{"eval_batch_size": 3, "num_workers": 0, **kwargs})
-
-
-def read_all(loader) -> tuple[list[str], Counter, list[dict]]:
-    batches = list(loader)
-    skipped: Counter = Counter()
-    for batch in batches:
-        skipped.update(batch["skipped"])
-    return [k for b in batches for k in b["keys"]], skipped, batches
 
 
 # --- 7: a training set of only bad samples stops, it does not spin ------------------------------
