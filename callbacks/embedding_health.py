@@ -24,7 +24,8 @@ class EmbeddingHealth(ValidationSubsetCallback):
       within the subset) and ``cosine/gap`` between them.
     - ``std_ratio/{query,target}``: mean per-dimension std times ``sqrt(d)``: about 1 for a
       spread-out space, near 0 when it collapses; a warning is given, once, when it falls below
-      ``collapse_threshold``.
+      ``collapse_threshold`` in a stage whose contrastive loss is in force (not in stage 1's
+      warm-up, where nothing trains the embedding to spread out; the value is logged there too).
     - ``effective_rank/{query,target}`` (Roy & Vetterli 2007), between 1 and ``min(N, d)``.
     - ``norm/{query,target}``: mean norm of the vector that is L2-normalised into the embedding
       (the [EMBED] state after the optional projection).
@@ -76,7 +77,11 @@ class EmbeddingHealth(ValidationSubsetCallback):
             pl_module.log(name, value, rank_zero_only=True)
         low = {side: metrics[f"diag/std_ratio/{side}"] for side in SIDES}
         low = {side: ratio for side, ratio in low.items() if ratio < self.collapse_threshold}
-        if low and not self.warned:
+        # Only where InfoNCE trains the embedding: in a stage without it (stage 1's warm-up) nothing
+        # spreads the embeddings out, and a collapsed space there says nothing about the run.
+        spec = getattr(pl_module, "stage_spec", None)
+        contrastive = spec is None or spec.contrastive_loss_weight > 0
+        if low and contrastive and not self.warned:
             self.warned = True
             sides = ", ".join(f"{side} {ratio:.3f}" for side, ratio in low.items())
             rank_zero_warn(

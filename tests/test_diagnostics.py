@@ -235,6 +235,22 @@ def test_embedding_health_statistics_and_a_single_collapse_warning(monkeypatch):
     assert logged == pytest.approx(metrics)
 
 
+@pytest.mark.parametrize(("contrastive_weight", "alarms"), [(0.0, 0), (1.0, 1)])
+def test_the_collapse_alarm_is_raised_only_where_the_contrastive_loss_is_in_force(monkeypatch, contrastive_weight,
+                                                                                 alarms):
+    """Stage 1 trains no embedding: its collapsed space is logged, not alarmed."""
+    health = EmbeddingHealth(num_samples=4)
+    module = _fake_module()
+    module.stage_spec = SimpleNamespace(contrastive_loss_weight=contrastive_weight)
+    module.log = lambda name, value, **kwargs: None
+    collapsed = torch.ones(4, 4)
+    health.collect(module, _outputs(collapsed, collapsed), {})
+    warned = []
+    monkeypatch.setattr("callbacks.embedding_health.rank_zero_warn", warned.append)
+    health.report(SimpleNamespace(global_step=3), module)
+    assert len(warned) == alarms
+
+
 def test_reason_statistics_on_known_states():
     diagnostics = ReasonDiagnostics(num_samples=2, attention=False)
     # Sample 0: two identical states; sample 1: two orthogonal ones, norms 3 and 4.
