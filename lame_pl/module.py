@@ -507,8 +507,8 @@ class LaMEModule(LightningModule):
         # Here, not in training_step: the whole step's gradient exists (every micro-batch of an
         # accumulation cycle, every GradCache chunk). A non-finite step's gradients are dropped,
         # so the optimiser leaves the weights and its state alone (lame_pl.nonfinite).
-        names = {id(p): name for name, p in self.named_parameters()}
-        params = [(names.get(id(p), "?"), p) for group in optimizer.param_groups for p in group["params"]]
+        # What the optimiser holds: what the stage trains (param_groups).
+        params = [(name, p) for name, p in self.named_parameters() if p.requires_grad]
         # Under a GradScaler an inf gradient is its overflow signal: it skips that step itself.
         scaler = getattr(self.trainer.precision_plugin, "scaler", None) if self._trainer is not None else None
         # DeepSpeed steps on its own gradient partitions (p.grad is not what it applies).

@@ -247,13 +247,20 @@ def test_an_unseen_token_unlabels_its_row_and_is_counted(tmp_path: Path) -> None
         list(strict.val_dataloader())
 
 
-def test_restricted_decoder_trains_past_an_unseen_token(tmp_path: Path) -> None:
+def _unseen_token_shard(tmp_path: Path) -> tuple[list[int], LaMEModule]:
+    """A shard whose second caption has a token ("zebra") outside the vocabulary of its first, and a
+    module whose decoder is restricted to that vocabulary."""
     tokenizer = qwen2_tokenizer()
     write(tmp_path / "s.tar", [good("k0", 0, "a red circle"), good("k1", 1, "a red zebra")])
     vocab = sorted({tokenizer.convert_tokens_to_ids("<|endoftext|>")}
                    | set(tokenizer("a red circle", add_special_tokens=False)["input_ids"]))
     module = LaMEModule(SPEC, DecoderSpec(preset="tiny"), num_reason_tokens=2)
     module.decoder.set_output_ids(vocab)
+    return vocab, module
+
+
+def test_restricted_decoder_trains_past_an_unseen_token(tmp_path: Path) -> None:
+    vocab, module = _unseen_token_shard(tmp_path)
     dm = eval_dm(str(tmp_path / "s.tar"), eval_batch_size=2)
     dm.set_decoder_output_ids(vocab)
     batch = next(iter(dm.val_dataloader()))
@@ -304,12 +311,7 @@ def test_the_module_hands_its_decoder_vocabulary_to_the_data_module(tmp_path: Pa
     """Through the Trainer: no call by hand, the module's setup restricts the labels."""
     from lightning import Trainer
 
-    tokenizer = qwen2_tokenizer()
-    write(tmp_path / "s.tar", [good("k0", 0, "a red circle"), good("k1", 1, "a red zebra")])
-    vocab = sorted({tokenizer.convert_tokens_to_ids("<|endoftext|>")}
-                   | set(tokenizer("a red circle", add_special_tokens=False)["input_ids"]))
-    module = LaMEModule(SPEC, DecoderSpec(preset="tiny"), num_reason_tokens=2)
-    module.decoder.set_output_ids(vocab)
+    _, module = _unseen_token_shard(tmp_path)
     trainer = Trainer(accelerator="cpu", logger=False, enable_progress_bar=False, enable_model_summary=False)
     (metrics,) = trainer.validate(module, datamodule=eval_dm(str(tmp_path / "s.tar"), eval_batch_size=2))
     assert "val/loss/decoder" in metrics  # row k1 left out of the decoder term, not a crash
