@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import importlib.util
 import random
+import shutil
 import subprocess
 import sys
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
@@ -85,3 +87,22 @@ def make_synthetic_shards(out: Path, train: int, val: int, test: int) -> Path:
 def small_shards(tmp_path_factory) -> Path:
     """32 training, 4 validation and 4 test scenes, shared by the tests that only read them."""
     return make_synthetic_shards(tmp_path_factory.mktemp("small_shards"), 32, 4, 4)
+
+
+@pytest.fixture(scope="module")
+def module_tmp(tmp_path_factory) -> Iterator[Callable[[str], Path]]:
+    """Makes folders for a module's fixtures and removes them when the module's tests are done.
+
+    A tiny run's checkpoint is about 180 MB (the Qwen2 vocabulary's embeddings and their Adam state), so
+    keeping every module's runs until the session ends filled CI's disk; with pytest's
+    ``tmp_path_retention_policy = failed`` (setup.cfg) a passing test's own folder goes at once as well.
+    """
+    made: list[Path] = []
+
+    def make(name: str) -> Path:
+        made.append(tmp_path_factory.mktemp(name))
+        return made[-1]
+
+    yield make
+    for path in made:
+        shutil.rmtree(path, ignore_errors=True)

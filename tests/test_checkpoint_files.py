@@ -99,9 +99,9 @@ def other_tmpdir(tmp_path, monkeypatch) -> Path:
 
 
 @pytest.fixture(scope="module")
-def trained(shards, tmp_path_factory) -> Path:
+def trained(shards, module_tmp) -> Path:
     """A checkpoint folder of 3 steps, saved every step, the newest 2 kept (keep_last_n)."""
-    ckpt_dir = tmp_path_factory.mktemp("trained") / "checkpoints"
+    ckpt_dir = module_tmp("trained") / "checkpoints"
     argv, sys.argv = sys.argv, ["lightning"]
     try:
         build_cli(fit_args(shards, ckpt_dir, "--trainer.max_steps=3", "--trainer.callbacks.keep_last_n=2"))
@@ -241,9 +241,9 @@ BAD_FILES = {
 
 
 @pytest.fixture(scope="module")
-def bad_files(trained, tmp_path_factory) -> dict[str, Path]:
+def bad_files(trained, module_tmp) -> dict[str, Path]:
     """A checkpoint cut in half, random bytes, and a torch file of a plain tensor."""
-    folder = tmp_path_factory.mktemp("bad")
+    folder = module_tmp("bad")
     whole = (trained / "epoch=0-step=2.ckpt").read_bytes()
     (folder / "truncated.ckpt").write_bytes(whole[: len(whole) // 2])
     (folder / "random.ckpt").write_bytes(os.urandom(4096))

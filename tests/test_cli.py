@@ -20,8 +20,8 @@ LIGHTNING = Path(sys.executable).with_name("lightning")
 
 
 @pytest.fixture(scope="module")
-def shards(tmp_path_factory) -> Path:
-    out = make_synthetic_shards(tmp_path_factory.mktemp("shards"), 48, 8, 8)
+def shards(module_tmp) -> Path:
+    out = make_synthetic_shards(module_tmp("shards"), 48, 8, 8)
     subprocess.run(
         [sys.executable, str(ROOT / "tools" / "decoder_vocab.py"), str(out / "train"), str(out / "val"),
          str(out / "test"), "--out", str(out / "vocab.json")],

@@ -35,8 +35,8 @@ CAPTIONS = ["a red circle at the top left", "two blue squares in the center", "a
 
 
 @pytest.fixture(scope="module")
-def shards(tmp_path_factory) -> Path:
-    return make_synthetic_shards(tmp_path_factory.mktemp("clip_shards"), 32, 8, 8)
+def shards(module_tmp) -> Path:
+    return make_synthetic_shards(module_tmp("clip_shards"), 32, 8, 8)
 
 
 def data_args(shards: Path) -> list[str]:
@@ -59,9 +59,9 @@ def _no_pytest_argv(monkeypatch):
 
 
 @pytest.fixture(scope="module")
-def fitted(shards, tmp_path_factory) -> tuple[Path, dict]:
+def fitted(shards, module_tmp) -> tuple[Path, dict]:
     """configs/demo/clip.yaml fit for 4 steps (validating at the 4th) on the tiny shards; its checkpoint and metrics."""
-    tmp = tmp_path_factory.mktemp("clip_run")
+    tmp = module_tmp("clip_run")
     argv = sys.argv
     sys.argv = ["lightning"]
     try:

@@ -114,11 +114,11 @@ def test_stage_overlays_only_add_to_the_base(stage):
 
 
 @pytest.fixture(scope="module")
-def local_checkpoints(tmp_path_factory) -> tuple[Path, Path]:
+def local_checkpoints(module_tmp) -> tuple[Path, Path]:
     """A tiny Qwen2-VL and a tiny Qwen3 saved as Hugging Face directories, as a user would have."""
     from transformers import Qwen2VLForConditionalGeneration
 
-    root = tmp_path_factory.mktemp("weights")
+    root = module_tmp("weights")
     spec = BackboneSpec(preset="tiny", min_pixels=3136, max_pixels=3136)
     torch.manual_seed(0)
     Qwen2VLForConditionalGeneration(backbone_config("tiny", "sdpa")).save_pretrained(root / "vlm")
@@ -140,12 +140,12 @@ def test_backbone_loads_from_a_local_directory_with_its_weights(local_checkpoint
 
 
 @pytest.fixture(scope="module")
-def converted(tmp_path_factory) -> Path:
+def converted(module_tmp) -> Path:
     """MMEB-train-layout files (image, text-to-image and classification subsets) and LLaVA-Hound
     video rows, converted by `tools/make_shards.py mmeb-train` as the README says."""
     from test_mmeb_train import _mmeb_root, _video
 
-    tmp = tmp_path_factory.mktemp("mmeb")
+    tmp = module_tmp("mmeb")
     mmeb = _mmeb_root(tmp)
     sft, frames, _ = _video(tmp)
     out = tmp / "shards"

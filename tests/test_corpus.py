@@ -36,9 +36,9 @@ def _no_pytest_argv(monkeypatch):
 
 
 @pytest.fixture(scope="module")
-def ckpt(tmp_path_factory) -> Path:
+def ckpt(module_tmp) -> Path:
     """A one-step fit of the tiny model: the weights every predict and search here uses."""
-    tmp = tmp_path_factory.mktemp("fit")
+    tmp = module_tmp("fit")
     subprocess.run([sys.executable, str(ROOT / "tools" / "make_shards.py"), "synthetic", "--out", str(tmp / "shards"),
                     "--overwrite", "--train", "4", "--val", "2", "--test", "4", "--image-size", "56"],
                    check=True, capture_output=True)
@@ -51,9 +51,9 @@ def ckpt(tmp_path_factory) -> Path:
 
 
 @pytest.fixture(scope="module")
-def corpus(tmp_path_factory) -> dict[str, Path]:
+def corpus(module_tmp) -> dict[str, Path]:
     """Five tiny images (one in a subfolder), a corrupt one, a non-image, and a text file with a blank line."""
-    tmp = tmp_path_factory.mktemp("corpus")
+    tmp = module_tmp("corpus")
     rng = random.Random(0)
     for name in IMAGES:
         (tmp / "images" / name).parent.mkdir(parents=True, exist_ok=True)
@@ -79,8 +79,8 @@ def predict(ckpt: Path, out: Path, *data: str, resume: bool = False, rows_per_sh
 
 
 @pytest.fixture(scope="module")
-def image_embeddings(ckpt, corpus, tmp_path_factory) -> Path:
-    out = tmp_path_factory.mktemp("image_run") / "embeddings"
+def image_embeddings(ckpt, corpus, module_tmp) -> Path:
+    out = module_tmp("image_run") / "embeddings"
     with pytest.warns(UserWarning, match=r"5 rows in .* skipped 1 unreadable item\(s\), e\.g\. bad\.png"):
         predict(ckpt, out, f"--data.images={corpus['images']}")
     return out

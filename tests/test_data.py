@@ -32,8 +32,8 @@ def _tools():
 
 
 @pytest.fixture(scope="module")
-def data_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    out = tmp_path_factory.mktemp("shards")
+def data_dir(module_tmp) -> Path:
+    out = module_tmp("shards")
     cmd = [sys.executable, str(TOOLS / "make_shards.py"), "synthetic", "--out", str(out), "--overwrite",
            "--image-size", "56", "--samples-per-shard", str(PER_SHARD), "--seed", "3"]
     for split, n in SIZES.items():

@@ -22,8 +22,8 @@ SIZES = {"train": 32, "val": 20}  # 8 train shards: 2 per (rank, worker) slot of
 
 
 @pytest.fixture(scope="module")
-def data_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    out = tmp_path_factory.mktemp("shards")
+def data_dir(module_tmp) -> Path:
+    out = module_tmp("shards")
     cmd = [sys.executable, str(ROOT / "tools" / "make_shards.py"), "synthetic", "--out", str(out), "--overwrite",
            "--image-size", "56", "--samples-per-shard", str(PER_SHARD), "--seed", "5", "--test", "4"]
     for split, n in SIZES.items():

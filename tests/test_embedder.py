@@ -42,12 +42,12 @@ def _train(module, batch, path: Path, perturb_adapters: bool = False) -> Path:
 
 
 @pytest.fixture(scope="module")
-def trained(tmp_path_factory, tiny_spec, tiny_decoder, make_batch) -> dict[str, Path]:
+def trained(module_tmp, tiny_spec, tiny_decoder, make_batch) -> dict[str, Path]:
     """Tiny checkpoints written from a training folder holding the relative ``vocab.json`` and
     ``init.ckpt`` they name: ``plain`` (stage 2, full weights) and ``dora`` (stage 2, DoRA)."""
     from lame_pl import LaMEModule
 
-    root = tmp_path_factory.mktemp("train")
+    root = module_tmp("train")
     tokenizer = qwen2_tokenizer()
     ids = {tokenizer.convert_tokens_to_ids("<|endoftext|>")}
     for caption in CAPTIONS:

@@ -21,9 +21,9 @@ CONF = ROOT / "tests" / "conf" / "tiny.yaml"
 
 
 @pytest.fixture(scope="module")
-def checkpoint(tmp_path_factory) -> Path:
+def checkpoint(module_tmp) -> Path:
     """One optimiser step of the tiny config, saved by ModelCheckpoint as last.ckpt."""
-    tmp = tmp_path_factory.mktemp("ckpt")
+    tmp = module_tmp("ckpt")
     subprocess.run(
         [sys.executable, str(ROOT / "tools" / "make_shards.py"), "synthetic", "--out", str(tmp / "shards"),
          "--overwrite", "--train", "8", "--val", "4", "--test", "4", "--image-size", "56", "--samples-per-shard", "8"],

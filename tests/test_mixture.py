@@ -23,9 +23,9 @@ SETS = ("cats", "dogs", "birds")
 
 
 @pytest.fixture(scope="module")
-def sets_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+def sets_dir(module_tmp) -> Path:
     """Three small text-only instruction-pair sets (text only: the mixture, not decoding, is under test)."""
-    root = tmp_path_factory.mktemp("mixture")
+    root = module_tmp("mixture")
     for name in SETS:
         rows = [{"query_instruction": f"Find the {name}.", "query_text": f"{name} query {i}",
                  "target_text": f"{name} answer {i}"} for i in range(12)]

@@ -201,8 +201,8 @@ def test_module_trains_a_step_in_latent_sequential(tiny_spec, tiny_decoder, make
 
 
 @pytest.fixture(scope="module")
-def shards(tmp_path_factory) -> Path:
-    out = tmp_path_factory.mktemp("shards")
+def shards(module_tmp) -> Path:
+    out = module_tmp("shards")
     subprocess.run(
         [sys.executable, str(ROOT / "tools" / "make_shards.py"), "synthetic", "--out", str(out), "--overwrite",
          "--train", "8", "--val", "4", "--test", "4", "--image-size", "56", "--samples-per-shard", "8"],

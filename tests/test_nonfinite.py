@@ -244,7 +244,7 @@ def test_max_nonfinite_steps_is_validated(tiny_spec, value):
 
 
 @pytest.fixture(scope="module")
-def learned(tiny_spec, tiny_decoder, batch, tmp_path_factory) -> tuple[str, float]:
+def learned(tiny_spec, tiny_decoder, batch, module_tmp) -> tuple[str, float]:
     """A stage-2 checkpoint (configured temperature 0.05) whose temperature moved in training."""
     torch.manual_seed(0)
     module = LaMEModule(tiny_spec, tiny_decoder, num_reason_tokens=2, stage=2, learnable_temperature=True,
@@ -252,7 +252,7 @@ def learned(tiny_spec, tiny_decoder, batch, tmp_path_factory) -> tuple[str, floa
     trainer = Trainer(accelerator="cpu", devices=1, max_steps=2, logger=False, enable_checkpointing=False,
                       enable_progress_bar=False, enable_model_summary=False)
     trainer.fit(module, torch.utils.data.DataLoader([batch] * 2, batch_size=None, collate_fn=lambda b: b))
-    path = str(tmp_path_factory.mktemp("learned") / "stage.ckpt")
+    path = str(module_tmp("learned") / "stage.ckpt")
     trainer.save_checkpoint(path)
     temperature = 1.0 / module.logit_scale.item()
     assert temperature != pytest.approx(0.05, rel=1e-3)

@@ -44,13 +44,13 @@ def _negatives(row: dict) -> list[dict]:
 
 
 @pytest.fixture(scope="module")
-def pairs_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    src = tmp_path_factory.mktemp("pairs_src")
+def pairs_dir(module_tmp) -> Path:
+    src = module_tmp("pairs_src")
     rng = random.Random(0)
     for name, side in SIDES.items():
         Image.frombytes("RGB", (side, side), bytes(rng.getrandbits(8) for _ in range(side * side * 3))).save(src / name)
     (src / "pairs.jsonl").write_text("".join(json.dumps(row) + "\n" for row in ROWS))
-    out = tmp_path_factory.mktemp("pairs")
+    out = module_tmp("pairs")
     subprocess.run([sys.executable, str(ROOT / "tools" / "make_shards.py"), "manifest", "--manifest",
                     str(src / "pairs.jsonl"), "--out", str(out), "--split-name", "val", "--samples-per-shard", "4"],
                    check=True, capture_output=True, text=True)

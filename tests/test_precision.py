@@ -62,8 +62,8 @@ def test_full_training_of_bf16_weights_is_warned_about(make_batch):
 
 
 @pytest.fixture(scope="module")
-def shards(tmp_path_factory) -> Path:
-    out = tmp_path_factory.mktemp("shards")
+def shards(module_tmp) -> Path:
+    out = module_tmp("shards")
     subprocess.run(
         [sys.executable, str(ROOT / "tools" / "make_shards.py"), "synthetic", "--out", str(out),
          "--train", "8", "--val", "4", "--test", "4", "--image-size", "56", "--samples-per-shard", "8"],

@@ -73,9 +73,9 @@ def event_files(folder: Path) -> list[Path]:
 
 
 @pytest.fixture(scope="module")
-def killed(shards, tmp_path_factory) -> Path:
+def killed(shards, module_tmp) -> Path:
     """A run that checkpointed at step 3 and went on logging steps 3 and 4 (killed after step 5)."""
-    save_dir = tmp_path_factory.mktemp("killed")
+    save_dir = module_tmp("killed")
     build_cli(run_args(shards, save_dir, "--trainer.max_steps=5", "--trainer.callbacks.every_n_train_steps=3"))
     return save_dir
 

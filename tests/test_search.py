@@ -41,8 +41,8 @@ def _no_pytest_argv(monkeypatch):
 
 
 @pytest.fixture(scope="module")
-def shards(tmp_path_factory) -> Path:
-    out = tmp_path_factory.mktemp("shards")
+def shards(module_tmp) -> Path:
+    out = module_tmp("shards")
     subprocess.run(
         [sys.executable, str(ROOT / "tools" / "make_shards.py"), "synthetic", "--out", str(out), "--overwrite",
          "--train", "8", "--val", "4", "--test", str(TEST_SAMPLES), "--image-size", "56",
@@ -57,9 +57,9 @@ def data_args(shards: Path) -> list[str]:
 
 
 @pytest.fixture(scope="module")
-def run(shards, tmp_path_factory) -> dict[str, Path]:
+def run(shards, module_tmp) -> dict[str, Path]:
     """One step of fit, then ``lightning test`` (module metrics) and ``lightning predict`` on its checkpoint."""
-    tmp = tmp_path_factory.mktemp("run")
+    tmp = module_tmp("run")
     sys.argv = ["lightning"]
     build_cli(["fit", f"--config={CONF}", *data_args(shards), "--trainer.max_steps=1", "--trainer.logger=false",
                f"--trainer.default_root_dir={tmp}",

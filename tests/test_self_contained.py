@@ -34,7 +34,7 @@ def _assert_same(got: dict[str, torch.Tensor], expected: dict[str, torch.Tensor]
 
 
 @pytest.fixture(scope="module")
-def local_run(tmp_path_factory, make_batch) -> dict:
+def local_run(module_tmp, make_batch) -> dict:
     """A tiny Qwen2-VL and a tiny Qwen3 saved as Hugging Face folders, a stage-2 checkpoint of a
     module built from them (one step), what that module computed, and a backup of the folders."""
     from transformers import Qwen2VLForConditionalGeneration
@@ -42,7 +42,7 @@ def local_run(tmp_path_factory, make_batch) -> dict:
     from lame_pl import BackboneSpec, DecoderSpec, LaMEModule
     from lame_pl.backbone import backbone_config, build_decoder, build_processor
 
-    root = tmp_path_factory.mktemp("local")
+    root = module_tmp("local")
     backup = root / "backup"
     Qwen2VLForConditionalGeneration(backbone_config("tiny", "sdpa")).save_pretrained(backup / "vlm")
     build_processor(BackboneSpec(preset="tiny", min_pixels=3136, max_pixels=3136)).save_pretrained(backup / "vlm")

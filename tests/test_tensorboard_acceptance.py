@@ -42,8 +42,8 @@ def tool(name: str):
 
 
 @pytest.fixture(scope="module")
-def shards(tmp_path_factory) -> Path:
-    out = tmp_path_factory.mktemp("shards")
+def shards(module_tmp) -> Path:
+    out = module_tmp("shards")
     assert tool("make_shards").main(
         ["synthetic", "--out", str(out), "--overwrite", "--train", "16", "--val", str(VAL_SAMPLES), "--test", "8",
          "--image-size", "56", "--samples-per-shard", "8"]
