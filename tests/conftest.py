@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import importlib.util
+import os
 import random
 import shutil
 import subprocess
@@ -70,6 +71,24 @@ def make_batch(processor):
 @pytest.fixture(autouse=True)
 def _seed():
     torch.manual_seed(0)
+
+
+@pytest.fixture(autouse=True)
+def _same_working_directory() -> Iterator[None]:
+    """Fails a test that leaves the process in another folder (use ``monkeypatch.chdir``).
+
+    Its tmp_path is removed when it passes, so a bare ``os.chdir`` there breaks every later test
+    that reads the working directory.
+    """
+    here = os.getcwd()
+    yield
+    try:
+        moved = os.getcwd() != here
+    except FileNotFoundError:
+        moved = True
+    if moved:
+        os.chdir(here)
+        pytest.fail(f"the test left the working directory changed (from {here}); use monkeypatch.chdir")
 
 
 def make_synthetic_shards(out: Path, train: int, val: int, test: int) -> Path:

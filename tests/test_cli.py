@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import os
 import subprocess
 import sys
 from pathlib import Path
@@ -75,12 +74,12 @@ def test_python_dash_m_entry_prints_help():
     assert result.returncode == 0 and "fit" in result.stdout and "predict" in result.stdout
 
 
-def test_resume_continues_global_step_and_tensorboard_run(shards, tmp_path):
+def test_resume_continues_global_step_and_tensorboard_run(shards, tmp_path, monkeypatch):
     first = fit(*data_args(shards), *run_args(tmp_path, "run"), "--trainer.max_steps=2")
     assert first.trainer.global_step == 2
     last = tmp_path / "run" / "checkpoints" / "last.ckpt"
     assert last.is_file()
-    os.chdir(tmp_path)  # `--ckpt_path last` finds last.ckpt through the checkpoint callback's dirpath
+    monkeypatch.chdir(tmp_path)  # `--ckpt_path last` finds last.ckpt through the checkpoint callback's dirpath
     second = fit(*data_args(shards), *run_args(tmp_path, "run"), "--trainer.max_steps=4", "--ckpt_path=last")
     assert second.trainer.global_step == 4
     assert second.trainer.logger.log_dir == first.trainer.logger.log_dir == str(tmp_path / "run")
@@ -89,7 +88,7 @@ def test_resume_continues_global_step_and_tensorboard_run(shards, tmp_path):
     assert sorted(p.name for p in tmp_path.iterdir() if p.is_dir()) == ["run"]
 
 
-def test_gradcache_fits_logs_the_plain_steps_losses_and_resumes(shards, tmp_path):
+def test_gradcache_fits_logs_the_plain_steps_losses_and_resumes(shards, tmp_path, monkeypatch):
     """`--model.init_args.gradcache_chunk_size 4` with a batch of 16: the same train/loss/* names, and a resume."""
     stage2 = [*data_args(shards), "--model.init_args.stage=2", "--data.init_args.batch_size=16"]
     chunks = ["--model.init_args.gradcache_chunk_size=4"]
@@ -98,7 +97,7 @@ def test_gradcache_fits_logs_the_plain_steps_losses_and_resumes(shards, tmp_path
     losses = {name for name in first.trainer.logged_metrics if name.startswith("train/loss")}
     assert losses == {name for name in plain.trainer.logged_metrics if name.startswith("train/loss")}
     assert {"train/loss", "train/loss/contrastive", "train/loss/decoder"} <= losses
-    os.chdir(tmp_path)
+    monkeypatch.chdir(tmp_path)
     second = fit(*stage2, *chunks, *run_args(tmp_path, "gc"), "--trainer.max_steps=3", "--ckpt_path=last")
     assert second.trainer.global_step == 3 and second.model.hparams.gradcache_chunk_size == 4
     assert torch.isfinite(second.trainer.logged_metrics["train/loss"])
@@ -122,7 +121,7 @@ def test_stage2_initialised_from_stage1_checkpoint(shards, tmp_path):
     build_cli(["test", f"--config={CONF}", *stage2, f"--ckpt_path={tmp_path / 's2' / 'checkpoints' / 'last.ckpt'}"])
 
 
-def test_stage_switch_callback_switches_saves_and_resumes_in_stage2(shards, tmp_path):
+def test_stage_switch_callback_switches_saves_and_resumes_in_stage2(shards, tmp_path, monkeypatch):
     switch = ["--trainer.callbacks+=callbacks.StageSwitch", "--trainer.callbacks.at_step=2"]
     cli = fit(*data_args(shards), *run_args(tmp_path, "sw"), *switch, "--trainer.max_steps=3")
     model = cli.model
@@ -132,7 +131,7 @@ def test_stage_switch_callback_switches_saves_and_resumes_in_stage2(shards, tmp_
     assert all(id(p) in optimised for p in model.encoder.backbone.language_model.parameters())
     checkpoint = torch.load(tmp_path / "sw" / "checkpoints" / "last.ckpt", weights_only=True)
     assert checkpoint["lame_stage"] == 2
-    os.chdir(tmp_path)
+    monkeypatch.chdir(tmp_path)
     resumed = fit(*data_args(shards), *run_args(tmp_path, "sw"), *switch, "--trainer.max_steps=4", "--ckpt_path=last")
     assert resumed.model.stage == 2 and resumed.trainer.global_step == 4
 
