@@ -6,7 +6,8 @@
 Hit@1 for image and video tasks, nDCG@5 (linear gain) for visual-document tasks; one JSON per
 task under OUTPUT_DIR/<modality>/, summary.json and a table per group, modality and overall.
 Embeddings are cached (OUTPUT_DIR/cache by default), so a re-run only scores. The folder layout
-is described in lame_pl/evaluation/mmeb.py.
+is described in lame_pl/evaluation/mmeb.py and the README ("MMEB-v2 and MRMR on disk");
+`python tools/eval_mmeb.py --list-tasks` prints every accepted task with its group and metric.
 
 A CLIP anchor checkpoint (configs/demo/clip.yaml) is evaluated the same way: the tool reads the
 model class the checkpoint stores and embeds through lame_pl/evaluation/clip_encoder.py.

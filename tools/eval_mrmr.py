@@ -5,7 +5,8 @@
 
 nDCG@10 (recall@1 for negation) over each subset's whole corpus; one JSON per subset,
 summary.json and a table. Embeddings are cached, so a re-run only scores. The folder layout is
-described in lame_pl/evaluation/mrmr.py.
+described in lame_pl/evaluation/mrmr.py and the README ("MMEB-v2 and MRMR on disk");
+`python tools/eval_mrmr.py --list-tasks` prints every accepted task with its group and metric.
 
 A CLIP anchor checkpoint (configs/demo/clip.yaml) is evaluated the same way: the tool reads the
 model class the checkpoint stores and embeds through lame_pl/evaluation/clip_encoder.py.

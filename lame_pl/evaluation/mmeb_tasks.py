@@ -8,6 +8,14 @@ leaderboard columns: image CLS, QA, RET, VG; video CLS, QA, RET, MRET; visdoc Vi
 ViDoRe-v2, VisRAG, OOD. 36 + 18 + 24 = 78 tasks count towards the overall score; the three
 multilingual ViDoRe-v2 variants that ``report_score_v2.py`` also lists are kept as known tasks
 outside the 24 (that they are outside is our reading of the published count, not confirmed).
+
+Folder names: a visual-document task's BEIR tables are a Hugging Face dataset snapshot, which
+VLM2Vec names after the dataset (``src/constant/dataset_hf_path.py``: ``ViDoRe_arxivqa`` is
+``vidore/arxivqa_test_subsampled_beir``, ``VisRAG_ArxivQA`` is ``openbmb/VisRAG-Ret-Test-ArxivQA``),
+and whose pages ``experiments/public/eval/visdoc.yaml`` puts under ``visdoc-tasks/<folder>`` (the
+ViDoRe-v2 tasks without their ``ViDoRe_`` prefix). ``TaskInfo.folders`` holds those names. The
+three English ViDoRe-v2 tasks and their multilingual variants share one dataset: the English ones
+keep the queries whose ``language`` is ``english``, as VLM2Vec filters them.
 """
 
 from __future__ import annotations
@@ -39,6 +47,13 @@ class TaskInfo:
     scope: Literal["local", "global"]
     naming: Naming = "image+text"
     counted: bool = True
+    folders: tuple[str, ...] = ()
+    language: str | None = None
+
+    @property
+    def metric(self) -> str:
+        """The main metric the benchmark reports for this task."""
+        return MAIN_METRIC[self.modality]
 
 
 def _tasks() -> dict[str, TaskInfo]:
@@ -65,19 +80,48 @@ def _tasks() -> dict[str, TaskInfo]:
     table += [TaskInfo(n, "video", g, scope) for n, g, scope in video]
     v1 = ["arxivqa", "docvqa", "infovqa", "tabfquad", "tatdqa", "shiftproject", "syntheticDocQA_artificial_intelligence",
           "syntheticDocQA_energy", "syntheticDocQA_government_reports", "syntheticDocQA_healthcare_industry"]
-    table += [TaskInfo(f"ViDoRe_{n}", "visdoc", "ViDoRe-v1", "global") for n in v1]
-    v2 = ["esg_reports_human_labeled_v2", "biomedical_lectures_v2", "economics_reports_v2", "esg_reports_v2"]
-    table += [TaskInfo(f"ViDoRe_{n}", "visdoc", "ViDoRe-v2", "global") for n in v2]
-    table += [TaskInfo(f"ViDoRe_{n}_multilingual", "visdoc", "ViDoRe-v2", "global", counted=False)
+    subsampled = {"arxivqa", "docvqa", "infovqa", "tabfquad"}
+    table += [TaskInfo(f"ViDoRe_{n}", "visdoc", "ViDoRe-v1", "global",
+                       folders=(f"{n}_test{'_subsampled' if n in subsampled else ''}_beir",)) for n in v1]
+    table.append(TaskInfo("ViDoRe_esg_reports_human_labeled_v2", "visdoc", "ViDoRe-v2", "global",
+                          folders=("esg_reports_human_labeled_v2",)))
+    for n in ["biomedical_lectures_v2", "economics_reports_v2", "esg_reports_v2"]:
+        table.append(TaskInfo(f"ViDoRe_{n}", "visdoc", "ViDoRe-v2", "global", folders=(n,), language="english"))
+    table += [TaskInfo(f"ViDoRe_{n}_multilingual", "visdoc", "ViDoRe-v2", "global", counted=False,
+                       folders=(f"{n}_multilingual", n))
               for n in ["biomedical_lectures_v2", "economics_reports_v2", "esg_reports_v2"]]
-    table += [TaskInfo(f"VisRAG_{n}", "visdoc", "VisRAG", "global")
+    table += [TaskInfo(f"VisRAG_{n}", "visdoc", "VisRAG", "global", folders=(f"VisRAG-Ret-Test-{n}",))
               for n in ["ArxivQA", "ChartQA", "MP-DocVQA", "SlideVQA", "InfoVQA", "PlotQA"]]
-    table += [TaskInfo(n, "visdoc", "OOD", "global")
-              for n in ["ViDoSeek-page", "ViDoSeek-doc", "MMLongBench-page", "MMLongBench-doc"]]
+    table += [TaskInfo("ViDoSeek-page", "visdoc", "OOD", "global", folders=("ViDoSeek-page-fixed",)),
+              TaskInfo("ViDoSeek-doc", "visdoc", "OOD", "global", folders=("ViDoSeek",)),
+              TaskInfo("MMLongBench-page", "visdoc", "OOD", "global", folders=("MMLongBench-page-fixed", "MMLongBench")),
+              TaskInfo("MMLongBench-doc", "visdoc", "OOD", "global")]
     return {t.name: t for t in table}
 
 
 TASKS: dict[str, TaskInfo] = _tasks()
+
+GROUP_NAMES = {"CLS": "classification", "QA": "question answering", "RET": "retrieval", "VG": "visual grounding",
+               "MRET": "moment retrieval", "ViDoRe-v1": "document retrieval", "ViDoRe-v2": "document retrieval",
+               "VisRAG": "document retrieval", "OOD": "document retrieval, out of domain"}
+
+
+def _folder_index() -> dict[str, list[TaskInfo]]:
+    index: dict[str, list[TaskInfo]] = {}
+    for info in TASKS.values():
+        for name in (info.name, *info.folders):
+            index.setdefault(name.casefold(), []).append(info)
+    return index
+
+
+# Every name a task's folder may have on disk, compared without regard to case: the task names
+# differ by more than case, so a case-only difference cannot pick the wrong task (and metric).
+_BY_FOLDER = _folder_index()
+
+
+def tasks_named(name: str) -> list[TaskInfo]:
+    """The known tasks whose name or snapshot folder name is ``name``, ignoring case (several for a shared folder)."""
+    return list(_BY_FOLDER.get(name.casefold(), []))
 
 
 def tasks_of(modality: str) -> list[TaskInfo]:

@@ -10,6 +10,8 @@ corpus documents, appended to the corpus as the MRMR task code does). Layout und
     <subset>/qrels     query-id, corpus-id, score  (knowledge/theorem: query_id, corpus_id)
     <subset>/pin_p     optional, same columns as corpus; its documents get ids ``pin_p-<row>``
 
+``<subset>/`` may also be ``MRMRbenchmark/<subset>/``, and in any case (``Knowledge/``).
+
 An image column holds a path (relative to ``--image-root``, default the subset folder) or an
 image struct with inline ``bytes``. A document's images come before its text (interleaving at
 its ``<image N>`` placeholders is not reproduced). Every query ranks the whole corpus; the main
@@ -19,13 +21,19 @@ score is nDCG@10 (recall@1 for negation), computed as trec_eval does (linear gai
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import difflib
+import sys
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 from lame_pl.evaluation.tables import EvalDataError, Row, find_table, read_qrels, read_rows, require_dir
 from lame_pl.evaluation.task import ImageRef, Item, RetrievalTask, image_path
 
 SUBSETS = ("knowledge", "theorem", "design", "traffic", "negation")
+# The kind of retrieval each subset asks for (our reading of MRMR's task instructions below: design,
+# traffic and negation ask for documents that the query violates or contradicts).
+CATEGORY = {"knowledge": "knowledge", "theorem": "theorem", "design": "contradiction", "traffic": "contradiction",
+            "negation": "contradiction"}
 MAIN_METRIC = {"knowledge": "ndcg@10", "theorem": "ndcg@10", "design": "ndcg@10", "traffic": "ndcg@10",
                "negation": "recall@1"}
 QUERY_INSTRUCTIONS = {
@@ -102,17 +110,74 @@ def read_mrmr_task(subset: str, folder: Path, image_root: Path | None = None) ->
     )
 
 
+# Where a subset's snapshot may sit under --data-root: ``<subset>/`` or under the dataset owner's
+# name, as ``huggingface-cli download MRMRbenchmark/<subset> --local-dir MRMRbenchmark/<subset>``
+# leaves it. Folder names are matched without regard to case.
+SUBSET_HOMES = (".", "MRMRbenchmark")
+Log = Callable[[str], None]
+
+
+def _stderr(message: str) -> None:
+    print(message, file=sys.stderr)
+
+
+def _subset_folders(root: Path) -> dict[str, list[Path]]:
+    """``{subset: folders}`` for every known subset found under the homes of ``root``, in search order."""
+    found: dict[str, list[Path]] = {}
+    for home in SUBSET_HOMES:
+        folder = root / home
+        if not folder.is_dir():
+            continue
+        for path in sorted(folder.iterdir()):
+            if path.is_dir() and path.name.casefold() in SUBSETS:
+                found.setdefault(path.name.casefold(), []).append(path)
+    return found
+
+
+def _canonical(name: str, log: Log) -> str:
+    """The subset ``name`` means, case ignored; an unknown name is an error naming the closest one."""
+    if name in SUBSETS:
+        return name
+    if name.casefold() in SUBSETS:
+        log(f"note: task {name!r} read as {name.casefold()!r} (task names are matched without regard to case)")
+        return name.casefold()
+    close = difflib.get_close_matches(name.casefold(), SUBSETS, n=1, cutoff=0.6)
+    hint = f" (did you mean {close[0]!r}?)" if close else ""
+    raise EvalDataError(f"unknown MRMR task {name!r}{hint}: the tasks are {', '.join(SUBSETS)}")
+
+
 def load_mrmr_tasks(
-    data_root: str | Path, names: Sequence[str] | None = None, image_root: str | Path | None = None
+    data_root: str | Path, names: Sequence[str] | None = None, image_root: str | Path | None = None,
+    log: Log = _stderr,
 ) -> list[RetrievalTask]:
-    """Reads the MRMR subsets (all present ones, or ``names``) under ``data_root``, checking every record."""
+    """Reads the MRMR subsets (all present ones, or ``names``) under ``data_root``, checking every record.
+
+    Subset folders are looked for under ``SUBSET_HOMES``; where each was read from, and every
+    folder under the data root that is not read, is said through ``log``.
+    """
     root = require_dir(Path(data_root), "the MRMR data root")
+    found = _subset_folders(root)
+    for subset, folders in found.items():
+        if folders[0].name != subset:
+            log(f"note: folder {folders[0]} read as MRMR subset {subset!r} (names are matched without regard to case)")
+        for other in folders[1:]:
+            log(f"warning: {other} is not read: MRMR subset {subset!r} is read from {folders[0]}")
+    read_top = {f.relative_to(root).parts[0] for folders in found.values() for f in folders}
+    for path in sorted(root.iterdir()):
+        if path.is_dir() and not path.name.startswith(".") and path.name not in read_top:
+            log(f"warning: folder {path} is not read: it is not an MRMR subset ({', '.join(SUBSETS)}) "
+                f"nor MRMRbenchmark/<subset> (see --list-tasks)")
     if names is None:
-        names = [s for s in SUBSETS if (root / s).is_dir()]
+        names = [s for s in SUBSETS if s in found]
         if not names:
-            raise EvalDataError(f"no MRMR subset folder under {root}: expected one of {', '.join(SUBSETS)}")
+            raise EvalDataError(f"no MRMR subset folder under {root}: expected one of {', '.join(SUBSETS)} "
+                                f"(or MRMRbenchmark/<subset>)")
     tasks = []
-    for name in names:
-        folder = require_dir(root / name, f"the corpus, query and qrels tables of MRMR subset {name!r}")
+    for name in [_canonical(n, log) for n in names]:
+        if name not in found:
+            raise EvalDataError(f"missing folder for MRMR subset {name!r}: looked for {root / name} and "
+                                f"{root / 'MRMRbenchmark' / name} (the corpus, query and qrels tables)")
+        folder = found[name][0]
+        log(f"{name}: tables {folder.relative_to(root)}")
         tasks.append(read_mrmr_task(name, folder, Path(image_root) if image_root else None))
     return tasks

@@ -27,11 +27,15 @@ def build_parser(benchmark: str) -> argparse.ArgumentParser:
     """The options of one evaluator."""
     title = BENCHMARKS[benchmark]["title"]
     parser = argparse.ArgumentParser(description=f"Evaluate a LaME checkpoint on {title} from a local folder.")
-    parser.add_argument("--checkpoint", required=True,
+    # Required unless --list-tasks, which needs neither a checkpoint nor data (checked in main).
+    parser.add_argument("--checkpoint",
                         help="a .ckpt written by `lightning fit` (LaME or the CLIP anchor, told apart by its stored class)")
-    parser.add_argument("--data-root", required=True, help=f"the local {title} folder (layout: lame_pl/evaluation/{benchmark}.py)")
-    parser.add_argument("--tasks", nargs="+", default=None, help="evaluate only these tasks (default: every one found)")
-    parser.add_argument("--output-dir", required=True, help="where the per-task JSON files and summary.json go")
+    parser.add_argument("--data-root", help=f"the local {title} folder (layouts: README, lame_pl/evaluation/{benchmark}.py)")
+    parser.add_argument("--tasks", nargs="+", default=None,
+                        help="evaluate only these tasks (default: every one found; case is ignored)")
+    parser.add_argument("--output-dir", help="where the per-task JSON files and summary.json go")
+    parser.add_argument("--list-tasks", action="store_true",
+                        help="print every task name this tool accepts, with its group and metric, and exit")
     parser.add_argument("--batch-size", type=int, default=16, help="items per forward pass")
     parser.add_argument("--device", default="cpu", help="torch device, e.g. cuda or cuda:1")
     parser.add_argument("--cache-dir", default=None, help="embedding cache (default: OUTPUT_DIR/cache)")
@@ -42,6 +46,23 @@ def build_parser(benchmark: str) -> argparse.ArgumentParser:
     if benchmark == "mmeb":
         parser.add_argument("--num-frames", type=int, default=8, help="frames sampled from each video")
     return parser
+
+
+def list_tasks(benchmark: str) -> str:
+    """Every task name ``benchmark``'s evaluator accepts, one a line, with its group, metric and folder names."""
+    if benchmark == "mrmr":
+        lines = [f"{'task':<12} {'group':<15} {'metric':<9} folder"]
+        for subset in mrmr.SUBSETS:
+            lines.append(f"{subset:<12} {mrmr.CATEGORY[subset]:<15} {mrmr.MAIN_METRIC[subset]:<9} "
+                         f"{subset}/ or MRMRbenchmark/{subset}/")
+        return "\n".join(lines)
+    lines = [f"{'task':<45} {'modality':<8} {'group':<38} {'metric':<7} {'ranking':<7} other folder names"]
+    for modality in mmeb_tasks.MODALITY_ORDER:
+        for info in mmeb_tasks.tasks_of(modality):
+            group = f"{info.group} ({mmeb_tasks.GROUP_NAMES[info.group]})"
+            extra = ", ".join(info.folders) + ("" if info.counted else "  [not counted in the 78]")
+            lines.append(f"{info.name:<45} {modality:<8} {group:<38} {info.metric:<7} {info.scope:<7} {extra}".rstrip())
+    return "\n".join(lines)
 
 
 def load_tasks(benchmark: str, args: argparse.Namespace) -> list[RetrievalTask]:
@@ -92,6 +113,8 @@ def checkpoint_encoder(args: argparse.Namespace) -> ItemEncoder:
 def main(benchmark: str, argv: Sequence[str] | None = None, encoder: ItemEncoder | None = None) -> dict[str, Any]:
     """Runs one evaluator; bad data ends it with ``error: ...`` on stderr and exit status 1.
 
+    ``--list-tasks`` prints the accepted task names and exits with status 0 (``SystemExit``).
+
     Args:
         benchmark: ``mmeb`` or ``mrmr``.
         argv: Command-line arguments (default ``sys.argv[1:]``).
@@ -101,7 +124,15 @@ def main(benchmark: str, argv: Sequence[str] | None = None, encoder: ItemEncoder
         The summary written to ``OUTPUT_DIR/summary.json``.
     """
     spec = BENCHMARKS[benchmark]
-    args = build_parser(benchmark).parse_args(argv)
+    parser = build_parser(benchmark)
+    args = parser.parse_args(argv)
+    if args.list_tasks:
+        print(list_tasks(benchmark))
+        raise SystemExit(0)
+    missing = [f"--{flag.replace('_', '-')}" for flag in ("checkpoint", "data_root", "output_dir")
+               if getattr(args, flag) is None]
+    if missing:
+        parser.error(f"the following arguments are required: {', '.join(missing)}")
     for flag in ("batch_size", "max_text_length") + (("num_frames",) if benchmark == "mmeb" else ()):
         if getattr(args, flag) is not None and getattr(args, flag) < 1:
             raise SystemExit(f"error: --{flag.replace('_', '-')} must be >= 1, got {getattr(args, flag)}")
