@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import csv
+import hashlib
 import json
 import random
 import subprocess
@@ -111,6 +112,64 @@ def test_folder_keys_stay_unique_and_short(tmp_path: Path) -> None:
     keys = set(_read(tmp_path / "out" / "train"))
     assert len(keys) == 5
     assert all(len(k) <= 80 and k.replace("_", "").replace("-", "").isalnum() for k in keys)
+
+
+def _expected_split(stem: str, val: float, test: float) -> str:
+    """The documented rule, written out again: SHA-1 of the path without extension -> [0, 1) -> test | val | train."""
+    u = int(hashlib.sha1(stem.encode()).hexdigest()[:16], 16) / 16**16
+    return "test" if u < test else "val" if u < test + val else "train"
+
+
+def _captioned_images(src: Path, names: list[str]) -> None:
+    for i, name in enumerate(names):
+        _image(src / f"{name}.png", seed=i, side=8)
+        (src / f"{name}.txt").write_text(f"caption of {name}")
+
+
+def test_folder_fractions_write_three_splits_by_path_hash(tmp_path: Path) -> None:
+    src, out = tmp_path / "src", tmp_path / "out"
+    names = [f"{d}/img{i:02d}" for d in ("a", "b/c") for i in range(20)]
+    _captioned_images(src, names)
+    flags = ["--val-fraction", "0.2", "--test-fraction", "0.15"]
+    _run(["folder", "--src", str(src), "--out", str(out), *flags])
+    first = {}
+    for split in ("train", "val", "test"):
+        manifest = _manifest(out / split)
+        assert manifest["split"] == split
+        assert manifest["split_by"] == {"hash": "sha1 of the image path relative to src, without extension",
+                                        "val_fraction": 0.2, "test_fraction": 0.15}
+        sources = [json.loads(s["json"])["source"] for s in _read(out / split).values()]
+        assert manifest["num_samples"] == len(sources) > 0
+        first.update(dict.fromkeys(sources, split))
+    assert len(first) == len(names)  # each image in exactly one split
+    assert all(split == _expected_split(source[:-4], 0.2, 0.15) for source, split in first.items())
+
+    # More images later: none of the old ones moves, so a test image never becomes a training one.
+    _captioned_images(src, [f"new/img{i:02d}" for i in range(20)])
+    _run(["folder", "--src", str(src), "--out", str(out), *flags, "--overwrite"])
+    second = {json.loads(s["json"])["source"]: split
+              for split in ("train", "val", "test") for s in _read(out / split).values()}
+    assert len(second) == 60 and {k: second[k] for k in first} == first
+
+
+def test_folder_fraction_errors_name_the_flag(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    src, out = tmp_path / "src", tmp_path / "out"
+    _captioned_images(src, ["a", "b", "c"])
+    base = ["folder", "--src", str(src), "--out", str(out)]
+    for bad in ("1", "-0.1", "half", "nan"):
+        assert "argument --val-fraction: expected a fraction in [0, 1)" in _error([*base, "--val-fraction", bad], capsys)
+    assert "sum must be below 1" in _error([*base, "--val-fraction", "0.5", "--test-fraction", "0.5"], capsys)
+    assert "--split-name cannot be combined" in _error([*base, "--split-name", "x", "--test-fraction", "0.1"], capsys)
+    # Three images and a 1% test share: the test split would be empty, which stops before writing.
+    assert [_expected_split(n, 0, 0.01) for n in "abc"] == ["train"] * 3
+    err = _error([*base, "--test-fraction", "0.01"], capsys)
+    assert "the test split gets none of the 3 images" in err and "--test-fraction" in err
+    assert not out.exists()
+    err = _error([*base, "--val-fraction", "0.01", "--test-fraction", "0.98"], capsys)
+    assert "the train split gets none" in err and "--val-fraction and --test-fraction" in err
+    # Without fractions, --split-name still names the one split written.
+    _run([*base, "--split-name", "all"])
+    assert _manifest(out / "all")["num_samples"] == 3 and "split_by" not in _manifest(out / "all")
 
 
 # --- manifest: image-text ----------------------------------------------------------------------

@@ -8,6 +8,7 @@ package (``lame_pl/data/shard_writer.py``; instruction pairs: ``lame_pl/data/ins
 
     python tools/make_shards.py synthetic --out data/synthetic
     python tools/make_shards.py folder --src photos/ --out data/photos [--split-name train]
+    python tools/make_shards.py folder --src photos/ --out data/photos --val-fraction 0.1 --test-fraction 0.1
     python tools/make_shards.py manifest --manifest pairs.jsonl --out data/pairs [--image-root imgs/]
 
 Subcommands:
@@ -16,7 +17,11 @@ Subcommands:
                 contrast groups of compositional statements instead (tools/synthetic_tasks.py),
                 keyed ``<kind>-<group>-<member>``, the kind and the group's statements in KEY.json
     folder      images with same-named caption files, found recursively: ``a/b/cat1.jpg`` +
-                ``a/b/cat1.txt``; an image without a caption, or with an empty one, is skipped
+                ``a/b/cat1.txt``; an image without a caption, or with an empty one, is skipped.
+                One split (``--split-name``, default train), or with ``--val-fraction`` and/or
+                ``--test-fraction`` train/, val/ and test/ in one call, each image's split
+                chosen by a hash of its path (``split_of``): the same folder always splits the
+                same way, and images added later never move the old ones
     manifest    a JSONL or CSV file of image-text rows or of instruction pairs (see below)
     mmeb-train  VLM2Vec-V2's training data as stored locally (MMEB-train, visual documents,
                 LLaVA-Hound video), one instruction-pair split per subset, plus a mixture config
@@ -62,6 +67,7 @@ from __future__ import annotations
 
 import argparse
 import csv
+import functools
 import hashlib
 import io
 import json
@@ -70,7 +76,8 @@ import random
 import re
 import sys
 import time
-from collections.abc import Iterator
+from collections import Counter
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -105,6 +112,21 @@ SIDE_FIELDS = ("query_text", "query_image", "query_video", "target_text", "targe
 NEGATIVE_FIELDS = ("instruction", "text", "image", "video")
 
 
+def fraction(text: str) -> float:
+    """An argparse type: a number in [0, 1).
+
+    Raises:
+        argparse.ArgumentTypeError: When the text is not one.
+    """
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a fraction in [0, 1), got {text!r}") from None
+    if not 0 <= value < 1:
+        raise argparse.ArgumentTypeError(f"expected a fraction in [0, 1), got {value}")
+    return value
+
+
 def _task_list(text: str) -> tuple[str, ...]:
     try:
         return parse_tasks(text)
@@ -133,7 +155,12 @@ def build_parser() -> argparse.ArgumentParser:
     folder = sub.add_parser("folder", help="images with same-named caption files (a/b/cat1.jpg + a/b/cat1.txt)")
     folder.add_argument("--src", required=True, type=Path, help="folder searched recursively for images")
     folder.add_argument("--out", required=True, type=Path, help="output directory (gets SPLIT_NAME/)")
-    folder.add_argument("--split-name", default="train", help="subfolder of --out for the shards (default train)")
+    folder.add_argument("--split-name", default=None,
+                        help="subfolder of --out for the shards when no fraction is given (default train)")
+    folder.add_argument("--val-fraction", type=fraction, default=None,
+                        help="share of the images for OUT/val/, chosen by a hash of each image's path (default: none)")
+    folder.add_argument("--test-fraction", type=fraction, default=None,
+                        help="share of the images for OUT/test/, chosen the same way (default: none)")
     add_shard_size_args(folder)
 
     man = sub.add_parser("manifest", help="a JSONL/CSV of image-text rows or instruction pairs")
@@ -285,14 +312,8 @@ def _finish(split_dir: Path, manifest: dict[str, Any], skips: Skips, start: floa
 # --------------------------------------------------------------------------------- folder
 
 
-def folder_samples(src: Path, skips: Skips) -> Iterator[dict[str, Any]]:
-    """Image-caption samples from ``src``, walked recursively in sorted order.
-
-    Args:
-        src: Folder holding ``NAME.<jpg|jpeg|png|webp>`` beside ``NAME.txt``.
-        skips: Receives the images skipped (no caption, empty caption, unreadable or empty file).
-    """
-    taken: set[str] = set()
+def _folder_images(src: Path) -> Iterator[tuple[str, str, Path]]:
+    """``(relative path, extension, path)`` of every image under ``src``, in sorted walk order."""
     for dirpath, dirnames, filenames in os.walk(src):
         dirnames.sort()  # os.walk's order is the file system's; sorting makes runs reproducible
         for name in sorted(filenames):
@@ -300,34 +321,108 @@ def folder_samples(src: Path, skips: Skips) -> Iterator[dict[str, Any]]:
             if ext is None or name.startswith("."):
                 continue
             image_path = Path(dirpath) / name
-            relative = image_path.relative_to(src).as_posix()
-            caption, reason = _read_caption(image_path.with_suffix(".txt"))
-            if reason is None:
-                data, reason = read_image(image_path)
-            if reason is not None:
-                skips.add(reason, relative)
-                continue
-            key = _unique_key(relative.rsplit(".", 1)[0], taken)
-            yield {"__key__": key, ext: data, "txt": caption, "json": {"source": relative}}
+            yield image_path.relative_to(src).as_posix(), ext, image_path
+
+
+def split_of(stem: str, val_fraction: float, test_fraction: float) -> str:
+    """The split of an image, from a hash of its path relative to ``--src`` without extension.
+
+    The hash maps the path to a number in [0, 1): below ``test_fraction`` is test, below
+    ``test_fraction + val_fraction`` is val, the rest train. It depends on nothing but the path,
+    so a rerun splits the same way, adding images never moves old ones, and raising
+    ``val_fraction`` leaves the test split as it was. Images that share a caption file
+    (``cat.jpg`` and ``cat.png`` with ``cat.txt``) land in the same split.
+    """
+    # The first 8 bytes of SHA-1 as an integer over 2**64: uniform, and stable across Python
+    # versions and machines (the built-in hash() is salted per process).
+    u = int.from_bytes(hashlib.sha1(stem.encode()).digest()[:8], "big") / 2**64
+    if u < test_fraction:
+        return "test"
+    return "val" if u < test_fraction + val_fraction else "train"
+
+
+def folder_samples(src: Path, skips: Skips, keep: Callable[[str], bool] | None = None) -> Iterator[dict[str, Any]]:
+    """Image-caption samples from ``src``, walked recursively in sorted order.
+
+    Args:
+        src: Folder holding ``NAME.<jpg|jpeg|png|webp>`` beside ``NAME.txt``.
+        skips: Receives the images skipped (no caption, empty caption, unreadable or empty file).
+        keep: When given, only the images whose relative path without extension it accepts
+            (one split's share) are read.
+    """
+    taken: set[str] = set()
+    for relative, ext, image_path in _folder_images(src):
+        stem = relative.rsplit(".", 1)[0]
+        if keep is not None and not keep(stem):
+            continue
+        caption, reason = _read_caption(image_path.with_suffix(".txt"))
+        if reason is None:
+            data, reason = read_image(image_path)
+        if reason is not None:
+            skips.add(reason, relative)
+            continue
+        yield {"__key__": _unique_key(stem, taken), ext: data, "txt": caption, "json": {"source": relative}}
+
+
+def _folder_splits(args: argparse.Namespace, parser: argparse.ArgumentParser) -> dict[str, float] | None:
+    """``{split: fraction}`` of the splits to write when a fraction is given (None: one split).
+
+    Raises:
+        DataError: When a split would get none of the images found (before anything is written).
+    """
+    if args.val_fraction is None and args.test_fraction is None:
+        return None
+    if args.split_name is not None:
+        parser.error("--split-name cannot be combined with --val-fraction/--test-fraction, "
+                     "which write OUT/train/, OUT/val/ and OUT/test/")
+    val, test = args.val_fraction or 0.0, args.test_fraction or 0.0
+    if val + test >= 1:
+        parser.error(f"--val-fraction {val} and --test-fraction {test} leave nothing for train: their sum must be "
+                     "below 1")
+    fractions = {"train": 1 - val - test, "val": val, "test": test}
+    found = Counter(split_of(relative.rsplit(".", 1)[0], val, test) for relative, _, _ in _folder_images(args.src))
+    total = sum(found.values())
+    for split, share in fractions.items():
+        if share > 0 and total and not found[split]:
+            flag = "--val-fraction and --test-fraction" if split == "train" else f"--{split}-fraction"
+            raise DataError(f"the {split} split gets none of the {total} images in --src {str(args.src)!r} "
+                            f"(its share is {share:.3g}); change {flag} or add images")
+    return {split: share for split, share in fractions.items() if share > 0}
 
 
 def run_folder(args: argparse.Namespace, parser: argparse.ArgumentParser) -> None:
-    """Shard a folder of images with same-named caption files."""
+    """Shard a folder of images with same-named caption files: one split, or train/val/test by fraction."""
     if not args.src.is_dir():
         parser.error(f"--src {str(args.src)!r} is not a directory")
-    stale = check_split_dir(args.out, args.split_name, args.overwrite)
+    splits = _folder_splits(args, parser)
+    names = [args.split_name or "train"] if splits is None else list(splits)
+    # Every split's folder is checked before any is touched, so a refusal costs no shards.
+    stale = [old for name in names for old in check_split_dir(args.out, name, args.overwrite)]
     for old in stale:
         old.unlink(missing_ok=True)
-    start = time.perf_counter()
-    skips = Skips()
-    meta = {"split": args.split_name, "source": "folder", "src": str(args.src.resolve()), "kind": "image-text"}
-    split_dir = args.out / args.split_name
-    try:
-        manifest = write_split(split_dir, folder_samples(args.src, skips), args.samples_per_shard,
-                               meta, args.shard_bytes, skips)
-    except EmptySplitError:
-        raise DataError(f"--src {str(args.src)!r}: no image with a caption file was found\n{skips.report()}") from None
-    _finish(split_dir, manifest, skips, start)
+    for name in names:
+        start = time.perf_counter()
+        skips = Skips()
+        meta = {"split": name, "source": "folder", "src": str(args.src.resolve()), "kind": "image-text"}
+        keep = None
+        if splits is not None:
+            val, test = splits.get("val", 0.0), splits.get("test", 0.0)
+            meta["split_by"] = {"hash": "sha1 of the image path relative to src, without extension",
+                                "val_fraction": val, "test_fraction": test}
+            keep = functools.partial(_in_split, split=name, val_fraction=val, test_fraction=test)
+        split_dir = args.out / name
+        try:
+            manifest = write_split(split_dir, folder_samples(args.src, skips, keep), args.samples_per_shard,
+                                   meta, args.shard_bytes, skips)
+        except EmptySplitError:
+            where = "" if splits is None else f" for the {name} split"
+            raise DataError(f"--src {str(args.src)!r}: no image with a caption file was found{where}\n"
+                            f"{skips.report()}") from None
+        _finish(split_dir, manifest, skips, start)
+
+
+def _in_split(stem: str, split: str, val_fraction: float, test_fraction: float) -> bool:
+    return split_of(stem, val_fraction, test_fraction) == split
 
 
 # --------------------------------------------------------------------------------- manifest
