@@ -1,6 +1,7 @@
 """Callbacks that a config can name as ``callbacks.<Name>``."""
 
 from callbacks.checkpointing import AtomicCheckpoint
+from callbacks.console import ParameterSummary, SamplesPerSecond, StepProgressBar
 from callbacks.dashboard_layout import DashboardLayout
 from callbacks.data_health import DataHealth
 from callbacks.embedding_health import EmbeddingHealth
@@ -19,7 +20,10 @@ __all__ = [
     "EmbeddingProjector",
     "EmbeddingWriter",
     "MetricsFile",
+    "ParameterSummary",
     "ReasonDiagnostics",
+    "SamplesPerSecond",
     "SimilarityHeatmap",
     "StageSwitch",
+    "StepProgressBar",
 ]

@@ -6,17 +6,33 @@ the project's own), and runnable as ``python -m lame_pl``.
 
 from __future__ import annotations
 
+import logging
 import os
 import re
+import sys
+import warnings
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
-from lightning import LightningDataModule, LightningModule
+from jsonargparse import DefaultHelpFormatter
+from lightning import Callback, LightningDataModule, LightningModule, Trainer
+from lightning.pytorch.callbacks import ModelSummary, ProgressBar
 from lightning.pytorch.cli import ArgsType, LightningCLI
 from lightning.pytorch.utilities import rank_zero_info
+from lightning.pytorch.utilities.warnings import PossibleUserWarning
 
+# The project's models and data modules, imported so that jsonargparse knows them: `--model
+# LaMEModule` resolves by class name, and `fit --help` lists them among the known subclasses.
+from datamodules import CorpusDataModule, ImageTextDataModule, InstructionPairDataModule, ShardDataModule
+from datamodules.clip import CLIPImageTextDataModule
 from lame_pl.checkpoint import CheckpointError, load_checkpoint_file, read_checkpoint
+from lame_pl.clip_anchor import CLIPAnchor
+from lame_pl.module import LaMEModule
 from lame_pl.run_dir import checkpoint_folders, existing_checkpoints, remove_checkpoints, resumed_step, set_purge_step
+
+MODELS = (LaMEModule, CLIPAnchor)
+DATAMODULES = (ImageTextDataModule, InstructionPairDataModule, CLIPImageTextDataModule, CorpusDataModule)
 
 # Model settings that say how to encode, not what was trained: given for a run with --ckpt_path,
 # they win over the checkpoint's hyper-parameters.
@@ -196,6 +212,13 @@ class LaMECLI(LightningCLI):
             args.max_text_length = checkpoint.max_text_length
             rank_zero_info(f"data.max_text_length: {args.max_text_length} (the training run's)")
 
+    def _instantiate_trainer(self, config: dict[str, Any], callbacks: list[Callback]) -> Trainer:
+        # Here, where LightningCLI holds the config's callbacks instantiated, so that a config's own
+        # progress bar or summary is seen (trainer_defaults would add ours beside it: two bars fail).
+        given = config.get("callbacks")
+        given = [] if given is None else list(given) if isinstance(given, list) else [given]
+        return super()._instantiate_trainer(config, [*callbacks, *console_callbacks(config, [*given, *callbacks])])
+
     def instantiate_classes(self) -> None:
         # jsonargparse reports a failed constructor inside a long dump of the whole config;
         # pull out the constructors' own messages so that a bad value reads as one line.
@@ -206,6 +229,7 @@ class LaMECLI(LightningCLI):
             if not reasons:
                 raise
             raise SystemExit("error: " + "; ".join(reasons)) from error
+        silence_noise(shard_data=isinstance(self.datamodule, ShardDataModule))
 
 
 # jsonargparse's own framing around the constructors' messages; Unions nest (an optional
@@ -233,14 +257,115 @@ def config_errors(text: str) -> list[str]:
     return reasons
 
 
+def console_callbacks(trainer_config: Mapping[str, Any], given: list[Callback]) -> list[Callback]:
+    """What a run prints, where its config leaves it to Lightning (callbacks.console): the step
+    progress bar, samples/s (also logged) and the model summary without unmeasured FLOPs.
+
+    A config that names its own progress bar or summary keeps it, and one that switches either off
+    (``enable_progress_bar``/``enable_model_summary: false``) gets none.
+    """
+    # Imported here: the callbacks package is not needed to parse the command line.
+    from callbacks.console import ParameterSummary, SamplesPerSecond, StepProgressBar
+
+    added: list[Callback] = []
+    if trainer_config.get("enable_progress_bar") is not False and not any(isinstance(c, ProgressBar) for c in given):
+        added.append(StepProgressBar())
+    if not any(isinstance(c, SamplesPerSecond) for c in given):
+        added.append(SamplesPerSecond())
+    if trainer_config.get("enable_model_summary") is not False and not any(isinstance(c, ModelSummary) for c in given):
+        added.append(ParameterSummary())
+    return added
+
+
+# Lines Lightning logs at every run that say nothing about it: the tip to install its cloud logger,
+# and the note that the model summary is the one console_callbacks added.
+_NOISE_LINES = re.compile(
+    r"^\W*Tip: For seamless cloud logging and experiment tracking, try installing \[litlogger\]"
+    r"|^Trainer already configured with model summary callbacks: \[<class 'callbacks\.console\.ParameterSummary'>\]\."
+)
+
+
+def _not_noise(record: logging.LogRecord) -> bool:
+    return not _NOISE_LINES.match(record.getMessage())
+
+
+def silence_noise(shard_data: bool = False) -> None:
+    """Silences, by their exact text and origin, the messages that every run printed and that never
+    apply to this project; any other warning or message still shows.
+
+    Args:
+        shard_data: the run's data module is a ``ShardDataModule``: Lightning's warnings about
+            iterable datasets, which its loaders answer, go too (another data module keeps them).
+    """
+    # torch deprecated LeafSpec; Lightning 2.6's own pytree helper still builds one at every fit.
+    warnings.filterwarnings(
+        "ignore", message=r"`isinstance\(treespec, LeafSpec\)` is deprecated", category=FutureWarning,
+        module=r"lightning\.pytorch\.utilities\._pytree",
+    )
+    # Through rank_zero_info's logger, which carries the project's own lines too: only these two go.
+    logging.getLogger("lightning.pytorch.utilities.rank_zero").addFilter(_not_noise)
+    if not shard_data:
+        return
+    # That an IterableDataset's __len__ may be wrong with several workers unless each is configured
+    # on its own: a shard module's are (shards split by rank and worker, each worker's epoch cut at
+    # its own batch count).
+    warnings.filterwarnings(
+        "ignore", message=r"Your `IterableDataset` has `__len__` defined", category=UserWarning,
+        module=r"lightning\.pytorch\.utilities\.data",
+    )
+    # That a mid-epoch resume replays the epoch, the loader having no state_dict: the data module
+    # holds the state and carries on in the epoch (ShardDataModule.load_state_dict).
+    warnings.filterwarnings(
+        "ignore", message=r"You're resuming from a checkpoint that ended before the epoch ended and your dataloader "
+        r"is not resumable", category=PossibleUserWarning, module=r"lightning\.pytorch\.loops\.training_epoch_loop",
+    )
+
+
+def class_path(cls: type) -> str:
+    """The shortest path a config can name ``cls`` by: its package's when the package exports it."""
+    package = sys.modules.get(cls.__module__.split(".")[0])
+    return f"{package.__name__}.{cls.__name__}" if getattr(package, cls.__name__, None) is cls \
+        else f"{cls.__module__}.{cls.__name__}"
+
+
+def _listing(classes: tuple[type, ...]) -> str:
+    """Each class's path, and below it its docstring's first line."""
+    return "\n".join(
+        f"  {class_path(cls)}\n      {(cls.__doc__ or '').strip().splitlines()[0].replace('``', '')}"
+        for cls in classes
+    )
+
+
+class _HelpFormatter(DefaultHelpFormatter):
+    """jsonargparse's help, with the description's lines kept as written (argparse refills them)."""
+
+    def _fill_text(self, text: str, width: int, indent: str) -> str:
+        return "".join(indent + line for line in text.splitlines(keepends=True))
+
+
+DESCRIPTION = f"""\
+lame_pl: LaME latent-reasoning multimodal embeddings (and the baselines they are compared with),
+trained, validated, tested and embedded with PyTorch Lightning's command line.
+
+Models (--model, by path or class name):
+{_listing(MODELS)}
+Data (--data):
+{_listing(DATAMODULES)}
+
+A class's settings: `lightning fit --model.help LaMEModule`, `--data.help ImageTextDataModule`.
+The demo: `lightning fit --config configs/demo/base.yaml --config configs/demo/stage1.yaml`."""
+
+
 def build_cli(args: ArgsType = None) -> LaMECLI:
     """Parses ``args`` (default: the command line), then runs the subcommand it names."""
+    silence_noise()
     return LaMECLI(
         LightningModule,
         LightningDataModule,
         subclass_mode_model=True,
         subclass_mode_data=True,
         save_config_kwargs={"overwrite": True},
+        parser_kwargs={"description": DESCRIPTION, "formatter_class": _HelpFormatter},
         args=args,
     )
 
