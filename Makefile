@@ -30,7 +30,7 @@ demo: data
 	$(BIN)/lightning fit $(DEMO) --config configs/demo/stage1.yaml
 	$(BIN)/lightning fit $(DEMO) --config configs/demo/stage2.yaml
 	$(BIN)/lightning test $(DEMO) --config configs/demo/stage2.yaml --ckpt_path $(RUNS)/stage2/checkpoints/last.ckpt
-	$(BIN)/python tools/show_metrics.py $(RUNS)/test_metrics.json
+	$(BIN)/python tools/show_metrics.py $(RUNS)/test_metrics.json --expected configs/demo/expected_metrics.json
 
 ## test: the CPU test suite (slow tests: `make test PYTEST_ARGS="-m slow"`)
 test: install

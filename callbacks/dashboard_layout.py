@@ -6,12 +6,16 @@ from lightning import Callback, LightningModule, Trainer
 
 from callbacks.tensorboard_writer import summary_writer
 
-# Category -> chart -> ["Multiline", tag regexes]. Curves of one scale share a chart.
+# Category -> chart -> ["Multiline", tag regexes]. Curves of one scale share a chart. Every chart
+# matches a tag that the demo run (both stages, then its test) logs (tests/test_tensorboard_acceptance.py),
+# so that none opens empty; a chart for tags that only some runs log is added by ``layout_for``
+# to those runs alone.
 LAYOUT: dict[str, dict[str, list]] = {
     "1 training": {
         "losses": ["Multiline", [r"^train/loss"]],
         "temperature": ["Multiline", [r"^train/temperature$", r"^diag/temperature$"]],
         "learning rate": ["Multiline", [r"^lr-"]],
+        "samples per second": ["Multiline", [r"^throughput/"]],
         "stage": ["Multiline", [r"^train/stage$"]],
         "skipped steps (non-finite, zero gradient)": ["Multiline", [r"^train/(nonfinite|zero_gradient)_steps$"]],
     },
@@ -36,15 +40,27 @@ LAYOUT: dict[str, dict[str, list]] = {
         "latent text: word overlap vs chance, information (nats)": ["Multiline", [r"^diag/latent_text/"]],
     },
     "5 data": {
-        "skipped samples": ["Multiline", [r"data/skipped/"]],
-        "mixture shares": ["Multiline", [r"^data/mixture/"]],
+        # DataHealth: training's cumulative count per reason and in all (0 on clean data), and
+        # each validation's and test's count per reason.
+        "skipped samples": ["Multiline", [r"^(val/|test/)?data/skipped/"]],
         "rows with a decoder label": ["Multiline", [r"^train/decoder/labelled_fraction$"]],
     },
 }
+# Logged only when training draws from a mixture of sets (data.train_mixture).
+MIXTURE_CHART = ("5 data", "mixture shares", ["Multiline", [r"^data/mixture/"]])
+
+
+def layout_for(trainer: Trainer) -> dict[str, dict[str, list]]:
+    """``LAYOUT``, with the mixture chart when the trainer's data module trains on a mixture."""
+    layout = {category: dict(charts) for category, charts in LAYOUT.items()}
+    if getattr(getattr(trainer, "datamodule", None), "mixture", None):
+        category, title, chart = MIXTURE_CHART
+        layout[category][title] = chart
+    return layout
 
 
 class DashboardLayout(Callback):
-    """Writes ``LAYOUT`` (TensorBoard's custom-scalars plugin) once per run, on rank 0."""
+    """Writes ``layout_for(trainer)`` (TensorBoard's custom-scalars plugin) once per run, on rank 0."""
 
     def __init__(self) -> None:
         self.written = False
@@ -54,5 +70,5 @@ class DashboardLayout(Callback):
             return
         writer = summary_writer(trainer, type(self).__name__)
         if writer is not None:
-            writer.add_custom_scalars(LAYOUT)
+            writer.add_custom_scalars(layout_for(trainer))
             self.written = True

@@ -10,6 +10,9 @@ import torch.distributed as dist
 from lightning import Callback, LightningModule, Trainer
 from lightning.pytorch.utilities import rank_zero_info
 
+# Training's cumulative count of skipped samples, all reasons together.
+TOTAL = "data/skipped/total"
+
 
 class DataHealth(Callback):
     """Reads ``batch["skipped"]`` (``{reason: count}`` since the worker's previous batch).
@@ -20,12 +23,13 @@ class DataHealth(Callback):
       count of *this rank* since the run started (resumes included); on one device the epoch-end
       value is the summary line's. No collective runs per step, and ranks may see different
       reasons, which a synchronised log could deadlock on; the logger shows rank 0's counts.
+    - ``data/skipped/total``: the same, all reasons together; 0 while nothing was skipped.
     - ``<split>/data/skipped/<reason>``: validation and test, at epoch end, the epoch's count
       summed over all ranks.
     - ``data/mixture/<set>``: training from a mixture (``batch["sources"]``), on step, the share
       of this rank's samples in the epoch so far that came from each set, to check the weights.
 
-    At the end of every epoch one line sums all ranks, e.g.
+    At the end of an epoch in which samples were skipped, one line sums all ranks, e.g.
     ``train epoch 3: skipped 12 samples (40 in all): bad_image 10, empty_caption 2``.
     """
 
@@ -51,6 +55,8 @@ class DataHealth(Callback):
         self._count("train", batch)
         for reason, count in sorted(self.train_total.items()):
             pl_module.log(f"data/skipped/{reason}", float(count), on_step=True, on_epoch=False, batch_size=1)
+        # The total too, 0 on clean data: the dashboard's "skipped samples" chart never opens empty.
+        pl_module.log(TOTAL, float(sum(self.train_total.values())), on_step=True, on_epoch=False, batch_size=1)
         sources = batch.get("sources") if isinstance(batch, Mapping) else None
         if sources:
             self.sources.update(sources)
@@ -93,11 +99,12 @@ class DataHealth(Callback):
         if not training:
             for reason, count in sorted(epoch.items()):
                 pl_module.log(f"{split}/data/skipped/{reason}", float(count), rank_zero_only=True)
+        if not epoch:  # nothing skipped: nothing to say (the counts are logged when there are any)
+            return
         line = f"{split} epoch {trainer.current_epoch}: skipped {sum(epoch.values())} samples"
         if training:
             line += f" ({sum(run[0].values())} in all)"
-        if epoch:
-            line += ": " + ", ".join(f"{reason} {count}" for reason, count in sorted(epoch.items()))
+        line += ": " + ", ".join(f"{reason} {count}" for reason, count in sorted(epoch.items()))
         rank_zero_info(line)
 
     def on_train_epoch_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
@@ -110,6 +117,7 @@ class DataHealth(Callback):
         # at the epoch's end, as the summary line prints them.
         for reason, count in sorted(self.train_total.items()):
             pl_module.log(f"data/skipped/{reason}", float(count), on_step=False, on_epoch=True, batch_size=1)
+        pl_module.log(TOTAL, float(sum(self.train_total.values())), on_step=False, on_epoch=True, batch_size=1)
         self._epoch_end("train", trainer, pl_module)
 
     def on_validation_epoch_start(self, trainer: Trainer, pl_module: LightningModule) -> None:

@@ -17,6 +17,7 @@ from lightning import LightningModule
 
 from lame_pl.clip_spec import CLIPSpec, build_clip
 from lame_pl.distributed import split_retrieval_metrics, world_size
+from lame_pl.evaluated_step import EvaluatedStep
 
 # Written into every checkpoint, so that the evaluators pick the CLIP encoder for it.
 ENCODER_KIND_KEY = "encoder_kind"
@@ -30,7 +31,7 @@ def fuse(parts: list[torch.Tensor]) -> torch.Tensor:
     return F.normalize(sum(parts), dim=-1)
 
 
-class CLIPAnchor(LightningModule):
+class CLIPAnchor(EvaluatedStep, LightningModule):
     """An open_clip dual encoder (random init or local weights) trained with ``open_clip.ClipLoss``.
 
     A side of a batch is ``{"image": (B, 3, S, S)}``, ``{"text": (B, L)}`` or both; a side with
@@ -169,6 +170,16 @@ class CLIPAnchor(LightningModule):
         target = torch.cat(stored["target"]) if stored["target"] else empty
         for name, value in split_retrieval_metrics(query, target, split).items():  # as LaME ranks a split
             self.log(name, value, rank_zero_only=True)
+        self.log_evaluated_step()
+
+    def on_fit_start(self) -> None:
+        self.forget_checkpoint_step()
+
+    def on_train_batch_end(self, outputs: Any, batch: Any, batch_idx: int) -> None:
+        self.validate_at_the_end()
+
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        self.remember_checkpoint_step(checkpoint)
 
     def on_validation_epoch_end(self) -> None:
         self._retrieval_epoch_end("val")

@@ -35,6 +35,7 @@ from lame_pl.checkpoint import (
 )
 from lame_pl.decoder import LatentDecoder
 from lame_pl.distributed import global_count, split_retrieval_metrics, world_size
+from lame_pl.evaluated_step import EvaluatedStep
 from lame_pl.gradcache import HostBatch, gradcache_step
 from lame_pl.losses import LaMELoss
 from lame_pl.model import EncoderOutput, build_encoder, text_config
@@ -66,7 +67,7 @@ _RESTORING: ContextVar[bool] = ContextVar("lame_restoring", default=False)
 _MAX_LOGIT_SCALE = 100.0
 
 
-class LaMEModule(LightningModule):
+class LaMEModule(EvaluatedStep, LightningModule):
     """LaME: a Qwen-VL encoder with K reason tokens, [EMBED] pooling and a latent decoder.
 
     Args:
@@ -226,6 +227,7 @@ class LaMEModule(LightningModule):
         # Again after a --ckpt_path restore, whose stored output ids win over the vocabulary file's;
         # the training loader is made after this hook.
         self._restrict_decoder_labels()
+        self.forget_checkpoint_step()
 
     def _restrict_decoder_labels(self) -> None:
         """Gives a restricted decoder's output ids to the data module, which then leaves a row whose
@@ -298,6 +300,9 @@ class LaMEModule(LightningModule):
         if self.decoder is not None:
             self.decoder.requires_grad_(uses_reason and spec.decoder_loss_weight > 0)
         self.stage = stage
+
+    def on_train_batch_end(self, outputs: Any, batch: Any, batch_idx: int) -> None:
+        self.validate_at_the_end()
 
     def on_train_batch_start(self, batch: Any, batch_idx: int) -> None:
         # Once at the start and once after each stage switch (callbacks.StageSwitch).
@@ -590,6 +595,7 @@ class LaMEModule(LightningModule):
         target = torch.cat(stored["target"]) if stored["target"] else empty
         for name, value in split_retrieval_metrics(query, target, split).items():
             self.log(name, value, rank_zero_only=True)
+        self.log_evaluated_step()
 
     def on_validation_epoch_end(self) -> None:
         self._retrieval_epoch_end("val")
@@ -649,6 +655,7 @@ class LaMEModule(LightningModule):
         self.set_stage(stage)
         # The counts go on across a resume.
         self._nonfinite.total, self._nonfinite.dead = checkpoint.get(NONFINITE_KEY, 0), checkpoint.get(ZERO_GRADIENT_KEY, 0)
+        self.remember_checkpoint_step(checkpoint)
         state = checkpoint.get("state_dict")
         if state is not None and self.decoder is not None and self.decoder.restricted:
             # Checkpoints written before the output ids were kept in the weights: those of the

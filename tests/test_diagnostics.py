@@ -15,7 +15,7 @@ from PIL import Image
 
 from callbacks import EmbeddingHealth, EmbeddingProjector, ReasonDiagnostics, SimilarityHeatmap
 from callbacks.attention_probe import embed_attention_shares, last_layer_attention
-from callbacks.similarity_heatmap import render_heatmap
+from callbacks.similarity_heatmap import LABEL_BAND, SCALE_GAP, figure_size, heatmap_figure, render_heatmap
 from callbacks.space_stats import (
     alignment,
     effective_rank,
@@ -99,6 +99,23 @@ def test_heatmap_colours_and_size():
     assert image[:, 5, 5].tolist() == [255, 128, 128]  # +0.5 half-way to red
     with pytest.raises(ValueError, match="2-D"):
         render_heatmap(torch.zeros(3))
+
+
+def test_heatmap_figure_frames_the_matrix_with_labels_and_a_colour_scale():
+    values = torch.tensor([[1.0, -1.0, 0.0], [0.0, 0.5, -0.5]])
+    figure = heatmap_figure(values, cell=20)
+    assert figure.dtype == torch.uint8 and tuple(figure.shape[1:]) == figure_size(2, 3, cell=20)
+    top = left = LABEL_BAND
+    # The matrix is there, cell for cell, below the "targets" label and right of "queries".
+    assert torch.equal(figure[:, top:top + 40, left:left + 60], render_heatmap(values, cell=20))
+    assert (figure[:, :top - 2, left:left + 60] < 128).any()  # dark text: the column axis label
+    assert (figure[:, top:top + 40, :left - 2] < 128).any()  # and the row axis label
+    # The colour scale runs from red (+1) at the top to blue (-1) at the bottom.
+    bar = figure[:, top:top + 40, left + 60 + SCALE_GAP + 4].int()
+    assert bar[:, 0].tolist() == [255, 0, 0] and bar[:, -1].tolist() == [0, 0, 255]
+    assert (bar[0].diff() <= 0).all() and (bar[2].diff() >= 0).all()  # red fades, blue grows, row by row
+    with pytest.raises(ValueError, match="2-D"):
+        heatmap_figure(torch.zeros(3))
 
 
 def test_thumbnails_undo_the_processors_patch_layout(processor):
