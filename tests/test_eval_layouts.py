@@ -61,7 +61,7 @@ def test_snapshot_layouts_score_as_the_flat_layout(tmp_path, capsys, images):
     root = write_snapshots(tmp_path / "mmeb", images)
     (root / "notes").mkdir()  # a folder the evaluator does not read: named, not silently skipped
     summary = run_mmeb(root, tmp_path / "out")
-    assert {t["task"]: t["main_score"] for t in summary["tasks"]} == pytest.approx(EXPECTED)
+    assert {t["task"]: t["strict_score"] for t in summary["tasks"]} == pytest.approx(EXPECTED)
     err = capsys.readouterr().err
     assert "ImageNet-1K: rows MMEB_Test_Instruct/ImageNet-1K, media " + images in err
     assert "MSR-VTT: rows video/MSR-VTT.jsonl, media video-tasks/frames/video_ret" in err
@@ -84,7 +84,7 @@ def test_task_names_resolve_without_regard_to_case(tmp_path, capsys):
     root = write_mmeb(tmp_path / "mmeb")
     summary = run_mmeb(root, tmp_path / "out", "--tasks", "imagenet-1k", "vidore_ARXIVQA")
     by_task = {t["task"]: t for t in summary["tasks"]}
-    assert by_task["ImageNet-1K"]["main_score"] == EXPECTED["ImageNet-1K"]
+    assert by_task["ImageNet-1K"]["strict_score"] == EXPECTED["ImageNet-1K"]
     assert by_task["ViDoRe_arxivqa"]["main_metric"] == "ndcg@5"  # the canonical task's metric, never a default
     assert "note: task 'imagenet-1k' read as 'ImageNet-1K'" in capsys.readouterr().err
     message = one_line_error(run_mmeb, root, tmp_path / "out", "--tasks", "ImageNet1K")
@@ -117,7 +117,7 @@ def test_english_vidore_v2_keeps_its_english_queries(tmp_path, capsys):
     summary = run_mmeb(root, tmp_path / "out")
     by_task = {t["task"]: t for t in summary["tasks"]}
     assert by_task["ViDoRe_biomedical_lectures_v2"]["num_queries"] == 1
-    assert by_task["ViDoRe_biomedical_lectures_v2"]["main_score"] == 1.0
+    assert by_task["ViDoRe_biomedical_lectures_v2"]["strict_score"] == 1.0
     assert by_task["ViDoRe_biomedical_lectures_v2_multilingual"]["num_queries"] == 2
     assert not by_task["ViDoRe_biomedical_lectures_v2_multilingual"]["counted"]
     assert "1 of 2 queries are in english" in capsys.readouterr().err
@@ -138,7 +138,7 @@ def test_mrmr_snapshot_folders_and_case(tmp_path, capsys):
     shutil.copytree(flat / "negation", root / "negation")
     (root / "extra").mkdir()
     summary = run_mrmr(root, tmp_path / "out")
-    scores = {t["task"]: t["main_score"] for t in summary["tasks"]}
+    scores = {t["task"]: t["strict_score"] for t in summary["tasks"]}
     assert scores == pytest.approx({"knowledge": (K1 + K2) / 2, "negation": 0.5})  # as the flat layout
     err = capsys.readouterr().err
     assert f"note: folder {root / 'MRMRbenchmark' / 'Knowledge'} read as MRMR subset 'knowledge'" in err

@@ -68,11 +68,11 @@ def test_known_answers(tmp_path, capsys):
     by_task = {t["task"]: t for t in summary["tasks"]}
     assert list(by_task) == ["knowledge", "negation"]
     assert by_task["knowledge"]["main_metric"] == "ndcg@10"
-    assert by_task["knowledge"]["main_score"] == pytest.approx((K1 + K2) / 2)
+    assert by_task["knowledge"]["strict_score"] == pytest.approx((K1 + K2) / 2)
     assert by_task["knowledge"]["num_candidates"] == 4  # three documents and one pin_p
     assert by_task["negation"]["main_metric"] == "recall@1"
-    assert by_task["negation"]["main_score"] == 0.5  # n1 finds t1; n2 finds t2, whose gold is t1
-    assert summary["overall"]["score"] == pytest.approx(((K1 + K2) / 2 + 0.5) / 2)
+    assert by_task["negation"]["strict_score"] == 0.5  # n1 finds t1; n2 finds t2, whose gold is t1
+    assert summary["overall"]["strict"] == pytest.approx(((K1 + K2) / 2 + 0.5) / 2)
     assert (tmp_path / "out" / "mrmr" / "negation_score.json").is_file()
     table = capsys.readouterr().out
     assert "knowledge" in table and "recall@1" in table and "(mean of 2 tasks)" in table
@@ -100,7 +100,7 @@ def test_parquet_with_inline_image_bytes(tmp_path):
     pq.write_table(pa.Table.from_pylist([{"query-id": "q1", "corpus-id": "d1", "score": 1}]),
                    folder / "qrels" / "test-00000-of-00001.parquet")
     summary = run(root, tmp_path / "out")
-    assert summary["tasks"][0]["task"] == "design" and summary["tasks"][0]["main_score"] == 1.0
+    assert summary["tasks"][0]["task"] == "design" and summary["tasks"][0]["strict_score"] == 1.0
 
 
 def test_cache_means_a_rerun_only_scores(tmp_path):
@@ -108,7 +108,7 @@ def test_cache_means_a_rerun_only_scores(tmp_path):
     run(root, tmp_path / "out", "--cache-dir", str(tmp_path / "cache"))
     again = WordEncoder()
     summary = run(root, tmp_path / "out2", "--cache-dir", str(tmp_path / "cache"), encoder=again)
-    assert again.encoded == [] and summary["tasks"][1]["main_score"] == 0.5
+    assert again.encoded == [] and summary["tasks"][1]["strict_score"] == 0.5
 
 
 def bad(root: Path, tmp_path: Path, *extra: str) -> str:

@@ -43,6 +43,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from lame_pl.evaluation.mmeb_tasks import MAIN_METRIC, MODALITY_ORDER, TASKS, TaskInfo, tasks_named, tasks_of
+from lame_pl.evaluation.official import OfficialView
 from lame_pl.evaluation.tables import TABLE_SUFFIXES, EvalDataError, Row, find_table, read_qrels, read_rows, require_dir
 from lame_pl.evaluation.task import ImageRef, Item, RetrievalTask, image_path
 from lame_pl.instructions import VISDOC_PAGE_TEXT, VISDOC_QUERY_INSTRUCTION
@@ -75,9 +76,14 @@ def read_pair_task(info: TaskInfo, rows: Sequence[Row], media: Media, media_fiel
             video's frames): the suffix of the ``qry_``/``tgt_`` media fields.
     """
     video = media_field == "video_path"
+    _check_media_columns(info.name, rows, media_field)
     queries, candidates, relevance, local = [], [], [], []
     index_of_item: dict[Item, int] = {}
     index_of_name: dict[str, int] = {}
+    # VLM2Vec embeds one candidate per name, the first of the task (generate_cand_dataset), and
+    # ranks each list as given: official_lists holds those first-by-name indices, duplicates kept.
+    first_of_name: dict[str, int] = {}
+    official_lists: list[list[int]] = []
 
     def add(item: Item, name: str) -> int:
         if info.scope == "global":  # one candidate per name across the task
@@ -104,20 +110,53 @@ def read_pair_task(info: TaskInfo, rows: Sequence[Row], media: Media, media_fiel
             )
         instructions = _target_instructions(row, len(texts))
         chosen: list[int] = []
+        listed: list[int] = []
         seen: set[str] = set()
         for text, path, instruction in zip(texts, paths, instructions, strict=True):
             name = _name(info.naming, _clean(text), path)
-            if name in seen:  # a duplicate candidate is the same candidate, kept once
+            if name in seen:  # a duplicate candidate is the same candidate, kept once (strict)
+                listed.append(first_of_name[name])
                 continue
             seen.add(name)
             chosen.append(add(_item(instruction, _clean(text), media(row, f"tgt_{media_field}", path), video), name))
+            first_of_name.setdefault(name, chosen[-1])
+            listed.append(first_of_name[name])
         relevance.append({chosen[0]: 1.0})
         local.append(chosen)
+        official_lists.append(listed)
+    gold = [lst[0] for lst in official_lists]
+    official = OfficialView(
+        "vlm2vec", queries, candidates, relevance=[{g: 1.0} for g in gold], labels=[[1.0] for _ in gold],
+        lists=official_lists if info.scope == "local" else None,
+        order=list(range(len(candidates))) if info.scope == "global" else None,
+    )
     return RetrievalTask(
         name=info.name, modality=info.modality, group=info.group, main_metric=MAIN_METRIC[info.modality],
         queries=queries, candidates=candidates, relevance=relevance, ideal_grades=[[1.0] for _ in queries],
-        local=local if info.scope == "local" else None, counted=info.counted,
+        local=local if info.scope == "local" else None, counted=info.counted, official=official,
     )
+
+
+# The row fields of an image or video task; another qry_/tgt_ column naming media is a misspelling
+# that would otherwise be read as "no media" (VLM2Vec's parsers stop on a missing field).
+PAIR_FIELDS = {"qry_inst", "qry_text", "qry_img_path", "qry_video_path", "tgt_inst", "tgt_text", "tgt_img_path",
+               "tgt_video_path"}
+MEDIA_WORDS = ("img", "image", "video", "frame", "path")
+
+
+def _check_media_columns(task: str, rows: Sequence[Row], media_field: str) -> None:
+    seen: set[str] = set()
+    for row in rows:
+        for column in row.data.keys() - seen:
+            seen.add(column)
+            lowered = column.casefold()
+            if column in PAIR_FIELDS or not lowered.startswith(("qry", "tgt")):
+                continue
+            if any(word in lowered for word in MEDIA_WORDS):
+                side = "qry" if lowered.startswith("qry") else "tgt"
+                raise EvalDataError(f"task {task}: {row.where}: column {column!r} is not a field of the layout; "
+                                    f"the media field is '{side}_{media_field}' (a misspelt column would be read "
+                                    f"as no media)")
 
 
 def _target_instructions(row: Row, n: int) -> list[str]:
@@ -171,6 +210,7 @@ def read_visdoc_task(
     corpus_rows = read_rows(find_table(folder, "corpus"))
     candidates: list[Item] = []
     index: dict[str, int] = {}
+    _check_page_column(info.name, corpus_rows)
     for row in corpus_rows:
         doc_id = row.ident("corpus-id", "corpus_id")
         if doc_id in index:
@@ -186,9 +226,14 @@ def read_visdoc_task(
         else:
             log(f"warning: {info.name}: the queries have no 'language' column, so all of them are kept "
                 f"(the task keeps only its {info.language} queries)")
-    grades = read_qrels(read_rows(find_table(folder, "qrels")))
+    qrels_files = find_table(folder, "qrels")
+    grades = read_qrels(read_rows(qrels_files))
+    _check_qrels_ids(info.name, qrels_files, grades, index)
     queries, relevance, ideal = [], [], []
     skipped = 0
+    # VLM2Vec ranks the documents the queries name (first seen, query by query) before the rest of
+    # the corpus (generate_cand_dataset): its argsort keeps that order among tied scores.
+    named: dict[int, None] = {}
     for row in query_rows:
         query_id = row.ident("query-id", "query_id")
         text = row.text("query")
@@ -199,11 +244,40 @@ def read_visdoc_task(
         queries.append(Item(VISDOC_QUERY_INSTRUCTION, text))
         relevance.append({index[d]: g for d, g in positives.items() if d in index})
         ideal.append(list(positives.values()))
+        named.update((index[d], None) for d in positives if d in index)
+    if skipped:
+        log(f"{info.name}: {skipped} of {len(query_rows)} queries have no qrel with a score > 0 and are left out of "
+            f"both scorings (VLM2Vec's loader stops on such a query)")
+    order = [*named, *(i for i in range(len(candidates)) if i not in named)]
+    official = OfficialView("vlm2vec", queries, candidates, relevance=relevance, labels=ideal, order=order)
     return RetrievalTask(
         name=info.name, modality="visdoc", group=info.group, main_metric=MAIN_METRIC["visdoc"], queries=queries,
         candidates=candidates, relevance=relevance, ideal_grades=ideal, skipped_queries=skipped,
-        counted=info.counted,
+        counted=info.counted, official=official,
     )
+
+
+def _check_qrels_ids(task: str, files: Sequence[Path], grades: dict[str, dict[str, float]], index: dict[str, int]) -> None:
+    """A qrel naming no corpus row is an error: VLM2Vec's loader stops on it (no page image to embed)."""
+    missing = sorted({d for per_query in grades.values() for d in per_query if d not in index})
+    if missing:
+        named = len({d for per_query in grades.values() for d in per_query})
+        example = next(iter(index), "")
+        raise EvalDataError(
+            f"task {task}: {files[0]}: column 'corpus-id' names {len(missing)} of {named} documents that are not in "
+            f"the corpus (e.g. {missing[0]!r}; corpus ids look like {example!r})"
+        )
+
+
+def _check_page_column(task: str, rows: Sequence[Row]) -> None:
+    """A corpus without an ``image`` column but with another image-like one is misspelt, not image-less."""
+    columns = {c for row in rows for c in row.data}
+    if "image" in columns:
+        return
+    odd = sorted(c for c in columns if any(w in c.casefold() for w in ("image", "img", "page")))
+    if odd:
+        raise EvalDataError(f"task {task}: {rows[0].file}: column {odd[0]!r} is not read: the page image column is "
+                            f"'image' (without it the pages are looked for as <corpus-id>.png)")
 
 
 def _page_image(row: Row, doc_id: str, page_root: Path, task: str) -> ImageRef:
@@ -424,23 +498,30 @@ def load_mmeb_tasks(
         log(warning)
     tasks = []
     for hit in _select(root, found, names, log):
-        info, name = hit.info, hit.info.name
-        if info.modality == "visdoc":
-            pages = [root / "visdoc-tasks" / n for n in (name, *info.folders)] + [hit.path]
-            page_root = next((p for p in pages if p.is_dir()), pages[0])
-            log(f"{name}: tables {_relative(hit.path, root)}, pages {_relative(page_root, root)}")
-            tasks.append(read_visdoc_task(info, hit.path, page_root, log))
-            continue
-        rows = read_rows(find_table(hit.path.parent, hit.stem))
-        field = "img_path" if info.modality == "image" else "video_path"
-        candidates = [Path(image_root)] if image_root else [root / m for m in MEDIA_ROOTS[info.modality]]
-        media_root = _media_root(name, rows, field, candidates)
-        log(f"{name}: rows {_relative(hit.path, root)}, media {_relative(media_root, root)}")
-        if info.modality == "image":
-            tasks.append(read_pair_task(info, rows, image_media(media_root, name), field))
-        else:
-            tasks.append(read_pair_task(info, rows, video_media(media_root, name, num_frames), field))
+        try:
+            tasks.append(_read_found(root, hit, image_root, num_frames, log))
+        except EvalDataError as error:  # every message names the task
+            message = str(error)
+            raise EvalDataError(message if message.startswith("task ") else f"task {hit.info.name}: {message}") from None
     return tasks
+
+
+def _read_found(root: Path, hit: Found, image_root: str | Path | None, num_frames: int, log: Log) -> RetrievalTask:
+    """One task found by ``_scan``, read and checked."""
+    info, name = hit.info, hit.info.name
+    if info.modality == "visdoc":
+        pages = [root / "visdoc-tasks" / n for n in (name, *info.folders)] + [hit.path]
+        page_root = next((p for p in pages if p.is_dir()), pages[0])
+        log(f"{name}: tables {_relative(hit.path, root)}, pages {_relative(page_root, root)}")
+        return read_visdoc_task(info, hit.path, page_root, log)
+    rows = read_rows(find_table(hit.path.parent, hit.stem))
+    field = "img_path" if info.modality == "image" else "video_path"
+    candidates = [Path(image_root)] if image_root else [root / m for m in MEDIA_ROOTS[info.modality]]
+    media_root = _media_root(name, rows, field, candidates)
+    log(f"{name}: rows {_relative(hit.path, root)}, media {_relative(media_root, root)}")
+    if info.modality == "image":
+        return read_pair_task(info, rows, image_media(media_root, name), field)
+    return read_pair_task(info, rows, video_media(media_root, name, num_frames), field)
 
 
 def _info(name: str, modality: str) -> TaskInfo:

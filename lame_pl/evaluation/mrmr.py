@@ -22,10 +22,12 @@ score is nDCG@10 (recall@1 for negation), computed as trec_eval does (linear gai
 from __future__ import annotations
 
 import difflib
+import re
 import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
+from lame_pl.evaluation.official import OfficialView
 from lame_pl.evaluation.tables import EvalDataError, Row, find_table, read_qrels, read_rows, require_dir
 from lame_pl.evaluation.task import ImageRef, Item, RetrievalTask, image_path
 
@@ -45,28 +47,53 @@ QUERY_INSTRUCTIONS = {
 }
 
 
+Log = Callable[[str], None]
+
+
+def _stderr(message: str) -> None:
+    print(message, file=sys.stderr)
+
+
 def _image_order(column: str) -> tuple[int, str]:
     """``image`` first, then ``image 1``, ``image 2``, ... by number."""
     suffix = column[len("image"):].strip()
     return (int(suffix) if suffix.isdigit() else -1 if not suffix else 10**6, column)
 
 
+# A column the layout would call ``image`` or ``image N`` but spelt otherwise (``image_1``, ``Image``,
+# ``image1``): read as no image, it would change what is embedded without a word.
+_IMAGE_LIKE = re.compile(r"^\s*(image|img)[\s_-]*(\d*)\s*$", re.IGNORECASE)
+
+
+def _check_image_columns(task: str, rows: Sequence[Row]) -> None:
+    seen: set[str] = set()
+    for row in rows:
+        for column in row.data.keys() - seen:
+            seen.add(column)
+            match = _IMAGE_LIKE.match(column)
+            if match is None or column == "image" or re.fullmatch(r"image [1-9]\d*", column):
+                continue
+            layout = "image" + (f" {int(match.group(2))}" if match.group(2) else "")
+            raise EvalDataError(f"task {task}: {row.where}: column {column!r} is not an image column of the layout; "
+                                f"it is spelt {layout!r} there (a misspelt column would be read as no image)")
+
+
+def _image_ref(row: Row, column: str, root: Path, task: str) -> ImageRef | None:
+    value = row.data.get(column)
+    if value is None or value == "":
+        return None
+    if isinstance(value, dict):
+        if value.get("bytes"):
+            return bytes(value["bytes"])
+        value = value.get("path")
+    if not isinstance(value, str) or not value:
+        raise EvalDataError(f"{row.where}: field {column!r} must be an image path or an image struct")
+    return image_path(root, value, task, row, column)
+
+
 def _images(row: Row, root: Path, task: str) -> tuple[ImageRef, ...]:
     columns = sorted((c for c in row.data if c == "image" or c.startswith("image ")), key=_image_order)
-    out: list[ImageRef] = []
-    for column in columns:
-        value = row.data[column]
-        if value is None or value == "":
-            continue
-        if isinstance(value, dict):
-            if value.get("bytes"):
-                out.append(bytes(value["bytes"]))
-                continue
-            value = value.get("path")
-        if not isinstance(value, str) or not value:
-            raise EvalDataError(f"{row.where}: field {column!r} must be an image path or an image struct")
-        out.append(image_path(root, value, task, row, column))
-    return tuple(out)
+    return tuple(ref for c in columns if (ref := _image_ref(row, c, root, task)) is not None)
 
 
 def _item(row: Row, instruction: str, root: Path, task: str) -> Item:
@@ -77,36 +104,124 @@ def _item(row: Row, instruction: str, root: Path, task: str) -> Item:
     return Item(instruction, text, images)
 
 
-def read_mrmr_task(subset: str, folder: Path, image_root: Path | None = None) -> RetrievalTask:
-    """One MRMR subset: its queries ranked against its whole corpus."""
+def _official_item(row: Row, instruction: str, root: Path, task: str, modality: str | None) -> Item:
+    """The item as MRMR's evaluator embeds it: the ``image`` column only; text and image as ``modality`` says."""
+    text = row.get("text", str, required=False, default="") or ""
+    image = _image_ref(row, "image", root, task)
+    images = (image,) if image is not None else ()
+    if modality == "text":
+        images = ()
+    elif modality == "image":
+        text = ""
+    if not text and not images:
+        wanted = "a 'text'" if modality == "text" else "an 'image'"
+        raise EvalDataError(f"{row.where}: MRMR embeds this record as modality {modality!r} but it has no {wanted} "
+                            f"value (the 'modality' column of a query is taken from the first query, as MRMR does)")
+    return Item(instruction, text, images)
+
+
+def _modality(row: Row) -> str | None:
+    value = row.data.get("modality")
+    return value.replace(" ", "") if isinstance(value, str) else None
+
+
+# pin_p documents: knowledge gives them ids of their own ("redo-<row>", never in the qrels); theorem
+# maps them like corpus rows, so their own ids can be relevant (MRMR's task loaders).
+PIN_P_OWN_IDS = {"theorem"}
+
+
+def read_official_qrels(rows: Sequence[Row]) -> dict[str, dict[str, int]]:
+    """``{query id: {corpus id: int(score)}}`` as MRMR's loaders build it: the last row of a pair wins, 0 stays."""
+    out: dict[str, dict[str, int]] = {}
+    for row in rows:
+        score = row.get("score", (int, float))
+        if isinstance(score, bool):
+            raise EvalDataError(f"{row.where}: field 'score' must be a number, got bool")
+        out.setdefault(row.ident("query-id", "query_id"), {})[row.ident("corpus-id", "corpus_id")] = int(score)
+    return out
+
+
+def read_mrmr_task(subset: str, folder: Path, image_root: Path | None = None, log: Log | None = None) -> RetrievalTask:
+    """One MRMR subset: its queries ranked against its whole corpus, scored both ways."""
+    log = log or _stderr
     root = image_root or folder
     task = f"MRMR-{subset}"
     candidates: list[Item] = []
+    official_candidates: list[Item] = []
+    doc_ids: list[str] = []
     index: dict[str, int] = {}
-    for row in read_rows(find_table(folder, "corpus")):
+    corpus_rows = read_rows(find_table(folder, "corpus"))
+    _check_image_columns(task, corpus_rows)
+    for row in corpus_rows:
         doc_id = row.ident("id", "corpus-id", "corpus_id")
         if doc_id in index:
             raise EvalDataError(f"{row.where}: corpus id {doc_id!r} appears twice in the corpus")
         index[doc_id] = len(candidates)
         candidates.append(_item(row, "", root, task))
+        official_candidates.append(_official_item(row, "", root, task, _modality(row)))
+        doc_ids.append(doc_id)
     if any((folder / f"pin_p{s}").exists() for s in ("", ".jsonl", ".json", ".parquet")):
-        for row in read_rows(find_table(folder, "pin_p")):
+        pin_rows = read_rows(find_table(folder, "pin_p"))
+        _check_image_columns(task, pin_rows)
+        shared = 0
+        for row in pin_rows:
             index[f"pin_p-{row.index}"] = len(candidates)
             candidates.append(_item(row, "", root, task))
-    grades = read_qrels(read_rows(find_table(folder, "qrels")))
+            official_candidates.append(_official_item(row, "", root, task, _modality(row)))
+            own = row.ident("id", "corpus-id", "corpus_id") if subset in PIN_P_OWN_IDS else f"redo-{row.index}"
+            shared += own in index
+            doc_ids.append(own)
+        if shared:
+            log(f"warning: {task}: {shared} pin_p documents have the id of a corpus document; MRMR ranks one "
+                f"document per id, which the official scoring takes at the higher score")
+    qrels_files = find_table(folder, "qrels")
+    qrels_rows = read_rows(qrels_files)
+    grades = read_qrels(qrels_rows)
+    official_grades = read_official_qrels(qrels_rows)
+    known = set(doc_ids) | set(index)
+    named = {d for per_query in official_grades.values() for d in per_query}
+    missing = sorted(named - known)
+    if missing and len(missing) == len(named):
+        raise EvalDataError(f"task {task}: {qrels_files[0]}: column 'corpus-id' names no document of the corpus "
+                            f"(e.g. {missing[0]!r}; corpus ids look like {doc_ids[0]!r})")
+    if missing:
+        log(f"warning: {task}: {len(missing)} of {len(named)} documents the qrels name are not in the corpus "
+            f"(e.g. {missing[0]!r}); both scorings count them as relevant and never retrieved")
+    query_rows = read_rows(find_table(folder, "query"))
+    _check_image_columns(task, query_rows)
+    instruction = QUERY_INSTRUCTIONS.get(subset, "")
+    # MRMR's evaluator embeds every query the way the first query's modality says.
+    query_modality = _modality(query_rows[0]) if query_rows else None
+    differ = sum(1 for row in query_rows if _modality(row) != query_modality)
+    if differ:
+        log(f"warning: {task}: {differ} queries have another modality than the first ({query_modality}); the "
+            f"official scoring embeds them as MRMR does, as {query_modality}")
     queries, relevance, ideal = [], [], []
+    official_queries, official_qrels = [], []
     skipped = 0
-    for row in read_rows(find_table(folder, "query")):
-        positives = grades.get(row.ident("id", "query-id", "query_id"), {})
+    for row in query_rows:
+        query_id = row.ident("id", "query-id", "query_id")
+        if query_id in official_grades:
+            official_queries.append(_official_item(row, instruction, root, task, query_modality))
+            official_qrels.append(official_grades[query_id])
+        positives = grades.get(query_id, {})
         if not positives:
             skipped += 1
             continue
-        queries.append(_item(row, QUERY_INSTRUCTIONS.get(subset, ""), root, task))
+        queries.append(_item(row, instruction, root, task))
         relevance.append({index[d]: g for d, g in positives.items() if d in index})
         ideal.append(list(positives.values()))
+    zero_only = sum(1 for q in official_qrels if not any(g > 0 for g in q.values()))
+    if skipped:
+        log(f"{task}: {skipped} of {len(query_rows)} queries have no qrel with a score > 0: strict leaves them "
+            f"out; official counts the {zero_only} of them that have qrels, as MRMR does (they score 0)")
+    if not official_queries:
+        raise EvalDataError(f"task {task}: {qrels_files[0]}: column 'query-id' names no query of the query table")
+    official = OfficialView("trec_eval", official_queries, official_candidates, qrels=official_qrels, doc_ids=doc_ids)
     return RetrievalTask(
         name=subset, modality="mrmr", group=subset, main_metric=MAIN_METRIC.get(subset, "ndcg@10"),
         queries=queries, candidates=candidates, relevance=relevance, ideal_grades=ideal, skipped_queries=skipped,
+        official=official,
     )
 
 
@@ -114,11 +229,6 @@ def read_mrmr_task(subset: str, folder: Path, image_root: Path | None = None) ->
 # name, as ``huggingface-cli download MRMRbenchmark/<subset> --local-dir MRMRbenchmark/<subset>``
 # leaves it. Folder names are matched without regard to case.
 SUBSET_HOMES = (".", "MRMRbenchmark")
-Log = Callable[[str], None]
-
-
-def _stderr(message: str) -> None:
-    print(message, file=sys.stderr)
 
 
 def _subset_folders(root: Path) -> dict[str, list[Path]]:
@@ -179,5 +289,9 @@ def load_mrmr_tasks(
                                 f"{root / 'MRMRbenchmark' / name} (the corpus, query and qrels tables)")
         folder = found[name][0]
         log(f"{name}: tables {folder.relative_to(root)}")
-        tasks.append(read_mrmr_task(name, folder, Path(image_root) if image_root else None))
+        try:
+            tasks.append(read_mrmr_task(name, folder, Path(image_root) if image_root else None, log))
+        except EvalDataError as error:  # every message names the task
+            message = str(error)
+            raise EvalDataError(message if message.startswith("task ") else f"task MRMR-{name}: {message}") from None
     return tasks

@@ -13,6 +13,7 @@ from typing import Any
 from lame_pl.checkpoint import CheckpointError, load_checkpoint_file
 from lame_pl.evaluation import mmeb, mmeb_tasks, mrmr
 from lame_pl.evaluation.encode import CheckpointEncoder, EmbeddingCache, ItemEncoder, embed_items
+from lame_pl.evaluation.official import score_official
 from lame_pl.evaluation.report import format_table, summarize, task_record, write_task_json
 from lame_pl.evaluation.tables import EvalDataError
 from lame_pl.evaluation.task import RetrievalTask, score_task
@@ -81,14 +82,26 @@ def evaluate(
         start = time.perf_counter()
         name = f"{task.modality}-{task.name}"
         # One pass over both sides: the task's cache file is read and written once.
-        embeddings, encoded = embed_items([*task.queries, *task.candidates], encoder, cache, name)
-        queries, candidates = embeddings[: len(task.queries)], embeddings[len(task.queries) :]
-        record = task_record(task, score_task(task, queries, candidates))
+        view = task.official
+        extra = [] if view is None or (view.queries is task.queries and view.candidates is task.candidates) else [
+            *view.queries, *view.candidates]
+        embeddings, encoded = embed_items([*task.queries, *task.candidates, *extra], encoder, cache, name)
+        nq, nc = len(task.queries), len(task.candidates)
+        queries, candidates = embeddings[:nq], embeddings[nq : nq + nc]
+        official = None
+        if view is not None:
+            if extra:  # the benchmark embeds other items (MRMR: its own media rules)
+                official = score_official(view, embeddings[nq + nc : nq + nc + len(view.queries)],
+                                          embeddings[nq + nc + len(view.queries) :])
+            else:
+                official = score_official(view, queries, candidates)
+        record = task_record(task, score_task(task, queries, candidates), official)
         record["seconds"] = round(time.perf_counter() - start, 3)
         record["encoded"] = encoded
         write_task_json(output_dir, record)
-        print(f"{task.name}: {record['main_metric']} {record['main_score']:.4f} ({record['num_queries']} queries, "
-              f"{record['encoded']} items encoded, the rest from the cache)", file=sys.stderr)
+        print(f"{task.name}: {record['main_metric']} official {record['main_score']:.4f}, strict "
+              f"{record['strict_score']:.4f} ({record['num_queries']} queries, {record['encoded']} items encoded, "
+              f"the rest from the cache)", file=sys.stderr)
         records.append(record)
     return records
 

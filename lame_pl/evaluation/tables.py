@@ -56,14 +56,24 @@ class Row:
         return ["" if item is None else item for item in value]
 
     def ident(self, *fields: str) -> str:
-        """The first present id field among ``fields`` as a string (ids may be stored as ints)."""
+        """The present id field among ``fields`` as a string (ids may be stored as ints).
+
+        Two spellings present with different values is an error: which one a benchmark reads
+        depends on the task, so either choice could score against the wrong ids.
+        """
+        found: list[tuple[str, str]] = []
         for field in fields:
             value = self.data.get(field)
             if value is not None:
-                if not isinstance(value, (str, int)):
+                if not isinstance(value, (str, int)) or isinstance(value, bool):
                     raise EvalDataError(f"{self.where}: field {field!r} must be a string or integer id")
-                return str(value)
-        raise EvalDataError(f"{self.where}: missing field {' or '.join(repr(f) for f in fields)}")
+                found.append((field, str(value)))
+        if not found:
+            raise EvalDataError(f"{self.where}: missing field {' or '.join(repr(f) for f in fields)}")
+        if len({v for _, v in found}) > 1:
+            spelled = " and ".join(f"{f!r} = {v!r}" for f, v in found)
+            raise EvalDataError(f"{self.where}: two spellings of one id column disagree: {spelled}")
+        return found[0][1]
 
 
 def read_table(path: Path) -> list[Row]:

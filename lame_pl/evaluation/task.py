@@ -11,6 +11,7 @@ from pathlib import Path
 import torch
 
 from lame_pl.evaluation.metrics import mean_metrics, query_metrics, relevant_ranks
+from lame_pl.evaluation.official import OfficialView
 from lame_pl.evaluation.tables import EvalDataError, Row
 
 # An image is a file path (absolute) or the encoded bytes a parquet table stores inline.
@@ -75,6 +76,8 @@ class RetrievalTask:
             against all candidates (global ranking).
         skipped_queries: Queries left out because no qrel gave them a positive grade.
         counted: Whether the task counts towards its benchmark's averages.
+        official: The task as the benchmark's own scorer sees it (``official.OfficialView``);
+            ``None`` scores it by the strict rules only.
     """
 
     name: str
@@ -88,6 +91,7 @@ class RetrievalTask:
     local: list[list[int]] | None = None
     skipped_queries: int = 0
     counted: bool = True
+    official: OfficialView | None = None
 
     def __post_init__(self) -> None:
         n = len(self.queries)
