@@ -1,4 +1,4 @@
-"""Peak GPU memory of one LaME training step on one device, computed, and the model checked on the CPU.
+"""Peak GPU memory of one LaME training step on one device, computed, and the model compared with a CPU step.
 
 No GPU has been lent to this project, so the single-GPU recipe (``configs/qwen2vl-2b/single_gpu*.yaml``)
 is sized from this memory model rather than measured. The model, in bytes, for a step of the 2B
