@@ -1,29 +1,10 @@
-"""Callbacks that a config can name as ``callbacks.<Name>``."""
+"""``callbacks``: the short config name of ``lame_pl.callbacks`` (``class_path: callbacks.DataHealth``).
 
-from callbacks.checkpointing import AtomicCheckpoint
-from callbacks.console import ParameterSummary, SamplesPerSecond, StepProgressBar
-from callbacks.dashboard_layout import DashboardLayout
-from callbacks.data_health import DataHealth
-from callbacks.embedding_health import EmbeddingHealth
-from callbacks.embedding_projector import EmbeddingProjector
-from callbacks.embedding_writer import EmbeddingWriter
-from callbacks.metrics_file import MetricsFile
-from callbacks.reason_diagnostics import ReasonDiagnostics
-from callbacks.similarity_heatmap import SimilarityHeatmap
-from callbacks.stage_switch import StageSwitch
+A thin alias (``lame_pl.package_alias``): ``callbacks.console`` is ``lame_pl.callbacks.console``.
+"""
 
-__all__ = [
-    "AtomicCheckpoint",
-    "DashboardLayout",
-    "DataHealth",
-    "EmbeddingHealth",
-    "EmbeddingProjector",
-    "EmbeddingWriter",
-    "MetricsFile",
-    "ParameterSummary",
-    "ReasonDiagnostics",
-    "SamplesPerSecond",
-    "SimilarityHeatmap",
-    "StageSwitch",
-    "StepProgressBar",
-]
+from lame_pl.callbacks import *  # noqa: F403
+from lame_pl.callbacks import __all__  # noqa: F401
+from lame_pl.package_alias import alias_package
+
+alias_package(__name__, "lame_pl.callbacks")

@@ -1,9 +1,10 @@
-"""Data pipelines: WebDataset shards to collated model inputs; a user's own corpus to embed."""
+"""``datamodules``: the short config name of ``lame_pl.datamodules`` (``class_path: datamodules.ImageTextDataModule``).
 
-from datamodules.collate import InstructionCollator, PairCollator
-from datamodules.corpus import CorpusDataModule
-from datamodules.image_text import ImageTextDataModule, ShardDataModule
-from datamodules.pairs import InstructionPairDataModule
+A thin alias (``lame_pl.package_alias``): ``datamodules.clip`` is ``lame_pl.datamodules.clip``.
+"""
 
-__all__ = ["CorpusDataModule", "ImageTextDataModule", "InstructionCollator", "InstructionPairDataModule",
-           "PairCollator", "ShardDataModule"]
+from lame_pl.datamodules import *  # noqa: F403
+from lame_pl.datamodules import __all__  # noqa: F401
+from lame_pl.package_alias import alias_package
+
+alias_package(__name__, "lame_pl.datamodules")

@@ -6,10 +6,10 @@ the project's own), and runnable as ``python -m lame_pl``.
 
 from __future__ import annotations
 
+import importlib
 import logging
 import os
 import re
-import sys
 import warnings
 from collections.abc import Mapping
 from pathlib import Path
@@ -22,12 +22,15 @@ from lightning.pytorch.cli import ArgsType, LightningCLI
 from lightning.pytorch.utilities import rank_zero_info
 from lightning.pytorch.utilities.warnings import PossibleUserWarning
 
-# The project's models and data modules, imported so that jsonargparse knows them: `--model
-# LaMEModule` resolves by class name, and `fit --help` lists them among the known subclasses.
-from datamodules import CorpusDataModule, ImageTextDataModule, InstructionPairDataModule, ShardDataModule
-from datamodules.clip import CLIPImageTextDataModule
+from lame_pl.callbacks.checkpointing import newest_loadable_checkpoint
+from lame_pl.callbacks.console import ParameterSummary, SamplesPerSecond, StepProgressBar
 from lame_pl.checkpoint import CheckpointError, load_checkpoint_file, read_checkpoint
 from lame_pl.clip_anchor import CLIPAnchor
+
+# The project's models and data modules, imported so that jsonargparse knows them: `--model
+# LaMEModule` resolves by class name, and `fit --help` lists them among the known subclasses.
+from lame_pl.datamodules import CorpusDataModule, ImageTextDataModule, InstructionPairDataModule, ShardDataModule
+from lame_pl.datamodules.clip import CLIPImageTextDataModule
 from lame_pl.module import LaMEModule
 from lame_pl.run_dir import checkpoint_folders, existing_checkpoints, remove_checkpoints, resumed_step, set_purge_step
 
@@ -72,9 +75,6 @@ class LaMECLI(LightningCLI):
         directory that loads (a kill may have cut the newest short: each skipped file is warned
         about); any other file must load, else the run ends with one line naming it.
         """
-        # Imported here: lame_pl does not need the callbacks package until a checkpoint file is given.
-        from callbacks.checkpointing import newest_loadable_checkpoint
-
         config = self._subcommand_config()
         ckpt = config.get("ckpt_path") if config else None
         if isinstance(ckpt, str) and "://" in ckpt:
@@ -264,9 +264,6 @@ def console_callbacks(trainer_config: Mapping[str, Any], given: list[Callback]) 
     A config that names its own progress bar or summary keeps it, and one that switches either off
     (``enable_progress_bar``/``enable_model_summary: false``) gets none.
     """
-    # Imported here: the callbacks package is not needed to parse the command line.
-    from callbacks.console import ParameterSummary, SamplesPerSecond, StepProgressBar
-
     added: list[Callback] = []
     if trainer_config.get("enable_progress_bar") is not False and not any(isinstance(c, ProgressBar) for c in given):
         added.append(StepProgressBar())
@@ -281,7 +278,7 @@ def console_callbacks(trainer_config: Mapping[str, Any], given: list[Callback]) 
 # and the note that the model summary is the one console_callbacks added.
 _NOISE_LINES = re.compile(
     r"^\W*Tip: For seamless cloud logging and experiment tracking, try installing \[litlogger\]"
-    r"|^Trainer already configured with model summary callbacks: \[<class 'callbacks\.console\.ParameterSummary'>\]\."
+    r"|^Trainer already configured with model summary callbacks: \[<class 'lame_pl\.callbacks\.console\.ParameterSummary'>\]\."
 )
 
 
@@ -321,11 +318,23 @@ def silence_noise(shard_data: bool = False) -> None:
     )
 
 
+# The short names configs use for the project's subpackages (lame_pl.package_alias).
+SHORT_PACKAGES = {"lame_pl.datamodules": "datamodules", "lame_pl.callbacks": "callbacks"}
+
+
 def class_path(cls: type) -> str:
-    """The shortest path a config can name ``cls`` by: its package's when the package exports it."""
-    package = sys.modules.get(cls.__module__.split(".")[0])
-    return f"{package.__name__}.{cls.__name__}" if getattr(package, cls.__name__, None) is cls \
-        else f"{cls.__module__}.{cls.__name__}"
+    """The shortest path a config can name ``cls`` by: its package's when the package exports it,
+    under the short alias of ``lame_pl.datamodules`` and ``lame_pl.callbacks``."""
+    parts = cls.__module__.split(".")
+    path = f"{cls.__module__}.{cls.__name__}"
+    for depth in range(1, len(parts)):
+        if getattr(importlib.import_module(".".join(parts[:depth])), cls.__name__, None) is cls:
+            path = f"{'.'.join(parts[:depth])}.{cls.__name__}"
+            break
+    for full, short in SHORT_PACKAGES.items():
+        if path.startswith(full + "."):
+            return short + path[len(full):]
+    return path
 
 
 def _listing(classes: tuple[type, ...]) -> str:

@@ -15,8 +15,8 @@ import pytest
 import torch
 from PIL import Image
 
-from datamodules.collate import PairCollator
 from lame_pl.backbone import BackboneSpec, DecoderSpec, build_processor
+from lame_pl.datamodules.collate import PairCollator
 
 IMAGE_SIDE = 56
 CAPTIONS = [

@@ -23,9 +23,9 @@ from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.strategies import DDPStrategy, DeepSpeedStrategy, ModelParallelStrategy
 from PIL import Image
 
-from datamodules.collate import PairCollator
 from lame_pl import BackboneSpec, DecoderSpec, LaMEModule
 from lame_pl.backbone import build_processor
+from lame_pl.datamodules.collate import PairCollator
 from lame_pl.prompt import PromptProcessor, Side
 
 # Not conftest's: this script also runs where pytest is not installed (tools/device_check.sh).

@@ -20,13 +20,13 @@ from PIL import Image
 from test_data_robust import datamodule as eval_dm
 from test_data_robust import read_all, write
 
-from callbacks import DataHealth
-from datamodules import ImageTextDataModule
-from datamodules.collate import PairCollator
-from datamodules.samples import BadSampleError, NoGoodSamplesError, SkipCounter, TarSamples
-from datamodules.shards import expand_shards
 from lame_pl import LaMEModule
 from lame_pl.backbone import BackboneSpec, DecoderSpec, qwen2_tokenizer
+from lame_pl.callbacks import DataHealth
+from lame_pl.datamodules import ImageTextDataModule
+from lame_pl.datamodules.collate import PairCollator
+from lame_pl.datamodules.samples import BadSampleError, NoGoodSamplesError, SkipCounter, TarSamples
+from lame_pl.datamodules.shards import expand_shards
 
 SPEC = BackboneSpec(preset="tiny", min_pixels=56 * 56, max_pixels=56 * 56)
 ROOT = Path(__file__).resolve().parents[1]
@@ -50,7 +50,7 @@ def bad(key: str) -> dict:
 
 TRAIN_SCRIPT = textwrap.dedent("""
     import sys
-    from datamodules import ImageTextDataModule
+    from lame_pl.datamodules import ImageTextDataModule
     from lame_pl.backbone import BackboneSpec
     spec = BackboneSpec(preset="tiny", min_pixels=56 * 56, max_pixels=56 * 56)
     extra = dict(max_consecutive_skips=int(sys.argv[3])) if sys.argv[3] != "default" else {}

@@ -22,7 +22,7 @@ import torch
 from test_eval_mmeb import write_mmeb
 from test_eval_mrmr import write_mrmr
 
-from callbacks.checkpointing import AtomicCheckpointIO, atomic_link, is_temp_file
+from lame_pl.callbacks.checkpointing import AtomicCheckpointIO, atomic_link, is_temp_file
 from lame_pl.cli import build_cli
 from lame_pl.evaluation.run import main as eval_main
 
@@ -211,7 +211,7 @@ def test_a_kill_during_a_save_resumes_from_the_newest_intact_checkpoint(shards, 
 
 def test_a_sharded_checkpoint_folder_is_taken_as_it_is(tmp_path):
     """DeepSpeed saves a folder per checkpoint: only its strategy reads it, so it is not opened here."""
-    from callbacks.checkpointing import newest_loadable_checkpoint
+    from lame_pl.callbacks.checkpointing import newest_loadable_checkpoint
 
     older = tmp_path / "epoch=0-step=1.ckpt"
     torch.save({"state_dict": {}}, older)
@@ -223,7 +223,7 @@ def test_a_sharded_checkpoint_folder_is_taken_as_it_is(tmp_path):
 
 
 def test_keep_last_n_is_checked():
-    from callbacks.checkpointing import AtomicCheckpoint
+    from lame_pl.callbacks.checkpointing import AtomicCheckpoint
 
     with pytest.raises(ValueError, match="keep_last_n must be an integer >= 1, got 0"):
         AtomicCheckpoint(keep_last_n=0)

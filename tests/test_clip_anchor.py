@@ -14,10 +14,10 @@ import torch.nn.functional as F
 from conftest import make_synthetic_shards, random_image
 from test_eval_mmeb import write_mmeb
 
-from datamodules.clip import CLIPPairCollator, CLIPProcessor
 from lame_pl.cli import build_cli
 from lame_pl.clip_anchor import CLIPAnchor
 from lame_pl.clip_spec import CLIPSpec
+from lame_pl.datamodules.clip import CLIPPairCollator, CLIPProcessor
 from lame_pl.evaluation import run as eval_run
 from lame_pl.evaluation.clip_encoder import CLIPEncoder, is_clip_checkpoint
 from lame_pl.evaluation.task import Item

@@ -16,7 +16,7 @@ from lightning.pytorch.callbacks import RichProgressBar
 from lightning.pytorch.utilities.warnings import PossibleUserWarning
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-from callbacks.console import ParameterSummary, SamplesPerSecond, StepProgressBar
+from lame_pl.callbacks.console import ParameterSummary, SamplesPerSecond, StepProgressBar
 from lame_pl.cli import build_cli, console_callbacks, silence_noise
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tools"))

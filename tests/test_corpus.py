@@ -100,7 +100,7 @@ def test_an_image_folder_is_embedded_as_queries_keyed_by_relative_path(image_emb
 
 def test_the_loader_reports_unreadable_images_by_key_and_a_batch_of_them_alone_is_written_as_nothing(
         ckpt, corpus, tiny_spec, tmp_path):
-    from datamodules import CorpusDataModule
+    from lame_pl.datamodules import CorpusDataModule
 
     data = CorpusDataModule(tiny_spec, images=str(corpus["images"]), batch_size=2)
     batches = list(data.predict_dataloader())

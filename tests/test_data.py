@@ -11,8 +11,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from datamodules import ImageTextDataModule, PairCollator
 from lame_pl.backbone import BackboneSpec
+from lame_pl.datamodules import ImageTextDataModule, PairCollator
 
 ROOT = Path(__file__).resolve().parents[1]
 TOOLS = ROOT / "tools"

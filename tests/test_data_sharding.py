@@ -11,9 +11,9 @@ import pytest
 from lightning import Callback, Trainer
 from lightning.pytorch.callbacks import ModelCheckpoint
 
-from datamodules import ImageTextDataModule
 from lame_pl import LaMEModule
 from lame_pl.backbone import BackboneSpec
+from lame_pl.datamodules import ImageTextDataModule
 
 ROOT = Path(__file__).resolve().parents[1]
 SPEC = BackboneSpec(preset="tiny", min_pixels=56 * 56, max_pixels=56 * 56)

@@ -13,10 +13,11 @@ import torch.nn.functional as F
 from conftest import IMAGE_SIDE, random_image
 from PIL import Image
 
-from callbacks import EmbeddingHealth, EmbeddingProjector, ReasonDiagnostics, SimilarityHeatmap
-from callbacks.attention_probe import embed_attention_shares, last_layer_attention
-from callbacks.similarity_heatmap import LABEL_BAND, SCALE_GAP, figure_size, heatmap_figure, render_heatmap
-from callbacks.space_stats import (
+from lame_pl.backbone import build_backbone
+from lame_pl.callbacks import EmbeddingHealth, EmbeddingProjector, ReasonDiagnostics, SimilarityHeatmap
+from lame_pl.callbacks.attention_probe import embed_attention_shares, last_layer_attention
+from lame_pl.callbacks.similarity_heatmap import LABEL_BAND, SCALE_GAP, figure_size, heatmap_figure, render_heatmap
+from lame_pl.callbacks.space_stats import (
     alignment,
     effective_rank,
     mean_pairwise_cosine,
@@ -24,9 +25,8 @@ from callbacks.space_stats import (
     std_ratio,
     uniformity,
 )
-from callbacks.thumbnails import images_from_patches, row_images
-from callbacks.validation_subset import FirstRows
-from lame_pl.backbone import build_backbone
+from lame_pl.callbacks.thumbnails import images_from_patches, row_images
+from lame_pl.callbacks.validation_subset import FirstRows
 from lame_pl.model import LaMEEncoder, text_config
 
 # ----------------------------------------------------------------------------- statistics
@@ -245,7 +245,7 @@ def test_embedding_health_statistics_and_a_single_collapse_warning(monkeypatch):
     assert metrics["diag/cosine/gap"] == pytest.approx(0.0, abs=1e-6)
     warned, logged = [], {}
     module.log = lambda name, value, **kwargs: logged.__setitem__(name, float(value))
-    monkeypatch.setattr("callbacks.embedding_health.rank_zero_warn", warned.append)
+    monkeypatch.setattr("lame_pl.callbacks.embedding_health.rank_zero_warn", warned.append)
     health.report(SimpleNamespace(global_step=7), module)
     health.report(SimpleNamespace(global_step=8), module)
     assert len(warned) == 1 and "collapse alarm at step 7" in warned[0]
@@ -263,7 +263,7 @@ def test_the_collapse_alarm_is_raised_only_where_the_contrastive_loss_is_in_forc
     collapsed = torch.ones(4, 4)
     health.collect(module, _outputs(collapsed, collapsed), {})
     warned = []
-    monkeypatch.setattr("callbacks.embedding_health.rank_zero_warn", warned.append)
+    monkeypatch.setattr("lame_pl.callbacks.embedding_health.rank_zero_warn", warned.append)
     health.report(SimpleNamespace(global_step=3), module)
     assert len(warned) == alarms
 

@@ -213,7 +213,7 @@ def test_explain_decodes_the_reason_states_with_the_checkpoints_decoder(trained,
 
 def test_rows_are_laid_out_as_the_training_collator_lays_them_out(trained, processor):
     """The embedder's inputs for an image + instruction and for a caption are the training batch's, token for token."""
-    from datamodules.collate import PairCollator
+    from lame_pl.datamodules.collate import PairCollator
 
     embedder = LaMEEmbedder.from_checkpoint(trained["plain"], device="cpu")
     rng = random.Random(7)

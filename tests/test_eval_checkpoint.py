@@ -129,8 +129,8 @@ def test_training_collator_and_evaluator_build_identical_inputs(checkpoint, tmp_
     from conftest import random_image
     from PIL import Image
 
-    from datamodules.collate import InstructionCollator
     from lame_pl.backbone import build_processor
+    from lame_pl.datamodules.collate import InstructionCollator
     from lame_pl.evaluation.encode import CheckpointEncoder
     from lame_pl.evaluation.task import Item
 

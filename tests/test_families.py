@@ -6,8 +6,8 @@ import pytest
 import torch
 from PIL import Image
 
-from datamodules.collate import PairCollator
 from lame_pl.backbone import BackboneSpec, build_backbone, build_processor, qwen2_tokenizer
+from lame_pl.datamodules.collate import PairCollator
 from lame_pl.model import LaMEEncoder
 
 TEXT = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,

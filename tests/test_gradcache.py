@@ -14,9 +14,9 @@ import torch
 from conftest import CAPTIONS, random_image
 from lightning import Trainer
 
-from callbacks import DataHealth
-from datamodules.collate import PairCollator
 from lame_pl import LaMEModule, LoraSpec
+from lame_pl.callbacks import DataHealth
+from lame_pl.datamodules.collate import PairCollator
 from lame_pl.gradcache import HostBatch, gradcache_step
 from lame_pl.model import LaMEEncoder
 from lame_pl.prompt import PromptProcessor, Side

@@ -12,10 +12,10 @@ from pathlib import Path
 import pytest
 import yaml
 
-from datamodules import InstructionPairDataModule
-from datamodules.mixture import ShardSet, check_mixture
 from lame_pl.backbone import BackboneSpec
 from lame_pl.cli import build_cli
+from lame_pl.datamodules import InstructionPairDataModule
+from lame_pl.datamodules.mixture import ShardSet, check_mixture
 
 ROOT = Path(__file__).resolve().parents[1]
 SPEC = BackboneSpec(preset="tiny", min_pixels=56 * 56, max_pixels=56 * 56)

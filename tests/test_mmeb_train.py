@@ -20,10 +20,6 @@ import webdataset as wds
 import yaml
 from PIL import Image
 
-from datamodules.mixture import ShardSet, expand_mixture
-from datamodules.pairs import InstructionPairDataModule
-from datamodules.samples import DecodeInstructionPairs, SkipCounter
-from datamodules.shards import count_samples
 from lame_pl.data import mmeb_train
 from lame_pl.data.instruction_pairs import parse_pair_json
 from lame_pl.data.instruction_split import (
@@ -33,6 +29,10 @@ from lame_pl.data.instruction_split import (
 )
 from lame_pl.data.shard_writer import DataError
 from lame_pl.data.vlm2vec_mixture import MMEB, SUBSET_BY_NAME, SUBSETS, VIDEO_KINDS
+from lame_pl.datamodules.mixture import ShardSet, expand_mixture
+from lame_pl.datamodules.pairs import InstructionPairDataModule
+from lame_pl.datamodules.samples import DecodeInstructionPairs, SkipCounter
+from lame_pl.datamodules.shards import count_samples
 from lame_pl.instructions import (
     VIDEO_QA_INSTRUCTION,
     VIDEO_RETRIEVAL_QUERY_INSTRUCTION,

@@ -11,8 +11,8 @@ import torch
 from conftest import CAPTIONS, random_image
 from lightning import Callback, Trainer
 
-from datamodules.collate import PairCollator
 from lame_pl import LaMEModule
+from lame_pl.datamodules.collate import PairCollator
 from lame_pl.nonfinite import NonFiniteError, NonFiniteGuard, part_of
 
 

@@ -28,7 +28,7 @@ from conftest import CAPTIONS, random_image
 from lightning import Trainer
 from lightning.pytorch.loggers import TensorBoardLogger
 
-from callbacks import MetricsFile
+from lame_pl.callbacks import MetricsFile
 from lame_pl.cli import build_cli
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -11,12 +11,12 @@ import pytest
 import webdataset as wds
 from PIL import Image
 
-from datamodules import InstructionPairDataModule
-from datamodules.samples import SkipCounter, TarSamples
 from lame_pl.backbone import BackboneSpec
 from lame_pl.data import DataError, Skips
 from lame_pl.data.instruction_pairs import PairRow, PairSide, parse_pair_json, write_pairs
 from lame_pl.data.shard_writer import EmptySplitError
+from lame_pl.datamodules import InstructionPairDataModule
+from lame_pl.datamodules.samples import SkipCounter, TarSamples
 
 ROOT = Path(__file__).resolve().parents[1]
 SPEC = BackboneSpec(preset="tiny", min_pixels=56 * 56, max_pixels=56 * 56)

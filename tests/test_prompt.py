@@ -9,7 +9,7 @@ import pytest
 import torch
 from conftest import random_image
 
-from datamodules.collate import InstructionCollator, PairCollator
+from lame_pl.datamodules.collate import InstructionCollator, PairCollator
 from lame_pl.prompt import PromptProcessor, Side, render
 
 VS, VE, IMG, VID = "<|vision_start|>", "<|vision_end|>", "<|image_pad|>", "<|video_pad|>"
@@ -152,7 +152,7 @@ def test_pair_collator_uses_the_same_layout_and_labels_every_caption(processor):
 
 
 def test_datamodule_passes_decoder_label_on_and_refuses_an_unknown_one(tiny_spec):
-    from datamodules import InstructionPairDataModule
+    from lame_pl.datamodules import InstructionPairDataModule
 
     dm = InstructionPairDataModule(tiny_spec, decoder_label="target_or_query_text")
     assert dm.collator.decoder_label == "target_or_query_text"

@@ -26,7 +26,7 @@ from lightning import LightningModule, Trainer
 from lightning.pytorch.loggers import TensorBoardLogger
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-from callbacks import DataHealth
+from lame_pl.callbacks import DataHealth
 from lame_pl.cli import build_cli
 
 ROOT = Path(__file__).resolve().parents[1]

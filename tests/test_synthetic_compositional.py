@@ -172,7 +172,7 @@ def test_make_shards_refuses_sizes_that_split_groups(tmp_path):
 
 
 def test_kinds_round_trip_through_shards_and_datamodule(tmp_path, tiny_spec):
-    from datamodules import ImageTextDataModule
+    from lame_pl.datamodules import ImageTextDataModule
 
     out = tmp_path / "set"
     result = _make_shards(out, "--tasks", ",".join(TASKS), "--train", "16", "--val", "8", "--test", "32",

@@ -23,8 +23,8 @@ from tensorboard.backend.event_processing.event_accumulator import EventAccumula
 from tensorboard.plugins.custom_scalar import layout_pb2
 from tensorboard.plugins.projector.projector_config_pb2 import ProjectorConfig
 
-from callbacks.dashboard_layout import LAYOUT, layout_for
-from callbacks.similarity_heatmap import figure_size
+from lame_pl.callbacks.dashboard_layout import LAYOUT, layout_for
+from lame_pl.callbacks.similarity_heatmap import figure_size
 from lame_pl.cli import build_cli
 
 ROOT = Path(__file__).resolve().parents[1]

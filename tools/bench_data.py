@@ -31,9 +31,9 @@ from typing import Any
 
 import torch
 
-from datamodules import ImageTextDataModule
 from lame_pl import BackboneSpec, DecoderSpec, LaMEModule, StageSpec
 from lame_pl.backbone import DECODER_PRESETS
+from lame_pl.datamodules import ImageTextDataModule
 
 
 def _positive_int(text: str) -> int:

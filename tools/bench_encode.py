@@ -52,9 +52,9 @@ from typing import Any
 import torch
 from PIL import Image
 
-from datamodules.collate import PairCollator
 from lame_pl import BackboneSpec, DecoderSpec, LaMEModule
 from lame_pl.backbone import BACKBONE_PRESETS, DECODER_PRESETS, build_backbone, build_processor
+from lame_pl.datamodules.collate import PairCollator
 from lame_pl.model import LaMEEncoder
 from lame_pl.modes import hf_generation_model
 
@@ -236,8 +236,8 @@ def clip_runner(args: argparse.Namespace) -> tuple[Callable[[dict], Any], dict[s
 
 def clip_inputs(text: str, image: Image.Image, batch: int, args: argparse.Namespace) -> dict[str, torch.Tensor]:
     """A batch of the same image and text as CLIP inputs (open_clip's transform and tokenizer)."""
-    from datamodules.clip import CLIPProcessor
     from lame_pl.clip_spec import CLIPSpec
+    from lame_pl.datamodules.clip import CLIPProcessor
 
     processor = CLIPProcessor(CLIPSpec(arch=args.clip_arch, image_size=args.image_size))
     return {"image": processor.images([image] * batch).to(args.device, DTYPES[args.dtype]),

@@ -51,8 +51,8 @@ class CLIPEncoder:
 
     def __init__(self, checkpoint: str | Path | None = None, device: str = "cpu", batch_size: int = 16,
                  module: torch.nn.Module | None = None) -> None:
-        from datamodules.clip import CLIPProcessor
         from lame_pl.clip_anchor import CLIPAnchor
+        from lame_pl.datamodules.clip import CLIPProcessor
 
         if batch_size < 1:
             raise ValueError(f"batch_size must be >= 1, got {batch_size}")

@@ -12,9 +12,9 @@ from typing import Any
 import torch
 import webdataset as wds
 
-from datamodules.image_text import ShardDataModule
-from datamodules.samples import DecodePairs, SkipCounter
 from lame_pl.clip_spec import CLIPSpec, build_tokenizer, build_transform
+from lame_pl.datamodules.image_text import ShardDataModule
+from lame_pl.datamodules.samples import DecodePairs, SkipCounter
 
 
 class CLIPProcessor:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from lightning import Callback, LightningModule, Trainer
 
-from callbacks.tensorboard_writer import summary_writer
+from lame_pl.callbacks.tensorboard_writer import summary_writer
 
 # Category -> chart -> ["Multiline", tag regexes]. Curves of one scale share a chart. Every chart
 # matches a tag that the demo run (both stages, then its test) logs (tests/test_tensorboard_acceptance.py),

@@ -25,8 +25,8 @@ from typing import Any
 import torch.serialization
 import torch.utils.data
 
-from datamodules.samples import EpochState
-from datamodules.shards import expand_shards, is_remote
+from lame_pl.datamodules.samples import EpochState
+from lame_pl.datamodules.shards import expand_shards, is_remote
 
 
 @dataclass

@@ -7,10 +7,10 @@ from typing import Any
 import torch
 from lightning import LightningModule, Trainer
 
-from callbacks.attention_probe import embed_attention_shares, last_layer_attention
-from callbacks.space_stats import mean_pairwise_cosine
-from callbacks.tensorboard_writer import logged_step, summary_writer
-from callbacks.validation_subset import ValidationSubsetCallback
+from lame_pl.callbacks.attention_probe import embed_attention_shares, last_layer_attention
+from lame_pl.callbacks.space_stats import mean_pairwise_cosine
+from lame_pl.callbacks.tensorboard_writer import logged_step, summary_writer
+from lame_pl.callbacks.validation_subset import ValidationSubsetCallback
 
 
 class ReasonDiagnostics(ValidationSubsetCallback):

@@ -13,10 +13,10 @@ from typing import Any, Literal
 
 import webdataset as wds
 
-from datamodules.collate import DECODER_LABELS, InstructionCollator
-from datamodules.image_text import ShardDataModule
-from datamodules.samples import DecodeInstructionPairs, SkipCounter
 from lame_pl.backbone import BackboneSpec
+from lame_pl.datamodules.collate import DECODER_LABELS, InstructionCollator
+from lame_pl.datamodules.image_text import ShardDataModule
+from lame_pl.datamodules.samples import DecodeInstructionPairs, SkipCounter
 
 
 class InstructionPairDataModule(ShardDataModule):

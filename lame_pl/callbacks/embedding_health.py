@@ -7,8 +7,14 @@ from typing import Any
 from lightning import LightningModule, Trainer
 from lightning.pytorch.utilities import rank_zero_warn
 
-from callbacks.space_stats import alignment, effective_rank, positive_and_hardest_negative, std_ratio, uniformity
-from callbacks.validation_subset import ValidationSubsetCallback
+from lame_pl.callbacks.space_stats import (
+    alignment,
+    effective_rank,
+    positive_and_hardest_negative,
+    std_ratio,
+    uniformity,
+)
+from lame_pl.callbacks.validation_subset import ValidationSubsetCallback
 
 SIDES = ("query", "target")
 

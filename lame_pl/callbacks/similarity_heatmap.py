@@ -9,8 +9,8 @@ import torch
 from lightning import LightningModule, Trainer
 from PIL import Image, ImageDraw, ImageFont
 
-from callbacks.tensorboard_writer import logged_step, summary_writer
-from callbacks.validation_subset import ValidationSubsetCallback
+from lame_pl.callbacks.tensorboard_writer import logged_step, summary_writer
+from lame_pl.callbacks.validation_subset import ValidationSubsetCallback
 
 TAG = "diag/similarity"
 

@@ -26,9 +26,10 @@ import torch.utils.data
 import webdataset as wds
 from torch.utils.data import DataLoader
 
-from datamodules.collate import PairCollator
-from datamodules.mixture import ShardSet, WeightedMixture, expand_mixture
-from datamodules.samples import (
+from lame_pl.backbone import BackboneSpec, build_processor
+from lame_pl.datamodules.collate import PairCollator
+from lame_pl.datamodules.mixture import ShardSet, WeightedMixture, expand_mixture
+from lame_pl.datamodules.samples import (
     DEFAULT_MAX_CONSECUTIVE_SKIPS,
     DEFAULT_MAX_MEMBER_BYTES,
     SKIPS_ONLY,
@@ -44,8 +45,7 @@ from datamodules.samples import (
     describe_counts,
     name_shards,
 )
-from datamodules.shards import MANIFEST, count_samples, expand_shards, shard_sizes
-from lame_pl.backbone import BackboneSpec, build_processor
+from lame_pl.datamodules.shards import MANIFEST, count_samples, expand_shards, shard_sizes
 
 ShardSpec = str | list[str] | None
 

@@ -7,9 +7,9 @@ from typing import Any
 import torch
 from lightning import LightningModule, Trainer
 
-from callbacks.tensorboard_writer import logged_step, summary_writer
-from callbacks.thumbnails import side_thumbnails
-from callbacks.validation_subset import ValidationSubsetCallback
+from lame_pl.callbacks.tensorboard_writer import logged_step, summary_writer
+from lame_pl.callbacks.thumbnails import side_thumbnails
+from lame_pl.callbacks.validation_subset import ValidationSubsetCallback
 
 TAG = "val_subset"
 HEADER = ["side", "key", "text"]
