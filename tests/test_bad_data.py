@@ -14,7 +14,6 @@ import tracemalloc
 from pathlib import Path
 
 import pytest
-from conftest import load_tool
 from lightning import Trainer
 from PIL import Image
 from test_data_robust import datamodule as eval_dm
@@ -23,10 +22,12 @@ from test_data_robust import read_all, write
 from lame_pl import LaMEModule
 from lame_pl.backbone import BackboneSpec, DecoderSpec, qwen2_tokenizer
 from lame_pl.callbacks import DataHealth
+from lame_pl.data.skips import BadSampleError, NoGoodSamplesError, SkipCounter
 from lame_pl.datamodules import ImageTextDataModule
 from lame_pl.datamodules.collate import PairCollator
-from lame_pl.datamodules.samples import BadSampleError, NoGoodSamplesError, SkipCounter, TarSamples
 from lame_pl.datamodules.shards import expand_shards
+from lame_pl.datamodules.tar_reading import TarSamples
+from lame_pl.decoder_vocab import caption_token_ids
 
 SPEC = BackboneSpec(preset="tiny", min_pixels=56 * 56, max_pixels=56 * 56)
 ROOT = Path(__file__).resolve().parents[1]
@@ -218,7 +219,7 @@ def test_decoder_vocab_covers_every_label_the_collator_builds(tmp_path: Path, pr
     pair = {"query_instruction": "", "query_text": " what is left of the cat? ", "query_image": None,
             "query_video": None, "target_text": " a small dog\n", "target_image": None, "negatives": []}
     write(tmp_path / "shard-000001.tar", [{"__key__": "p0", "json": json.dumps(pair).encode()}])
-    vocab = set(load_tool("decoder_vocab").caption_token_ids([tmp_path]))
+    vocab = set(caption_token_ids([tmp_path]))
     collate = PairCollator(processor, "q")
     samples = [{"key": f"k{i}", "image": Image.new("RGB", (56, 56)), "text": t.strip()} for i, t in enumerate(captions)]
     samples.append({"key": "p0", "image": Image.new("RGB", (56, 56)), "text": "a small dog"})

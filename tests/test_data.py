@@ -10,9 +10,11 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import load_tool
 
 from lame_pl.backbone import BackboneSpec
 from lame_pl.datamodules import ImageTextDataModule, PairCollator
+from lame_pl.synthetic import scenes
 
 ROOT = Path(__file__).resolve().parents[1]
 TOOLS = ROOT / "tools"
@@ -22,13 +24,8 @@ SPEC = BackboneSpec(preset="tiny", min_pixels=56 * 56, max_pixels=56 * 56)
 
 
 def _tools():
-    """Import tools/ scripts (not an installed package) the way they run: from their folder."""
-    if str(TOOLS) not in sys.path:
-        sys.path.insert(0, str(TOOLS))
-    import make_shards
-    import synthetic_scenes
-
-    return make_shards, synthetic_scenes
+    """tools/make_shards.py as a module, and the synthetic scenes it draws."""
+    return load_tool("make_shards"), scenes
 
 
 @pytest.fixture(scope="module")

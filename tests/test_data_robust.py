@@ -20,8 +20,8 @@ from PIL import Image
 from lame_pl import LaMEModule
 from lame_pl.backbone import BackboneSpec, DecoderSpec
 from lame_pl.callbacks import DataHealth
+from lame_pl.data.skips import BadSampleError
 from lame_pl.datamodules import ImageTextDataModule
-from lame_pl.datamodules.samples import BadSampleError
 
 SPEC = BackboneSpec(preset="tiny", min_pixels=56 * 56, max_pixels=56 * 56)
 

@@ -12,6 +12,7 @@ from pathlib import Path
 
 import pytest
 import webdataset as wds
+from conftest import load_tool
 from PIL import Image
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -19,10 +20,8 @@ TOOLS = ROOT / "tools"
 
 
 def _tool(name: str):
-    """Import a tools/ script the way it runs: from its folder."""
-    if str(TOOLS) not in sys.path:
-        sys.path.insert(0, str(TOOLS))
-    return __import__(name)
+    """A tools/ script as a module (conftest.load_tool)."""
+    return load_tool(name)
 
 
 def _image(path: Path, seed: int = 0, side: int = 32) -> bytes:

@@ -21,17 +21,17 @@ import yaml
 from PIL import Image
 
 from lame_pl.data import mmeb_train
-from lame_pl.data.instruction_pairs import parse_pair_json
+from lame_pl.data.instruction_pairs import DecodeInstructionPairs, parse_pair_json
 from lame_pl.data.instruction_split import (
     AmbiguousInstruction,
     infer_instruction,
     split_instruction,
 )
 from lame_pl.data.shard_writer import DataError
+from lame_pl.data.skips import SkipCounter
 from lame_pl.data.vlm2vec_mixture import MMEB, SUBSET_BY_NAME, SUBSETS, VIDEO_KINDS
 from lame_pl.datamodules.mixture import ShardSet, expand_mixture
 from lame_pl.datamodules.pairs import InstructionPairDataModule
-from lame_pl.datamodules.samples import DecodeInstructionPairs, SkipCounter
 from lame_pl.datamodules.shards import count_samples
 from lame_pl.instructions import (
     VIDEO_QA_INSTRUCTION,

@@ -4,19 +4,20 @@ from __future__ import annotations
 
 import io
 import json
-import sys
 from pathlib import Path
 
 import pytest
 import webdataset as wds
+from conftest import load_tool
 from PIL import Image
 
 from lame_pl.backbone import BackboneSpec
 from lame_pl.data import DataError, Skips
 from lame_pl.data.instruction_pairs import PairRow, PairSide, parse_pair_json, write_pairs
 from lame_pl.data.shard_writer import EmptySplitError
+from lame_pl.data.skips import SkipCounter
 from lame_pl.datamodules import InstructionPairDataModule
-from lame_pl.datamodules.samples import SkipCounter, TarSamples
+from lame_pl.datamodules.tar_reading import TarSamples
 
 ROOT = Path(__file__).resolve().parents[1]
 SPEC = BackboneSpec(preset="tiny", min_pixels=56 * 56, max_pixels=56 * 56)
@@ -286,12 +287,7 @@ def test_decode_counts_frames_of_two_sizes_and_vision_tokens_in_text(tmp_path: P
 
 
 def _make_shards():
-    tools = str(ROOT / "tools")
-    if tools not in sys.path:
-        sys.path.insert(0, tools)
-    import make_shards
-
-    return make_shards
+    return load_tool("make_shards")
 
 
 def test_manifest_with_videos_and_instructions(tmp_path: Path, decode_stage, capsys) -> None:

@@ -16,8 +16,8 @@ from PIL import Image
 
 from lame_pl import LaMEModule
 from lame_pl.backbone import BackboneSpec, DecoderSpec
+from lame_pl.data.skips import SKIP_REASONS, BadSampleError
 from lame_pl.datamodules import InstructionPairDataModule
-from lame_pl.datamodules.samples import SKIP_REASONS, BadSampleError
 
 ROOT = Path(__file__).resolve().parents[1]
 SPEC = BackboneSpec(preset="tiny", min_pixels=56 * 56, max_pixels=56 * 56)

@@ -16,7 +16,7 @@ VS, VE, IMG, VID = "<|vision_start|>", "<|vision_end|>", "<|image_pad|>", "<|vid
 
 
 def side(**fields) -> dict:
-    """A decoded instruction-pair side (datamodules.samples.DecodeInstructionPairs' shape)."""
+    """A decoded instruction-pair side (lame_pl.data.instruction_pairs.DecodeInstructionPairs' shape)."""
     return {"instruction": "", "text": "", "images": [], "video": None, **fields}
 
 

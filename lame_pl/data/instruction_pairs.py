@@ -3,7 +3,9 @@
 Each side (query, target, negative) has its own instruction, a text, and an image or a video
 (its frames), any of which may be absent as long as the side has a text or media. Converters read
 their sources into ``PairRow``s and write them with ``write_pairs``; ``parse_pair_json`` reads a
-sample's JSON back (``datamodules.samples.DecodeInstructionPairs`` decodes its media).
+sample's JSON back, ``DecodeInstructionPairs`` (the decode stage) decodes a raw tar sample with its
+media, and ``InstructionCollator`` turns decoded samples into model inputs.
+``lame_pl.datamodules.InstructionPairDataModule`` streams the format.
 
 Shard layout: one sample per pair, its members named ``KEY.`` + the names below (WebDataset splits
 a member name at the basename's first dot, so the names below hold no other dot):
@@ -38,25 +40,30 @@ import json
 import re
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
+from lame_pl.data.collate import ProcessorCollator
+from lame_pl.data.decoding import DecodeStage, open_image, vision_tokens
 from lame_pl.data.shard_writer import (
     MAX_KEY_LENGTH,
     DataError,
     EmptySplitError,
-    Skips,
-    image_extension,
-    read_image,
+    ImageSource,
+    load_image_source,
     write_split,
 )
+from lame_pl.data.skips import Skips
 
-# An image as a converter finds it: a path (relative to the image root, or absolute), or the
-# encoded bytes a parquet table holds inline.
-ImageSource = str | bytes
+if TYPE_CHECKING:
+    from PIL import Image
 
-# Encoded image formats kept as they are, told apart by their first bytes.
-_MAGIC = ((b"\x89PNG\r\n\x1a\n", "png"), (b"\xff\xd8\xff", "jpg"))
+    from lame_pl.prompt import Side
+
+# What the decoder regenerates for an instruction pair: the target's text, or, where the target
+# has none (text-to-image, visual documents), the query's text.
+DECODER_LABELS = ("target_text", "target_or_query_text")
 
 
 @dataclass
@@ -215,7 +222,7 @@ def _load_side(
     image = video = None
     members: dict[str, bytes] = {}
     if side.image is not None:
-        loaded = _load_media(side.image, root, f"{where} image", skips)
+        loaded = load_image_source(side.image, root, f"{where} image", skips)
         if loaded is None:
             return None
         ext, data = loaded
@@ -227,7 +234,7 @@ def _load_side(
             return None
         video = []
         for i, frame in enumerate(side.video):
-            loaded = _load_media(frame, root, f"{where} video frame {i}", skips)
+            loaded = load_image_source(frame, root, f"{where} video frame {i}", skips)
             if loaded is None:
                 return None
             ext, data = loaded
@@ -235,43 +242,6 @@ def _load_side(
             members[video[-1]] = data
     fields = {"instruction": side.instruction.strip(), "text": side.text.strip(), "image": image, "video": video}
     return fields, members
-
-
-def _load_media(source: ImageSource, root: Path | None, where: str, skips: Skips) -> tuple[str, bytes] | None:
-    """(extension, bytes) of an image path or inline image, or None (counted) when unusable."""
-    if isinstance(source, bytes):
-        if not source:
-            skips.add("empty_image", f"{where} (inline bytes)")
-            return None
-        ext = _sniff(source)
-        if ext is None:
-            skips.add("unsupported_image_type", f"{where} (inline bytes {source[:8]!r})")
-            return None
-        return ext, source
-    ext = image_extension(source)
-    if ext is None:
-        skips.add("unsupported_image_type", f"{where} ({source})")
-        return None
-    path = Path(source)
-    if not path.is_absolute():
-        if root is None:
-            raise DataError(f"{where}: path {source!r} is relative and no image root was given")
-        path = root / path
-    data, reason = read_image(path)
-    if reason is not None:
-        skips.add(reason, f"{where} ({source})")
-        return None
-    return ext, data
-
-
-def _sniff(data: bytes) -> str | None:
-    """The member extension of encoded image bytes we keep as they are, from their first bytes."""
-    for magic, ext in _MAGIC:
-        if data.startswith(magic):
-            return ext
-    if data[:4] == b"RIFF" and data[8:12] == b"WEBP":
-        return "webp"
-    return None
 
 
 # --------------------------------------------------------------------------------- reading
@@ -335,3 +305,168 @@ def parse_pair_json(data: bytes) -> dict[str, Any]:
         "negatives": [_side_fields(n, "", f"negatives[{i}]: ", instruction_required=False)
                       for i, n in enumerate(negatives)],
     }
+
+
+# --------------------------------------------------------------------------------- decoding
+
+
+def complete(sample: dict[str, Any]) -> bool:
+    """Whether a raw sample holds its ``json`` member."""
+    # Only the JSON knows which image members belong; without it nothing of the sample is usable.
+    return "json" in sample
+
+
+class DecodeInstructionPairs(DecodeStage):
+    """Raw instruction pairs (``KEY.json`` + media members) to decoded samples; bad ones are counted and dropped.
+
+    Samples come out as ``{"key", "query": side, "target": side, "negatives": [side, ...]}``,
+    each side ``{"instruction": str, "text": str, "images": [PIL image, ...], "video": [PIL image,
+    ...] | None}`` (``images`` holds the side's image, if any; ``video`` its frames, in order). The
+    JSON is read by ``lame_pl.data.instruction_pairs.parse_pair_json``: one that does not parse or
+    lacks a field is ``bad_json``; a text or instruction holding a vision special token is
+    ``vision_token``; an
+    image or frame member the JSON names but the sample lacks is ``missing_image``; images and
+    frames get the checks of ``DecodePairs``, and a video whose frames differ in size is ``bad_image``.
+    """
+
+    complete = staticmethod(complete)
+
+    def _decode(self, sample: dict[str, Any]) -> dict[str, Any] | None:
+        key = sample["__key__"]
+        skip = partial(self._skip, sample)
+        if "json" not in sample:
+            members = sorted(k for k in sample if not k.startswith("__"))
+            return skip("bad_json", f"no json member; it has {members}")
+        try:
+            pair = parse_pair_json(sample["json"])
+        except ValueError as exn:
+            return skip("bad_json", str(exn))
+        decoded = {}
+        for name, side in (("query", pair["query"]), ("target", pair["target"]),
+                           *((f"negatives[{i}]", n) for i, n in enumerate(pair["negatives"]))):
+            # A vision token in a text would make the processor expect media the side lacks and
+            # fail the whole batch; the record is bad, not the run.
+            token = next((t for t in vision_tokens() for part in ("instruction", "text") if t in side[part]), None)
+            if token is not None:
+                return skip("vision_token", f"{name}: its instruction or text holds the special token {token}")
+            images = self._open_members(sample, name, [] if side["image"] is None else [side["image"]])
+            if images is None:
+                return None
+            video = None
+            if side["video"] is not None:
+                video = self._open_members(sample, name, side["video"])
+                if video is None:
+                    return None
+                sizes = sorted({frame.size for frame in video})
+                if len(sizes) > 1:  # the video processor stacks frames: they must share one size
+                    return skip("bad_image", f"{name}: the video's frames differ in size {sizes}")
+            decoded[name] = {"instruction": side["instruction"], "text": side["text"], "images": images, "video": video}
+        query, target = decoded.pop("query"), decoded.pop("target")
+        return {"key": key, "query": query, "target": target, "negatives": list(decoded.values())}
+
+    def _open_members(self, sample: dict[str, Any], side: str, members: list[str]) -> list[Image.Image] | None:
+        """The decoded images of ``members``, or None (skip counted) at the first one missing or bad."""
+        images = []
+        for member in members:
+            # Member extensions are read lower-cased (``_split_name``), as the writer writes them.
+            data = sample.get(member.lower())
+            if data is None:
+                present = sorted(k for k in sample if not k.startswith("__"))
+                self._skip(sample, "missing_image", f"{side}: the json names member {member!r}; the sample has {present}")
+                return None
+            image, reason, detail = open_image(data, member, self.max_image_pixels)
+            if image is None:
+                self._skip(sample, reason, f"{side} {member}: {detail}")
+                return None
+            images.append(image)
+        return images
+
+
+# --------------------------------------------------------------------------------- collating
+
+
+class InstructionCollator(ProcessorCollator):
+    """Turns instruction-pair samples (``DecodeInstructionPairs``) into model inputs.
+
+    Each side of a sample is ``{"instruction", "text", "images", "video"}`` (``video`` a list of
+    frames or None). A side uses its own instruction; an empty one falls back to
+    ``query_instruction`` for a query, ``target_instruction`` for a target, and for a hard
+    negative to its sample's target instruction, else ``target_instruction``. Each side (query,
+    target, and the hard negatives of all samples flattened into one ``"negative"`` side shared
+    by every query, left out when the batch has none) goes through ``lame_pl.prompt``.
+
+    ``batch["decoder"]`` holds ``input_ids``/``attention_mask`` (right-padded, ending in
+    ``<|endoftext|>``) and ``labelled``, a ``(B,)`` bool tensor: see ``decoder_label``.
+    Instructions are never decoder labels.
+
+    Args:
+        processor: A Qwen-VL processor (``lame_pl.backbone.build_processor``).
+        query_instruction: Instruction of the queries whose sample gives none.
+        target_instruction: Instruction of the targets (and negatives) whose sample gives none.
+        max_text_length: Most tokens in each instruction and each side's text (cut separately);
+            vision tokens never count and are never cut.
+        decoder_max_length: Most decoder tokens, ``<|endoftext|>`` included.
+        decoder_label: ``target_text``: the target's text; a row whose target has none is
+            unlabelled. ``target_or_query_text``: the target's text, else the query's text, else
+            unlabelled.
+    """
+
+    def __init__(
+        self,
+        processor: Any,
+        query_instruction: str = "",
+        target_instruction: str = "",
+        max_text_length: int = 64,
+        decoder_max_length: int = 32,
+        decoder_label: str = "target_text",
+    ) -> None:
+        if decoder_label not in DECODER_LABELS:
+            raise ValueError(f"decoder_label must be one of {', '.join(DECODER_LABELS)}; got {decoder_label!r}")
+        super().__init__(processor, max_text_length, decoder_max_length)
+        self.query_instruction = query_instruction
+        self.target_instruction = target_instruction
+        self.decoder_label = decoder_label
+
+    def _label(self, sample: dict[str, Any]) -> str | None:
+        target = sample["target"]["text"]
+        if target.strip() or self.decoder_label == "target_text":
+            return target
+        return sample["query"]["text"]
+
+    def __call__(self, samples: list[dict[str, Any]]) -> dict[str, Any]:
+        """Collate samples into ``{"query", "target", "decoder", "keys", "texts"}`` and ``"negative"`` if any."""
+        queries, targets, negatives = [], [], []
+        for s in samples:
+            queries.append(side(s["query"], self.query_instruction))
+            target_instruction = s["target"]["instruction"] or self.target_instruction
+            targets.append(side(s["target"], target_instruction))
+            negatives += [side(n, target_instruction) for n in s["negatives"]]
+        decoder, unseen = self._decoder_inputs([self._label(s) for s in samples])
+        batch = {
+            "query": self.prompts(queries),
+            "target": self.prompts(targets),
+            "decoder": decoder,
+            "keys": [s["key"] for s in samples],
+            "texts": [s["target"]["text"] for s in samples],
+        }
+        if negatives:
+            batch["negative"] = self.prompts(negatives)
+        return self._with_unseen(batch, unseen)
+
+
+def side(record: dict[str, Any], default_instruction: str = "") -> Side:
+    """A decoded sample side (``{"instruction", "text", "images", "video"}``) as a ``lame_pl.prompt.Side``.
+
+    Raises:
+        ValueError: When a field is missing or a video has no frame.
+    """
+    from lame_pl.prompt import Side as PromptSide  # on first use: it pulls in torch
+
+    missing = [k for k in ("instruction", "text", "images", "video") if k not in record]
+    if missing:
+        raise ValueError(f"sample side lacks {missing}; it has {sorted(record)}")
+    video = record["video"]
+    if video is not None and len(video) == 0:
+        raise ValueError("sample side has a video with no frame")
+    return PromptSide(record["instruction"] or default_instruction, record["text"], tuple(record["images"]),
+                None if video is None else tuple(video))

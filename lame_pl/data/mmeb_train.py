@@ -42,7 +42,8 @@ import yaml
 from lame_pl.data.instruction_pairs import PairRow, write_pairs
 from lame_pl.data.instruction_split import AmbiguousInstruction, infer_instruction
 from lame_pl.data.shard_args import add_shard_size_args, check_split_dir, positive_int
-from lame_pl.data.shard_writer import MANIFEST, DataError, Skips
+from lame_pl.data.shard_writer import MANIFEST, DataError
+from lame_pl.data.skips import Skips
 from lame_pl.data.table_rows import iter_rows, table_files
 from lame_pl.data.vlm2vec_mixture import MMEB, SUBSET_BY_NAME, SUBSETS, VIDEO_KINDS, VIDORE, VISRAG, Subset
 from lame_pl.data.vlm2vec_sources import (

@@ -4,12 +4,25 @@ from __future__ import annotations
 
 import argparse
 import re
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 from lame_pl.data.shard_writer import MANIFEST, DataError
 
 _UNITS = {"": 1, "b": 1, "k": 10**3, "kb": 10**3, "m": 10**6, "mb": 10**6, "g": 10**9, "gb": 10**9,
           "t": 10**12, "tb": 10**12, "kib": 2**10, "mib": 2**20, "gib": 2**30, "tib": 2**40}
+
+
+def _checked(text: str, convert: Callable[[str], Any], ok: Callable[[Any], bool], expected: str) -> Any:
+    """``convert(text)`` when it converts and ``ok`` accepts it; else an ``ArgumentTypeError`` saying ``expected``."""
+    try:
+        value = convert(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected {expected}, got {text!r}") from None
+    if not ok(value):
+        raise argparse.ArgumentTypeError(f"expected {expected}, got {value}")
+    return value
 
 
 def positive_int(text: str) -> int:
@@ -18,13 +31,16 @@ def positive_int(text: str) -> int:
     Raises:
         argparse.ArgumentTypeError: When the text is not one.
     """
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {value}")
-    return value
+    return _checked(text, int, lambda value: value >= 1, "a positive integer")
+
+
+def fraction(text: str) -> float:
+    """An argparse type: a number in [0, 1).
+
+    Raises:
+        argparse.ArgumentTypeError: When the text is not one.
+    """
+    return _checked(text, float, lambda value: 0 <= value < 1, "a fraction in [0, 1)")
 
 
 def parse_bytes(text: str) -> int:

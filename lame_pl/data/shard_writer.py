@@ -11,10 +11,11 @@ from __future__ import annotations
 
 import json
 import os
-from collections import Counter
 from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
+
+from lame_pl.data.skips import Skips
 
 MANIFEST = "manifest.json"
 # Image members a reader recognises by extension, in the order a reader prefers them.
@@ -27,6 +28,12 @@ TAR_BLOCK = 512
 # webdataset stamps members with a fractional mtime), then the member's own header block.
 TAR_HEADER = 3 * TAR_BLOCK
 TAR_END = 2 * TAR_BLOCK + 10240
+# Encoded image formats kept as they are, told apart by their first bytes.
+_MAGIC = ((b"\x89PNG\r\n\x1a\n", "png"), (b"\xff\xd8\xff", "jpg"))
+
+# An image as a converter finds it: a path (relative to the image root, or absolute), or the
+# encoded bytes a parquet table holds inline.
+ImageSource = str | bytes
 
 
 class DataError(Exception):
@@ -35,35 +42,6 @@ class DataError(Exception):
 
 class EmptySplitError(DataError):
     """Nothing was left to write to a split (every input skipped, or none given)."""
-
-
-class Skips:
-    """Skipped input counted by reason, with the first few examples of each.
-
-    Args:
-        examples: How many examples (``where`` strings) to keep per reason.
-    """
-
-    def __init__(self, examples: int = 3) -> None:
-        self.counts: Counter[str] = Counter()
-        self.examples: dict[str, list[str]] = {}
-        self.max_examples = examples
-
-    def add(self, reason: str, where: str) -> None:
-        """Count one skipped sample; ``where`` says which (a path, file:line, or a row's key)."""
-        self.counts[reason] += 1
-        shown = self.examples.setdefault(reason, [])
-        if len(shown) < self.max_examples:
-            shown.append(where)
-
-    def report(self) -> str:
-        """One line per reason, e.g. ``missing_caption: 3 (e.g. a/b.jpg, ...)``."""
-        if not self.counts:
-            return "skipped: 0"
-        lines = [f"skipped: {sum(self.counts.values())}"]
-        for reason, n in sorted(self.counts.items()):
-            lines.append(f"  {reason}: {n} (e.g. {', '.join(self.examples[reason])})")
-        return "\n".join(lines)
 
 
 def image_extension(path: str) -> str | None:
@@ -84,6 +62,47 @@ def read_image(path: Path) -> tuple[bytes | None, str | None]:
     except OSError:
         return None, "unreadable_image"
     return (data, None) if data else (None, "empty_image")
+
+
+def load_image_source(source: ImageSource, root: Path | None, where: str, skips: Skips) -> tuple[str, bytes] | None:
+    """(extension, bytes) of an image path or inline image, or None (counted in ``skips``) when unusable.
+
+    Raises:
+        DataError: For a relative path without ``root``.
+    """
+    if isinstance(source, bytes):
+        if not source:
+            skips.add("empty_image", f"{where} (inline bytes)")
+            return None
+        ext = sniff_image(source)
+        if ext is None:
+            skips.add("unsupported_image_type", f"{where} (inline bytes {source[:8]!r})")
+            return None
+        return ext, source
+    ext = image_extension(source)
+    if ext is None:
+        skips.add("unsupported_image_type", f"{where} ({source})")
+        return None
+    path = Path(source)
+    if not path.is_absolute():
+        if root is None:
+            raise DataError(f"{where}: path {source!r} is relative and no image root was given")
+        path = root / path
+    data, reason = read_image(path)
+    if reason is not None:
+        skips.add(reason, f"{where} ({source})")
+        return None
+    return ext, data
+
+
+def sniff_image(data: bytes) -> str | None:
+    """The member extension of encoded image bytes we keep as they are, from their first bytes."""
+    for magic, ext in _MAGIC:
+        if data.startswith(magic):
+            return ext
+    if data[:4] == b"RIFF" and data[8:12] == b"WEBP":
+        return "webp"
+    return None
 
 
 def tar_bytes(sample: dict[str, bytes]) -> int:

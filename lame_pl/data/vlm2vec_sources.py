@@ -27,7 +27,8 @@ from typing import Any
 
 from lame_pl.data.instruction_pairs import ImageSource, PairRow, PairSide
 from lame_pl.data.instruction_split import split_instruction
-from lame_pl.data.shard_writer import DataError, Skips
+from lame_pl.data.shard_writer import DataError
+from lame_pl.data.skips import Skips
 from lame_pl.data.table_rows import SourceRow
 from lame_pl.data.vlm2vec_mixture import VIDEO_CAPTION, VIDEO_QA, VIDEO_RETRIEVAL
 from lame_pl.instructions import (

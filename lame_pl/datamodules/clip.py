@@ -10,11 +10,11 @@ from __future__ import annotations
 from typing import Any
 
 import torch
-import webdataset as wds
 
 from lame_pl.clip_spec import CLIPSpec, build_tokenizer, build_transform
-from lame_pl.datamodules.image_text import ShardDataModule
-from lame_pl.datamodules.samples import DecodePairs, SkipCounter
+from lame_pl.data.image_text import DecodePairs
+from lame_pl.data.skips import SkipCounter
+from lame_pl.datamodules.base import ShardDataModule
 
 
 class CLIPProcessor:
@@ -78,6 +78,6 @@ class CLIPImageTextDataModule(ShardDataModule):
             raise ValueError(f"data.backbone must be a CLIP spec (model lame_pl.clip_anchor.CLIPAnchor), got {backbone!r}")
         return CLIPProcessor(backbone)
 
-    def decode_stage(self, skips: SkipCounter) -> wds.PipelineStage:
+    def decode_stage(self, skips: SkipCounter) -> DecodePairs:
         """Raw samples to ``{"key", "image", "text"}`` pairs, as ``ImageTextDataModule`` decodes them."""
         return DecodePairs(skips, self.max_image_pixels)

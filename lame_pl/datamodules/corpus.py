@@ -29,8 +29,8 @@ import torch.utils.data
 from torch.utils.data import DataLoader
 
 from lame_pl.backbone import BackboneSpec, build_processor
+from lame_pl.data.decoding import open_image
 from lame_pl.data.shard_writer import IMAGE_EXTENSIONS, image_extension, read_image
-from lame_pl.datamodules.samples import open_image
 from lame_pl.prompt import VISION_TOKENS, PromptProcessor, Side
 
 FALLBACK_MAX_TEXT_LENGTH = 64  # the data modules' default, when no checkpoint names one

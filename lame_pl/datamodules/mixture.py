@@ -25,7 +25,7 @@ from typing import Any
 import torch.serialization
 import torch.utils.data
 
-from lame_pl.datamodules.samples import EpochState
+from lame_pl.datamodules.epoch_state import EpochState
 from lame_pl.datamodules.shards import expand_shards, is_remote
 
 

@@ -1,22 +1,20 @@
 """Streaming instruction pairs (VLM2Vec/MMEB-train shape) from WebDataset shards.
 
 Each sample is ``KEY.json`` plus the media members it names, in the layout of
-``lame_pl.data.instruction_pairs`` (written by ``tools/make_shards.py manifest`` and
+``lame_pl.data.instruction_pairs``, which also holds the format's decode stage and collator (written by ``tools/make_shards.py manifest`` and
 ``mmeb-train``): a query, a positive target and optional hard negatives, each with its own
 instruction, text, images and video. Streaming, skipping and ``strict`` are those of
-``datamodules.image_text.ShardDataModule``.
+``datamodules.base.ShardDataModule``.
 """
 
 from __future__ import annotations
 
 from typing import Any, Literal
 
-import webdataset as wds
-
 from lame_pl.backbone import BackboneSpec
-from lame_pl.datamodules.collate import DECODER_LABELS, InstructionCollator
-from lame_pl.datamodules.image_text import ShardDataModule
-from lame_pl.datamodules.samples import DecodeInstructionPairs, SkipCounter
+from lame_pl.data.instruction_pairs import DECODER_LABELS, DecodeInstructionPairs, InstructionCollator
+from lame_pl.data.skips import SkipCounter
+from lame_pl.datamodules.base import ShardDataModule
 
 
 class InstructionPairDataModule(ShardDataModule):
@@ -56,6 +54,6 @@ class InstructionPairDataModule(ShardDataModule):
             self.processor, query_instruction, target_instruction, max_text_length, decoder_max_length, decoder_label
         )
 
-    def decode_stage(self, skips: SkipCounter) -> wds.PipelineStage:
+    def decode_stage(self, skips: SkipCounter) -> DecodeInstructionPairs:
         """Raw samples to ``{"key", "query", "target", "negatives"}`` with decoded images and frames."""
         return DecodeInstructionPairs(skips, self.max_image_pixels)
