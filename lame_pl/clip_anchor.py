@@ -14,10 +14,12 @@ from typing import Any, Literal
 import torch
 import torch.nn.functional as F
 from lightning import LightningModule
+from torch import nn
 
 from lame_pl.clip_spec import CLIPSpec, build_clip
-from lame_pl.distributed import split_retrieval_metrics, world_size
+from lame_pl.distributed import world_size
 from lame_pl.evaluated_step import EvaluatedStep
+from lame_pl.retrieval_metric import SplitRetrieval
 
 # Written into every checkpoint, so that the evaluators pick the CLIP encoder for it.
 ENCODER_KIND_KEY = "encoder_kind"
@@ -81,7 +83,11 @@ class CLIPAnchor(EvaluatedStep, LightningModule):
         self.clip.logit_scale.requires_grad_(learnable_temperature)
         self.criterion = self._loss(rank=0, world_size=1)
         self._local_criterion = self._loss(rank=0, world_size=1)  # evaluation: never gathers
-        self._eval_embeddings: dict[str, list[torch.Tensor]] = {"query": [], "target": []}
+        self.configure_metrics()
+
+    def configure_metrics(self) -> None:
+        """Whole-split retrieval of the validation and test splits, ranked as LaME ranks them."""
+        self.retrieval = nn.ModuleDict({split: SplitRetrieval(split, self.embedding_dim) for split in ("val", "test")})
 
     def _loss(self, rank: int, world_size: int) -> Any:
         from open_clip import ClipLoss
@@ -143,8 +149,7 @@ class CLIPAnchor(EvaluatedStep, LightningModule):
         size = len(batch["keys"])
         for name in (f"{split}/loss", f"{split}/loss/contrastive"):
             self.log(name, loss, batch_size=size, on_step=False, on_epoch=True, sync_dist=True)
-        self._eval_embeddings["query"].append(query.detach())
-        self._eval_embeddings["target"].append(target.detach())
+        self.retrieval[split].update(query, target)
         return {"query": query, "target": target, "keys": batch["keys"], "texts": batch.get("texts")}
 
     def validation_step(self, batch: dict[str, Any], batch_idx: int) -> dict[str, Any]:
@@ -164,12 +169,11 @@ class CLIPAnchor(EvaluatedStep, LightningModule):
         return out
 
     def _retrieval_epoch_end(self, split: str) -> None:
-        stored, self._eval_embeddings = self._eval_embeddings, {"query": [], "target": []}
-        empty = torch.zeros(0, self.embedding_dim, device=self.device)
-        query = torch.cat(stored["query"]) if stored["query"] else empty
-        target = torch.cat(stored["target"]) if stored["target"] else empty
-        for name, value in split_retrieval_metrics(query, target, split).items():  # as LaME ranks a split
-            self.log(name, value, rank_zero_only=True)
+        metric = self.retrieval[split]  # every rank computes: the metric gathers
+        try:
+            self.log_dict(metric.compute(), rank_zero_only=True)
+        finally:
+            metric.reset()
         self.log_evaluated_step()
 
     def on_fit_start(self) -> None:

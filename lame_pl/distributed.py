@@ -1,8 +1,9 @@
-"""What the ranks of a distributed run exchange, for the loss and the metrics alike.
+"""What the ranks of a distributed run exchange for the loss: rows of every rank, and global counts.
 
 ``torch.distributed`` directly, not the strategy's ``all_gather``: the loss object runs the same
 under DDP and FSDP2, and ranks may hold different numbers of rows, which Lightning's gather
-(equal shapes) does not allow.
+(equal shapes) does not allow. The whole-split retrieval metrics gather through torchmetrics
+instead (``lame_pl.retrieval_metric.SplitRetrieval``).
 """
 
 from __future__ import annotations
@@ -49,31 +50,3 @@ def gather_rows(x: torch.Tensor, sync_grads: bool = False) -> tuple[torch.Tensor
         parts = [torch.empty_like(padded) for _ in sizes]
         dist.all_gather(parts, padded)
     return torch.cat([part[:size] for part, size in zip(parts, sizes, strict=True)]), sizes
-
-
-def split_retrieval_metrics(query: torch.Tensor, local_target: torch.Tensor, split: str) -> dict[str, float]:
-    """Retrieval metrics of a split held across ranks, row ``i`` of each rank's queries matching
-    row ``i`` of its targets; every rank must call it (it gathers).
-
-    Each rank ranks its own queries against every rank's targets, so each query is ranked once,
-    and only the ranks, one integer per query, travel back. Targets arrive in rank order, so
-    this rank's gold targets start after those of the ranks before it.
-
-    Returns:
-        ``{split}/<metric>`` (``lame_pl.retrieval``), and for ``test`` the number of candidates and
-        chance's metrics; empty when no rank held a query.
-    """
-    from lame_pl.retrieval import chance_metrics, gold_ranks, metrics_from_ranks
-
-    target, sizes = gather_rows(local_target)
-    rank = dist.get_rank() if dist.is_available() and dist.is_initialized() else 0
-    gold = sum(sizes[:rank]) + torch.arange(query.shape[0], device=query.device)
-    ranks = gold_ranks(query, target, gold) if query.shape[0] else gold
-    ranks = gather_rows(ranks[:, None])[0].flatten()
-    if ranks.numel() == 0:
-        return {}
-    metrics = {f"{split}/{name}": value for name, value in metrics_from_ranks(ranks).items()}
-    if split == "test":
-        metrics["test/num_candidates"] = float(target.shape[0])
-        metrics.update({f"chance/{name}": value for name, value in chance_metrics(target.shape[0]).items()})
-    return metrics

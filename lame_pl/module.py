@@ -34,13 +34,14 @@ from lame_pl.checkpoint import (
     read_checkpoint,
 )
 from lame_pl.decoder import LatentDecoder
-from lame_pl.distributed import global_count, split_retrieval_metrics, world_size
+from lame_pl.distributed import global_count, world_size
 from lame_pl.evaluated_step import EvaluatedStep
 from lame_pl.gradcache import HostBatch, gradcache_step
 from lame_pl.losses import LaMELoss
 from lame_pl.model import EncoderOutput, build_encoder, text_config
 from lame_pl.modes import EncodeMode, resolve_mode
 from lame_pl.nonfinite import NONFINITE_KEY, ZERO_GRADIENT_KEY, NonFiniteGuard, check_finite_weights
+from lame_pl.retrieval_metric import SplitRetrieval
 from lame_pl.row_chunks import first_row
 from lame_pl.sharding import (
     average_unsharded_gradients,
@@ -173,12 +174,12 @@ class LaMEModule(EvaluatedStep, LightningModule):
         self._summarised_stage: int | None = None
         self.configure_models()
         self.configure_losses()
+        self.configure_metrics()
         self._step_holds_gradients = False
         self._nonfinite = NonFiniteGuard(max_nonfinite_steps)
         if init_from is not None:
             self.load_weights(init_from)
         self.set_stage(stage)
-        self._eval_embeddings: dict[str, list[torch.Tensor]] = {"query": [], "target": []}
 
     # ----------------------------------------------------------------------------- building
 
@@ -250,6 +251,10 @@ class LaMEModule(EvaluatedStep, LightningModule):
     def configure_losses(self) -> None:
         """The loss object: InfoNCE across ranks and the decoder's cross-entropy, as named terms."""
         self.criterion = LaMELoss()
+
+    def configure_metrics(self) -> None:
+        """Whole-split retrieval of the validation and test splits, one metric object each."""
+        self.retrieval = nn.ModuleDict({s: SplitRetrieval(s, self.encoder.embedding_dim) for s in ("val", "test")})
 
     @property
     def has_reason_states(self) -> bool:
@@ -532,8 +537,7 @@ class LaMEModule(EvaluatedStep, LightningModule):
         loss, terms, outputs = self.model_step(batch, split)
         rows = decoder_rows(batch)
         self._log_losses(split, loss, terms, len(batch["keys"]), rows)
-        self._eval_embeddings["query"].append(outputs["query"].embedding.detach())
-        self._eval_embeddings["target"].append(outputs["target"].embedding.detach())
+        self.retrieval[split].update(outputs["query"].embedding, outputs["target"].embedding)
         return {
             "query": outputs["query"],
             "target": outputs["target"],
@@ -587,14 +591,12 @@ class LaMEModule(EvaluatedStep, LightningModule):
     # ----------------------------------------------------------------------------- retrieval
 
     def _retrieval_epoch_end(self, split: str) -> None:
-        stored = self._eval_embeddings
-        self._eval_embeddings = {"query": [], "target": []}
-        # A rank with no batch (fewer shards than ranks) still joins the collectives.
-        empty = torch.zeros(0, self.encoder.embedding_dim, device=self.device)
-        query = torch.cat(stored["query"]) if stored["query"] else empty
-        target = torch.cat(stored["target"]) if stored["target"] else empty
-        for name, value in split_retrieval_metrics(query, target, split).items():
-            self.log(name, value, rank_zero_only=True)
+        # Every rank computes (the metric gathers), also one that had no batch.
+        metric = self.retrieval[split]
+        try:
+            self.log_dict(metric.compute(), rank_zero_only=True)
+        finally:
+            metric.reset()
         self.log_evaluated_step()
 
     def on_validation_epoch_end(self) -> None:

@@ -11,6 +11,12 @@ not fit here: they break ties by sort order, their MRR counts a gold whose score
 negative cosine) as never found, and they hold every score of the split (``Q × C`` values plus
 targets and indexes) until ``compute``. ``tests/test_retrieval.py`` checks these metrics against
 torchmetrics on tie-free, positive scores.
+
+``tie_aware_ranks`` is the project's one ranking rule (the evaluators' ``relevant_ranks`` is the
+same function). ``lame_pl.retrieval_metric.SplitRetrieval`` is the ``torchmetrics.Metric`` that
+keeps a split's embeddings on every rank and gathers them for these metrics at the end of
+validation and test (a module of its own: importing torchmetrics takes seconds, which the
+evaluators and the search index need not pay).
 """
 
 from __future__ import annotations
@@ -64,11 +70,51 @@ def gold_ranks(
     return torch.cat(ranks)
 
 
+def tie_aware_ranks(scores: torch.Tensor, relevant: torch.Tensor, grades: torch.Tensor | None = None) -> torch.Tensor:
+    """0-based rank of each relevant candidate among all candidates, ties counted against the query.
+
+    A candidate scoring the same as a relevant one ranks above it when it is irrelevant, or
+    relevant with a lower grade, or relevant with the same grade and a lower index. With one
+    relevant candidate per row the rank is how many other candidates score at least its score.
+
+    Args:
+        scores: ``(..., C)`` scores of the candidates (one row per query, or one query ``(C,)``).
+        relevant: ``(..., R)`` distinct indices into the last dimension of ``scores``.
+        grades: ``(..., R)`` their relevance grades, all > 0; ``None``: all equal.
+
+    Returns:
+        ``(..., R)`` long tensor: the number of candidates ranked above each relevant one.
+
+    Raises:
+        ValueError: On mismatched shapes or a grade <= 0.
+    """
+    if relevant.shape[:-1] != scores.shape[:-1] or (grades is not None and grades.shape != relevant.shape):
+        shapes = f"scores {tuple(scores.shape)}, relevant {tuple(relevant.shape)}"
+        raise ValueError(
+            f"scores (..., C), relevant and grades (..., R) must share leading dims; got {shapes}"
+            + ("" if grades is None else f", grades {tuple(grades.shape)}")
+        )
+    if grades is not None and bool((grades <= 0).any()):
+        raise ValueError(f"relevance grades must be > 0; got {grades.min().item()}")
+    # The relevant scores come from the same matrix as the others, so rounding cannot part a tie.
+    own = scores.gather(-1, relevant)
+    # Every candidate scoring at least a relevant one's score: those above, tied ones and itself.
+    at_least = (scores.unsqueeze(-2) >= own.unsqueeze(-1)).sum(-1)
+    # Among the tied relevant candidates (itself included) only those ordered first count.
+    tied = own.unsqueeze(-1) == own.unsqueeze(-2)
+    grade = (
+        torch.ones_like(own, dtype=torch.float64)
+        if grades is None
+        else grades.to(device=own.device, dtype=torch.float64)
+    )
+    mine, other = grade.unsqueeze(-1), grade.unsqueeze(-2)
+    first = (other < mine) | ((other == mine) & (relevant.unsqueeze(-2) < relevant.unsqueeze(-1)))
+    return at_least - tied.sum(-1) + (tied & first).sum(-1)
+
+
 def ranks_in_block(scores: torch.Tensor, gold: torch.Tensor) -> torch.Tensor:
-    """How many candidates of each row score at least as high as its gold one (ties count against it)."""
-    # The gold score comes from the same matrix as the others, so rounding cannot part a tie.
-    gold_score = scores.gather(1, gold[:, None])
-    return (scores >= gold_score).sum(1) - 1  # minus the gold itself
+    """How many candidates of each row of ``scores`` ``(Q, C)`` score at least its gold one ``gold`` ``(Q,)``."""
+    return tie_aware_ranks(scores, gold[:, None])[:, 0]
 
 
 def metrics_from_ranks(ranks: torch.Tensor, ks: tuple[int, ...] = KS, ndcg_at: int = NDCG_AT) -> dict[str, float]:

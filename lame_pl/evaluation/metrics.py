@@ -12,7 +12,9 @@ The conventions are those of VLM2Vec's ``RankingMetrics`` and trec_eval:
 Ties are counted against the query: candidates with equal scores are ordered by ascending
 relevance grade (irrelevant ones first), then by candidate index. A model that gives every
 candidate the same score therefore scores the worst ranking, never the best. Exact ties are rare
-with float embeddings; they matter for collapsed models and for tests.
+with float embeddings; they matter for collapsed models and for tests. The rule is
+``lame_pl.retrieval.tie_aware_ranks``, which training's whole-split metrics rank with too;
+``relevant_ranks`` is that function (one query: ``scores (C,)``, ``relevant`` and ``grades (R,)``).
 """
 
 from __future__ import annotations
@@ -22,31 +24,9 @@ from collections.abc import Sequence
 
 import torch
 
+from lame_pl.retrieval import tie_aware_ranks as relevant_ranks
 
-def relevant_ranks(scores: torch.Tensor, relevant: torch.Tensor, grades: torch.Tensor) -> torch.Tensor:
-    """0-based rank of each relevant candidate in the ranking of ``scores``, ties against the query.
-
-    Args:
-        scores: ``(C,)`` scores of all candidates of one query.
-        relevant: ``(R,)`` distinct indices of its relevant candidates.
-        grades: ``(R,)`` their relevance grades (> 0).
-
-    Returns:
-        ``(R,)`` ranks: the number of candidates ranked above each relevant one.
-    """
-    if relevant.numel() == 0:
-        return relevant.new_zeros(0)
-    candidate_grades = torch.zeros_like(scores, dtype=torch.float64)
-    candidate_grades[relevant] = grades.to(torch.float64)
-    own = scores[relevant][:, None]
-    tied = scores[None, :] == own
-    above = (scores[None, :] > own).sum(1)
-    lower_grade = (tied & (candidate_grades[None, :] < grades.to(torch.float64)[:, None])).sum(1)
-    index = torch.arange(scores.shape[0], device=scores.device)
-    same_grade_earlier = (
-        tied & (candidate_grades[None, :] == grades.to(torch.float64)[:, None]) & (index[None, :] < relevant[:, None])
-    ).sum(1)
-    return above + lower_grade + same_grade_earlier
+__all__ = ["mean_metrics", "query_metrics", "relevant_ranks"]
 
 
 def _dcg(gains: Sequence[float], positions: Sequence[int]) -> float:
