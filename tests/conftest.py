@@ -6,7 +6,6 @@ import importlib.util
 import os
 import random
 import shutil
-import subprocess
 import sys
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -43,11 +42,22 @@ def processor(tiny_spec):
 
 
 def load_tool(name: str):
-    """``tools/<name>.py`` imported as a module (the tools are scripts, not a package)."""
+    """``tools/<name>.py`` imported as the module ``tools_<name>`` (the tools are scripts, not a package), once.
+
+    It is registered in ``sys.modules`` before it runs, as an import does: dataclasses look their module up there.
+    """
+    module_name = f"tools_{name}"
+    if module_name in sys.modules:
+        return sys.modules[module_name]
     path = Path(__file__).resolve().parents[1] / "tools" / f"{name}.py"
-    spec = importlib.util.spec_from_file_location(f"tools_{name}", path)
+    spec = importlib.util.spec_from_file_location(module_name, path)
     module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
+    sys.modules[module_name] = module
+    try:
+        spec.loader.exec_module(module)
+    except BaseException:
+        del sys.modules[module_name]
+        raise
     return module
 
 
@@ -91,21 +101,39 @@ def _same_working_directory() -> Iterator[None]:
         pytest.fail(f"the test left the working directory changed (from {here}); use monkeypatch.chdir")
 
 
-def make_synthetic_shards(out: Path, train: int, val: int, test: int) -> Path:
-    """Synthetic demo scenes (56 px, 16 samples a shard) written by ``tools/make_shards.py``, as a user writes them."""
-    subprocess.run(
-        [sys.executable, str(Path(__file__).resolve().parents[1] / "tools" / "make_shards.py"), "synthetic",
-         "--out", str(out), "--overwrite", "--train", str(train), "--val", str(val), "--test", str(test),
-         "--image-size", "56", "--samples-per-shard", "16"],
-        check=True, capture_output=True,
+def make_synthetic_shards(out: Path, train: int, val: int, test: int, samples_per_shard: int = 16) -> Path:
+    """Synthetic demo scenes (56 px) written by ``tools/make_shards.py synthetic``'s command line, in this process
+    (torch and the rest are imported already; tests/test_make_shards.py runs the script as a user does)."""
+    code = load_tool("make_shards").main(
+        ["synthetic", "--out", str(out), "--overwrite", "--train", str(train), "--val", str(val), "--test", str(test),
+         "--image-size", "56", "--samples-per-shard", str(samples_per_shard)]
     )
+    assert code in (0, None), f"make_shards synthetic exited {code}"
     return out
 
 
 @pytest.fixture(scope="session")
-def small_shards(tmp_path_factory) -> Path:
+def synthetic_shards(tmp_path_factory) -> Callable[..., Path]:
+    """``synthetic_shards(train, val, test, samples_per_shard=16)``: ``make_synthetic_shards``'s folder, written
+    once a session for each set of sizes; tests only read it.
+
+    The scenes are seeded, so every caller of one set of sizes gets the very shards it would have written itself.
+    """
+    made: dict[tuple[int, int, int, int], Path] = {}
+
+    def get(train: int, val: int, test: int, samples_per_shard: int = 16) -> Path:
+        sizes = (train, val, test, samples_per_shard)
+        if sizes not in made:
+            made[sizes] = make_synthetic_shards(tmp_path_factory.mktemp("shards-{}-{}-{}-{}".format(*sizes)), *sizes)
+        return made[sizes]
+
+    return get
+
+
+@pytest.fixture(scope="session")
+def small_shards(synthetic_shards) -> Path:
     """32 training, 4 validation and 4 test scenes, shared by the tests that only read them."""
-    return make_synthetic_shards(tmp_path_factory.mktemp("small_shards"), 32, 4, 4)
+    return synthetic_shards(32, 4, 4)
 
 
 @pytest.fixture(scope="module")

@@ -3,6 +3,7 @@ ranks (gloo, CPU; DDP, FSDP2 or DeepSpeed ZeRO-2/3) that each hold half of it; r
 trainable parameter's gradient.
 
     python tests/gradcache_ddp_run.py --devices 2 --strategy fsdp --chunk 2 --out DIR
+    python tests/gradcache_ddp_run.py --devices 2 --strategy ddp,fsdp --chunk 2,0 --out DIR  # four runs: OUT/ddp-2 ...
 
 Used by tests/test_gradcache.py and tests/test_deepspeed.py: the gradients of the runs must agree.
 DeepSpeed keeps its gradients in its own partitions, so under it the step is SGD with lr 1 and
@@ -149,40 +150,76 @@ class SaveGradients(Callback):
             self.path.with_name("losses.json").write_text(json.dumps(losses))
 
 
+STRATEGIES = ("ddp", "fsdp", "deepspeed2", "deepspeed3")
+
+
+def strategy_names(text: str) -> list[str]:
+    """``"ddp,fsdp"`` -> ``["ddp", "fsdp"]``, each one of ``STRATEGIES``."""
+    names = text.split(",")
+    for name in names:
+        if name not in STRATEGIES:
+            raise argparse.ArgumentTypeError(f"--strategy {name!r}: not one of {', '.join(STRATEGIES)}")
+    return names
+
+
+def chunk_sizes(text: str) -> list[int]:
+    """``"2,0"`` -> ``[2, 0]``: the GradCache chunk size of each run (0 for the plain step)."""
+    try:
+        sizes = [int(part) for part in text.split(",")]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"--chunk {text!r}: comma-separated whole numbers, e.g. 2 or 2,0") from None
+    if any(size < 0 for size in sizes):
+        raise argparse.ArgumentTypeError(f"--chunk {text!r}: a chunk size is 0 (the plain step) or more")
+    return sizes
+
+
+def fit(args: argparse.Namespace, batch: dict, strategy_name: str, chunk: int, out: Path) -> None:
+    """``args.steps`` optimiser steps of a freshly seeded module with GradCache chunks of ``chunk``; saves into ``out``."""
+    out.mkdir(parents=True, exist_ok=True)
+    torch.manual_seed(0)
+    module = LaMEModule(
+        BackboneSpec(preset="tiny", min_pixels=IMAGE_SIDE * IMAGE_SIDE, max_pixels=IMAGE_SIDE * IMAGE_SIDE),
+        DecoderSpec(preset="tiny"), num_reason_tokens=2, stage=2, learnable_temperature=True,
+        gradcache_chunk_size=chunk or None,
+    )
+    strategy = "auto" if args.devices == 1 else "ddp"
+    save = SaveGradients(out / "grads.pt")
+    if strategy_name == "fsdp":
+        strategy = ModelParallelStrategy(data_parallel_size=args.devices, tensor_parallel_size=1)
+    if strategy_name.startswith("deepspeed"):
+        strategy = deepspeed_strategy(int(strategy_name[-1]), args.accelerator)
+        module.configure_optimizers = lambda: torch.optim.SGD([p for p in module.parameters() if p.requires_grad],
+                                                              lr=1.0)
+        save = SaveUpdate(out / "grads.pt")
+    trainer = Trainer(
+        accelerator=args.accelerator, devices=args.devices, strategy=strategy, max_steps=args.steps,
+        logger=False, enable_progress_bar=False, enable_model_summary=False, use_distributed_sampler=False,
+        callbacks=[save, ModelCheckpoint(out / "checkpoints", save_last=True, save_top_k=0)],
+    )
+    loader = torch.utils.data.DataLoader([batch] * args.steps, batch_size=None, collate_fn=lambda b: b)
+    trainer.fit(module, loader, ckpt_path=args.resume)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--devices", type=int, required=True)
-    parser.add_argument("--strategy", choices=["ddp", "fsdp", "deepspeed2", "deepspeed3"], default="ddp")
+    parser.add_argument("--strategy", type=strategy_names, default=["ddp"],
+                        help=f"one of {', '.join(STRATEGIES)}, or several comma-separated (run one after the other)")
     parser.add_argument("--accelerator", default="cpu", help="cpu (the tests) or gpu (tools/device_check.sh)")
-    parser.add_argument("--chunk", type=int, default=0, help="GradCache chunk size; 0 for the plain step")
+    parser.add_argument("--chunk", type=chunk_sizes, default=[0],
+                        help="GradCache chunk size; 0 for the plain step; several (2,0) run one after the other in "
+                             "the same processes, each saving into OUT/<strategy>-<chunk>")
     parser.add_argument("--out", type=Path, required=True)
     parser.add_argument("--steps", type=int, default=1, help="optimiser steps (the saved update is the last one's)")
     parser.add_argument("--resume", default=None, help="a checkpoint of an earlier run to resume from")
     args = parser.parse_args()
     rank = int(os.environ.get("LOCAL_RANK", 0))  # set by Lightning's launcher in the child process
     batch = rank_batch(rank, args.devices)
-    torch.manual_seed(0)
-    module = LaMEModule(
-        BackboneSpec(preset="tiny", min_pixels=IMAGE_SIDE * IMAGE_SIDE, max_pixels=IMAGE_SIDE * IMAGE_SIDE),
-        DecoderSpec(preset="tiny"), num_reason_tokens=2, stage=2, learnable_temperature=True,
-        gradcache_chunk_size=args.chunk or None,
-    )
-    strategy = "auto" if args.devices == 1 else "ddp"
-    save = SaveGradients(args.out / "grads.pt")
-    if args.strategy == "fsdp":
-        strategy = ModelParallelStrategy(data_parallel_size=args.devices, tensor_parallel_size=1)
-    if args.strategy.startswith("deepspeed"):
-        strategy = deepspeed_strategy(int(args.strategy[-1]), args.accelerator)
-        module.configure_optimizers = lambda: torch.optim.SGD([p for p in module.parameters() if p.requires_grad],
-                                                              lr=1.0)
-        save = SaveUpdate(args.out / "grads.pt")
-    trainer = Trainer(
-        accelerator=args.accelerator, devices=args.devices, strategy=strategy, max_steps=args.steps,
-        logger=False, enable_progress_bar=False, enable_model_summary=False, use_distributed_sampler=False,
-        callbacks=[save, ModelCheckpoint(args.out / "checkpoints", save_last=True, save_top_k=0)],
-    )
-    loader = torch.utils.data.DataLoader([batch] * args.steps, batch_size=None, collate_fn=lambda b: b)
-    trainer.fit(module, loader, ckpt_path=args.resume)
+    runs = [(name, chunk) for name in args.strategy for chunk in args.chunk]
+    for name, chunk in runs:
+        # Later runs reuse the ranks and the process group of the first (Lightning launches once): a
+        # process start and its imports cost more than the step itself.
+        fit(args, batch, name, chunk, args.out if len(runs) == 1 else args.out / f"{name}-{chunk}")
 
 
 if __name__ == "__main__":

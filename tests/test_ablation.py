@@ -9,16 +9,13 @@ from pathlib import Path
 import pytest
 import torch
 import torch.nn.functional as F
+from conftest import load_tool
 
 from lame_pl.index import load_embeddings
 
 ROOT = Path(__file__).resolve().parents[1]
-TOOLS = ROOT / "tools"
-if str(TOOLS) not in sys.path:
-    sys.path.insert(0, str(TOOLS))
-
-import ablate_modes  # noqa: E402
-from ablate_modes import Row, kind_metrics, parse_rows  # noqa: E402
+ablate_modes = load_tool("ablate_modes")
+Row, kind_metrics, parse_rows = ablate_modes.Row, ablate_modes.kind_metrics, ablate_modes.parse_rows
 
 TINY = ["model.init_args.backbone.preset=tiny", "model.init_args.backbone.min_pixels=3136",
         "model.init_args.backbone.max_pixels=3136", "model.init_args.decoder.preset=tiny",
@@ -95,12 +92,21 @@ def _restore_threads():
     torch.set_num_threads(threads)
 
 
-def test_two_rows_end_to_end_on_the_tiny_preset(tmp_path, monkeypatch, capsys, _restore_threads):
+@pytest.fixture(scope="module")
+def data(module_tmp) -> Path:
+    """The compositional set's folder, written by the first test that runs and reused by the other (same sizes)."""
+    return module_tmp("ablation_data") / "data"
+
+
+SIZES = ["--train", "32", "--val", "8", "--test", "32", "--image-size", "56"]
+
+
+def test_two_rows_end_to_end_on_the_tiny_preset(data, tmp_path, monkeypatch, capsys, _restore_threads):
     """Writes the set, trains two rows through the CLI for a few steps, predicts, scores and times."""
     monkeypatch.setattr(sys, "argv", ["ablate_modes.py"])
     out = tmp_path / "runs"
-    argv = ["--rows", "discriminative:0,lame:2", "--steps", "2", "--data", str(tmp_path / "data"), "--out", str(out),
-            "--train", "32", "--val", "8", "--test", "32", "--image-size", "56", "--repeats", "1", "--threads", "1"]
+    argv = ["--rows", "discriminative:0,lame:2", "--steps", "2", "--data", str(data), "--out", str(out), *SIZES,
+            "--repeats", "1", "--threads", "1"]
     assert ablate_modes.main(argv + [a for item in TINY for a in ("--set", item)]) == 0
     saved = json.loads((out / "results.json").read_text())
     rows = saved["results"]
@@ -131,13 +137,12 @@ def test_two_rows_end_to_end_on_the_tiny_preset(tmp_path, monkeypatch, capsys, _
     assert all(r["encode_ms_per_sample"] > 0 for r in again)
 
 
-def test_stage1_warmup_then_stage2_from_its_weights(tmp_path, monkeypatch, _restore_threads):
+def test_stage1_warmup_then_stage2_from_its_weights(data, tmp_path, monkeypatch, _restore_threads):
     """--stage1-steps: a decoder-only warm-up, then stage 2 started from it, the steps adding up to --steps."""
     monkeypatch.setattr(sys, "argv", ["ablate_modes.py"])
     out = tmp_path / "runs"
-    argv = ["--rows", "lame:2", "--steps", "3", "--stage1-steps", "1", "--data", str(tmp_path / "data"),
-            "--out", str(out), "--train", "32", "--val", "8", "--test", "16", "--image-size", "56",
-            "--repeats", "1", "--threads", "1"]
+    argv = ["--rows", "lame:2", "--steps", "3", "--stage1-steps", "1", "--data", str(data), "--out", str(out),
+            *SIZES, "--repeats", "1", "--threads", "1"]
     assert ablate_modes.main(argv + [a for item in TINY for a in ("--set", item)]) == 0
     warm = torch.load(out / "lame-k2" / "stage1" / "last.ckpt", weights_only=True)
     joint = torch.load(out / "lame-k2" / "checkpoints" / "last.ckpt", weights_only=True)

@@ -4,15 +4,14 @@ from __future__ import annotations
 
 import json
 import math
-import sys
 from pathlib import Path
 
 import pytest
+from conftest import load_tool
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT / "tools"))
 
-import bench_encode  # noqa: E402
+bench_encode = load_tool("bench_encode")
 
 KEYS = (
     "ratio_explicit_cot_over_lame",

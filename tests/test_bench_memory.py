@@ -3,15 +3,14 @@
 from __future__ import annotations
 
 import json
-import sys
 from pathlib import Path
 
 import pytest
+from conftest import load_tool
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT / "tools"))
 
-import bench_memory  # noqa: E402
+bench_memory = load_tool("bench_memory")
 
 ARGS = ["--preset", "tiny", "--image-size", "56", "--text-tokens", "4", "-K", "2"]
 

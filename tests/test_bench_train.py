@@ -4,15 +4,14 @@ from __future__ import annotations
 
 import json
 import math
-import sys
 from pathlib import Path
 
 import pytest
+from conftest import load_tool
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT / "tools"))
 
-import bench_train  # noqa: E402
+bench_train = load_tool("bench_train")
 
 TINY = ["--preset", "tiny", "--decoder-preset", "tiny", "--image-size", "56", "--text-tokens", "4", "-K", "2",
         "--steps", "1", "--threads", "1"]

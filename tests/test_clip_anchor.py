@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import make_synthetic_shards, random_image
+from conftest import load_tool, make_synthetic_shards, random_image
 from test_eval_mmeb import write_mmeb
 
 from lame_pl.cli import build_cli
@@ -202,8 +202,7 @@ def test_local_weights_load_into_the_anchor(tmp_path):
 
 
 def test_bench_encode_has_a_clip_row(tmp_path):
-    sys.path.insert(0, str(ROOT / "tools"))
-    import bench_encode
+    bench_encode = load_tool("bench_encode")
 
     out = tmp_path / "bench.json"
     argv = ["--preset", "tiny", "--device", "cpu", "--image-size", "56", "--text-tokens", "6", "-K", "2", "-T", "2",

@@ -18,9 +18,7 @@ from tensorboard.backend.event_processing.event_accumulator import EventAccumula
 
 from lame_pl.callbacks.console import ParameterSummary, SamplesPerSecond, StepProgressBar
 from lame_pl.cli import build_cli, console_callbacks, silence_noise
-
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tools"))
-from decoder_vocab import caption_token_ids  # noqa: E402
+from lame_pl.decoder_vocab import caption_token_ids
 
 ROOT = Path(__file__).resolve().parents[1]
 LIGHTNING = Path(sys.executable).with_name("lightning")

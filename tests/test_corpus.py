@@ -5,7 +5,6 @@ from __future__ import annotations
 import json
 import random
 import shutil
-import subprocess
 import sys
 from pathlib import Path
 
@@ -36,14 +35,12 @@ def _no_pytest_argv(monkeypatch):
 
 
 @pytest.fixture(scope="module")
-def ckpt(module_tmp) -> Path:
+def ckpt(module_tmp, synthetic_shards) -> Path:
     """A one-step fit of the tiny model: the weights every predict and search here uses."""
     tmp = module_tmp("fit")
-    subprocess.run([sys.executable, str(ROOT / "tools" / "make_shards.py"), "synthetic", "--out", str(tmp / "shards"),
-                    "--overwrite", "--train", "4", "--val", "2", "--test", "4", "--image-size", "56"],
-                   check=True, capture_output=True)
+    shards = synthetic_shards(8, 4, 4, 8)
     sys.argv = ["lightning"]
-    build_cli(["fit", f"--config={CONF}", f"--data.init_args.train_shards={tmp / 'shards' / 'train'}",
+    build_cli(["fit", f"--config={CONF}", f"--data.init_args.train_shards={shards / 'train'}",
                "--trainer.max_steps=1", "--trainer.logger=false", f"--trainer.default_root_dir={tmp}",
                "--trainer.callbacks+=lightning.pytorch.callbacks.ModelCheckpoint",
                f"--trainer.callbacks.dirpath={tmp / 'ckpt'}", "--trainer.callbacks.save_last=true"])
@@ -239,8 +236,8 @@ def test_bad_corpus_inputs_fail_in_one_line_naming_them(data, message, tmp_path)
     assert str(done.value.code) == "error: " + message.format(tmp=tmp_path)
 
 
-def test_resume_on_a_streamed_split_warns_and_recomputes(ckpt, tmp_path):
-    shards = ckpt.parents[1] / "shards"
+def test_resume_on_a_streamed_split_warns_and_recomputes(ckpt, tmp_path, synthetic_shards):
+    shards = synthetic_shards(8, 4, 4, 8)  # ckpt's
     out = tmp_path / "embeddings"
     common = ["predict", f"--config={CONF}", f"--data.init_args.test_shards={shards / 'test'}", f"--ckpt_path={ckpt}",
               "--trainer.logger=false", f"--trainer.default_root_dir={tmp_path}",

@@ -12,13 +12,12 @@ CONF = ROOT / "tests" / "conf" / "tiny.yaml"
 LIGHTNING = Path(sys.executable).with_name("lightning")
 
 
-def test_two_process_fit_and_test(tmp_path):
-    shards = tmp_path / "shards"
-    subprocess.run(
-        [sys.executable, str(ROOT / "tools" / "make_shards.py"), "synthetic", "--out", str(shards),
-         "--train", "32", "--val", "10", "--test", "10", "--image-size", "56", "--samples-per-shard", "5"],
-        check=True, capture_output=True,
-    )
+# 32 training, 10 validation and 10 test scenes, 5 a shard: each rank reads its own shards of every split.
+SIZES = (32, 10, 10, 5)
+
+
+def test_two_process_fit_and_test(tmp_path, synthetic_shards):
+    shards = synthetic_shards(*SIZES)
     common = [
         f"--config={CONF}", *[f"--data.init_args.{s}_shards={shards / s}" for s in ("train", "val", "test")],
         "--trainer.devices=2", "--trainer.strategy=ddp", "--model.init_args.stage=2",
@@ -74,7 +73,7 @@ def test_two_process_fit_on_instruction_pairs_with_uneven_hard_negatives(tmp_pat
     assert fit.returncode == 0, fit.stderr[-3000:]
 
 
-def test_two_process_validation_diagnostics_match_one_process(tmp_path, monkeypatch):
+def test_two_process_validation_diagnostics_match_one_process(tmp_path, monkeypatch, synthetic_shards):
     """The diagnostics callbacks neither deadlock nor change a number under DDP, and the ranking is whole-split.
 
     Each rank ranks its own queries against both ranks' targets; the result must equal one
@@ -83,12 +82,7 @@ def test_two_process_validation_diagnostics_match_one_process(tmp_path, monkeypa
     """
     from lame_pl.cli import build_cli
 
-    shards = tmp_path / "shards"
-    subprocess.run(
-        [sys.executable, str(ROOT / "tools" / "make_shards.py"), "synthetic", "--out", str(shards),
-         "--train", "4", "--val", "10", "--test", "4", "--image-size", "56", "--samples-per-shard", "5"],
-        check=True, capture_output=True,
-    )
+    shards = synthetic_shards(*SIZES)
     callbacks = []
     for name in ("EmbeddingHealth", "ReasonDiagnostics", "SimilarityHeatmap", "EmbeddingProjector"):
         callbacks += [f"--trainer.callbacks+=callbacks.{name}", "--trainer.callbacks.num_samples=4"]
@@ -117,14 +111,9 @@ def test_two_process_validation_diagnostics_match_one_process(tmp_path, monkeypa
     assert (tmp_path / "two" / "projector_config.pbtxt").is_file()
 
 
-def test_two_process_stage1_with_projection_and_learnable_temperature(tmp_path):
+def test_two_process_stage1_with_projection_and_learnable_temperature(tmp_path, synthetic_shards):
     """Stage 1 has no InfoNCE: [EMBED], the projection and the logit scale must not wait for gradients."""
-    shards = tmp_path / "shards"
-    subprocess.run(
-        [sys.executable, str(ROOT / "tools" / "make_shards.py"), "synthetic", "--out", str(shards),
-         "--train", "16", "--val", "2", "--test", "2", "--image-size", "56", "--samples-per-shard", "4"],
-        check=True, capture_output=True,
-    )
+    shards = synthetic_shards(*SIZES)
     fit = subprocess.run(
         [str(LIGHTNING), "fit", f"--config={CONF}", f"--data.init_args.train_shards={shards / 'train'}",
          "--data.init_args.batch_size=2", "--model.init_args.stage=1", "--model.init_args.embed_dim=16",

@@ -21,19 +21,15 @@ CONF = ROOT / "tests" / "conf" / "tiny.yaml"
 
 
 @pytest.fixture(scope="module")
-def checkpoint(module_tmp) -> Path:
+def checkpoint(module_tmp, synthetic_shards) -> Path:
     """One optimiser step of the tiny config, saved by ModelCheckpoint as last.ckpt."""
     tmp = module_tmp("ckpt")
-    subprocess.run(
-        [sys.executable, str(ROOT / "tools" / "make_shards.py"), "synthetic", "--out", str(tmp / "shards"),
-         "--overwrite", "--train", "8", "--val", "4", "--test", "4", "--image-size", "56", "--samples-per-shard", "8"],
-        check=True, capture_output=True,
-    )
+    shards = synthetic_shards(8, 4, 4, 8)
     argv = sys.argv
     sys.argv = ["lightning"]  # LightningCLI warns when both sys.argv and args are given
     try:
         build_cli([
-            "fit", f"--config={CONF}", f"--data.init_args.train_shards={tmp / 'shards' / 'train'}",
+            "fit", f"--config={CONF}", f"--data.init_args.train_shards={shards / 'train'}",
             "--trainer.max_steps=1", "--trainer.limit_val_batches=0", "--trainer.logger=false",
             f"--trainer.default_root_dir={tmp}",  # where LightningCLI saves its config.yaml
             "--trainer.callbacks+=lightning.pytorch.callbacks.ModelCheckpoint",

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import os
 import random
 import subprocess
 import sys
@@ -259,17 +258,20 @@ def test_two_process_gradients_equal_the_single_process_global_batch(tmp_path):
     negatives; the synchronised gradient equals the one-process gradient of the whole batch: DDP and
     FSDP2 (ModelParallelStrategy), each with and without GradCache."""
     script = Path(__file__).with_name("gradcache_ddp_run.py")
-    env = {**os.environ, "PYTHONPATH": str(script.parents[1])}
     grads, losses = {}, {}
-    for devices, strategy, chunk in ((1, "ddp", 0), (2, "ddp", 2), (2, "ddp", 0), (2, "fsdp", 2), (2, "fsdp", 0)):
-        out = tmp_path / f"{devices}-{strategy}-{chunk}"
+    # Two launches: the one process, then two ranks that run DDP and FSDP2, each with GradCache and without.
+    for devices, strategies, chunks in ((1, ["ddp"], [0]), (2, ["ddp", "fsdp"], [2, 0])):
+        out = tmp_path / f"{devices}-process"
         out.mkdir()
-        run = subprocess.run([sys.executable, str(script), "--devices", str(devices), "--strategy", strategy,
-                              "--chunk", str(chunk), "--out", str(out)],
-                             cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
+        run = subprocess.run([sys.executable, str(script), "--devices", str(devices), "--strategy", ",".join(strategies),
+                              "--chunk", ",".join(map(str, chunks)), "--out", str(out)],
+                             cwd=tmp_path, capture_output=True, text=True, timeout=300)
         assert run.returncode == 0, run.stderr[-3000:]
-        grads[devices, strategy, chunk] = torch.load(out / "grads.pt", weights_only=True)
-        losses[devices, strategy, chunk] = json.loads((out / "losses.json").read_text())
+        for strategy in strategies:
+            for chunk in chunks:
+                saved = out if devices == 1 else out / f"{strategy}-{chunk}"
+                grads[devices, strategy, chunk] = torch.load(saved / "grads.pt", weights_only=True)
+                losses[devices, strategy, chunk] = json.loads((saved / "losses.json").read_text())
     reference = grads.pop((1, "ddp", 0))
     # What the ranks log is the global batch's loss, term by term.
     logged = losses.pop((1, "ddp", 0))

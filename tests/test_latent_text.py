@@ -3,12 +3,10 @@
 from __future__ import annotations
 
 import json
-import subprocess
-import sys
-from pathlib import Path
 
 import pytest
 import torch
+from conftest import load_tool
 from test_embedder import _train
 
 from lame_pl import LaMEModule
@@ -17,9 +15,7 @@ from lame_pl.decoder import LatentDecoder
 from lame_pl.latent_text import decode_reason_states, overlap_against_chance, word_f1
 from lame_pl.prompt import END_OF_TEXT
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT / "tools"))
-import explain  # noqa: E402
+explain = load_tool("explain")
 
 
 @pytest.fixture(scope="module")
@@ -76,15 +72,13 @@ def test_word_f1_and_chance():
 
 
 
-def test_explain_tool_scores_a_split_against_chance(tmp_path, tiny_spec, tiny_decoder, make_batch):
+def test_explain_tool_scores_a_split_against_chance(tmp_path, tiny_spec, tiny_decoder, make_batch, synthetic_shards):
     """tools/explain.py on a tiny checkpoint and tiny shards: the JSON holds every text and consistent scores."""
-    subprocess.run([sys.executable, str(ROOT / "tools" / "make_shards.py"), "synthetic", "--out", str(tmp_path / "d"),
-                    "--train", "4", "--val", "4", "--test", "6", "--image-size", "56", "--overwrite"],
-                   check=True, capture_output=True)
+    shards = synthetic_shards(8, 4, 12, 8)  # test_search's: 12 test scenes, 5 read here
     module = LaMEModule(tiny_spec, tiny_decoder, num_reason_tokens=2, stage=1)
     checkpoint = _train(module, make_batch(4), tmp_path / "m.ckpt")
     out = tmp_path / "explain.json"
-    assert explain.main(["--checkpoint", str(checkpoint), "--shards", str(tmp_path / "d" / "test"), "-n", "5",
+    assert explain.main(["--checkpoint", str(checkpoint), "--shards", str(shards / "test"), "-n", "5",
                          "--max-tokens", "4", "--json", str(out)]) == 0
     report = json.loads(out.read_text())
     assert report["count"] == 5 and len(report["rows"]) == 5

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import random
-import subprocess
 import sys
 from pathlib import Path
 
@@ -201,14 +200,8 @@ def test_module_trains_a_step_in_latent_sequential(tiny_spec, tiny_decoder, make
 
 
 @pytest.fixture(scope="module")
-def shards(module_tmp) -> Path:
-    out = module_tmp("shards")
-    subprocess.run(
-        [sys.executable, str(ROOT / "tools" / "make_shards.py"), "synthetic", "--out", str(out), "--overwrite",
-         "--train", "8", "--val", "4", "--test", "4", "--image-size", "56", "--samples-per-shard", "8"],
-        check=True, capture_output=True,
-    )
-    return out
+def shards(synthetic_shards) -> Path:
+    return synthetic_shards(8, 4, 4, 8)
 
 
 def _fit(shards: Path, tmp_path: Path, *flags: str):

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import subprocess
 import sys
 from pathlib import Path
 
@@ -62,14 +61,8 @@ def test_full_training_of_bf16_weights_is_warned_about(make_batch):
 
 
 @pytest.fixture(scope="module")
-def shards(module_tmp) -> Path:
-    out = module_tmp("shards")
-    subprocess.run(
-        [sys.executable, str(ROOT / "tools" / "make_shards.py"), "synthetic", "--out", str(out),
-         "--train", "8", "--val", "4", "--test", "4", "--image-size", "56", "--samples-per-shard", "8"],
-        check=True, capture_output=True,
-    )
-    return out
+def shards(synthetic_shards) -> Path:
+    return synthetic_shards(8, 4, 4, 8)
 
 
 def test_a_bf16_backbone_trains_under_bf16_mixed_with_dora(shards, tmp_path, monkeypatch):

@@ -41,15 +41,8 @@ def _no_pytest_argv(monkeypatch):
 
 
 @pytest.fixture(scope="module")
-def shards(module_tmp) -> Path:
-    out = module_tmp("shards")
-    subprocess.run(
-        [sys.executable, str(ROOT / "tools" / "make_shards.py"), "synthetic", "--out", str(out), "--overwrite",
-         "--train", "8", "--val", "4", "--test", str(TEST_SAMPLES), "--image-size", "56",
-         "--samples-per-shard", "8"],
-        check=True, capture_output=True,
-    )
-    return out
+def shards(synthetic_shards) -> Path:
+    return synthetic_shards(8, 4, TEST_SAMPLES, 8)
 
 
 def data_args(shards: Path) -> list[str]:

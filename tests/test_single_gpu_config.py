@@ -8,13 +8,12 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import load_tool
+from test_configs import printed
 
 ROOT = Path(__file__).resolve().parents[1]
 REAL = ROOT / "configs" / "qwen2vl-2b"
-sys.path.insert(0, str(ROOT / "tools"))
-
-import estimate_memory as em  # noqa: E402
-from test_configs import printed  # noqa: E402
+em = load_tool("estimate_memory")
 
 TIERS = {None: (24, 4), "single_gpu_48gb.yaml": (48, 16), "single_gpu_80gb.yaml": (80, 32)}
 

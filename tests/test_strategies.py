@@ -11,8 +11,8 @@ from types import SimpleNamespace
 
 import pytest
 import torch
-import yaml
 from lightning.pytorch.strategies import DDPStrategy, DeepSpeedStrategy, FSDPStrategy
+from test_configs import printed as print_config
 
 from lame_pl import LaMEModule
 from lame_pl.sharding import check_evaluation, check_strategy, shard, uniform_submodules
@@ -23,16 +23,14 @@ REAL = ROOT / "configs" / "qwen2vl-2b"
 LIGHTNING = Path(sys.executable).with_name("lightning")
 
 
-def printed(*configs: Path) -> dict:
-    args = [f"--config={c}" for c in configs]
-    result = subprocess.run([str(LIGHTNING), "fit", *args, "--print_config"], capture_output=True, text=True,
-                            timeout=120)
-    assert result.returncode == 0, result.stderr[-2000:]
-    return yaml.safe_load(result.stdout)
+def printed(capsys, *configs: Path) -> dict:
+    """What ``lightning fit --config=... --print_config`` prints, resolved in this process (no interpreter start)."""
+    return print_config(capsys, *(f"--config={c}" for c in configs))
 
 
-def test_the_overlays_compose_with_the_2b_recipe():
-    fsdp = printed(REAL / "base.yaml", REAL / "stage2.yaml", STRATEGY / "fsdp.yaml")
+def test_the_overlays_compose_with_the_2b_recipe(capsys, monkeypatch):
+    monkeypatch.setattr(sys, "argv", ["lightning"])  # LightningCLI warns when both sys.argv and args are given
+    fsdp = printed(capsys, REAL / "base.yaml", REAL / "stage2.yaml", STRATEGY / "fsdp.yaml")
     strategy = fsdp["trainer"]["strategy"]
     assert strategy["class_path"].endswith("ModelParallelStrategy")
     assert strategy["init_args"]["tensor_parallel_size"] == 1
@@ -40,14 +38,14 @@ def test_the_overlays_compose_with_the_2b_recipe():
     assert strategy["init_args"]["save_distributed_checkpoint"] is False
     model = fsdp["model"]["init_args"]
     assert model["backbone"]["dtype"] == "float32" and model["gradcache_chunk_size"] == 8  # GradCache kept
-    zero2 = printed(REAL / "base.yaml", REAL / "stage2.yaml", STRATEGY / "deepspeed_zero2.yaml")
+    zero2 = printed(capsys, REAL / "base.yaml", REAL / "stage2.yaml", STRATEGY / "deepspeed_zero2.yaml")
     assert zero2["trainer"]["strategy"]["init_args"]["stage"] == 2
     assert zero2["model"]["init_args"]["gradcache_chunk_size"] == 8  # GradCache kept
-    zero3 = printed(REAL / "base.yaml", REAL / "stage2.yaml", STRATEGY / "deepspeed_zero3.yaml")
+    zero3 = printed(capsys, REAL / "base.yaml", REAL / "stage2.yaml", STRATEGY / "deepspeed_zero3.yaml")
     assert zero3["trainer"]["strategy"]["init_args"]["stage"] == 3
     assert zero3["model"]["init_args"]["gradcache_chunk_size"] == 8
     assert zero3["data"]["init_args"]["val_shards"] is None  # evaluation on several ZeRO-3 ranks is refused
-    nodes = printed(REAL / "base.yaml", REAL / "stage2.yaml", STRATEGY / "multinode.yaml")
+    nodes = printed(capsys, REAL / "base.yaml", REAL / "stage2.yaml", STRATEGY / "multinode.yaml")
     global_batch = nodes["trainer"]["num_nodes"] * nodes["trainer"]["devices"] * nodes["data"]["init_args"]["batch_size"]
     assert global_batch == 1024
 
@@ -93,11 +91,8 @@ def test_shard_refuses_tensor_parallelism_and_mixed_dtypes(tiny_spec, tiny_decod
         shard(module)
 
 
-def test_fsdp_overlay_fits_with_gradcache_and_resumes_on_two_processes(tmp_path):
-    shards = tmp_path / "shards"
-    subprocess.run([sys.executable, str(ROOT / "tools" / "make_shards.py"), "synthetic", "--out", str(shards),
-                    "--train", "32", "--val", "4", "--test", "4", "--image-size", "56", "--samples-per-shard", "8"],
-                   check=True, capture_output=True)
+def test_fsdp_overlay_fits_with_gradcache_and_resumes_on_two_processes(tmp_path, small_shards):
+    shards = small_shards  # two training shards of 16: one a rank
     common = [
         f"--config={ROOT / 'tests' / 'conf' / 'tiny.yaml'}", f"--config={STRATEGY / 'fsdp.yaml'}",
         "--trainer.accelerator=cpu", "--trainer.devices=2", "--trainer.strategy.init_args.data_parallel_size=2",

@@ -12,14 +12,12 @@ from pathlib import Path
 
 import pytest
 
+from lame_pl.synthetic import scenes as synthetic_scenes
+from lame_pl.synthetic import tasks as synthetic_tasks
+from lame_pl.synthetic.tasks import BLOCK, GROUP_SIZES, TASKS, draw_group, parse_tasks, task_samples
+
 ROOT = Path(__file__).resolve().parents[1]
 TOOLS = ROOT / "tools"
-if str(TOOLS) not in sys.path:
-    sys.path.insert(0, str(TOOLS))
-
-import synthetic_scenes  # noqa: E402
-import synthetic_tasks  # noqa: E402
-from synthetic_tasks import BLOCK, GROUP_SIZES, TASKS, draw_group, parse_tasks, task_samples  # noqa: E402
 
 
 def _samples(n: int, seed: int = 0, tasks: tuple[str, ...] = TASKS, size: int = 56) -> list[tuple]:

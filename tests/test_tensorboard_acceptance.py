@@ -9,7 +9,6 @@ folder is read with TensorBoard's own event reader and projector-config parser.
 from __future__ import annotations
 
 import csv
-import importlib.util
 import json
 import re
 import sys
@@ -26,6 +25,7 @@ from tensorboard.plugins.projector.projector_config_pb2 import ProjectorConfig
 from lame_pl.callbacks.dashboard_layout import LAYOUT, layout_for
 from lame_pl.callbacks.similarity_heatmap import figure_size
 from lame_pl.cli import build_cli
+from lame_pl.decoder_vocab import write_decoder_vocab
 
 ROOT = Path(__file__).resolve().parents[1]
 DIAGNOSTICS = ["DashboardLayout", "EmbeddingHealth", "ReasonDiagnostics", "SimilarityHeatmap", "EmbeddingProjector"]
@@ -37,27 +37,16 @@ VAL_STEPS = [1, 2]
 STEP = VAL_STEPS[-1]
 
 
-def tool(name: str):
-    """A script of tools/ as a module (in this process, which has torch and the tokenizer loaded already)."""
-    spec = importlib.util.spec_from_file_location(f"tools_{name}", ROOT / "tools" / f"{name}.py")
-    module = importlib.util.module_from_spec(spec)
-    sys.path.insert(0, str(ROOT / "tools"))  # as when run as a script: its sibling modules import
-    try:
-        spec.loader.exec_module(module)
-    finally:
-        sys.path.remove(str(ROOT / "tools"))
-    return module
+@pytest.fixture(scope="module")
+def shards(synthetic_shards) -> Path:
+    return synthetic_shards(16, VAL_SAMPLES, 8, 8)
 
 
 @pytest.fixture(scope="module")
-def shards(module_tmp) -> Path:
-    out = module_tmp("shards")
-    assert tool("make_shards").main(
-        ["synthetic", "--out", str(out), "--overwrite", "--train", "16", "--val", str(VAL_SAMPLES), "--test", "8",
-         "--image-size", "56", "--samples-per-shard", "8"]
-    ) == 0
-    splits = [str(out / split) for split in ("train", "val", "test")]
-    assert tool("decoder_vocab").main([*splits, "--out", str(out / "vocab.json")]) == 0
+def vocab(shards, module_tmp) -> Path:
+    """The shards' decoder vocabulary, as ``tools/decoder_vocab.py`` writes it (beside the shared shards, not in them)."""
+    out = module_tmp("vocab") / "vocab.json"
+    write_decoder_vocab([shards / split for split in ("train", "val", "test")], out)
     return out
 
 
@@ -72,13 +61,13 @@ def test_demo_configs_switch_the_diagnostics_on():
 
 
 @pytest.fixture(scope="module")
-def demo_run(shards, module_tmp) -> Path:
+def demo_run(shards, vocab, module_tmp) -> Path:
     """The stage-2 demo config fitted for MAX_STEPS steps, then tested from its last checkpoint: its run folder."""
     root = module_tmp("demo_run")
     common = [
         f"--config={ROOT / 'configs' / 'demo' / 'base.yaml'}", f"--config={ROOT / 'configs' / 'demo' / 'stage2.yaml'}",
         *[f"--data.init_args.{split}_shards={shards / split}" for split in ("train", "val", "test")],
-        f"--model.init_args.decoder.vocab_file={shards / 'vocab.json'}", "--model.init_args.init_from=null",
+        f"--model.init_args.decoder.vocab_file={vocab}", "--model.init_args.init_from=null",
         "--data.init_args.batch_size=4", "--data.init_args.num_workers=0", "--trainer.enable_progress_bar=false",
         f"--trainer.logger.init_args.save_dir={root / 'tb'}",
     ]

@@ -42,6 +42,7 @@ import argparse
 import json
 import os
 import statistics
+import subprocess
 import sys
 import time
 from dataclasses import dataclass
@@ -50,13 +51,12 @@ from typing import Any
 
 import torch
 
-ROOT = Path(__file__).resolve().parents[1]
-if str(ROOT) not in sys.path:  # run as a script: make the repository's packages importable
-    sys.path.insert(0, str(ROOT))
+from lame_pl.data.shard_writer import MANIFEST
+from lame_pl.decoder_vocab import write_decoder_vocab
+from lame_pl.index import SUMMARY_FILE, load_embeddings
+from lame_pl.retrieval import chance_metrics, ranks_in_block, retrieval_metrics
 
-from lame_pl.data.shard_writer import MANIFEST  # noqa: E402
-from lame_pl.index import SUMMARY_FILE, load_embeddings  # noqa: E402
-from lame_pl.retrieval import chance_metrics, ranks_in_block, retrieval_metrics  # noqa: E402
+ROOT = Path(__file__).resolve().parents[1]
 
 CONFIG = ROOT / "configs" / "ablation" / "train.yaml"
 WARMUP_CONFIG = ROOT / "configs" / "ablation" / "warmup.yaml"
@@ -117,14 +117,13 @@ def ensure_data(data: Path, train: int, val: int, test: int, seed: int, image_si
                for s, n in sizes.items()):
             print(f"data: reusing {data}")
             return
-    sys.path.insert(0, str(ROOT / "tools"))
-    import decoder_vocab
-    import make_shards
-
-    make_shards.main(["synthetic", "--tasks", TASKS, "--out", str(data), "--overwrite", "--train", str(train),
-                      "--val", str(val), "--test", str(test), "--seed", str(seed), "--image-size", str(image_size),
-                      "--samples-per-shard", "48"])  # 48: batches of 32 straddle shards, so they vary by epoch
-    decoder_vocab.main([str(data / s) for s in sizes] + ["--out", str(data / "decoder_vocab.json")])
+    # The shards are written by the documented command line, as a user writes them.
+    subprocess.run([sys.executable, str(ROOT / "tools" / "make_shards.py"), "synthetic", "--tasks", TASKS,
+                    "--out", str(data), "--overwrite", "--train", str(train), "--val", str(val), "--test", str(test),
+                    "--seed", str(seed), "--image-size", str(image_size),
+                    "--samples-per-shard", "48"], check=True)  # 48: batches of 32 straddle shards, so they vary by epoch
+    ids = write_decoder_vocab([data / s for s in sizes], data / "decoder_vocab.json")
+    print(f"{len(ids)} token ids -> {data / 'decoder_vocab.json'}")
 
 
 def read_test_records(test_dir: Path) -> dict[str, dict[str, Any]]:

@@ -39,8 +39,6 @@ import importlib.util
 import json
 import math
 import os
-import platform
-import random
 import resource
 import statistics
 import sys
@@ -54,7 +52,7 @@ from PIL import Image
 
 from lame_pl import BackboneSpec, DecoderSpec, LaMEModule
 from lame_pl.backbone import BACKBONE_PRESETS, DECODER_PRESETS, build_backbone, build_processor
-from lame_pl.datamodules.collate import PairCollator
+from lame_pl.benchmarking import encode_inputs, machine, prompt_text, synchronize, synthetic_image, training_batch
 from lame_pl.model import LaMEEncoder
 from lame_pl.modes import hf_generation_model
 
@@ -62,9 +60,6 @@ ENCODE_MODES = ("discriminative", "lame", "latent_sequential", "explicit_cot")
 HF_GENERATE = "hf_generate"
 CLIP = "clip"
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
-# Plain words that the Qwen2 BPE keeps one token each (with their leading space), so that the
-# prompt has exactly the asked number of text tokens.
-WORDS = "the a red blue green small large circle square left right top bottom of and in on".split()
 
 
 def _positive_int(text: str) -> int:
@@ -148,36 +143,6 @@ def backbone_spec(args: argparse.Namespace) -> BackboneSpec:
         return BackboneSpec(path=args.backbone, min_pixels=area, max_pixels=area, attn_implementation=args.attn,
                             dtype=dtype)
     return BackboneSpec(preset=args.preset, min_pixels=area, max_pixels=area, attn_implementation=args.attn)
-
-
-def prompt_text(tokenizer: Any, tokens: int) -> str:
-    """Text of exactly ``tokens`` tokens (checked)."""
-    rng = random.Random(0)
-    text = "".join(" " + rng.choice(WORDS) for _ in range(tokens))
-    count = len(tokenizer(text, add_special_tokens=False)["input_ids"])
-    if count != tokens:
-        raise RuntimeError(f"the benchmark prompt has {count} tokens, not {tokens}")
-    return text
-
-
-def synthetic_image(side: int) -> Image.Image:
-    """A fixed random RGB image (its pixels do not change the cost)."""
-    rng = random.Random(0)
-    return Image.frombytes("RGB", (side, side), bytes(rng.getrandbits(8) for _ in range(side * side * 3)))
-
-
-def encode_inputs(processor: Any, text: str, image: Image.Image, batch: int, device: str) -> dict[str, torch.Tensor]:
-    """A batch of identical image+text inputs, as the processor makes them."""
-    image_token = getattr(processor, "image_token", "<|image_pad|>")
-    prompt = f"<|vision_start|>{image_token}<|vision_end|>{text}"
-    out = processor(images=[image] * batch, text=[prompt] * batch, padding=True, return_tensors="pt")
-    keys = ("input_ids", "attention_mask", "mm_token_type_ids", "pixel_values", "image_grid_thw")
-    return {k: out[k].to(device) for k in keys if k in out}
-
-
-def synchronize(device: str) -> None:
-    if device == "cuda":
-        torch.cuda.synchronize()
 
 
 def time_call(fn: Callable[[], Any], device: str) -> tuple[float, float | None]:
@@ -298,17 +263,6 @@ def paired_ratios(results: dict[str, dict]) -> dict[str, float]:
     }
 
 
-def training_batch(processor: Any, text: str, image: Image.Image, batch: int, device: str) -> dict[str, Any]:
-    """A stage-2 batch: image+text queries, caption targets, decoder labels."""
-    captions = [f"{random.Random(i).choice(WORDS)} shape number {i}" for i in range(batch)]
-    collate = PairCollator(processor, query_instruction=text, max_text_length=len(text.split()) + 8)
-    samples = [{"key": str(i), "image": image, "text": captions[i]} for i in range(batch)]
-    collated = collate(samples)
-    for side in ("query", "target", "decoder"):
-        collated[side] = {k: v.to(device) for k, v in collated[side].items()}
-    return collated
-
-
 def time_training(spec: BackboneSpec, batch: dict[str, Any], args: argparse.Namespace) -> dict[str, dict]:
     """Samples per second of stage-2 steps for ``lame`` (with its decoder) and ``discriminative``."""
     results = {}
@@ -353,16 +307,6 @@ def parameter_counts(backbone: torch.nn.Module) -> dict[str, int]:
     vision = sum(p.numel() for p in getattr(backbone, "visual", torch.nn.Module()).parameters())
     return {"total": total, "token_embedding": table, "vision_tower": vision,
             "language_model_without_embedding": total - table - vision}
-
-
-def machine(device: str) -> dict[str, Any]:
-    """What the figures were measured on."""
-    info = {"platform": platform.platform(), "processor": platform.processor() or platform.machine(),
-            "cpu_count": os.cpu_count(), "torch_threads": torch.get_num_threads(), "torch": torch.__version__,
-            "python": platform.python_version(), "device": device}
-    if device == "cuda":
-        info["gpu"] = torch.cuda.get_device_name()
-    return info
 
 
 def print_table(report: dict[str, Any]) -> None:

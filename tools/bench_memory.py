@@ -27,11 +27,10 @@ import torch
 
 from lame_pl import BackboneSpec
 from lame_pl.backbone import BACKBONE_PRESETS, build_backbone, build_processor
+from lame_pl.benchmarking import encode_inputs, prompt_text, synthetic_image
 from lame_pl.model import LaMEEncoder
 
 DTYPES = ("float32", "bfloat16", "float16")
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench_encode import encode_inputs, prompt_text, synthetic_image  # noqa: E402
 
 
 def _dtypes(text: str) -> list[str]:

@@ -62,10 +62,8 @@ import torch
 
 from lame_pl import BackboneSpec, DecoderSpec, LaMEModule, LoraSpec, Stage2Spec
 from lame_pl.backbone import BACKBONE_PRESETS, DECODER_PRESETS, build_processor
+from lame_pl.benchmarking import machine, prompt_text, synchronize, synthetic_image, training_batch
 from lame_pl.data.shard_args import positive_int
-
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench_encode import machine, prompt_text, synchronize, synthetic_image, training_batch  # noqa: E402
 
 MODES = ("plain", "gradcache")
 GOAL = 1.5  # the goal for both ratios

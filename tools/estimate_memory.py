@@ -287,11 +287,9 @@ def measure_step(preset: str, decoder_preset: str, stage: int, chunk: int, batch
     (weights, AdamW state after a warm-up step) is not counted, as the model's static part is not."""
     import warnings
 
-    sys.path.insert(0, str(Path(__file__).resolve().parent))
-    from bench_encode import prompt_text, synthetic_image, training_batch
-
     from lame_pl import BackboneSpec, DecoderSpec, LaMEModule, LoraSpec, Stage1Spec, Stage2Spec
     from lame_pl.backbone import build_processor
+    from lame_pl.benchmarking import prompt_text, synthetic_image, training_batch
 
     area = image_size * image_size
     spec = BackboneSpec(preset=preset, min_pixels=area, max_pixels=area, attn_implementation="sdpa", dtype="bfloat16")

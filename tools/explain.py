@@ -17,11 +17,7 @@ import json
 import sys
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
-if str(ROOT) not in sys.path:
-    sys.path.insert(0, str(ROOT))
-
-from lame_pl.data.shard_args import positive_int  # noqa: E402
+from lame_pl.data.shard_args import positive_int
 
 
 def read_pairs(shards: Path, limit: int) -> list[tuple[str, object, str]]:
