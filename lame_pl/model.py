@@ -15,7 +15,7 @@ from torch import nn
 from transformers.masking_utils import create_causal_mask
 
 from lame_pl.modes import ENCODERS, EncodeMode, resolve_mode
-from lame_pl.modes.common import EncoderOutput, check_left_padded, text_config
+from lame_pl.modes.common import EncoderOutput, text_config
 from lame_pl.modes.explicit_cot import unties_head
 
 __all__ = ["EncoderOutput", "LaMEEncoder", "build_encoder", "merge_lora", "text_config"]
@@ -127,15 +127,6 @@ class LaMEEncoder(nn.Module):
         else:
             mm_token_type_ids = torch.cat([mm_token_type_ids, mm_token_type_ids.new_zeros(batch, n)], dim=1)
         return input_ids, attention_mask, mm_token_type_ids, inputs_embeds
-
-    def append_latent_tokens(
-        self, input_ids: torch.Tensor, attention_mask: torch.Tensor, mm_token_type_ids: torch.Tensor | None
-    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-        """``lame``'s layout: extends ids, mask and token types by the K reason vectors and [EMBED]."""
-        check_left_padded(attention_mask)
-        latent = torch.cat([self.reason_embeddings, self.embed_embedding])
-        appended = latent.unsqueeze(0).expand(input_ids.shape[0], -1, -1)
-        return self.extend_inputs(input_ids, attention_mask, mm_token_type_ids, appended)
 
     def vision_first(self, inputs_embeds: torch.Tensor, inputs: dict[str, Any]) -> tuple[torch.Tensor, dict[str, Any]]:
         """Runs the vision tower on the images and on the video, or on a blank one of each, before the backbone.

@@ -26,13 +26,30 @@ def test_shapes_and_normalisation(backbone, make_batch):
     assert text.embedding.shape == (3, 24)
 
 
-def test_latent_tokens_sit_at_the_end_of_every_row(backbone, make_batch):
+def backbone_inputs(encoder: LaMEEncoder, batch: dict, monkeypatch) -> dict:
+    """What the encode path hands the backbone (a forward pre-hook) and the ids it positions (get_rope_index)."""
+    seen: dict = {}
+    rope_index = encoder.backbone.get_rope_index
+
+    def record_ids(input_ids, *args, **kwargs):
+        seen["input_ids"] = input_ids
+        return rope_index(input_ids, *args, **kwargs)
+
+    monkeypatch.setattr(encoder.backbone, "get_rope_index", record_ids)
+    handle = encoder.backbone.register_forward_pre_hook(lambda _, __, kwargs: seen.update(kwargs), with_kwargs=True)
+    try:
+        encoder(**batch)
+    finally:
+        handle.remove()
+    return seen
+
+
+def test_latent_tokens_sit_at_the_end_of_every_row(backbone, make_batch, monkeypatch):
     batch = make_batch(3)["target"]  # captions of different lengths: rows are left-padded
     encoder = LaMEEncoder(backbone, num_reason_tokens=5, placeholder_token_id=7)
-    ids, mask, types, embeds = encoder.append_latent_tokens(
-        batch["input_ids"], batch["attention_mask"], batch["mm_token_type_ids"]
-    )
-    assert ids.shape[1] == batch["input_ids"].shape[1] + 6
+    seen = backbone_inputs(encoder, batch, monkeypatch)
+    ids, mask, types, embeds = seen["input_ids"], seen["attention_mask"], seen["mm_token_type_ids"], seen["inputs_embeds"]
+    assert ids.shape[1] == embeds.shape[1] == batch["input_ids"].shape[1] + 6
     assert (ids[:, -6:] == 7).all() and (mask[:, -6:] == 1).all() and (types[:, -6:] == 0).all()
     assert torch.equal(embeds[0, -6:-1], encoder.reason_embeddings.data)
     assert torch.equal(embeds[2, -1], encoder.embed_embedding.data[0])
@@ -72,13 +89,14 @@ def test_bottleneck_mask_changes_only_the_embed_row(backbone, make_batch):
     assert torch.allclose(with_mask.reason_states, without.reason_states, atol=1e-5)
 
 
-def test_bottleneck_mask_lets_embed_see_reason_tokens_only(backbone, make_batch):
+def test_bottleneck_mask_lets_embed_see_reason_tokens_only(backbone, make_batch, monkeypatch):
     encoder = LaMEEncoder(backbone, num_reason_tokens=2, bottleneck_mask=True)
     batch = make_batch(2)["target"]
-    _, mask, _, embeds = encoder.append_latent_tokens(batch["input_ids"], batch["attention_mask"], None)
-    attention = encoder.bottleneck_attention(embeds, mask)
+    seen = backbone_inputs(encoder, batch, monkeypatch)  # the mask the backbone is given when encoding
+    attention = seen["attention_mask"]
+    assert attention.dim() == 4
     allowed = attention if attention.dtype == torch.bool else attention == 0
-    length = embeds.shape[1]
+    length = seen["inputs_embeds"].shape[1]
     last_row = allowed[:, 0, -1]
     assert last_row[:, : length - 3].sum() == 0  # no input token
     assert last_row[:, length - 3 :].all()  # reason tokens and itself
