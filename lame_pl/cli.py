@@ -32,6 +32,7 @@ from lame_pl.clip_anchor import CLIPAnchor
 from lame_pl.datamodules import CorpusDataModule, ImageTextDataModule, InstructionPairDataModule, ShardDataModule
 from lame_pl.datamodules.clip import CLIPImageTextDataModule
 from lame_pl.module import LaMEModule
+from lame_pl.package_alias import SHORT_NAMES
 from lame_pl.run_dir import checkpoint_folders, existing_checkpoints, remove_checkpoints, resumed_step, set_purge_step
 
 MODELS = (LaMEModule, CLIPAnchor)
@@ -318,10 +319,6 @@ def silence_noise(shard_data: bool = False) -> None:
     )
 
 
-# The short names configs use for the project's subpackages (lame_pl.package_alias).
-SHORT_PACKAGES = {"lame_pl.datamodules": "datamodules", "lame_pl.callbacks": "callbacks"}
-
-
 def class_path(cls: type) -> str:
     """The shortest path a config can name ``cls`` by: its package's when the package exports it,
     under the short alias of ``lame_pl.datamodules`` and ``lame_pl.callbacks``."""
@@ -331,7 +328,7 @@ def class_path(cls: type) -> str:
         if getattr(importlib.import_module(".".join(parts[:depth])), cls.__name__, None) is cls:
             path = f"{'.'.join(parts[:depth])}.{cls.__name__}"
             break
-    for full, short in SHORT_PACKAGES.items():
+    for full, short in SHORT_NAMES.items():
         if path.startswith(full + "."):
             return short + path[len(full):]
     return path

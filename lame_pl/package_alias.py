@@ -14,6 +14,9 @@ import pkgutil
 import sys
 from types import ModuleType
 
+# Each aliased subpackage and its short name: the shims register these, the CLI's help prints them.
+SHORT_NAMES = {"lame_pl.datamodules": "datamodules", "lame_pl.callbacks": "callbacks"}
+
 
 def alias_package(short: str, full: str) -> ModuleType:
     """Registers ``full``'s submodules as ``short.<name>`` and returns ``full`` (the caller re-exports it).
@@ -22,6 +25,8 @@ def alias_package(short: str, full: str) -> ModuleType:
         short: The alias package's name (its ``__name__``).
         full: The real package, e.g. ``lame_pl.datamodules``.
     """
+    if SHORT_NAMES.get(full) != short:
+        raise ValueError(f"{short!r} is not the short name of {full!r} (lame_pl.package_alias.SHORT_NAMES)")
     package = importlib.import_module(full)
     alias = sys.modules[short]
     for info in pkgutil.iter_modules(package.__path__):

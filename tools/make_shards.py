@@ -220,20 +220,23 @@ def run_synthetic(args: argparse.Namespace) -> None:
             samples = compositional_samples(sizes[split], args.tasks, rng, used, args.image_size, args.format)
             meta["tasks"] = list(args.tasks)
         manifest = write_split(args.out / split, samples, args.samples_per_shard, meta, args.shard_bytes)
-        print(
-            f"{split}: {manifest['num_samples']} samples in {len(manifest['shards'])} shards "
-            f"-> {args.out / split} ({time.perf_counter() - start:.1f}s)"
-        )
+        _written(args.out / split, manifest, start)
 
+
+def _written(split_dir: Path, manifest: dict[str, Any], start: float) -> None:
+    """The one line each written split prints: its samples, shards, folder and time."""
+    print(f"{manifest['split']}: {manifest['num_samples']} samples in {len(manifest['shards'])} shards "
+          f"-> {split_dir} ({time.perf_counter() - start:.1f}s)")
 
 
 def _finish(split_dir: Path, manifest: dict[str, Any], skips: Skips, start: float) -> None:
-    print(f"{manifest['split']}: {manifest['num_samples']} samples in {len(manifest['shards'])} shards "
-          f"-> {split_dir} ({time.perf_counter() - start:.1f}s)")
+    _written(split_dir, manifest, start)
     print(skips.report())
 
 
 # --------------------------------------------------------------------------------- folder
+
+
 def _folder_splits(args: argparse.Namespace, parser: argparse.ArgumentParser) -> dict[str, float] | None:
     """``{split: fraction}`` of the splits to write when a fraction is given (None: one split).
 
