@@ -17,7 +17,6 @@ from PIL import Image
 from lame_pl.backbone import BackboneSpec, build_backbone, build_processor
 from lame_pl.checkpoint import FALLBACK_MAX_TEXT_LENGTH, TrainedCheckpoint, read_checkpoint
 from lame_pl.model import LaMEEncoder, build_encoder, merge_lora
-from lame_pl.modes import resolve_mode
 from lame_pl.prompt import PromptProcessor, Side
 
 ImageInput = Image.Image | str | Path | None
@@ -166,9 +165,7 @@ class LaMEEmbedder:
 
     def set_encode_mode(self, encode_mode: str, cot_tokens: int | None = None) -> None:
         """Encodes in ``encode_mode`` from now on (checked against K and the bottleneck mask)."""
-        enc = self.encoder
-        enc.encode_mode = resolve_mode(encode_mode, enc.num_reason_tokens, enc.bottleneck_mask, cot_tokens)
-        enc.cot_tokens = cot_tokens
+        self.encoder.settings = self.encoder.settings.with_mode(encode_mode, cot_tokens)
 
     def to(self, device: str | torch.device) -> LaMEEmbedder:
         """Moves the model to ``device``."""

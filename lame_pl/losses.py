@@ -23,6 +23,8 @@ from lame_pl.distributed import gather_rows, global_count, world_size
 
 # Target index of a position the decoder term must leave out (torch's cross-entropy default).
 IGNORE_INDEX = -100
+# CLIP's cap on the logit scale, 1 / temperature: no temperature below 0.01 trains.
+MAX_LOGIT_SCALE = 100.0
 
 
 class DecoderLogits(NamedTuple):

@@ -14,7 +14,7 @@ import torch
 from torch import nn
 from transformers.masking_utils import create_causal_mask
 
-from lame_pl.modes import ENCODERS, EncodeMode, resolve_mode
+from lame_pl.modes import ENCODERS, EncodeMode, EncodeSettings, check_left_padded
 from lame_pl.modes.common import EncoderOutput, text_config
 from lame_pl.modes.explicit_cot import unties_head
 
@@ -42,6 +42,8 @@ class LaMEEncoder(nn.Module):
         cot_tokens: T, the tokens ``explicit_cot`` generates (required by it, refused by the others).
         cot_stop_token_ids: Ids at which ``explicit_cot`` stops a row early; empty (the default)
             generates exactly T tokens per row, as the speed benchmark needs.
+        settings: The four mode settings above already checked (``EncodeSettings.resolve``), in
+            their place; the training module passes these.
     """
 
     def __init__(
@@ -54,15 +56,18 @@ class LaMEEncoder(nn.Module):
         encode_mode: EncodeMode | None = None,
         cot_tokens: int | None = None,
         cot_stop_token_ids: Sequence[int] = (),
+        settings: EncodeSettings | None = None,
     ) -> None:
         super().__init__()
-        if num_reason_tokens < 0:
-            raise ValueError(f"num_reason_tokens must be >= 0, got {num_reason_tokens}")
-        if bottleneck_mask and num_reason_tokens == 0:
-            raise ValueError("bottleneck_mask=True needs num_reason_tokens > 0: [EMBED] would see nothing")
-        self.encode_mode = resolve_mode(encode_mode, num_reason_tokens, bottleneck_mask, cot_tokens)
+        if settings is None:
+            settings = EncodeSettings.resolve(encode_mode, num_reason_tokens, bottleneck_mask, cot_tokens)
+        elif (encode_mode, num_reason_tokens, bottleneck_mask, cot_tokens) != (None, 8, False, None):
+            # Two sources of one setting would leave one of them silently unused.
+            raise TypeError("LaMEEncoder takes settings or the mode settings one by one, not both")
+        self.settings = settings
+        num_reason_tokens = settings.num_reason_tokens
         attn = getattr(text_config(backbone), "_attn_implementation", None)
-        if bottleneck_mask and attn == "flash_attention_2":
+        if settings.bottleneck_mask and attn == "flash_attention_2":
             raise ValueError(
                 "bottleneck_mask needs an arbitrary attention mask, which flash_attention_2 cannot take; "
                 "set backbone.attn_implementation to 'sdpa' or 'eager'"
@@ -74,10 +79,7 @@ class LaMEEncoder(nn.Module):
                 stacklevel=2,
             )
         self.backbone = backbone
-        self.num_reason_tokens = num_reason_tokens
-        self.bottleneck_mask = bottleneck_mask
         self.placeholder_token_id = placeholder_token_id
-        self.cot_tokens = cot_tokens
         self.cot_stop_token_ids = tuple(cot_stop_token_ids)
         hidden = text_config(backbone).hidden_size
         table = backbone.get_input_embeddings().weight
@@ -103,10 +105,26 @@ class LaMEEncoder(nn.Module):
         vision = getattr(self.backbone.config, "vision_config", None)
         return int(getattr(vision, "spatial_merge_size", 2))
 
+    # The settings in force, read where the mode matters (``settings`` is their one home).
     @property
-    def num_appended(self) -> int:
-        """How many tokens ``lame`` appends to each input (K reason + 1 [EMBED])."""
-        return self.num_reason_tokens + 1
+    def encode_mode(self) -> str:
+        """The encode mode in force."""
+        return self.settings.mode
+
+    @property
+    def num_reason_tokens(self) -> int:
+        """K, the learnable reason vectors (``explicit_cot`` keeps but does not use them)."""
+        return self.settings.num_reason_tokens
+
+    @property
+    def bottleneck_mask(self) -> bool:
+        """Whether [EMBED] attends only to the reason tokens."""
+        return self.settings.bottleneck_mask
+
+    @property
+    def cot_tokens(self) -> int | None:
+        """T, the tokens ``explicit_cot`` generates."""
+        return self.settings.cot_tokens
 
     def extend_inputs(
         self,
@@ -166,7 +184,7 @@ class LaMEEncoder(nn.Module):
     def bottleneck_attention(self, inputs_embeds: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
         """Causal + padding mask in which the last row ([EMBED]) sees only the K reason tokens and itself."""
         length = inputs_embeds.shape[1]
-        first_reason = length - self.num_appended
+        first_reason = self.settings.layout().spans(length)["reason"].start
 
         def embed_sees_reason_only(batch_idx, head_idx, q_idx, kv_idx):
             return (q_idx != length - 1) | (kv_idx >= first_reason)
@@ -196,6 +214,7 @@ class LaMEEncoder(nn.Module):
         Extras such as ``pixel_values_videos``/``video_grid_thw`` pass through to the backbone and,
         with ``image_grid_thw``, to its rotary index (``lame_pl.modes.common.full_pass``).
         """
+        check_left_padded(attention_mask)
         inputs = dict(input_ids=input_ids, attention_mask=attention_mask, **processor_extras)
         if mm_token_type_ids is not None:
             inputs["mm_token_type_ids"] = mm_token_type_ids
@@ -204,27 +223,25 @@ class LaMEEncoder(nn.Module):
         return ENCODERS[self.encode_mode](self, inputs)
 
 
-def build_encoder(
-    backbone: nn.Module,
-    num_reason_tokens: int,
-    bottleneck_mask: bool = False,
-    embed_dim: int | None = None,
-    encode_mode: EncodeMode | None = None,
-    cot_tokens: int | None = None,
-) -> LaMEEncoder:
+def build_encoder(backbone: nn.Module, embed_dim: int | None = None, settings: EncodeSettings | None = None,
+                  **mode_settings: Any) -> LaMEEncoder:
     """A ``LaMEEncoder`` on ``backbone`` with the placeholder and stop ids that backbone's config names.
 
     The one place the training module, the embedder and the exported folder build an encoder.
+
+    Args:
+        backbone: The Qwen-VL base model.
+        embed_dim: Width of the optional projection.
+        settings: The mode settings, checked (``EncodeSettings.resolve``); or else
+        **mode_settings: ``num_reason_tokens``, ``bottleneck_mask``, ``encode_mode``, ``cot_tokens``.
     """
     return LaMEEncoder(
         backbone,
-        num_reason_tokens=num_reason_tokens,
-        bottleneck_mask=bottleneck_mask,
         embed_dim=embed_dim,
         placeholder_token_id=pad_token_id(backbone),
-        encode_mode=encode_mode,
-        cot_tokens=cot_tokens,
         cot_stop_token_ids=stop_token_ids(backbone),
+        settings=settings,
+        **mode_settings,
     )
 
 

@@ -3,16 +3,12 @@
 from __future__ import annotations
 
 import math
-import warnings
 from collections.abc import Mapping
-from contextvars import ContextVar
 from pathlib import Path
 from typing import Any, Literal
 
 import torch
 from lightning import LightningModule
-from lightning.pytorch.plugins.precision import MixedPrecision
-from lightning.pytorch.strategies import DeepSpeedStrategy
 from lightning.pytorch.trainer.states import TrainerFn
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from torch import nn
@@ -25,50 +21,28 @@ from lame_pl.backbone import (
     build_decoder,
     enable_activation_checkpointing,
 )
-from lame_pl.checkpoint import (
-    BACKBONE_FILES,
-    DECODER_FILES,
-    DECODER_OUTPUT_IDS,
-    STAGE_KEY,
-    load_checkpoint_file,
-    read_checkpoint,
-)
+from lame_pl.checkpoint import BACKBONE_FILES, DECODER_FILES, DECODER_OUTPUT_IDS, STAGE_KEY
 from lame_pl.decoder import LatentDecoder
 from lame_pl.distributed import global_count, world_size
+from lame_pl.eval_output import EvalOutput
 from lame_pl.evaluated_step import EvaluatedStep
-from lame_pl.gradcache import HostBatch, gradcache_step
-from lame_pl.losses import LaMELoss
+from lame_pl.gradcache import gradcache_step
+from lame_pl.init_from import load_init_weights
+from lame_pl.losses import MAX_LOGIT_SCALE, LaMELoss
 from lame_pl.model import EncoderOutput, build_encoder, text_config
-from lame_pl.modes import EncodeMode, resolve_mode
+from lame_pl.modes import EncodeMode, EncodeSettings
 from lame_pl.nonfinite import NONFINITE_KEY, ZERO_GRADIENT_KEY, NonFiniteGuard, check_finite_weights
+from lame_pl.optimization import check_resumable, configure_adamw
+from lame_pl.optimizer_steps import OptimizerSteps
+from lame_pl.restoring import RestoredFromFile, restoring
 from lame_pl.retrieval_metric import SplitRetrieval
 from lame_pl.row_chunks import first_row
-from lame_pl.sharding import (
-    average_unsharded_gradients,
-    check_evaluation,
-    check_strategy,
-    lockstep,
-    shard,
-    uniform_submodules,
-)
+from lame_pl.sharding import check_evaluation, check_strategy, lockstep, shard, uniform_submodules
 from lame_pl.stages import Stage1Spec, Stage2Spec, StageSpec, apply_stage
 from lame_pl.trainable import low_precision_trainable, trainable_summary
 
-# Lightning notes that the module's transfer_batch_to_device (GradCache keeps a training batch on
-# the host) wins over the data module's default one, at every run: that is the intent.
-warnings.filterwarnings("ignore", message=r"You have overridden `transfer_batch_to_device` in `LightningModule` but")
 
-# True while LaMEModule.load_from_checkpoint builds a module whose state dict then supplies every
-# weight: the backbone and decoder are built from their configs, without reading (or needing) the
-# pretrained weights of a local folder. A context variable, not an argument, so that it is neither
-# a hyper-parameter saved in checkpoints nor an option of the CLI.
-_RESTORING: ContextVar[bool] = ContextVar("lame_restoring", default=False)
-
-# CLIP's cap on 1 / temperature.
-_MAX_LOGIT_SCALE = 100.0
-
-
-class LaMEModule(EvaluatedStep, LightningModule):
+class LaMEModule(OptimizerSteps, RestoredFromFile, EvaluatedStep, LightningModule):
     """LaME: a Qwen-VL encoder with K reason tokens, [EMBED] pooling and a latent decoder.
 
     Args:
@@ -141,22 +115,19 @@ class LaMEModule(EvaluatedStep, LightningModule):
         super().__init__()
         if stage not in (1, 2):
             raise ValueError(f"model.stage must be 1 or 2, got {stage!r}")
-        if num_reason_tokens < 0:
-            raise ValueError(f"model.num_reason_tokens must be >= 0, got {num_reason_tokens}")
+        # The mode's settings, checked once here (named as config keys) and handed to the encoder.
+        self.encode_settings = EncodeSettings.resolve(encode_mode, num_reason_tokens, bottleneck_mask, cot_tokens,
+                                                      owner="model.")
         if decoder is not None and num_reason_tokens == 0:
             raise ValueError("model.decoder is set but num_reason_tokens is 0: the decoder reads the reason states")
-        try:
-            resolve_mode(encode_mode, num_reason_tokens, bottleneck_mask, cot_tokens)
-        except ValueError as err:
-            raise ValueError(f"model: {err}") from None
         if gradcache_chunk_size is not None and gradcache_chunk_size < 1:
             raise ValueError(f"model.gradcache_chunk_size must be >= 1 (or null), got {gradcache_chunk_size}")
         if not temperature > 0:
             raise ValueError(f"model.temperature must be > 0, got {temperature}")
-        if 1.0 / temperature > _MAX_LOGIT_SCALE:
+        if 1.0 / temperature > MAX_LOGIT_SCALE:
             # The logit scale is capped (logit_scale): such a run would train at 0.01, not as configured.
-            raise ValueError(f"model.temperature {temperature} is below {1 / _MAX_LOGIT_SCALE}, "
-                             f"the floor set by the logit scale's cap of {_MAX_LOGIT_SCALE:g}")
+            raise ValueError(f"model.temperature {temperature} is below {1 / MAX_LOGIT_SCALE}, "
+                             f"the floor set by the logit scale's cap of {MAX_LOGIT_SCALE:g}")
         if isinstance(max_nonfinite_steps, bool) or not isinstance(max_nonfinite_steps, int) or max_nonfinite_steps < 1:
             raise ValueError(f"model.max_nonfinite_steps must be an integer >= 1, got {max_nonfinite_steps!r}")
         if decoder_lr is not None and not decoder_lr > 0:
@@ -175,10 +146,9 @@ class LaMEModule(EvaluatedStep, LightningModule):
         self.configure_models()
         self.configure_losses()
         self.configure_metrics()
-        self._step_holds_gradients = False
         self._nonfinite = NonFiniteGuard(max_nonfinite_steps)
         if init_from is not None:
-            self.load_weights(init_from)
+            load_init_weights(self, init_from)
         self.set_stage(stage)
 
     # ----------------------------------------------------------------------------- building
@@ -186,16 +156,9 @@ class LaMEModule(EvaluatedStep, LightningModule):
     def configure_models(self) -> None:
         """Builds the encoder (backbone + latent tokens), the decoder and the logit scale."""
         hp = self.hparams
-        pretrained = not _RESTORING.get()
+        pretrained = not restoring()
         backbone = build_backbone(self.backbone_spec, pretrained=pretrained)
-        self.encoder = build_encoder(
-            backbone,
-            num_reason_tokens=hp.num_reason_tokens,
-            bottleneck_mask=hp.bottleneck_mask,
-            embed_dim=hp.embed_dim,
-            encode_mode=hp.encode_mode,
-            cot_tokens=hp.cot_tokens,
-        )
+        self.encoder = build_encoder(backbone, embed_dim=hp.embed_dim, settings=self.encode_settings)
         self.decoder = None
         if self.decoder_spec is not None:
             language_model = build_decoder(self.decoder_spec, self.backbone_spec.attn_implementation, pretrained)
@@ -259,7 +222,7 @@ class LaMEModule(EvaluatedStep, LightningModule):
     @property
     def has_reason_states(self) -> bool:
         """Whether encoding yields reason states (K > 0, not ``explicit_cot``, which generates text instead)."""
-        return self.encoder.num_reason_tokens > 0 and self.encoder.encode_mode != "explicit_cot"
+        return self.encoder.settings.has_reason_states
 
     @property
     def decodes(self) -> bool:
@@ -269,7 +232,7 @@ class LaMEModule(EvaluatedStep, LightningModule):
     @property
     def logit_scale(self) -> torch.Tensor:
         """``1 / temperature``, capped at 100 as in CLIP."""
-        return self.log_logit_scale.exp().clamp(max=_MAX_LOGIT_SCALE).squeeze(0)
+        return self.log_logit_scale.exp().clamp(max=MAX_LOGIT_SCALE).squeeze(0)
 
     @property
     def stage_spec(self) -> StageSpec:
@@ -323,84 +286,9 @@ class LaMEModule(EvaluatedStep, LightningModule):
                     "adapters on low-precision weights)"
                 )
 
-    def load_weights(self, path: str) -> None:
-        """Loads a checkpoint's model weights (not its optimiser) and reports what did not match."""
-        # weights_only: a user-given file must not run code. This project's checkpoints load so
-        # (their specs are registered as safe globals in lame_pl.backbone and lame_pl.stages).
-        checkpoint = load_checkpoint_file(path, "model.init_from")  # one line naming a damaged file
-        state = dict(checkpoint["state_dict"])
-        # The decoder's output ids are a setting of this run (decoder.vocab_file), not a weight to take over.
-        if self.decoder is not None and self.decoder.restricted:
-            state[DECODER_OUTPUT_IDS] = self.decoder.output_ids
-        else:
-            state.pop(DECODER_OUTPUT_IDS, None)
-        self._init_temperature(path, checkpoint, state)
-        result = self.load_state_dict(state, strict=False)
-        rank_zero_info(f"init_from {path}: loaded {len(state) - len(result.unexpected_keys)} tensors")
-        if result.missing_keys:
-            rank_zero_warn(f"init_from {path}: {len(result.missing_keys)} missing keys: {result.missing_keys[:10]}")
-        if result.unexpected_keys:
-            rank_zero_warn(
-                f"init_from {path}: {len(result.unexpected_keys)} unexpected keys: {result.unexpected_keys[:10]}"
-            )
-        if len(result.unexpected_keys) == len(state):
-            raise ValueError(f"init_from {path}: no key of the checkpoint matches this model")
-
-    def _init_temperature(self, path: str, checkpoint: Mapping[str, Any], state: dict[str, Any]) -> None:
-        """Decides between the configured temperature and ``init_from``'s, and says so when they differ.
-
-        A temperature the checkpoint learned (its ``log_logit_scale`` differs from its own
-        configured one) is kept when this run learns the temperature too: stage 2 goes on from
-        stage 1's. Otherwise the run trains with the temperature its config shows.
-        """
-        saved = state.get("log_logit_scale")
-        if saved is None:
-            return
-        configured = float(self.hparams.temperature)
-        theirs = 1.0 / min(float(saved.float().reshape(-1)[0].exp()), _MAX_LOGIT_SCALE)
-        if math.isclose(theirs, configured, rel_tol=1e-5):
-            return
-        their_config = (checkpoint.get("hyper_parameters") or {}).get("temperature")
-        learned = their_config is not None and not math.isclose(theirs, float(their_config), rel_tol=1e-5)
-        if learned and self.hparams.learnable_temperature:
-            rank_zero_info(f"init_from: temperature {configured:g} from the config replaced by {theirs:.4g} "
-                           f"learned in {path}")
-            return
-        state["log_logit_scale"] = self.log_logit_scale.detach().clone()  # this run's, loaded as any other key
-        origin = "learned" if learned else "configured"
-        rank_zero_info(f"init_from: temperature {configured:g} from the config kept, not {theirs:.4g} {origin} "
-                       f"in {path}" + (" (model.learnable_temperature is false)" if learned else ""))
-
     def configure_optimizers(self) -> Any:
         """AdamW over what the stage in force trains, with warm-up and the configured schedule."""
-        hp = self.hparams
-        groups = self.param_groups()
-        # The fused kernel is ~4x faster than foreach on a CPU, but Lightning cannot clip a fused
-        # optimiser's gradients under mixed precision, so AMP runs fall back to foreach.
-        amp = self._trainer is not None and isinstance(self.trainer.precision_plugin, MixedPrecision)
-        optimizer = torch.optim.AdamW(groups, lr=hp.lr, weight_decay=hp.weight_decay, fused=not amp)
-        if hp.lr_schedule == "constant" and hp.warmup_steps == 0:
-            return optimizer
-        from transformers import get_scheduler
-
-        name = "constant_with_warmup" if hp.lr_schedule == "constant" else hp.lr_schedule
-        remaining = max(1, int(self.trainer.estimated_stepping_batches) - self.global_step)
-        scheduler = get_scheduler(
-            name, optimizer, num_warmup_steps=hp.warmup_steps, num_training_steps=remaining
-        )
-        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
-
-    def param_groups(self) -> list[dict[str, Any]]:
-        """The optimiser's parameter groups: what the stage trains, the decoder apart under ``decoder_lr``."""
-        params = [p for p in self.parameters() if p.requires_grad]
-        decoder_lr = self.hparams.get("decoder_lr")
-        if decoder_lr is None:
-            return [{"params": params}]
-        # Named: LearningRateMonitor logs lr-AdamW/model and lr-AdamW/decoder.
-        own = {id(p) for p in self.decoder.parameters()}
-        groups = [{"params": [p for p in params if id(p) not in own], "name": "model"},
-                  {"params": [p for p in params if id(p) in own], "lr": decoder_lr, "name": "decoder"}]
-        return [group for group in groups if group["params"]]
+        return configure_adamw(self)
 
     # ----------------------------------------------------------------------------- steps
 
@@ -474,7 +362,7 @@ class LaMEModule(EvaluatedStep, LightningModule):
     def training_step(self, batch: Mapping[str, Any], batch_idx: int) -> torch.Tensor:
         chunk = self.hparams.get("gradcache_chunk_size")
         if chunk:
-            self._zero_grad_for_chunks(batch_idx)
+            self.zero_grad_for_chunks(batch_idx)
             loss, terms = gradcache_step(self, batch, chunk)
         else:
             loss, terms, _ = self.model_step(batch, "train")
@@ -488,77 +376,19 @@ class LaMEModule(EvaluatedStep, LightningModule):
                      sync_dist=world_size() > 1)
         return loss
 
-    def transfer_batch_to_device(self, batch: Any, device: torch.device, dataloader_idx: int) -> Any:
-        """Leaves a training batch where it is under GradCache: its chunks go to the device one at a time.
-
-        A batch of 128 rows at Qwen2-VL's largest images holds ~3 GiB of float32 pixels per side,
-        more than the activations of a chunk of 8. It is wrapped in a ``HostBatch``, which DDP's
-        forward does not move to the device either.
-        """
-        if self.hparams.get("gradcache_chunk_size") and self._trainer is not None and self.trainer.training:
-            return HostBatch(batch)
-        return super().transfer_batch_to_device(batch, device, dataloader_idx)
-
-    def _zero_grad_for_chunks(self, batch_idx: int) -> None:
-        """Zeroes the gradients before GradCache accumulates its chunks' into them.
-
-        Lightning zeroes them after ``training_step`` at the start of an accumulation cycle (the
-        same test as Lightning's), which would wipe the chunks back-propagated inside it;
-        ``optimizer_zero_grad`` then leaves them.
-        """
-        if self._trainer is None or batch_idx % self.trainer.accumulate_grad_batches:
-            return
-        for optimizer in self.trainer.optimizers:
-            optimizer.zero_grad()
-        self._step_holds_gradients = True
-
-    def on_before_optimizer_step(self, optimizer: torch.optim.Optimizer) -> None:
-        average_unsharded_gradients(self)  # FSDP2 only: the temperature's gradient
-        # Here, not in training_step: the whole step's gradient exists (every micro-batch of an
-        # accumulation cycle, every GradCache chunk). A non-finite step's gradients are dropped,
-        # so the optimiser leaves the weights and its state alone (lame_pl.nonfinite).
-        # What the optimiser holds: what the stage trains (param_groups).
-        params = [(name, p) for name, p in self.named_parameters() if p.requires_grad]
-        # Under a GradScaler an inf gradient is its overflow signal: it skips that step itself.
-        scaler = getattr(self.trainer.precision_plugin, "scaler", None) if self._trainer is not None else None
-        # DeepSpeed steps on its own gradient partitions (p.grad is not what it applies).
-        deepspeed = self._trainer is not None and isinstance(self.trainer.strategy, DeepSpeedStrategy)
-        self._nonfinite.check(params, self.global_step, check_gradients=scaler is None, can_skip=not deepspeed)
-        self.log("train/nonfinite_steps", float(self._nonfinite.total), on_step=True, on_epoch=False)
-        self.log("train/zero_gradient_steps", float(self._nonfinite.dead), on_step=True, on_epoch=False)
-
-    def optimizer_zero_grad(self, epoch: int, batch_idx: int, optimizer: torch.optim.Optimizer) -> None:
-        if self._step_holds_gradients:  # zeroed before the GradCache step's chunks
-            self._step_holds_gradients = False
-            return
-        optimizer.zero_grad()
-
-    def _eval_step(self, batch: dict[str, Any], split: str) -> dict[str, Any]:
+    def _eval_step(self, batch: dict[str, Any], split: str) -> EvalOutput:
         loss, terms, outputs = self.model_step(batch, split)
         rows = decoder_rows(batch)
         self._log_losses(split, loss, terms, len(batch["keys"]), rows)
         self.retrieval[split].update(outputs["query"].embedding, outputs["target"].embedding)
-        return {
-            "query": outputs["query"],
-            "target": outputs["target"],
-            "terms": {name: value.detach() for name, value in terms.items()},
-            "decoder_rows": rows,
-            "keys": batch["keys"],
-            "texts": batch.get("texts"),
-        }
+        return EvalOutput(outputs["query"], outputs["target"], batch["keys"], batch.get("texts"),
+                          {name: value.detach() for name, value in terms.items()}, rows)
 
-    def validation_step(self, batch: dict[str, Any], batch_idx: int) -> dict[str, Any]:
-        """Logs the losses, keeps the embeddings for whole-split retrieval and returns what callbacks read.
-
-        Returns:
-            ``{"query", "target"}``: the ``EncoderOutput`` of each side (embedding, [EMBED] state,
-            reason states); ``"terms"``: each loss term of the batch; ``"decoder_rows"``: how
-            many rows the decoder term averages over (the rows with a decoder label); ``"keys"``
-            and ``"texts"`` (the targets' texts, when the batch has them).
-        """
+    def validation_step(self, batch: dict[str, Any], batch_idx: int) -> EvalOutput:
+        """Logs the losses, keeps the embeddings for whole-split retrieval and returns what callbacks read."""
         return self._eval_step(batch, "val")
 
-    def test_step(self, batch: dict[str, Any], batch_idx: int) -> dict[str, Any]:
+    def test_step(self, batch: dict[str, Any], batch_idx: int) -> EvalOutput:
         """As ``validation_step``, for the test split."""
         return self._eval_step(batch, "test")
 
@@ -607,34 +437,6 @@ class LaMEModule(EvaluatedStep, LightningModule):
 
     # ----------------------------------------------------------------------------- checkpoints
 
-    @classmethod
-    def load_from_checkpoint(cls, checkpoint_path: str | Path, map_location: Any = None, hparams_file: Any = None,
-                             strict: bool | None = None, weights_only: bool | None = True,
-                             **kwargs: Any) -> LaMEModule:
-        """Lightning's ``load_from_checkpoint``, reading no file beside the checkpoint.
-
-        ``init_from`` (weights already in the checkpoint) is not re-read, and the decoder takes
-        its output ids from the checkpoint's weights, not from ``decoder.vocab_file`` (an older
-        checkpoint without them still reads that file, and names it when it is missing). The
-        backbone and decoder are built from their configs alone, since the checkpoint holds
-        every weight: a local ``backbone.path`` or ``decoder.path`` is read for its configs when
-        it is here, and when it is not, the copies of its configs and processor files stored in
-        the checkpoint are unpacked under ``$LAME_PL_CACHE`` (with a warning) and the restored
-        module's spec names that folder. (With ``strict=False``, weights missing from the
-        checkpoint are therefore randomly initialised, not pretrained.) Keyword arguments
-        override hyper-parameters, as in Lightning.
-        """
-        # A missing folder is replaced only where the caller gives no spec of their own.
-        folders = [name for name in ("backbone", "decoder") if name not in kwargs]
-        overrides = read_checkpoint(checkpoint_path).restore_overrides(folders)
-        token = _RESTORING.set(True)
-        try:
-            # weights_only by default: a user-given file must not run code.
-            return super().load_from_checkpoint(checkpoint_path, map_location, hparams_file, strict,
-                                                weights_only=weights_only, **{**overrides, **kwargs})
-        finally:
-            _RESTORING.reset(token)
-
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         # A checkpoint of non-finite weights would overwrite good ones (last.ckpt): refuse it.
         check_finite_weights(self, self.global_step)
@@ -665,32 +467,7 @@ class LaMEModule(EvaluatedStep, LightningModule):
             state.setdefault(DECODER_OUTPUT_IDS, self.decoder.output_ids)
         # Only a resumed fit restores the optimiser; test, predict and the evaluators do not.
         if self._trainer is not None and self.trainer.state.fn == TrainerFn.FITTING:
-            self.check_resumable(checkpoint)
-
-    def check_resumable(self, checkpoint: dict[str, Any]) -> None:
-        """Raises when the checkpoint's optimiser covers another trainable set than the stage in force.
-
-        Such a checkpoint (one written before a stage froze what its losses cannot reach, or under
-        another stage spec) would otherwise fail deep inside torch with a size mismatch.
-        """
-        saved = checkpoint.get("optimizer_states") or []
-        if saved and "param_groups" in saved[0]:
-            count = sum(len(group["params"]) for group in saved[0]["param_groups"])
-            trains = sum(1 for p in self.parameters() if p.requires_grad)
-            if count != trains:
-                raise ValueError(
-                    f"the checkpoint's optimiser holds {count} trainable tensors but stage {self.stage} trains "
-                    f"{trains} here (a checkpoint from an older version, or another stage spec): its optimiser "
-                    "cannot resume; start a new run from its weights with --model.init_args.init_from CKPT"
-                )
-            groups, wanted = len(saved[0]["param_groups"]), len(self.param_groups())
-            if groups != wanted:
-                raise ValueError(
-                    f"the checkpoint's optimiser has {groups} parameter group(s) but this run has {wanted}: "
-                    "model.decoder_lr was set or unset since it was written; resume with the checkpoint's "
-                    "decoder_lr, or start a new run from its weights with --model.init_args.init_from CKPT"
-                )
-
+            check_resumable(self, checkpoint)
 
 def decoder_rows(batch: Mapping[str, Any]) -> int:
     """How many rows of ``batch`` carry a decoder label (all of them when the collator says nothing)."""

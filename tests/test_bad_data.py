@@ -266,7 +266,7 @@ def test_restricted_decoder_trains_past_an_unseen_token(tmp_path: Path) -> None:
     dm.set_decoder_output_ids(vocab)
     batch = next(iter(dm.val_dataloader()))
     out = module.validation_step(batch, 0)  # raised "target token ids ... are not in ..." for row k1
-    assert out["decoder_rows"] == 1
+    assert out.decoder_rows == 1
 
 
 # --- 14: image formats and member sizes ---------------------------------------------------------

@@ -12,6 +12,7 @@ import torch
 from conftest import make_synthetic_shards
 
 from lame_pl.cli import build_cli
+from lame_pl.init_from import load_init_weights
 
 ROOT = Path(__file__).resolve().parents[1]
 CONF = ROOT / "tests" / "conf" / "tiny.yaml"
@@ -249,5 +250,5 @@ def test_init_from_refuses_a_file_that_would_run_code(tmp_path, tiny_spec):
     path = tmp_path / "foreign.ckpt"
     torch.save({"state_dict": module.state_dict(), "extra": Path("anything")}, path)
     with pytest.raises(CheckpointError, match="holds objects that a weights-only load refuses") as caught:
-        module.load_weights(str(path))
+        load_init_weights(module, str(path))
     assert isinstance(caught.value.__cause__, pickle.UnpicklingError)

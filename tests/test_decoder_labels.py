@@ -51,9 +51,9 @@ def test_evaluation_weighs_the_decoder_loss_by_labelled_rows(module, make_batch,
     batch = with_labels(make_batch(4), [False, True, False, False])
     with torch.no_grad():
         out = module.validation_step(batch, 0)
-    assert out["decoder_rows"] == 1
+    assert out.decoder_rows == 1
     assert logged["val/loss/decoder"][1]["batch_size"] == 1
     assert logged["val/loss/contrastive"][1]["batch_size"] == 4
     with torch.no_grad():
         out = module.validation_step(with_labels(make_batch(4), [False] * 4), 0)
-    assert out["terms"]["decoder"].item() == 0.0 and out["decoder_rows"] == 0
+    assert out.terms["decoder"].item() == 0.0 and out.decoder_rows == 0

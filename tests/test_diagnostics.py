@@ -27,7 +27,9 @@ from lame_pl.callbacks.space_stats import (
 )
 from lame_pl.callbacks.thumbnails import images_from_patches, row_images
 from lame_pl.callbacks.validation_subset import FirstRows
+from lame_pl.eval_output import DiagnosedModule, EvalOutput
 from lame_pl.model import LaMEEncoder, text_config
+from lame_pl.modes import EncoderOutput, TokenLayout
 
 # ----------------------------------------------------------------------------- statistics
 
@@ -162,13 +164,53 @@ def test_attention_shares_sum_to_one_and_the_bottleneck_hides_the_input(backbone
     assert torch.allclose(probed, plain, atol=1e-5)  # eager computes the same embedding
     weights = records[-1]
     assert weights.shape[-1] == inputs["input_ids"].shape[1] + 4
-    shares = embed_attention_shares(weights, 3)
+    shares = embed_attention_shares(weights, encoder.settings.layout())
     total = shares["input"] + shares["reason"] + shares["embed"]
     assert torch.allclose(total, torch.ones(3, dtype=total.dtype), atol=1e-6)
     if bottleneck:
         assert torch.equal(shares["input"], torch.zeros(3, dtype=total.dtype))
     else:
         assert bool((shares["input"] > 0).all())
+
+
+@pytest.mark.parametrize(("mode", "settings"), [
+    ("discriminative", dict(num_reason_tokens=0)),
+    ("latent_sequential", dict(num_reason_tokens=3)),
+    ("explicit_cot", dict(num_reason_tokens=2, cot_tokens=4)),
+])
+def test_attention_shares_follow_each_modes_layout(backbone, make_batch, mode, settings):
+    """The probe's last record is the pass that ends at [EMBED], whose keys the layout accounts for."""
+    encoder = LaMEEncoder(backbone, encode_mode=mode, **settings).eval()
+    inputs = make_batch(3)["query"]
+    with torch.no_grad(), last_layer_attention(backbone) as records:
+        output = encoder(**inputs)
+    layout = encoder.settings.layout(output)
+    assert layout.middle == {"discriminative": 0, "latent_sequential": 3, "explicit_cot": 4}[mode]
+    assert layout.middle_name == ("generated" if mode == "explicit_cot" else "reason")
+    weights = records[-1]
+    assert weights.shape[-1] == inputs["input_ids"].shape[1] + layout.middle + 1
+    shares = embed_attention_shares(weights, layout)
+    assert set(shares) == {"input", layout.middle_name, "embed"}
+    total = sum(shares.values())
+    assert torch.allclose(total, torch.ones(3, dtype=total.dtype), atol=1e-6)
+    if mode == "discriminative":
+        assert torch.equal(shares["reason"], torch.zeros(3, dtype=total.dtype))
+
+
+def test_explicit_cots_layout_needs_its_output():
+    from lame_pl.modes import EncodeSettings
+
+    with pytest.raises(ValueError, match="how many tokens it generated"):
+        EncodeSettings.resolve("explicit_cot", 0, cot_tokens=2).layout()
+    with pytest.raises(ValueError, match="cannot hold 4 reason positions"):
+        TokenLayout(4).spans(4)
+
+
+def test_the_module_offers_what_the_callbacks_read(tiny_spec):
+    from lame_pl import LaMEModule
+
+    assert isinstance(LaMEModule(tiny_spec, None, num_reason_tokens=2, stage=2), DiagnosedModule)
+    assert not isinstance(SimpleNamespace(encoder=None), DiagnosedModule)
 
 
 def test_attention_probe_restores_the_implementation_after_an_error(backbone):
@@ -185,7 +227,7 @@ def test_embed_attention_shares_on_known_weights():
     row = torch.tensor([0.1, 0.2, 0.3, 0.15, 0.25])  # 2 input keys, 2 reason keys, [EMBED]
     weights = torch.zeros(1, 2, 5, 5)
     weights[0, :, -1] = row
-    shares = embed_attention_shares(weights, 2)
+    shares = embed_attention_shares(weights, TokenLayout(2))
     assert float(shares["input"][0]) == pytest.approx(0.3)
     assert float(shares["reason"][0]) == pytest.approx(0.45)
     assert float(shares["embed"][0]) == pytest.approx(0.25)
@@ -220,17 +262,16 @@ def test_bad_callback_settings_are_named(build, message):
 
 
 def _fake_module(dim: int = 4):
-    return SimpleNamespace(
-        encoder=SimpleNamespace(projection=torch.nn.Identity(), num_reason_tokens=2),
-        logit_scale=torch.tensor(20.0),
-    )
+    return SimpleNamespace(logit_scale=torch.tensor(20.0))
 
 
-def _outputs(query: torch.Tensor, target: torch.Tensor, reason: torch.Tensor | None = None) -> dict:
+def _outputs(query: torch.Tensor, target: torch.Tensor, reason: torch.Tensor | None = None) -> EvalOutput:
     def side(x):
-        return SimpleNamespace(embedding=F.normalize(x, dim=-1), embed_state=x, reason_states=reason)
+        states = x.new_zeros(len(x), 0, x.shape[1]) if reason is None else reason
+        # embed_state is the unprojected state: the norm statistic must read `projected`, not it.
+        return EncoderOutput(F.normalize(x, dim=-1), x, torch.zeros_like(x), states)
 
-    return {"query": side(query), "target": side(target), "keys": [str(i) for i in range(len(query))], "terms": {}}
+    return EvalOutput(side(query), side(target), [str(i) for i in range(len(query))], None, {}, 0)
 
 
 def test_embedding_health_statistics_and_a_single_collapse_warning(monkeypatch):
@@ -325,7 +366,7 @@ def test_subset_takes_the_first_rows_across_batches():
     assert torch.allclose(callback.rows.tensor("query"), expected)
     fresh = SimilarityHeatmap()
     fresh.on_validation_epoch_start(trainer, None)
-    with pytest.raises(TypeError, match="reads the encoder outputs"):
+    with pytest.raises(TypeError, match="reads the lame_pl.eval_output.EvalOutput"):
         fresh.on_validation_batch_end(trainer, SimpleNamespace(), None, {}, 0)
 
 

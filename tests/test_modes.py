@@ -14,7 +14,8 @@ from lame_pl import LaMEModule
 from lame_pl.backbone import build_backbone, enable_activation_checkpointing
 from lame_pl.cli import build_cli
 from lame_pl.model import LaMEEncoder
-from lame_pl.modes import hf_generation_model, resolve_mode
+from lame_pl import modes
+from lame_pl.modes import EncodeSettings, hf_generation_model
 from lame_pl.modes.latent_sequential import encode_latent_sequential
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -165,9 +166,28 @@ def test_bad_mode_settings_are_refused(kwargs, message, backbone):
 
 
 def test_default_mode_follows_k():
-    assert resolve_mode(None, 8) == "lame"
-    assert resolve_mode(None, 0) == "discriminative"
-    assert resolve_mode(None, 2, bottleneck_mask=True) == "lame"
+    assert EncodeSettings.resolve(None, 8).mode == "lame"
+    assert EncodeSettings.resolve(None, 0).mode == "discriminative"
+    assert EncodeSettings.resolve(None, 2, bottleneck_mask=True).mode == "lame"
+
+
+def test_every_mode_has_one_encoder():
+    assert tuple(modes.ENCODERS) == modes.MODES
+
+
+def test_the_module_checks_the_mode_settings_once_and_hands_them_to_the_encoder(tiny_spec, monkeypatch):
+    calls = []
+    resolve = EncodeSettings.resolve.__func__
+
+    def counted(cls, *args, **kwargs):
+        calls.append(args)
+        return resolve(cls, *args, **kwargs)
+
+    monkeypatch.setattr(EncodeSettings, "resolve", classmethod(counted))
+    module = LaMEModule(tiny_spec, None, num_reason_tokens=2, stage=2)
+    assert len(calls) == 1
+    assert module.encoder.settings is module.encode_settings
+    assert module.encoder.settings == EncodeSettings("lame", 2)
 
 
 def test_explicit_cot_refuses_to_train(backbone, make_batch):
@@ -177,7 +197,7 @@ def test_explicit_cot_refuses_to_train(backbone, make_batch):
 
 
 def test_module_validates_and_passes_the_mode(tiny_spec, tiny_decoder):
-    with pytest.raises(ValueError, match="model: encode_mode 'discriminative'"):
+    with pytest.raises(ValueError, match="'discriminative' has no reason tokens, but model.num_reason_tokens is 2"):
         LaMEModule(tiny_spec, None, num_reason_tokens=2, encode_mode="discriminative", stage=2)
     # A checkpoint trained with a decoder can be encoded with explicit_cot: the decoder stays, unused.
     kept = LaMEModule(tiny_spec, tiny_decoder, num_reason_tokens=2, encode_mode="explicit_cot", cot_tokens=3)

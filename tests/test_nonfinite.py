@@ -261,7 +261,7 @@ def learned(tiny_spec, tiny_decoder, batch, module_tmp) -> tuple[str, float]:
 
 def said(monkeypatch) -> list[str]:
     lines: list[str] = []
-    monkeypatch.setattr("lame_pl.module.rank_zero_info", lines.append)
+    monkeypatch.setattr("lame_pl.init_from.rank_zero_info", lines.append)
     return lines
 
 

@@ -6,6 +6,7 @@ import pytest
 import torch
 
 from lame_pl import LaMEModule, LoraSpec
+from lame_pl.optimization import check_resumable, param_groups
 from lame_pl.stages import Stage1Spec, Stage2Spec
 from lame_pl.trainable import trainable_counts, trainable_summary
 
@@ -179,10 +180,10 @@ def test_resuming_an_optimiser_over_another_trainable_set_fails_with_a_way_out(b
     module = build(stage=1, embed_dim=8)
     trains = sum(1 for p in module.parameters() if p.requires_grad)
     ok = {"lame_stage": 1, "optimizer_states": [{"param_groups": [{"params": list(range(trains))}]}]}
-    module.check_resumable(ok)
+    check_resumable(module, ok)
     old = {"lame_stage": 1, "optimizer_states": [{"param_groups": [{"params": list(range(trains + 3))}]}]}
     with pytest.raises(ValueError, match=f"holds {trains + 3} trainable tensors but stage 1 trains {trains}.*init_from"):
-        module.check_resumable(old)
+        check_resumable(module, old)
     module.on_load_checkpoint(old)  # no trainer fitting (test, predict, the evaluators): no optimiser to resume
 
 
@@ -207,7 +208,7 @@ def test_a_resumed_fit_checks_the_optimiser_before_torch_does(build, make_batch,
 
 def test_decoder_lr_puts_the_decoder_in_its_own_group_and_a_resume_across_it_is_refused(build, tiny_spec):
     plain = build(stage=2)
-    assert len(plain.param_groups()) == 1
+    assert len(param_groups(plain)) == 1
     module = build(stage=2, decoder_lr=1e-3)  # lr 1e-2
     optimizer = module.configure_optimizers()  # constant, no warm-up: the optimiser alone
     named = {group["name"]: group for group in optimizer.param_groups}
@@ -219,8 +220,8 @@ def test_decoder_lr_puts_the_decoder_in_its_own_group_and_a_resume_across_it_is_
     # A checkpoint whose optimiser had one group cannot resume into two, and says why.
     saved = {"optimizer_states": [{"param_groups": [{"params": list(range(len(trained)))}]}]}
     with pytest.raises(ValueError, match=r"1 parameter group\(s\) but this run has 2: model.decoder_lr"):
-        module.check_resumable(saved)
-    plain.check_resumable(saved)
+        check_resumable(module, saved)
+    check_resumable(plain, saved)
     with pytest.raises(ValueError, match="model.decoder_lr must be > 0"):
         LaMEModule(tiny_spec, None, num_reason_tokens=0, decoder_lr=0.0)
     with pytest.raises(ValueError, match="model.decoder_lr is set but model.decoder is null"):

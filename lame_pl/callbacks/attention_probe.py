@@ -14,6 +14,8 @@ from contextlib import contextmanager
 import torch
 from torch import nn
 
+from lame_pl.modes import TokenLayout
+
 
 def _language_model(backbone: nn.Module) -> nn.Module:
     language_model = getattr(backbone, "language_model", None)
@@ -51,24 +53,20 @@ def last_layer_attention(backbone: nn.Module) -> Iterator[list[torch.Tensor]]:
         language_model.set_attn_implementation(previous)
 
 
-def embed_attention_shares(weights: torch.Tensor, num_reason_tokens: int) -> dict[str, torch.Tensor]:
-    """How the last query position ([EMBED]) splits its attention between input, reason tokens and itself.
+def embed_attention_shares(weights: torch.Tensor, layout: TokenLayout) -> dict[str, torch.Tensor]:
+    """How the last query position ([EMBED]) splits its attention between the spans of the layout.
 
     Args:
-        weights: ``(B, heads, Lq, Lk)`` attention probabilities whose last key is [EMBED] and the
-            K keys before it the reason tokens.
-        num_reason_tokens: K.
+        weights: ``(B, heads, Lq, Lk)`` attention probabilities of the pass whose last query and
+            key are [EMBED] (the keys are the whole sequence: the input, then the mode's middle
+            positions, then [EMBED]).
+        layout: Where the spans sit (``EncodeSettings.layout``).
 
     Returns:
-        ``{"input", "reason", "embed"}``: per-sample shares ``(B,)``, averaged over heads; they sum to 1.
+        ``{"input", layout.middle_name, "embed"}``: per-sample shares ``(B,)``, averaged over
+        heads; they sum to 1.
     """
-    keys = weights.shape[-1]
-    if weights.ndim != 4 or keys < num_reason_tokens + 1:
-        raise ValueError(f"attention of shape {tuple(weights.shape)} cannot hold {num_reason_tokens} reason tokens and [EMBED]")
+    if weights.ndim != 4:
+        raise ValueError(f"attention of shape {tuple(weights.shape)} is not (batch, heads, queries, keys)")
     row = weights[:, :, -1, :].double().mean(1)
-    first_reason = keys - 1 - num_reason_tokens
-    return {
-        "input": row[:, :first_reason].sum(-1),
-        "reason": row[:, first_reason : keys - 1].sum(-1),
-        "embed": row[:, keys - 1],
-    }
+    return {name: row[:, span].sum(-1) for name, span in layout.spans(weights.shape[-1]).items()}

@@ -15,6 +15,7 @@ from lame_pl.callbacks.space_stats import (
     uniformity,
 )
 from lame_pl.callbacks.validation_subset import ValidationSubsetCallback
+from lame_pl.eval_output import EvalOutput
 
 SIDES = ("query", "target")
 
@@ -50,13 +51,12 @@ class EmbeddingHealth(ValidationSubsetCallback):
         self.collapse_threshold = collapse_threshold
         self.warned = False
 
-    def collect(self, pl_module: LightningModule, outputs: dict[str, Any], batch: dict[str, Any]) -> None:
-        projection = pl_module.encoder.projection
+    def collect(self, pl_module: LightningModule, outputs: EvalOutput, batch: dict[str, Any]) -> None:
         columns = {}
         for side in SIDES:
-            out = outputs[side]
+            out = getattr(outputs, side)
             columns[side] = out.embedding.float()
-            columns[f"{side}_norm"] = projection(out.embed_state).float().norm(dim=-1)
+            columns[f"{side}_norm"] = out.projected.float().norm(dim=-1)
         self.rows.add(**columns)
 
     def statistics(self, pl_module: LightningModule) -> dict[str, float]:

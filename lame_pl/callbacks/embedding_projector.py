@@ -10,6 +10,7 @@ from lightning import LightningModule, Trainer
 from lame_pl.callbacks.tensorboard_writer import logged_step, summary_writer
 from lame_pl.callbacks.thumbnails import side_thumbnails
 from lame_pl.callbacks.validation_subset import ValidationSubsetCallback
+from lame_pl.eval_output import EvalOutput
 
 TAG = "val_subset"
 HEADER = ["side", "key", "text"]
@@ -41,13 +42,13 @@ class EmbeddingProjector(ValidationSubsetCallback):
             raise ValueError(f"EmbeddingProjector.thumbnail_size must be an integer in [0, 128], got {thumbnail_size!r}")
         self.thumbnail_size = thumbnail_size
 
-    def collect(self, pl_module: LightningModule, outputs: dict[str, Any], batch: dict[str, Any]) -> None:
-        rows = len(outputs["keys"])
-        texts = outputs.get("texts") or [""] * rows
+    def collect(self, pl_module: LightningModule, outputs: EvalOutput, batch: dict[str, Any]) -> None:
+        rows = len(outputs.keys)
+        texts = outputs.texts or [""] * rows
         columns: dict[str, Any] = {
-            "query": outputs["query"].embedding.float(),
-            "target": outputs["target"].embedding.float(),
-            "keys": list(outputs["keys"]),
+            "query": outputs.query.embedding.float(),
+            "target": outputs.target.embedding.float(),
+            "keys": list(outputs.keys),
             "texts": list(texts),
         }
         if self.thumbnail_size:

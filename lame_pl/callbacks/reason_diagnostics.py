@@ -11,6 +11,7 @@ from lame_pl.callbacks.attention_probe import embed_attention_shares, last_layer
 from lame_pl.callbacks.space_stats import mean_pairwise_cosine
 from lame_pl.callbacks.tensorboard_writer import logged_step, summary_writer
 from lame_pl.callbacks.validation_subset import ValidationSubsetCallback
+from lame_pl.eval_output import DiagnosedModule, EvalOutput
 
 
 class ReasonDiagnostics(ValidationSubsetCallback):
@@ -24,7 +25,9 @@ class ReasonDiagnostics(ValidationSubsetCallback):
     - ``attention/{input,reason,embed}``: the share of [EMBED]'s last-layer attention (averaged
       over heads) that lands on the raw input, the reason tokens and [EMBED] itself; they sum to
       1, and with ``bottleneck_mask`` the input share is 0. Measured by a second, eager-attention
-      forward of the subset's query batches (``attention: false`` skips it).
+      forward of the subset's query batches (``attention: false`` skips it), in the encode mode
+      in force: under ``explicit_cot`` the middle share is ``attention/generated``, the text it
+      wrote (``lame_pl.modes.TokenLayout``).
     - ``decoder_loss/stage{1,2}``: the decoder's reconstruction loss over the whole validation
       split (all ranks), under the name of the stage in force, so that the stages' curves part.
     - ``latent_text/word_f1`` and ``latent_text/chance_word_f1``: the latent decoder's greedy
@@ -64,21 +67,22 @@ class ReasonDiagnostics(ValidationSubsetCallback):
 
     # ----------------------------------------------------------------------------- subset
 
-    def collect(self, pl_module: LightningModule, outputs: dict[str, Any], batch: dict[str, Any]) -> None:
-        k = pl_module.encoder.num_reason_tokens
-        columns: dict[str, torch.Tensor] = {"reason": outputs["query"].reason_states.float()}
+    def collect(self, pl_module: DiagnosedModule, outputs: EvalOutput, batch: dict[str, Any]) -> None:
+        states = outputs.query.reason_states
+        columns: dict[str, torch.Tensor] = {"reason": states.float()}
         if self.attention:
             with last_layer_attention(pl_module.encoder.backbone) as records:
-                pl_module.encode(batch["query"])
-            for name, share in embed_attention_shares(records[-1], k).items():
+                probed = pl_module.encode(batch["query"])
+            layout = pl_module.encoder.settings.layout(probed)
+            for name, share in embed_attention_shares(records[-1], layout).items():
                 columns[f"attention_{name}"] = share
-        if k == 0:
+        if states.shape[1] == 0:  # K = 0, or explicit_cot: no reason states
             del columns["reason"]
             if not self.attention:
                 return
         elif self.num_texts and getattr(pl_module, "decoder", None) is not None and "decoder" in batch:
             columns["label"] = self._labels(pl_module, batch["decoder"])
-            self._add_information(pl_module, outputs["query"].reason_states, batch["decoder"])
+            self._add_information(pl_module, states, batch["decoder"])
         self.rows.add(**columns)
 
     def _add_information(self, pl_module: LightningModule, states: torch.Tensor,
@@ -139,7 +143,7 @@ class ReasonDiagnostics(ValidationSubsetCallback):
                 metrics[f"diag/reason/norm/token{k}"] = value
             if norms.shape[1] >= 2:
                 metrics["diag/reason/pairwise_cosine"] = mean_pairwise_cosine(self.rows.tensor("reason"))
-        for name in ("input", "reason", "embed"):
+        for name in ("input", "reason", "generated", "embed"):
             if f"attention_{name}" in self.rows:
                 metrics[f"diag/attention/{name}"] = float(self.rows.tensor(f"attention_{name}").mean())
         return metrics
@@ -178,9 +182,9 @@ class ReasonDiagnostics(ValidationSubsetCallback):
         dataloader_idx: int = 0,
     ) -> None:
         super().on_validation_batch_end(trainer, pl_module, outputs, batch, batch_idx, dataloader_idx)
-        decoder = outputs.get("terms", {}).get("decoder") if isinstance(outputs, dict) else None
+        decoder = outputs.terms.get("decoder") if isinstance(outputs, EvalOutput) else None
         if decoder is not None:
-            rows = outputs.get("decoder_rows", len(outputs["keys"]))  # the term averages over labelled rows
+            rows = outputs.decoder_rows  # the term averages over labelled rows
             self._decoder_sum += float(decoder) * rows
             self._decoder_count += rows
 

@@ -11,6 +11,7 @@ from PIL import Image, ImageDraw, ImageFont
 
 from lame_pl.callbacks.tensorboard_writer import logged_step, summary_writer
 from lame_pl.callbacks.validation_subset import ValidationSubsetCallback
+from lame_pl.eval_output import EvalOutput
 
 TAG = "diag/similarity"
 
@@ -96,8 +97,8 @@ class SimilarityHeatmap(ValidationSubsetCallback):
             raise ValueError(f"SimilarityHeatmap.cell must be an integer >= 1, got {cell!r}")
         self.cell = cell
 
-    def collect(self, pl_module: LightningModule, outputs: dict[str, Any], batch: dict[str, Any]) -> None:
-        self.rows.add(query=outputs["query"].embedding.float(), target=outputs["target"].embedding.float())
+    def collect(self, pl_module: LightningModule, outputs: EvalOutput, batch: dict[str, Any]) -> None:
+        self.rows.add(query=outputs.query.embedding.float(), target=outputs.target.embedding.float())
 
     def report(self, trainer: Trainer, pl_module: LightningModule) -> None:
         writer = summary_writer(trainer, type(self).__name__)

@@ -13,6 +13,8 @@ from typing import Any
 import torch
 from lightning import Callback, LightningModule, Trainer
 
+from lame_pl.eval_output import EvalOutput
+
 
 class FirstRows:
     """Collects named columns (tensors or lists, one row per sample) up to ``limit`` rows."""
@@ -75,7 +77,7 @@ class ValidationSubsetCallback(Callback):
         self.rows = FirstRows(num_samples)
         self._active = False
 
-    def collect(self, pl_module: LightningModule, outputs: dict[str, Any], batch: dict[str, Any]) -> None:
+    def collect(self, pl_module: LightningModule, outputs: EvalOutput, batch: dict[str, Any]) -> None:
         """Adds what this callback needs from one validation batch to ``self.rows``."""
         raise NotImplementedError
 
@@ -101,10 +103,10 @@ class ValidationSubsetCallback(Callback):
     ) -> None:
         if not self._active or self.rows.room <= 0:
             return
-        if not isinstance(outputs, dict) or "query" not in outputs or "target" not in outputs:
+        if not isinstance(outputs, EvalOutput):
             raise TypeError(
-                f"callbacks.{type(self).__name__} reads the encoder outputs that LaMEModule.validation_step returns "
-                f"({{'query', 'target', ...}}); {type(pl_module).__name__}.validation_step returned {type(outputs).__name__}"
+                f"callbacks.{type(self).__name__} reads the lame_pl.eval_output.EvalOutput that LaMEModule."
+                f"validation_step returns; {type(pl_module).__name__}.validation_step returned {type(outputs).__name__}"
             )
         self.collect(pl_module, outputs, batch)
 

@@ -26,13 +26,16 @@ class EncoderOutput(NamedTuple):
     vectors) for the backward through hooks on those tensors.
 
     Attributes:
-        embedding: L2-normalised embedding from the [EMBED] state, ``(B, D)``.
+        embedding: L2-normalised embedding from the [EMBED] state, ``(B, D)``, float32.
+        projected: The vector normalised into ``embedding``: the [EMBED] state after the optional
+            projection, ``(B, D)``, float32 (its norm is what normalisation discards).
         embed_state: The [EMBED] final hidden state before projection and normalisation, ``(B, H)``.
         reason_states: Final hidden states of the K reason positions, ``(B, K, H)``; ``K`` may be 0.
         generated_ids: ``explicit_cot`` only: the generated token ids, ``(B, T)``; ``None`` otherwise.
     """
 
     embedding: torch.Tensor
+    projected: torch.Tensor
     embed_state: torch.Tensor
     reason_states: torch.Tensor
     generated_ids: torch.Tensor | None = None
@@ -44,17 +47,9 @@ def text_config(backbone: nn.Module):
     return getattr(config, "text_config", config)
 
 
-def check_left_padded(attention_mask: torch.Tensor) -> None:
-    """Raises unless every row ends with a real token (appended tokens must line up across rows)."""
-    if not bool(attention_mask[:, -1].all()):
-        raise ValueError(
-            "encoder inputs must be left-padded (attention_mask[:, -1] all ones); "
-            "set the tokenizer's padding_side='left'"
-        )
-
-
-def pool(encoder: LaMEEncoder, embed_state: torch.Tensor) -> torch.Tensor:
-    """The embedding: [EMBED]'s state, projected and L2-normalised in float32.
+def pooled(encoder: LaMEEncoder, embed_state: torch.Tensor, reason_states: torch.Tensor,
+           generated_ids: torch.Tensor | None = None) -> EncoderOutput:
+    """The encoder's output: [EMBED]'s state projected, then L2-normalised in float32 into the embedding.
 
     The projection runs in its own weights' dtype with autocast off, so a bf16 backbone gives the
     same embedding with or without mixed precision (and never a dtype mismatch).
@@ -62,7 +57,8 @@ def pool(encoder: LaMEEncoder, embed_state: torch.Tensor) -> torch.Tensor:
     weight = getattr(encoder.projection, "weight", None)
     state = embed_state.to(torch.float32 if weight is None else weight.dtype)
     with torch.autocast(embed_state.device.type, enabled=False):
-        return F.normalize(encoder.projection(state).float(), dim=-1)
+        projected = encoder.projection(state).float()
+    return EncoderOutput(F.normalize(projected, dim=-1), projected, embed_state, reason_states, generated_ids)
 
 
 def full_pass(
@@ -139,7 +135,6 @@ class CachedSequence:
 
 def start_cached(encoder: LaMEEncoder, inputs: dict[str, Any]) -> tuple[torch.Tensor, CachedSequence]:
     """The prefix pass over the input alone: its last hidden state ``(B, H)`` and the filled cache."""
-    check_left_padded(inputs["attention_mask"])
     cache = DynamicCache(config=text_config(encoder.backbone))
     hidden, mask, next_position = full_pass(encoder, inputs, cache=cache)
     return hidden[:, -1], CachedSequence(cache, mask, next_position)

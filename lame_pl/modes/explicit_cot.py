@@ -13,10 +13,11 @@ from typing import TYPE_CHECKING, Any
 import torch
 from torch import nn
 
-from lame_pl.modes.common import EncoderOutput, cached_step, pool, start_cached, text_config
+from lame_pl.modes.common import cached_step, pooled, start_cached, text_config
 
 if TYPE_CHECKING:
     from lame_pl.model import LaMEEncoder
+    from lame_pl.modes.common import EncoderOutput
 
 
 @torch.no_grad()
@@ -53,7 +54,7 @@ def encode_explicit_cot(encoder: LaMEEncoder, inputs: dict[str, Any]) -> Encoder
     real = torch.stack([real, torch.ones_like(real)], dim=1)
     embed_state = cached_step(encoder, seq, torch.cat([last, embed], dim=1), real.long())[:, -1]
     reason_states = embed_state.new_zeros(batch, 0, embed_state.shape[-1])
-    return EncoderOutput(pool(encoder, embed_state), embed_state, reason_states, torch.stack(generated, dim=1))
+    return pooled(encoder, embed_state, reason_states, torch.stack(generated, dim=1))
 
 
 def tied_logits(hidden: torch.Tensor, embedding_table: torch.Tensor) -> torch.Tensor:

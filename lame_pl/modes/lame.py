@@ -6,17 +6,17 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
-from lame_pl.modes.common import EncoderOutput, check_left_padded, full_pass, pool
+from lame_pl.modes.common import full_pass, pooled
 
 if TYPE_CHECKING:
     from lame_pl.model import LaMEEncoder
+    from lame_pl.modes.common import EncoderOutput
 
 
 def encode_lame(encoder: LaMEEncoder, inputs: dict[str, Any]) -> EncoderOutput:
     """``[input][REASON]×K[EMBED]`` in one pass (with the bottleneck mask if the encoder has it)."""
-    check_left_padded(inputs["attention_mask"])
     latent = torch.cat([encoder.reason_embeddings, encoder.embed_embedding])
     hidden, _, _ = full_pass(encoder, inputs, appended=latent, bottleneck=encoder.bottleneck_mask)
     embed_state = hidden[:, -1]
-    reason_states = hidden[:, hidden.shape[1] - encoder.num_appended : -1]
-    return EncoderOutput(pool(encoder, embed_state), embed_state, reason_states)
+    reason_states = hidden[:, encoder.settings.layout().spans(hidden.shape[1])["reason"]]
+    return pooled(encoder, embed_state, reason_states)

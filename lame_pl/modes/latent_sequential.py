@@ -15,17 +15,16 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 from lame_pl.modes.common import (
-    EncoderOutput,
     cached_step,
-    check_left_padded,
     checkpointing_drops_cache,
     full_pass,
-    pool,
+    pooled,
     start_cached,
 )
 
 if TYPE_CHECKING:
     from lame_pl.model import LaMEEncoder
+    from lame_pl.modes.common import EncoderOutput
 
 
 def encode_latent_sequential(
@@ -44,12 +43,11 @@ def encode_latent_sequential(
         The output; ``reason_states`` are the K latent positions' final states, each of which
         (bar the last, followed by [EMBED]) is fed back as the next step's input.
     """
-    check_left_padded(inputs["attention_mask"])
     if use_cache is None:
         use_cache = not checkpointing_drops_cache(encoder.backbone)
     step = _cached_steps if use_cache else _recomputed_steps
     reason_states, embed_state = step(encoder, inputs)
-    return EncoderOutput(pool(encoder, embed_state), embed_state, reason_states)
+    return pooled(encoder, embed_state, reason_states)
 
 
 def _cached_steps(encoder: LaMEEncoder, inputs: dict[str, Any]) -> tuple[torch.Tensor, torch.Tensor]:
