@@ -17,12 +17,13 @@ folder ``NAME/`` of such shards, as a Hugging Face snapshot stores a config)::
     visdoc/<Task>/queries   query-id, query
     visdoc/<Task>/qrels     query-id, corpus-id, score (graded)
 
-The published snapshots are read where they lie (``ANNOTATION_HOMES``, ``MEDIA_ROOTS``; README
-"MMEB-v2 and MRMR on disk"): the image rows also in ``MMEB_Test_Instruct/<Task>/`` or
-``MMEB-eval/<Task>/``, the images also in ``image-tasks/MMEB/`` or ``eval_images/``, the frames also
-in ``video-tasks/frames/video_{cls,ret,mret,qa}/``, the BEIR tables also in
-``visdoc-tasks/<dataset name>/`` (``TaskInfo.folders``). Each task's media folder is the first
-that holds its first media path. Where a task was read from, and each folder not read, is said.
+The published snapshots are read where they lie (``mmeb_layout``: ``ANNOTATION_HOMES``,
+``MEDIA_ROOTS``; README "MMEB-v2 and MRMR on disk"): the image rows also in
+``MMEB_Test_Instruct/<Task>/`` or ``MMEB-eval/<Task>/``, the images also in ``image-tasks/MMEB/``
+or ``eval_images/``, the frames also in ``video-tasks/frames/video_{cls,ret,mret,qa}/``, the BEIR
+tables also in ``visdoc-tasks/<dataset name>/`` (``TaskInfo.folders``). Each task's media folder is
+the first that holds its first media path. Where a task was read from, and each folder not read, is
+said.
 
 ``--image-root`` replaces the image and video media folders. Image and video tasks rank each
 query's own candidates (local) except where VLM2Vec ranks the whole candidate set (video
@@ -36,15 +37,24 @@ into the row shape above.
 
 from __future__ import annotations
 
-import difflib
 import sys
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
 from pathlib import Path
 
-from lame_pl.evaluation.mmeb_tasks import MAIN_METRIC, MODALITY_ORDER, TASKS, TaskInfo, tasks_named, tasks_of
+from lame_pl.evaluation.mmeb_layout import (
+    ANNOTATION_HOMES,
+    KNOWN_TOP,
+    MEDIA_ROOTS,
+    Found,
+    Log,
+    find_media_root,
+    relative_path,
+    scan_tasks,
+    select_tasks,
+)
+from lame_pl.evaluation.mmeb_tasks import MAIN_METRIC, TaskInfo
 from lame_pl.evaluation.official import OfficialView
-from lame_pl.evaluation.tables import TABLE_SUFFIXES, EvalDataError, Row, find_table, read_qrels, read_rows, require_dir
+from lame_pl.evaluation.tables import EvalDataError, Row, find_table, read_qrels, read_rows, require_dir
 from lame_pl.evaluation.task import ImageRef, Item, RetrievalTask, image_path
 from lame_pl.instructions import VISDOC_PAGE_TEXT, VISDOC_QUERY_INSTRUCTION
 from lame_pl.instructions import strip_mmeb_placeholder as _clean
@@ -293,177 +303,8 @@ def _page_image(row: Row, doc_id: str, page_root: Path, task: str) -> ImageRef:
     return image_path(page_root, f"{doc_id}.png", task, row, "page image")
 
 
-# Where the snapshots users download put things, relative to --data-root, in the order they are
-# searched (a task found in two places is read from the first; the other is reported as not read).
-# ``.`` is the data root itself (--data-root pointed at one snapshot). Only these folders are
-# looked in: no recursive scan of a data root that may hold terabytes of frames.
-ANNOTATION_HOMES: dict[str, tuple[str, ...]] = {
-    "image": ("image", "MMEB_Test_Instruct", "MMEB-eval", ".", "image-tasks", "image-tasks/MMEB"),
-    "video": ("video", "."),
-    "visdoc": ("visdoc", ".", "visdoc-tasks", "visdoc-tasks/data"),
-}
-# Folders where every entry is a task of that modality, known to the task table or not (an unknown
-# one is shown, not averaged); elsewhere only known task names (or their snapshot names) count.
-DEDICATED_HOMES = {"image", "video", "visdoc", "MMEB_Test_Instruct", "MMEB-eval"}
-MEDIA_ROOTS: dict[str, tuple[str, ...]] = {
-    "image": ("image-tasks", "image-tasks/MMEB", "eval_images", "MMEB-eval/eval_images"),
-    "video": ("video-tasks", "video-tasks/frames", "video-tasks/frames/video_cls", "video-tasks/frames/video_ret",
-              "video-tasks/frames/video_mret", "video-tasks/frames/video_qa"),
-    "visdoc": ("visdoc-tasks",),
-}
-KNOWN_TOP = {p.split("/")[0] for homes in (*ANNOTATION_HOMES.values(), *MEDIA_ROOTS.values()) for p in homes} - {"."}
-ARCHIVES = (".tar.gz", ".tgz", ".tar", ".zip")
-Log = Callable[[str], None]
-
-
 def _stderr(message: str) -> None:
     print(message, file=sys.stderr)
-
-
-@dataclass(frozen=True)
-class Found:
-    """One task's table as found on disk: ``path`` is a table file or a folder of tables."""
-
-    info: TaskInfo
-    path: Path
-    home: str
-
-    @property
-    def stem(self) -> str:
-        """The name ``find_table`` looks the table up by in ``path.parent``."""
-        return self.path.name if self.path.is_dir() else self.path.stem
-
-
-def _has_table(folder: Path, depth: int = 2) -> bool:
-    """Whether ``folder`` holds a table file within ``depth`` levels (a snapshot's ``<config>/test/0000.parquet``)."""
-    for entry in folder.iterdir():
-        if entry.is_file() and entry.suffix in TABLE_SUFFIXES:
-            return True
-        if depth > 1 and entry.is_dir() and not entry.name.startswith(".") and _has_table(entry, depth - 1):
-            return True
-    return False
-
-
-def _has_beir(folder: Path) -> bool:
-    return any((folder / f"corpus{s}").is_file() for s in TABLE_SUFFIXES) or (folder / "corpus").is_dir()
-
-
-def _entry_name(path: Path) -> str | None:
-    if path.name.startswith((".", "_")):
-        return None
-    if path.is_dir():
-        return path.name
-    return path.stem if path.is_file() and path.suffix in TABLE_SUFFIXES else None
-
-
-def _scan(root: Path) -> tuple[dict[str, list[Found]], list[str]]:
-    """Every task table under the known folders of ``root``, and warnings about folders not read."""
-    found: dict[str, list[Found]] = {}
-    warnings: list[str] = []
-    for modality in MODALITY_ORDER:
-        for home in ANNOTATION_HOMES[modality]:
-            folder = root / home
-            if not folder.is_dir():
-                continue
-            dedicated = home in DEDICATED_HOMES
-            for path in sorted(folder.iterdir()):
-                name = _entry_name(path)
-                if name is None:
-                    continue
-                infos = [t for t in tasks_named(name) if t.modality == modality]
-                if modality == "visdoc":
-                    holds = path.is_dir() and _has_beir(path)
-                else:
-                    holds = path.is_file() or (path.is_dir() and _has_table(path))
-                if not infos:
-                    if not dedicated or (home in ("MMEB_Test_Instruct", "MMEB-eval") and not holds):
-                        continue  # not a task here (media, a snapshot's other folders): see the top-level check
-                    infos = [_info(name, modality)]
-                elif not holds and not dedicated:
-                    continue  # e.g. image-tasks/<Task>/ holding only the task's images
-                for info in infos:
-                    found.setdefault(info.name, []).append(Found(info, path, home))
-    for home in ("MMEB_Test_Instruct", "MMEB-eval"):
-        folder = root / home
-        if folder.is_dir():
-            for path in sorted(folder.iterdir()):
-                if path.is_dir() and not path.name.startswith(".") and path.name != "eval_images" and not _has_table(path):
-                    warnings.append(f"warning: folder {path} is not read: it holds no .jsonl, .json or .parquet table")
-    used_top = {f.path.relative_to(root).parts[0] for hits in found.values() for f in hits}
-    for path in sorted(root.iterdir()):
-        if path.is_dir() and not path.name.startswith(".") and path.name not in KNOWN_TOP | used_top:
-            warnings.append(
-                f"warning: folder {path} is not read: it is neither a task folder holding tables nor one of "
-                f"{', '.join(sorted(KNOWN_TOP))} (see --list-tasks)"
-            )
-    return found, warnings
-
-
-def _close(name: str, names: Sequence[str]) -> str:
-    folded = {n.casefold(): n for n in names}
-    match = difflib.get_close_matches(name.casefold(), list(folded), n=1, cutoff=0.6)
-    return f" (did you mean {folded[match[0]]!r}?)" if match else ""
-
-
-def _select(root: Path, found: dict[str, list[Found]], names: Sequence[str] | None, log: Log) -> list[Found]:
-    """The tasks to read: every one found (leaderboard order), or ``names`` resolved without regard to case."""
-    if names is None:
-        order = {t.name: i for i, t in enumerate(t for m in MODALITY_ORDER for t in tasks_of(m))}
-        return [found[n][0] for n in sorted(found, key=lambda n: (MODALITY_ORDER.index(found[n][0].info.modality),
-                                                                   order.get(n, len(order)), n))]
-    chosen = []
-    for name in names:
-        hits = found.get(name)
-        if hits is None:
-            folded = [n for n in found if n.casefold() == name.casefold()]
-            known = [t.name for t in tasks_named(name) if t.name.casefold() == name.casefold()]
-            if folded or known:
-                canonical = (folded or known)[0]
-                log(f"note: task {name!r} read as {canonical!r} (task names are matched without regard to case)")
-                name, hits = canonical, found.get(canonical)
-        if hits is None:
-            homes = ", ".join(f"{h}/" for m in MODALITY_ORDER for h in ANNOTATION_HOMES[m] if (root / h).is_dir())
-            if name in TASKS:
-                raise EvalDataError(f"task {name!r} not found under {root} (looked in {homes or 'no known folder'})")
-            raise EvalDataError(f"task {name!r} not found: no MMEB-v2 task of that name and no table of that "
-                                f"name under {root}{_close(name, [*TASKS, *found])}")
-        chosen.append(hits[0])
-    return chosen
-
-
-def _first_media(rows: Sequence[Row], field: str) -> tuple[Row, str, str] | None:
-    for row in rows:
-        for key in (f"qry_{field}", f"tgt_{field}"):
-            value = row.data.get(key)
-            values = [value] if isinstance(value, str) else list(value) if isinstance(value, (list, tuple)) else []
-            for v in values:
-                if isinstance(v, str) and v:
-                    return row, key, v
-    return None
-
-
-def _media_root(task: str, rows: Sequence[Row], field: str, candidates: Sequence[Path]) -> Path:
-    """The first candidate folder holding the task's first media path (a file, or a frame folder for video)."""
-    probe = _first_media(rows, field)
-    if probe is None:
-        return candidates[0]
-    row, key, relative = probe
-    for candidate in candidates:
-        target = candidate / relative
-        if target.is_dir() if field == "video_path" else target.is_file():
-            return candidate
-    archives = sorted(str(p) for c in candidates if c.is_dir() for p in c.iterdir()
-                      if p.is_file() and p.name.endswith(ARCHIVES))
-    hint = f"; unpack {', '.join(archives)} first" if archives else ""
-    raise EvalDataError(f"task {task}: {row.where}: {key} {relative!r} is in none of the media folders "
-                        f"{', '.join(str(c) for c in candidates)}{hint}")
-
-
-def _relative(path: Path, root: Path) -> str:
-    try:
-        return str(path.relative_to(root)) or "."
-    except ValueError:
-        return str(path)
 
 
 def load_mmeb_tasks(
@@ -481,7 +322,7 @@ def load_mmeb_tasks(
     anything is encoded, so bad data stops the run at once.
     """
     root = require_dir(Path(data_root), "the MMEB-v2 data root")
-    found, warnings = _scan(root)
+    found, warnings = scan_tasks(root)
     if not found:
         raise EvalDataError(f"no MMEB-v2 task folder under {root}: expected image/, video/ or visdoc/, or a "
                             f"snapshot folder ({', '.join(sorted(KNOWN_TOP))}); see --list-tasks")
@@ -497,7 +338,7 @@ def load_mmeb_tasks(
     for warning in warnings:
         log(warning)
     tasks = []
-    for hit in _select(root, found, names, log):
+    for hit in select_tasks(root, found, names, log):
         try:
             tasks.append(_read_found(root, hit, image_root, num_frames, log))
         except EvalDataError as error:  # every message names the task
@@ -507,28 +348,21 @@ def load_mmeb_tasks(
 
 
 def _read_found(root: Path, hit: Found, image_root: str | Path | None, num_frames: int, log: Log) -> RetrievalTask:
-    """One task found by ``_scan``, read and checked."""
+    """One task found by ``scan_tasks``, read and checked."""
     info, name = hit.info, hit.info.name
     if info.modality == "visdoc":
         pages = [root / "visdoc-tasks" / n for n in (name, *info.folders)] + [hit.path]
         page_root = next((p for p in pages if p.is_dir()), pages[0])
-        log(f"{name}: tables {_relative(hit.path, root)}, pages {_relative(page_root, root)}")
+        log(f"{name}: tables {relative_path(hit.path, root)}, pages {relative_path(page_root, root)}")
         return read_visdoc_task(info, hit.path, page_root, log)
     rows = read_rows(find_table(hit.path.parent, hit.stem))
     field = "img_path" if info.modality == "image" else "video_path"
     candidates = [Path(image_root)] if image_root else [root / m for m in MEDIA_ROOTS[info.modality]]
-    media_root = _media_root(name, rows, field, candidates)
-    log(f"{name}: rows {_relative(hit.path, root)}, media {_relative(media_root, root)}")
+    media_root = find_media_root(name, rows, field, candidates)
+    log(f"{name}: rows {relative_path(hit.path, root)}, media {relative_path(media_root, root)}")
     if info.modality == "image":
         return read_pair_task(info, rows, image_media(media_root, name), field)
     return read_pair_task(info, rows, video_media(media_root, name, num_frames), field)
-
-
-def _info(name: str, modality: str) -> TaskInfo:
-    if name in TASKS and TASKS[name].modality == modality:
-        return TASKS[name]
-    # A task the table does not know: ranked the way its modality mostly is, reported apart.
-    return TaskInfo(name, modality, "other", "global" if modality == "visdoc" else "local", counted=False)
 
 
 __all__ = ["load_mmeb_tasks", "read_pair_task", "read_visdoc_task"]
