@@ -66,7 +66,7 @@ def gold_ranks(
     ranks = []
     for start in range(0, query.shape[0], block):
         scores = query[start : start + block] @ candidates.T
-        ranks.append(ranks_in_block(scores, gold[start : start + block]))
+        ranks.append(tie_aware_ranks(scores, gold[start : start + block, None])[:, 0])
     return torch.cat(ranks)
 
 
@@ -110,11 +110,6 @@ def tie_aware_ranks(scores: torch.Tensor, relevant: torch.Tensor, grades: torch.
     mine, other = grade.unsqueeze(-1), grade.unsqueeze(-2)
     first = (other < mine) | ((other == mine) & (relevant.unsqueeze(-2) < relevant.unsqueeze(-1)))
     return at_least - tied.sum(-1) + (tied & first).sum(-1)
-
-
-def ranks_in_block(scores: torch.Tensor, gold: torch.Tensor) -> torch.Tensor:
-    """How many candidates of each row of ``scores`` ``(Q, C)`` score at least its gold one ``gold`` ``(Q,)``."""
-    return tie_aware_ranks(scores, gold[:, None])[:, 0]
 
 
 def metrics_from_ranks(ranks: torch.Tensor, ks: tuple[int, ...] = KS, ndcg_at: int = NDCG_AT) -> dict[str, float]:

@@ -1,4 +1,4 @@
-"""tools/ablate_modes.py: rows, per-kind scoring from embeddings, and a tiny run end to end."""
+"""tools/ablate_modes.py (lame_pl.ablation): rows, per-kind scoring from embeddings, and a tiny run end to end."""
 
 from __future__ import annotations
 
@@ -9,13 +9,13 @@ from pathlib import Path
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import load_tool
 
+from lame_pl.ablation.cli import main as ablate_modes
+from lame_pl.ablation.scoring import kind_metrics
+from lame_pl.ablation.spec import DEFAULT_ROWS, Row, parse_rows
 from lame_pl.index import load_embeddings
 
 ROOT = Path(__file__).resolve().parents[1]
-ablate_modes = load_tool("ablate_modes")
-Row, kind_metrics, parse_rows = ablate_modes.Row, ablate_modes.kind_metrics, ablate_modes.parse_rows
 
 TINY = ["model.init_args.backbone.preset=tiny", "model.init_args.backbone.min_pixels=3136",
         "model.init_args.backbone.max_pixels=3136", "model.init_args.decoder.preset=tiny",
@@ -23,7 +23,7 @@ TINY = ["model.init_args.backbone.preset=tiny", "model.init_args.backbone.min_pi
 
 
 def test_rows_parse_and_bad_rows_are_named():
-    assert parse_rows(ablate_modes.DEFAULT_ROWS) == [
+    assert parse_rows(DEFAULT_ROWS) == [
         Row("discriminative", 0), Row("lame", 1), Row("lame", 4), Row("lame", 8), Row("lame", 16),
         Row("latent_sequential", 8),
     ]
@@ -80,7 +80,7 @@ def test_bad_arguments_exit_with_a_message(capsys):
                           (["--steps", "10", "--stage1-steps", "10"], "--stage1-steps"),
                           (["--set", "--trainer.max_steps=3"], "KEY=VALUE")]:
         with pytest.raises(SystemExit) as error:
-            ablate_modes.main(argv)
+            ablate_modes(argv)
         assert error.value.code == 2 and message in capsys.readouterr().err
 
 
@@ -107,7 +107,7 @@ def test_two_rows_end_to_end_on_the_tiny_preset(data, tmp_path, monkeypatch, cap
     out = tmp_path / "runs"
     argv = ["--rows", "discriminative:0,lame:2", "--steps", "2", "--data", str(data), "--out", str(out), *SIZES,
             "--repeats", "1", "--threads", "1"]
-    assert ablate_modes.main(argv + [a for item in TINY for a in ("--set", item)]) == 0
+    assert ablate_modes(argv + [a for item in TINY for a in ("--set", item)]) == 0
     saved = json.loads((out / "results.json").read_text())
     rows = saved["results"]
     assert [(r["mode"], r["k"]) for r in rows] == [("discriminative", 0), ("lame", 2)]
@@ -129,7 +129,7 @@ def test_two_rows_end_to_end_on_the_tiny_preset(data, tmp_path, monkeypatch, cap
     assert "| discriminative | 0 |" in table and "| lame | 2 |" in table and "| chance |" in table
     # --reuse scores the saved runs again without training: the same figures, timed afresh.
     capsys.readouterr()
-    assert ablate_modes.main(argv + ["--reuse"] + [a for item in TINY for a in ("--set", item)]) == 0
+    assert ablate_modes(argv + ["--reuse"] + [a for item in TINY for a in ("--set", item)]) == 0
     assert "reusing" in capsys.readouterr().out  # the data set, then each row
     again = json.loads((out / "results.json").read_text())["results"]
     assert all(r["reused"] for r in again) and "reused" not in rows[0]
@@ -143,7 +143,7 @@ def test_stage1_warmup_then_stage2_from_its_weights(data, tmp_path, monkeypatch,
     out = tmp_path / "runs"
     argv = ["--rows", "lame:2", "--steps", "3", "--stage1-steps", "1", "--data", str(data), "--out", str(out),
             *SIZES, "--repeats", "1", "--threads", "1"]
-    assert ablate_modes.main(argv + [a for item in TINY for a in ("--set", item)]) == 0
+    assert ablate_modes(argv + [a for item in TINY for a in ("--set", item)]) == 0
     warm = torch.load(out / "lame-k2" / "stage1" / "last.ckpt", weights_only=True)
     joint = torch.load(out / "lame-k2" / "checkpoints" / "last.ckpt", weights_only=True)
     assert warm["global_step"] == 1 and warm["lame_stage"] == 1

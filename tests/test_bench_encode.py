@@ -1,4 +1,5 @@
-"""tools/bench_encode.py end to end on the tiny preset (a smoke run, never a timing assertion)."""
+"""tools/bench_encode.py (lame_pl.benchmarks.encode) end to end on the tiny preset: a smoke run, never a timing
+assertion."""
 
 from __future__ import annotations
 
@@ -7,11 +8,11 @@ import math
 from pathlib import Path
 
 import pytest
-from conftest import load_tool
+
+from lame_pl.benchmarks import encode as bench_encode
+from lame_pl.benchmarks.encode_timing import ENCODE_MODES, HF_GENERATE
 
 ROOT = Path(__file__).resolve().parents[1]
-
-bench_encode = load_tool("bench_encode")
 
 KEYS = (
     "ratio_explicit_cot_over_lame",
@@ -37,7 +38,7 @@ def test_bench_encode_writes_every_figure(tmp_path, capsys):
     assert n == 4 + 2 + 6  # 56x56 image = 4 merged patches, vision start/end, 6 text tokens
     assert report["flop_floor_lame_over_discriminative"] == pytest.approx((n + 3 + 1) / (n + 1))
     for size in ("1", "2"):
-        for mode in (*bench_encode.ENCODE_MODES, bench_encode.HF_GENERATE):
+        for mode in (*ENCODE_MODES, HF_GENERATE):
             row = report["encode"][size][mode]
             assert row["batch_size"] == int(size) and row["ms_per_sample"] > 0 and row["peak_memory_mib"] is None
     for size in ("1", "2"):

@@ -1,4 +1,4 @@
-"""tools/bench_memory.py on the tiny preset: bf16 weights take half the bytes of float32."""
+"""tools/bench_memory.py (lame_pl.benchmarks.memory) on the tiny preset: bf16 weights take half the bytes of float32."""
 
 from __future__ import annotations
 
@@ -6,11 +6,10 @@ import json
 from pathlib import Path
 
 import pytest
-from conftest import load_tool
+
+from lame_pl.benchmarks import memory as bench_memory
 
 ROOT = Path(__file__).resolve().parents[1]
-
-bench_memory = load_tool("bench_memory")
 
 ARGS = ["--preset", "tiny", "--image-size", "56", "--text-tokens", "4", "-K", "2"]
 

@@ -1,4 +1,5 @@
-"""tools/bench_train.py on the tiny preset (a smoke run of every figure, never a timing assertion)."""
+"""tools/bench_train.py (lame_pl.benchmarks.train) on the tiny preset: a smoke run of every figure, never a timing
+assertion."""
 
 from __future__ import annotations
 
@@ -7,11 +8,10 @@ import math
 from pathlib import Path
 
 import pytest
-from conftest import load_tool
+
+from lame_pl.benchmarks import train as bench_train
 
 ROOT = Path(__file__).resolve().parents[1]
-
-bench_train = load_tool("bench_train")
 
 TINY = ["--preset", "tiny", "--decoder-preset", "tiny", "--image-size", "56", "--text-tokens", "4", "-K", "2",
         "--steps", "1", "--threads", "1"]

@@ -11,9 +11,10 @@ from pathlib import Path
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import load_tool, make_synthetic_shards, random_image
+from conftest import make_synthetic_shards, random_image
 from test_eval_mmeb import write_mmeb
 
+from lame_pl.benchmarks import encode as bench_encode
 from lame_pl.cli import build_cli
 from lame_pl.clip_anchor import CLIPAnchor
 from lame_pl.clip_spec import CLIPSpec
@@ -202,8 +203,6 @@ def test_local_weights_load_into_the_anchor(tmp_path):
 
 
 def test_bench_encode_has_a_clip_row(tmp_path):
-    bench_encode = load_tool("bench_encode")
-
     out = tmp_path / "bench.json"
     argv = ["--preset", "tiny", "--device", "cpu", "--image-size", "56", "--text-tokens", "6", "-K", "2", "-T", "2",
             "--batch-sizes", "2", "--warmup", "0", "--repeats", "1", "--train-steps", "0", "--clip-arch", "ViT-S-32",

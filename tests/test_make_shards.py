@@ -15,6 +15,9 @@ import webdataset as wds
 from conftest import load_tool
 from PIL import Image
 
+from lame_pl.benchmarks import data as bench_data
+from lame_pl.data.shard_args import parse_bytes
+
 ROOT = Path(__file__).resolve().parents[1]
 TOOLS = ROOT / "tools"
 
@@ -315,7 +318,7 @@ def test_shards_split_by_bytes(tmp_path: Path, limit: str, per_shard: int) -> No
     _run(["manifest", "--manifest", str(path), "--out", str(tmp_path / "out"), "--shard-bytes", limit,
           "--samples-per-shard", str(per_shard)])
     manifest = _manifest(split)
-    limit_bytes = _tool("make_shards").parse_bytes(limit)
+    limit_bytes = parse_bytes(limit)
     counts = [s["num_samples"] for s in manifest["shards"]]
     assert sum(counts) == 12 and max(counts) <= per_shard and len(counts) > 1
     for shard in manifest["shards"]:
@@ -327,12 +330,12 @@ def test_shards_split_by_bytes(tmp_path: Path, limit: str, per_shard: int) -> No
 
 
 def test_parse_bytes() -> None:
-    parse = _tool("make_shards").parse_bytes
-    assert parse("500MB") == 500 * 10**6 and parse("1GB") == 10**9 and parse("1.5gb") == 1_500_000_000
-    assert parse("64KiB") == 65536 and parse("4096") == 4096 and parse("2M") == 2 * 10**6
+    assert parse_bytes("500MB") == 500 * 10**6 and parse_bytes("1GB") == 10**9
+    assert parse_bytes("1.5gb") == 1_500_000_000
+    assert parse_bytes("64KiB") == 65536 and parse_bytes("4096") == 4096 and parse_bytes("2M") == 2 * 10**6
     for bad in ("", "-1MB", "1XB", "MB", "0"):
         with pytest.raises(Exception, match="size"):
-            parse(bad)
+            parse_bytes(bad)
 
 
 # --- bad input ---------------------------------------------------------------------------------
@@ -400,8 +403,7 @@ def test_bench_data_runs_end_to_end(tmp_path: Path) -> None:
     _run(["synthetic", "--out", str(tmp_path / "data"), "--train", "48", "--val", "1", "--test", "1",
           "--image-size", "56", "--samples-per-shard", "16"])
     report = tmp_path / "bench.json"
-    bench = _tool("bench_data")
-    assert bench.main(["--shards", str(tmp_path / "data" / "train"), "--preset", "tiny", "--image-size", "56",
+    assert bench_data.main(["--shards", str(tmp_path / "data" / "train"), "--preset", "tiny", "--image-size", "56",
                        "--batch-size", "4", "--batches", "2", "--warmup", "1", "--workers", "0", "--steps", "1",
                        "--json", str(report)]) == 0
     figures = json.loads(report.read_text())

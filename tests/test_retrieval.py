@@ -15,7 +15,6 @@ from lame_pl.retrieval import (
     chance_metrics,
     gold_ranks,
     metrics_from_ranks,
-    ranks_in_block,
     retrieval_metrics,
     tie_aware_ranks,
 )
@@ -79,17 +78,17 @@ def test_ndcg_and_mrr_of_known_ranks():
 
 def test_similarity_is_computed_in_bounded_blocks(monkeypatch):
     seen = []
-    original = retrieval.ranks_in_block
+    original = retrieval.tie_aware_ranks
 
-    def spy(scores, gold):
+    def spy(scores, relevant, grades=None):
         seen.append(scores.numel())
-        return original(scores, gold)
+        return original(scores, relevant, grades)
 
-    monkeypatch.setattr(retrieval, "ranks_in_block", spy)
+    monkeypatch.setattr(retrieval, "tie_aware_ranks", spy)
     query, candidates = torch.randn(100, 8), torch.randn(30, 8)
     ranks = gold_ranks(query, candidates, torch.arange(100) % 30, max_scores=200)
     assert max(seen) <= 200 and sum(seen) == 100 * 30
-    monkeypatch.setattr(retrieval, "ranks_in_block", original)
+    monkeypatch.setattr(retrieval, "tie_aware_ranks", original)
     assert torch.equal(ranks, gold_ranks(query, candidates, torch.arange(100) % 30))
 
 
@@ -127,7 +126,7 @@ def test_one_rank_function_for_training_and_the_evaluators():
     gold = torch.randint(0, 9, (6,))
     # One gold per row: the count of other candidates scoring at least the gold's score.
     expected = (scores >= scores[torch.arange(6), gold][:, None]).sum(1) - 1
-    assert torch.equal(ranks_in_block(scores, gold), expected)
+    assert torch.equal(tie_aware_ranks(scores, gold[:, None])[:, 0], expected)
     # Rows of graded relevant sets at once equal one query at a time.
     relevant = torch.stack([torch.randperm(9)[:3] for _ in range(6)])
     grades = torch.randint(1, 3, (6, 3)).double()

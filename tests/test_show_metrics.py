@@ -1,20 +1,17 @@
-"""tools/show_metrics.py: the table, and the expected-range check that `make demo` prints after it."""
+"""tools/show_metrics.py (lame_pl.metrics_table): the table, and the range check that `make demo` prints after it."""
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import re
 from pathlib import Path
 
 import pytest
 
+from lame_pl import metrics_table as show_metrics
+
 ROOT = Path(__file__).resolve().parents[1]
 EXPECTED = ROOT / "configs" / "demo" / "expected_metrics.json"
-
-_spec = importlib.util.spec_from_file_location("tools_show_metrics", ROOT / "tools" / "show_metrics.py")
-show_metrics = importlib.util.module_from_spec(_spec)
-_spec.loader.exec_module(show_metrics)
 
 
 def write(path: Path, content: object) -> Path:

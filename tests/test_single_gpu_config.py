@@ -1,5 +1,5 @@
 """The single-GPU 2B config (configs/qwen2vl-2b/single_gpu*.yaml) and the memory model that sizes it
-(tools/estimate_memory.py)."""
+(tools/estimate_memory.py: lame_pl/benchmarks/memory_model.py and memory_probe.py)."""
 
 from __future__ import annotations
 
@@ -8,12 +8,13 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import load_tool
 from test_configs import printed
+
+from lame_pl.benchmarks import memory_model as em
+from lame_pl.benchmarks.memory_probe import LiveTensorMemory, measure_step
 
 ROOT = Path(__file__).resolve().parents[1]
 REAL = ROOT / "configs" / "qwen2vl-2b"
-em = load_tool("estimate_memory")
 
 TIERS = {None: (24, 4), "single_gpu_48gb.yaml": (48, 16), "single_gpu_80gb.yaml": (80, 32)}
 
@@ -99,7 +100,7 @@ def test_shapes_of_counts_what_the_module_holds():
 
 
 def test_the_tracker_counts_live_storages_and_their_peak():
-    with em.LiveTensorMemory() as tracker:
+    with LiveTensorMemory() as tracker:
         a = torch.ones(1000)  # 4000 bytes
         b = torch.ones(500, dtype=torch.float64)  # 4000 bytes
         view = a[:10]  # no new storage
@@ -116,7 +117,7 @@ def test_the_model_predicts_a_measured_step_at_tiny_size():
     shapes = em.shapes_of("tiny", "tiny", None, 2, 32)
     ratios = []
     for chunk in (2, 4):
-        got = em.measure_step("tiny", "tiny", 2, chunk, 8, 56, 4, reason_tokens=2)
+        got = measure_step("tiny", "tiny", 2, chunk, 8, 56, 4, reason_tokens=2)
         model = em.estimate(shapes, 2, chunk, got["seq"], got["image_tokens"])
         before = shapes.backbone_params * 2 + 12 * em.trained_params(shapes, 2)
         ratios.append((model["peak"] - before) / got["peak_bytes"])

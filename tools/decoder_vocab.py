@@ -9,7 +9,6 @@ import argparse
 import sys
 from pathlib import Path
 
-from lame_pl.decoder_vocab import caption_token_ids as caption_token_ids  # re-exported: tests read it from here
 from lame_pl.decoder_vocab import write_decoder_vocab
 
 

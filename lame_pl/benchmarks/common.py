@@ -1,5 +1,5 @@
-"""Fixed inputs for the benchmarks (``tools/bench_*.py``, ``tools/estimate_memory.py``): a prompt of an exact
-token count, a random image, processor batches, and what machine the figures were measured on."""
+"""Fixed inputs for the benchmarks: a prompt of an exact token count, a random image, processor batches,
+and what machine the figures were measured on."""
 
 from __future__ import annotations
 
@@ -62,9 +62,15 @@ def training_batch(processor: Any, text: str, image: Image.Image, batch: int, de
 
 def machine(device: str) -> dict[str, Any]:
     """What the figures were measured on."""
-    info = {"platform": platform.platform(), "processor": platform.processor() or platform.machine(),
-            "cpu_count": os.cpu_count(), "torch_threads": torch.get_num_threads(), "torch": torch.__version__,
-            "python": platform.python_version(), "device": device}
+    info = {
+        "platform": platform.platform(),
+        "processor": platform.processor() or platform.machine(),
+        "cpu_count": os.cpu_count(),
+        "torch_threads": torch.get_num_threads(),
+        "torch": torch.__version__,
+        "python": platform.python_version(),
+        "device": device,
+    }
     if device == "cuda":
         info["gpu"] = torch.cuda.get_device_name()
     return info
