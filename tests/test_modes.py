@@ -10,11 +10,10 @@ import pytest
 import torch
 from PIL import Image
 
-from lame_pl import LaMEModule
+from lame_pl import LaMEModule, modes
 from lame_pl.backbone import build_backbone, enable_activation_checkpointing
 from lame_pl.cli import build_cli
 from lame_pl.model import LaMEEncoder
-from lame_pl import modes
 from lame_pl.modes import EncodeSettings, hf_generation_model
 from lame_pl.modes.latent_sequential import encode_latent_sequential
 
