@@ -53,8 +53,10 @@ compare: data
 	$(BIN)/lightning test --config configs/demo/clip.yaml --ckpt_path $(CLIP_RUNS)/demo/checkpoints/last.ckpt
 	$(BIN)/python tools/show_metrics.py $(RUNS)/test_metrics.json $(CLIP_RUNS)/test_metrics.json --names LaME CLIP
 
+## lint: ruff's checks and its formatter (CI runs this before the tests)
 lint: install
 	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
 
 clean:
 	rm -rf $(RUNS) $(DATA)

@@ -42,35 +42,77 @@ QWEN2_VOCAB_SIZE = 151936
 # Presets: Qwen2-VL text/vision dimensions. Shapes only; weights are random.
 BACKBONE_PRESETS: dict[str, dict[str, Any]] = {
     "tiny": dict(
-        text=dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                  num_attention_heads=4, num_key_value_heads=2, mrope_section=[2, 3, 3]),
+        text=dict(
+            hidden_size=64,
+            intermediate_size=128,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            num_key_value_heads=2,
+            mrope_section=[2, 3, 3],
+        ),
         vision=dict(depth=1, embed_dim=32, num_heads=2, mlp_ratio=2),
     ),
     "demo": dict(
-        text=dict(hidden_size=128, intermediate_size=256, num_hidden_layers=4,
-                  num_attention_heads=4, num_key_value_heads=2, mrope_section=[4, 6, 6]),
+        text=dict(
+            hidden_size=128,
+            intermediate_size=256,
+            num_hidden_layers=4,
+            num_attention_heads=4,
+            num_key_value_heads=2,
+            mrope_section=[4, 6, 6],
+        ),
         vision=dict(depth=2, embed_dim=64, num_heads=4, mlp_ratio=2),
     ),
     "small": dict(
-        text=dict(hidden_size=512, intermediate_size=1408, num_hidden_layers=8,
-                  num_attention_heads=8, num_key_value_heads=2, mrope_section=[8, 12, 12]),
+        text=dict(
+            hidden_size=512,
+            intermediate_size=1408,
+            num_hidden_layers=8,
+            num_attention_heads=8,
+            num_key_value_heads=2,
+            mrope_section=[8, 12, 12],
+        ),
         vision=dict(depth=4, embed_dim=256, num_heads=4, mlp_ratio=4),
     ),
     "qwen2vl-2b-shape": dict(
-        text=dict(hidden_size=1536, intermediate_size=8960, num_hidden_layers=28,
-                  num_attention_heads=12, num_key_value_heads=2, mrope_section=[16, 24, 24]),
+        text=dict(
+            hidden_size=1536,
+            intermediate_size=8960,
+            num_hidden_layers=28,
+            num_attention_heads=12,
+            num_key_value_heads=2,
+            mrope_section=[16, 24, 24],
+        ),
         vision=dict(depth=32, embed_dim=1280, num_heads=16, mlp_ratio=4),
     ),
 }
 
 DECODER_PRESETS: dict[str, dict[str, Any]] = {
-    "tiny": dict(hidden_size=32, intermediate_size=64, num_hidden_layers=1,
-                 num_attention_heads=2, num_key_value_heads=1, head_dim=16),
-    "demo": dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                 num_attention_heads=4, num_key_value_heads=2, head_dim=16),
+    "tiny": dict(
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=1,
+        num_attention_heads=2,
+        num_key_value_heads=1,
+        head_dim=16,
+    ),
+    "demo": dict(
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        head_dim=16,
+    ),
     # Qwen3-0.6B dimensions, for shape-only GPU benchmarks.
-    "qwen3-0.6b-shape": dict(hidden_size=1024, intermediate_size=3072, num_hidden_layers=28,
-                             num_attention_heads=16, num_key_value_heads=8, head_dim=128),
+    "qwen3-0.6b-shape": dict(
+        hidden_size=1024,
+        intermediate_size=3072,
+        num_hidden_layers=28,
+        num_attention_heads=16,
+        num_key_value_heads=8,
+        head_dim=128,
+    ),
 }
 
 
@@ -222,9 +264,14 @@ def backbone_files(path: str | Path) -> dict[str, bytes]:
     """The files building a local backbone or decoder without its weights needs (configs,
     processor and tokenizer files; top level, weights left out), by name."""
     # Hidden files (.gitattributes, the marker of a folder unpacked from a checkpoint) are not needed.
-    return {f.name: f.read_bytes() for f in sorted(Path(path).iterdir())
-            if f.is_file() and not f.name.startswith(".") and not f.name.endswith(_WEIGHT_SUFFIXES)
-            and f.stat().st_size <= _FILE_LIMIT}
+    return {
+        f.name: f.read_bytes()
+        for f in sorted(Path(path).iterdir())
+        if f.is_file()
+        and not f.name.startswith(".")
+        and not f.name.endswith(_WEIGHT_SUFFIXES)
+        and f.stat().st_size <= _FILE_LIMIT
+    }
 
 
 def build_processor(spec: BackboneSpec):

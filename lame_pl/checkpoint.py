@@ -132,12 +132,17 @@ class TrainedCheckpoint:
             return value
         files = {"backbone": self.backbone_files, "decoder": self.decoder_files}[name]
         if not files:
-            raise FileNotFoundError(f"{name}.path {path!r} is not a directory here and checkpoint {self.path} "
-                                    f"stores no copy of its configs: put that folder back (or pass {name}= a spec)")
+            raise FileNotFoundError(
+                f"{name}.path {path!r} is not a directory here and checkpoint {self.path} "
+                f"stores no copy of its configs: put that folder back (or pass {name}= a spec)"
+            )
         folder = materialise_backbone_files(files, kind=f"{name}s")
-        warnings.warn(f"{name}.path {path!r} is not here: the {name}'s configs "
-                      f"{'and processor ' if name == 'backbone' else ''}come from checkpoint {self.path} "
-                      f"(unpacked to {folder})", stacklevel=3)
+        warnings.warn(
+            f"{name}.path {path!r} is not here: the {name}'s configs "
+            f"{'and processor ' if name == 'backbone' else ''}come from checkpoint {self.path} "
+            f"(unpacked to {folder})",
+            stacklevel=3,
+        )
         return _with(value, path=str(folder))
 
     @property
@@ -170,8 +175,13 @@ class TrainedCheckpoint:
     def encoder_settings(self) -> dict[str, Any]:
         """The keyword arguments of ``lame_pl.model.build_encoder`` the run used."""
         hp = self.hparams
-        return dict(num_reason_tokens=hp.get("num_reason_tokens", 8), bottleneck_mask=hp.get("bottleneck_mask", False),
-                    embed_dim=hp.get("embed_dim"), encode_mode=hp.get("encode_mode"), cot_tokens=hp.get("cot_tokens"))
+        return dict(
+            num_reason_tokens=hp.get("num_reason_tokens", 8),
+            bottleneck_mask=hp.get("bottleneck_mask", False),
+            embed_dim=hp.get("embed_dim"),
+            encode_mode=hp.get("encode_mode"),
+            cot_tokens=hp.get("cot_tokens"),
+        )
 
     def encoder_state(self) -> dict[str, torch.Tensor]:
         """The encoder's weights, named as in ``LaMEEncoder`` (without the ``encoder.`` prefix)."""
@@ -202,8 +212,11 @@ class TrainedCheckpoint:
     @property
     def instructions(self) -> dict[str, str]:
         """The training run's query and target instructions, where the data module had them."""
-        return {side: self.data_hparams[f"{side}_instruction"] for side in ("query", "target")
-                if isinstance(self.data_hparams.get(f"{side}_instruction"), str)}
+        return {
+            side: self.data_hparams[f"{side}_instruction"]
+            for side in ("query", "target")
+            if isinstance(self.data_hparams.get(f"{side}_instruction"), str)
+        }
 
     def restore_overrides(self, folders: Iterable[str] = ()) -> dict[str, Any]:
         """Hyper-parameters that make restoring this checkpoint read no file beside it.
@@ -289,8 +302,9 @@ def load_checkpoint_file(path: str | Path, what: str = "checkpoint") -> dict[str
     except Exception as error:  # torch raises RuntimeError, EOFError, KeyError, UnpicklingError...
         raise CheckpointError(f"{what} {path} {_unreadable(path, error)}") from error
     if not isinstance(checkpoint, dict):
-        raise CheckpointError(f"{what} {path} holds a {type(checkpoint).__name__}, not a Lightning checkpoint "
-                              "(a dict with a state_dict)")
+        raise CheckpointError(
+            f"{what} {path} holds a {type(checkpoint).__name__}, not a Lightning checkpoint (a dict with a state_dict)"
+        )
     if "state_dict" not in checkpoint:
         raise CheckpointError(f"{what} {path} is a dict without a state_dict: not a Lightning checkpoint")
     return checkpoint
@@ -306,8 +320,9 @@ def read_checkpoint(path: str | Path) -> TrainedCheckpoint:
     path = Path(path)
     checkpoint = load_checkpoint_file(path)
     if "hyper_parameters" not in checkpoint:
-        raise CheckpointError(f"checkpoint {path} has no state_dict and hyper_parameters: "
-                              "not a lightning fit checkpoint")
+        raise CheckpointError(
+            f"checkpoint {path} has no state_dict and hyper_parameters: not a lightning fit checkpoint"
+        )
     hparams = dict(checkpoint["hyper_parameters"])
     if "backbone" not in hparams:
         raise CheckpointError(f"checkpoint {path} has no backbone hyper-parameter: not a LaMEModule checkpoint")

@@ -53,9 +53,11 @@ class LaMECLI(LightningCLI):
     def add_arguments_to_parser(self, parser) -> None:
         parser.link_arguments("model.init_args.backbone", "data.init_args.backbone")
         parser.add_argument(
-            "--start_over", type=bool, default=False,
+            "--start_over",
+            type=bool,
+            default=False,
             help="fit only: delete the checkpoints an earlier run left in this run's checkpoint folder and hide "
-                 "its TensorBoard steps, then train from scratch (without it, such a fit is refused)",
+            "its TensorBoard steps, then train from scratch (without it, such a fit is refused)",
         )
 
     def _model_init_args(self) -> Any:
@@ -98,7 +100,9 @@ class LaMECLI(LightningCLI):
                         load_checkpoint_file(path, "--ckpt_path")  # says what is wrong with the file asked for
                     raise CheckpointError(f"--ckpt_path {path}: no checkpoint in {path.parent} loads")
                 if newest.resolve() != path.resolve():
-                    rank_zero_info(f"--ckpt_path {path}: using {newest}, the newest checkpoint in its folder that loads")
+                    rank_zero_info(
+                        f"--ckpt_path {path}: using {newest}, the newest checkpoint in its folder that loads"
+                    )
                     config.ckpt_path = str(newest)
             elif path.is_file():  # a folder is a sharded checkpoint: its strategy reads it
                 load_checkpoint_file(path, "--ckpt_path")
@@ -147,8 +151,11 @@ class LaMECLI(LightningCLI):
         if ckpt and Path(ckpt).is_file():
             for callback in (config.get("trainer") or {}).get("callbacks") or []:
                 args = callback.get("init_args") if hasattr(callback, "get") else None
-                if str(callback.get("class_path", "")).endswith("EmbeddingWriter") and args is not None \
-                        and not args.get("checkpoint"):
+                if (
+                    str(callback.get("class_path", "")).endswith("EmbeddingWriter")
+                    and args is not None
+                    and not args.get("checkpoint")
+                ):
                     args.checkpoint = str(ckpt)
         if ckpt and Path(ckpt).is_file():
             self._corpus_settings_from(read_checkpoint(ckpt), config)
@@ -297,7 +304,9 @@ def silence_noise(shard_data: bool = False) -> None:
     """
     # torch deprecated LeafSpec; Lightning 2.6's own pytree helper still builds one at every fit.
     warnings.filterwarnings(
-        "ignore", message=r"`isinstance\(treespec, LeafSpec\)` is deprecated", category=FutureWarning,
+        "ignore",
+        message=r"`isinstance\(treespec, LeafSpec\)` is deprecated",
+        category=FutureWarning,
         module=r"lightning\.pytorch\.utilities\._pytree",
     )
     # Through rank_zero_info's logger, which carries the project's own lines too: only these two go.
@@ -308,14 +317,19 @@ def silence_noise(shard_data: bool = False) -> None:
     # on its own: a shard module's are (shards split by rank and worker, each worker's epoch cut at
     # its own batch count).
     warnings.filterwarnings(
-        "ignore", message=r"Your `IterableDataset` has `__len__` defined", category=UserWarning,
+        "ignore",
+        message=r"Your `IterableDataset` has `__len__` defined",
+        category=UserWarning,
         module=r"lightning\.pytorch\.utilities\.data",
     )
     # That a mid-epoch resume replays the epoch, the loader having no state_dict: the data module
     # holds the state and carries on in the epoch (ShardDataModule.load_state_dict).
     warnings.filterwarnings(
-        "ignore", message=r"You're resuming from a checkpoint that ended before the epoch ended and your dataloader "
-        r"is not resumable", category=PossibleUserWarning, module=r"lightning\.pytorch\.loops\.training_epoch_loop",
+        "ignore",
+        message=r"You're resuming from a checkpoint that ended before the epoch ended and your dataloader "
+        r"is not resumable",
+        category=PossibleUserWarning,
+        module=r"lightning\.pytorch\.loops\.training_epoch_loop",
     )
 
 
@@ -330,15 +344,14 @@ def class_path(cls: type) -> str:
             break
     for full, short in SHORT_NAMES.items():
         if path.startswith(full + "."):
-            return short + path[len(full):]
+            return short + path[len(full) :]
     return path
 
 
 def _listing(classes: tuple[type, ...]) -> str:
     """Each class's path, and below it its docstring's first line."""
     return "\n".join(
-        f"  {class_path(cls)}\n      {(cls.__doc__ or '').strip().splitlines()[0].replace('``', '')}"
-        for cls in classes
+        f"  {class_path(cls)}\n      {(cls.__doc__ or '').strip().splitlines()[0].replace('``', '')}" for cls in classes
     )
 
 

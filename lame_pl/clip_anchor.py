@@ -26,7 +26,6 @@ ENCODER_KIND_KEY = "encoder_kind"
 ENCODER_KIND = "clip"
 
 
-
 def fuse(parts: list[torch.Tensor]) -> torch.Tensor:
     """An input with an image and a text: the normalised sum of their normalised embeddings (a dual
     encoder has no joint input); one part alone is itself."""
@@ -93,8 +92,13 @@ class CLIPAnchor(EvaluatedStep, LightningModule):
         from open_clip import ClipLoss
 
         hp = self.hparams
-        return ClipLoss(local_loss=hp.local_loss, gather_with_grad=hp.gather_with_grad, cache_labels=True,
-                        rank=rank, world_size=world_size)
+        return ClipLoss(
+            local_loss=hp.local_loss,
+            gather_with_grad=hp.gather_with_grad,
+            cache_labels=True,
+            rank=rank,
+            world_size=world_size,
+        )
 
     def setup(self, stage: str) -> None:
         # The ranks are known only once the trainer has started its processes.

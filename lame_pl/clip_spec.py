@@ -58,7 +58,9 @@ class CLIPSpec:
         base = open_clip.get_model_config(self.arch)
         unknown = sorted(set(self.overrides or {}) - set(base))
         if unknown:
-            raise ValueError(f"backbone.overrides has keys {unknown} that {self.arch}'s config lacks; it has {sorted(base)}")
+            raise ValueError(
+                f"backbone.overrides has keys {unknown} that {self.arch}'s config lacks; it has {sorted(base)}"
+            )
 
     def model_config(self) -> dict[str, Any]:
         """The architecture's open_clip config with ``overrides``, ``image_size`` and ``context_length`` applied."""
@@ -111,15 +113,21 @@ def build_clip(spec: CLIPSpec) -> torch.nn.Module:
         # The whole config goes in as keyword arguments, the highest-priority override in
         # create_model; no base tower is ever fetched (pretrained_image/text False).
         model = open_clip.create_model(
-            spec.arch, pretrained=spec.weights, pretrained_image=False, pretrained_text=False,
-            force_custom_text=bool(config.get("custom_text", False)), **kwargs,
+            spec.arch,
+            pretrained=spec.weights,
+            pretrained_image=False,
+            pretrained_text=False,
+            force_custom_text=bool(config.get("custom_text", False)),
+            **kwargs,
         )
     except (OSError, RuntimeError, ValueError) as error:
         # One line: torch's state-dict report spans several (missing keys, unexpected keys, sizes).
         text = " ".join(line.strip() for line in str(error).splitlines() if line.strip()) or type(error).__name__
         first = text if len(text) <= 300 else text[:297] + "..."
         if spec.weights:
-            raise ValueError(f"backbone.weights {spec.weights!r} do not load into {spec.arch} as configured: {first}") from None
+            raise ValueError(
+                f"backbone.weights {spec.weights!r} do not load into {spec.arch} as configured: {first}"
+            ) from None
         raise ValueError(f"backbone.arch {spec.arch!r} could not be built offline: {first}") from None
     return model.train()
 

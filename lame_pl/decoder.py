@@ -112,7 +112,9 @@ class LatentDecoder(nn.Module):
         return DecoderLogits(self._logits(predicts), targets)
 
     @torch.no_grad()
-    def generate(self, reason_states: torch.Tensor, max_tokens: int = 32, stop_id: int | None = None) -> list[list[int]]:
+    def generate(
+        self, reason_states: torch.Tensor, max_tokens: int = 32, stop_id: int | None = None
+    ) -> list[list[int]]:
         """Greedy text from each row's reason states alone: what the bottleneck carries.
 
         The whole prefix is recomputed at every step (no KV cache): the texts are short, and a
@@ -148,7 +150,9 @@ class LatentDecoder(nn.Module):
         rows = ids.tolist()
         return [row[: row.index(stop_id)] if stop_id in row else row for row in rows]
 
-    def _hidden(self, reason_states: torch.Tensor, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+    def _hidden(
+        self, reason_states: torch.Tensor, input_ids: torch.Tensor, attention_mask: torch.Tensor
+    ) -> torch.Tensor:
         """The LM's final states over ``[projected reason states][target tokens]``."""
         batch, k = reason_states.shape[:2]
         embeddings = self.language_model.get_input_embeddings()

@@ -80,8 +80,14 @@ class LaMEEmbedder:
         backbone_spec: Where the backbone came from (checkpoints only; ``None`` for a folder).
     """
 
-    def __init__(self, encoder: LaMEEncoder, processor: Any, max_text_length: int,
-                 device: str | torch.device | None = None, backbone_spec: BackboneSpec | None = None) -> None:
+    def __init__(
+        self,
+        encoder: LaMEEncoder,
+        processor: Any,
+        max_text_length: int,
+        device: str | torch.device | None = None,
+        backbone_spec: BackboneSpec | None = None,
+    ) -> None:
         self.encoder = encoder.eval()
         self.prompts = PromptProcessor(processor, max_text_length)
         self.backbone_spec = backbone_spec
@@ -95,9 +101,15 @@ class LaMEEmbedder:
         self.decoder: torch.nn.Module | None = None
 
     @classmethod
-    def from_checkpoint(cls, path: str | Path, device: str | torch.device | None = None,
-                        encode_mode: str | None = None, cot_tokens: int | None = None,
-                        max_text_length: int | None = None, merge_adapters: bool | None = None) -> LaMEEmbedder:
+    def from_checkpoint(
+        cls,
+        path: str | Path,
+        device: str | torch.device | None = None,
+        encode_mode: str | None = None,
+        cot_tokens: int | None = None,
+        max_text_length: int | None = None,
+        merge_adapters: bool | None = None,
+    ) -> LaMEEmbedder:
         """Loads a ``lightning fit`` checkpoint of ``LaMEModule`` (no decoder is built).
 
         Args:
@@ -121,9 +133,14 @@ class LaMEEmbedder:
         return embedder
 
     @classmethod
-    def from_pretrained(cls, directory: str | Path, device: str | torch.device | None = None,
-                        encode_mode: str | None = None, cot_tokens: int | None = None,
-                        max_text_length: int | None = None) -> LaMEEmbedder:
+    def from_pretrained(
+        cls,
+        directory: str | Path,
+        device: str | torch.device | None = None,
+        encode_mode: str | None = None,
+        cot_tokens: int | None = None,
+        max_text_length: int | None = None,
+    ) -> LaMEEmbedder:
         """Loads a folder written by ``tools/export.py`` (``lame_pl.export``); arguments as ``from_checkpoint``."""
         from lame_pl.export import read_folder
 
@@ -177,8 +194,12 @@ class LaMEEmbedder:
 
     # ----------------------------------------------------------------------------- encoding
 
-    def sides(self, texts: Sequence[str] | None = None, images: Sequence[ImageInput] | None = None,
-              instructions: str | Sequence[str] | None = None) -> list[Side]:
+    def sides(
+        self,
+        texts: Sequence[str] | None = None,
+        images: Sequence[ImageInput] | None = None,
+        instructions: str | Sequence[str] | None = None,
+    ) -> list[Side]:
         """The rows to encode: text ``i`` and image ``i`` together (either may be missing)."""
         if texts is None and images is None:
             raise ValueError("encode: give texts, images or both")
@@ -194,8 +215,13 @@ class LaMEEmbedder:
         rows = []
         for i in range(n):
             image = None if images is None else images[i]
-            rows.append(Side(instructions[i], "" if texts is None else texts[i] or "",
-                             () if image is None else (load_image(image),)))
+            rows.append(
+                Side(
+                    instructions[i],
+                    "" if texts is None else texts[i] or "",
+                    () if image is None else (load_image(image),),
+                )
+            )
         return rows
 
     @torch.inference_mode()
@@ -204,9 +230,15 @@ class LaMEEmbedder:
         inputs = {k: v.to(self.device) for k, v in inputs.items()}
         return self.encoder(**inputs).embedding.float().cpu()
 
-    def encode(self, texts: Sequence[str] | None = None, images: Sequence[ImageInput] | None = None,
-               instructions: str | Sequence[str] | None = None, batch_size: int = 32,
-               device: str | torch.device | None = None, progress: bool = False) -> torch.Tensor:
+    def encode(
+        self,
+        texts: Sequence[str] | None = None,
+        images: Sequence[ImageInput] | None = None,
+        instructions: str | Sequence[str] | None = None,
+        batch_size: int = 32,
+        device: str | torch.device | None = None,
+        progress: bool = False,
+    ) -> torch.Tensor:
         """Embeds rows of text, image or both.
 
         Args:
@@ -242,7 +274,9 @@ class LaMEEmbedder:
         """The latent decoder of the checkpoint, or of a folder exported ``--with-decoder``."""
         if self.decoder is None:
             if self.decoder_source is None:
-                raise ValueError("explain: this embedder was built without a checkpoint or folder to read a decoder from")
+                raise ValueError(
+                    "explain: this embedder was built without a checkpoint or folder to read a decoder from"
+                )
             kind, where = self.decoder_source
             if kind == "checkpoint":
                 from lame_pl.export import decoder_from_checkpoint
@@ -258,9 +292,14 @@ class LaMEEmbedder:
         return self.decoder
 
     @torch.inference_mode()
-    def explain(self, texts: Sequence[str] | None = None, images: Sequence[ImageInput] | None = None,
-                instructions: str | Sequence[str] | None = None, max_tokens: int = 32,
-                batch_size: int = 32) -> list[str]:
+    def explain(
+        self,
+        texts: Sequence[str] | None = None,
+        images: Sequence[ImageInput] | None = None,
+        instructions: str | Sequence[str] | None = None,
+        max_tokens: int = 32,
+        batch_size: int = 32,
+    ) -> list[str]:
         """The text the latent decoder writes from each row's K reason states (greedy).
 
         The decoder was trained to regenerate a query's target from those states alone, so this

@@ -57,8 +57,11 @@ def lame_fields(encoder: LaMEEncoder, checkpoint: TrainedCheckpoint) -> dict[str
         "dtype": str(encoder.backbone.dtype).removeprefix("torch."),
         "attn_implementation": spec.attn_implementation,
         "merged_adapters": None if lora is None else {"r": lora.r, "alpha": lora.alpha, "use_dora": lora.use_dora},
-        "trained": {"checkpoint": checkpoint.path.name, "global_step": checkpoint.global_step,
-                    "stage": checkpoint.stage},
+        "trained": {
+            "checkpoint": checkpoint.path.name,
+            "global_step": checkpoint.global_step,
+            "stage": checkpoint.stage,
+        },
         "decoder": None,
     }
 
@@ -104,8 +107,9 @@ def _prepare_out(out: Path, overwrite: bool) -> Path:
     return tmp
 
 
-def export_checkpoint(checkpoint: str | Path, out: str | Path, with_decoder: bool = False,
-                      overwrite: bool = False) -> Path:
+def export_checkpoint(
+    checkpoint: str | Path, out: str | Path, with_decoder: bool = False, overwrite: bool = False
+) -> Path:
     """Writes the folder for a ``lightning fit`` checkpoint of ``LaMEModule``.
 
     Args:
@@ -131,8 +135,10 @@ def export_checkpoint(checkpoint: str | Path, out: str | Path, with_decoder: boo
     weights = hf_names(_unshared(encoder.state_dict()))
     if with_decoder:
         decoder = decoder_from_checkpoint(read, text_config(encoder.backbone).hidden_size)
-        lame["decoder"] = {"config": decoder.language_model.config.to_dict(),
-                           "input_dim": text_config(encoder.backbone).hidden_size}
+        lame["decoder"] = {
+            "config": decoder.language_model.config.to_dict(),
+            "input_dim": text_config(encoder.backbone).hidden_size,
+        }
         weights.update({DECODER_PREFIX + k: v for k, v in _unshared(decoder.state_dict()).items()})
     tmp = _prepare_out(out, overwrite)
     try:
@@ -156,14 +162,19 @@ def hf_names(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     """The encoder's weights under the names a folder holds them: the backbone's as Hugging Face's
     ``AutoModel`` names them (so ``AutoModel.from_pretrained(DIR)`` loads the trained backbone),
     LaME's own (reason and [EMBED] vectors, projection) under ``lame.``."""
-    return {(k.removeprefix(BACKBONE_PREFIX) if k.startswith(BACKBONE_PREFIX) else LAME_PREFIX + k): v
-            for k, v in state.items()}
+    return {
+        (k.removeprefix(BACKBONE_PREFIX) if k.startswith(BACKBONE_PREFIX) else LAME_PREFIX + k): v
+        for k, v in state.items()
+    }
 
 
 def encoder_names(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     """The inverse of ``hf_names`` (the decoder's ``decoder.`` weights left out)."""
-    return {(k.removeprefix(LAME_PREFIX) if k.startswith(LAME_PREFIX) else BACKBONE_PREFIX + k): v
-            for k, v in state.items() if not k.startswith(DECODER_PREFIX)}
+    return {
+        (k.removeprefix(LAME_PREFIX) if k.startswith(LAME_PREFIX) else BACKBONE_PREFIX + k): v
+        for k, v in state.items()
+        if not k.startswith(DECODER_PREFIX)
+    }
 
 
 def read_lame_config(directory: str | Path) -> dict[str, Any]:
@@ -202,10 +213,14 @@ def read_folder(directory: str | Path) -> tuple[LaMEEncoder, Any, dict[str, Any]
         attn = "sdpa"  # the bottleneck mask needs an arbitrary mask
     backbone_config = AutoConfig.from_pretrained(str(directory), local_files_only=True)
     backbone = AutoModel.from_config(backbone_config, dtype=dtype_of(lame["dtype"]), attn_implementation=attn)
-    encoder = build_encoder(backbone, num_reason_tokens=lame["num_reason_tokens"],
-                            bottleneck_mask=lame["bottleneck_mask"],
-                            embed_dim=lame["embed_dim"] if lame["projection"] else None,
-                            encode_mode=lame["encode_mode"], cot_tokens=lame["cot_tokens"])
+    encoder = build_encoder(
+        backbone,
+        num_reason_tokens=lame["num_reason_tokens"],
+        bottleneck_mask=lame["bottleneck_mask"],
+        embed_dim=lame["embed_dim"] if lame["projection"] else None,
+        encode_mode=lame["encode_mode"],
+        cot_tokens=lame["cot_tokens"],
+    )
     encoder.load_state_dict(encoder_names(_weights(directory)), strict=True)
     processor = AutoProcessor.from_pretrained(str(directory), local_files_only=True)
     return encoder.eval(), processor, lame
@@ -230,8 +245,10 @@ def read_decoder(directory: str | Path) -> nn.Module:
     # Only the second name of a tied weight may be absent; it is the first one's tensor.
     tied = {name for name in result.missing_keys if name.endswith("lm_head.weight") and lm_config.tie_word_embeddings}
     if set(result.missing_keys) - tied or result.unexpected_keys:
-        raise ValueError(f"{directory}: decoder weights do not match its config "
-                         f"(missing {result.missing_keys[:5]}, unexpected {result.unexpected_keys[:5]})")
+        raise ValueError(
+            f"{directory}: decoder weights do not match its config "
+            f"(missing {result.missing_keys[:5]}, unexpected {result.unexpected_keys[:5]})"
+        )
     return decoder.eval()
 
 
@@ -267,7 +284,7 @@ def model_card(lame: dict[str, Any], checkpoint: TrainedCheckpoint) -> str:
     return f"""# LaME embedding model
 
 A LaME encoder (latent-reasoning multimodal embeddings) exported by `lame_pl` from
-`{lame['trained']['checkpoint']}`: a Qwen-VL backbone that reads the input, {lame['num_reason_tokens']}
+`{lame["trained"]["checkpoint"]}`: a Qwen-VL backbone that reads the input, {lame["num_reason_tokens"]}
 learnable reason tokens and an [EMBED] token in one forward pass, embedding at [EMBED].
 
 | setting | value |
@@ -285,7 +302,7 @@ images = model.encode(images=["photo.png"], instructions={query!r})
 scores = images @ texts.T  # rows are L2-normalised: cosine similarities
 ```
 
-Inputs are laid out as in training (`lame_pl.prompt`, layout `{lame['prompt_layout']}`); use the
+Inputs are laid out as in training (`lame_pl.prompt`, layout `{lame["prompt_layout"]}`); use the
 instructions the model was trained with.
 
 ## Training hyper-parameters

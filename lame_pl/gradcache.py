@@ -102,8 +102,10 @@ def _rows(inputs: dict[str, torch.Tensor], start: int, stop: int, device: torch.
 
 def _to(inputs: dict[str, Any], device: torch.device) -> dict[str, Any]:
     """One chunk on the device (the batch stays where the data loader left it: ``LaMEModule.transfer_batch_to_device``)."""
-    return {key: value.to(device, non_blocking=True) if isinstance(value, torch.Tensor) else value
-            for key, value in inputs.items()}
+    return {
+        key: value.to(device, non_blocking=True) if isinstance(value, torch.Tensor) else value
+        for key, value in inputs.items()
+    }
 
 
 def _labelled_tokens(labels: dict[str, torch.Tensor]) -> int:

@@ -121,8 +121,14 @@ def shard_files(directory: Path) -> list[Path]:
     return [p for m, p in sorted(found, key=lambda mp: (int(mp[0][1]), int(mp[0][2])))]
 
 
-def write_shard(directory: Path, stem: str, keys: list[str], texts: list[str | None],
-                tensors: dict[str, torch.Tensor], metadata: dict[str, str] | None = None) -> Path:
+def write_shard(
+    directory: Path,
+    stem: str,
+    keys: list[str],
+    texts: list[str | None],
+    tensors: dict[str, torch.Tensor],
+    metadata: dict[str, str] | None = None,
+) -> Path:
     """Writes one shard: ``{stem}.safetensors`` (float32 tensors) and ``{stem}.jsonl`` (keys, texts).
 
     The JSONL goes first and the tensors last, under a temporary name renamed at the end, so a
@@ -140,8 +146,11 @@ def write_shard(directory: Path, stem: str, keys: list[str], texts: list[str | N
             out.write(json.dumps({"key": key, "text": text}, ensure_ascii=False) + "\n")
     path = directory / f"{stem}.safetensors"
     partial = path.with_name(path.name + _TMP_SUFFIX)
-    save_file({name: value.detach().float().cpu().contiguous() for name, value in tensors.items()}, str(partial),
-              metadata={**(metadata or {}), "format": EMBEDDINGS_FORMAT, "rows": str(len(keys))})
+    save_file(
+        {name: value.detach().float().cpu().contiguous() for name, value in tensors.items()},
+        str(partial),
+        metadata={**(metadata or {}), "format": EMBEDDINGS_FORMAT, "rows": str(len(keys))},
+    )
     partial.replace(path)
     return path
 
@@ -224,7 +233,7 @@ def _read_items(path: Path) -> list[dict[str, Any]]:
             if not isinstance(item, dict) or not isinstance(item.get("key"), str):
                 raise ValueError("no string 'key'")
         except ValueError as error:
-            raise EmbeddingsError(f"{path}:{number}: not a {{\"key\", \"text\"}} JSON line ({error})") from None
+            raise EmbeddingsError(f'{path}:{number}: not a {{"key", "text"}} JSON line ({error})') from None
         items.append(item)
     return items
 
@@ -363,9 +372,14 @@ class SearchIndex:
 
     def hits(self, scores: np.ndarray, ids: np.ndarray) -> list[list[dict[str, Any]]]:
         """``search``'s output as ``{"key", "text", "score"}`` hits per query, best first."""
-        return [[{"key": self.keys[i], "text": self.texts[i], "score": float(s)}
-                 for s, i in zip(row_scores, row_ids, strict=True) if i >= 0]
-                for row_scores, row_ids in zip(scores, ids, strict=True)]
+        return [
+            [
+                {"key": self.keys[i], "text": self.texts[i], "score": float(s)}
+                for s, i in zip(row_scores, row_ids, strict=True)
+                if i >= 0
+            ]
+            for row_scores, row_ids in zip(scores, ids, strict=True)
+        ]
 
     def save(self, path: str | Path) -> Path:
         """Writes ``index.faiss``, ``items.jsonl`` and ``index.json`` into the folder ``path``."""
@@ -382,8 +396,13 @@ class SearchIndex:
         return directory
 
 
-def index_embeddings(embeddings: Embeddings, side: str | None = None, kind: str = "flat",
-                     nlist: int | None = None, source: str | None = None) -> SearchIndex:
+def index_embeddings(
+    embeddings: Embeddings,
+    side: str | None = None,
+    kind: str = "flat",
+    nlist: int | None = None,
+    source: str | None = None,
+) -> SearchIndex:
     """A ``SearchIndex`` over one side of predicted embeddings, keyed and captioned like them.
 
     ``side`` defaults to ``Embeddings.default_side`` (the targets, or a one-sided corpus's side).
@@ -461,8 +480,9 @@ def gold_ranks_from_hits(scores: np.ndarray, ids: np.ndarray, gold: np.ndarray) 
     return torch.from_numpy(ranks)
 
 
-def index_recall(search_index: SearchIndex, queries: torch.Tensor, query_keys: list[str],
-                 ks: tuple[int, ...] = (1, 5, 10)) -> dict[str, float]:
+def index_recall(
+    search_index: SearchIndex, queries: torch.Tensor, query_keys: list[str], ks: tuple[int, ...] = (1, 5, 10)
+) -> dict[str, float]:
     """Recall@k of ``queries`` through the index, each query's gold being the index row with its key.
 
     Computed with ``lame_pl.retrieval.metrics_from_ranks`` on ``gold_ranks_from_hits``, so it

@@ -34,7 +34,9 @@ def load_init_weights(module: nn.Module, path: str) -> None:
     if result.missing_keys:
         rank_zero_warn(f"init_from {path}: {len(result.missing_keys)} missing keys: {result.missing_keys[:10]}")
     if result.unexpected_keys:
-        rank_zero_warn(f"init_from {path}: {len(result.unexpected_keys)} unexpected keys: {result.unexpected_keys[:10]}")
+        rank_zero_warn(
+            f"init_from {path}: {len(result.unexpected_keys)} unexpected keys: {result.unexpected_keys[:10]}"
+        )
     if len(result.unexpected_keys) == len(state):
         raise ValueError(f"init_from {path}: no key of the checkpoint matches this model")
 
@@ -56,10 +58,13 @@ def _choose_temperature(module: nn.Module, path: str, checkpoint: Mapping[str, A
     their_config = (checkpoint.get("hyper_parameters") or {}).get("temperature")
     learned = their_config is not None and not math.isclose(theirs, float(their_config), rel_tol=1e-5)
     if learned and module.hparams.learnable_temperature:
-        rank_zero_info(f"init_from: temperature {configured:g} from the config replaced by {theirs:.4g} "
-                       f"learned in {path}")
+        rank_zero_info(
+            f"init_from: temperature {configured:g} from the config replaced by {theirs:.4g} learned in {path}"
+        )
         return
     state["log_logit_scale"] = module.log_logit_scale.detach().clone()  # this run's, loaded as any other key
     origin = "learned" if learned else "configured"
-    rank_zero_info(f"init_from: temperature {configured:g} from the config kept, not {theirs:.4g} {origin} "
-                   f"in {path}" + (" (model.learnable_temperature is false)" if learned else ""))
+    rank_zero_info(
+        f"init_from: temperature {configured:g} from the config kept, not {theirs:.4g} {origin} "
+        f"in {path}" + (" (model.learnable_temperature is false)" if learned else "")
+    )

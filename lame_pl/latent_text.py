@@ -46,8 +46,10 @@ def overlap_rows(texts: list[str], references: list[str]) -> list[tuple[float, f
     n = len(texts)
     if n != len(references) or n < 2:
         raise ValueError(f"need as many texts as references, at least 2; got {n} and {len(references)}")
-    return [(word_f1(texts[i], references[i]),
-             sum(word_f1(texts[i], references[j]) for j in range(n) if j != i) / (n - 1)) for i in range(n)]
+    return [
+        (word_f1(texts[i], references[i]), sum(word_f1(texts[i], references[j]) for j in range(n) if j != i) / (n - 1))
+        for i in range(n)
+    ]
 
 
 def overlap_against_chance(texts: list[str], references: list[str]) -> dict[str, float]:

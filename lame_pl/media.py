@@ -44,8 +44,9 @@ def list_frames(folder: str | Path) -> list[Path]:
     folder = Path(folder)
     if not folder.is_dir():
         raise FileNotFoundError(f"frame folder {str(folder)!r} is not a directory")
-    frames = [p for p in folder.iterdir()
-              if p.is_file() and not p.name.startswith(".") and p.suffix.lower() in FRAME_SUFFIXES]
+    frames = [
+        p for p in folder.iterdir() if p.is_file() and not p.name.startswith(".") and p.suffix.lower() in FRAME_SUFFIXES
+    ]
     return sorted(frames, key=lambda p: natural_key(p.name))
 
 

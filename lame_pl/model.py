@@ -162,8 +162,10 @@ class LaMEEncoder(nn.Module):
         """
         inputs = dict(inputs)
         encoded = {}
-        for kind, pixels_key, grid_key in (("image", "pixel_values", "image_grid_thw"),
-                                           ("video", "pixel_values_videos", "video_grid_thw")):
+        for kind, pixels_key, grid_key in (
+            ("image", "pixel_values", "image_grid_thw"),
+            ("video", "pixel_values_videos", "video_grid_thw"),
+        ):
             pixels, grid = inputs.pop(pixels_key, None), inputs.get(grid_key)
             blank = pixels is None
             if blank:
@@ -223,8 +225,9 @@ class LaMEEncoder(nn.Module):
         return ENCODERS[self.encode_mode](self, inputs)
 
 
-def build_encoder(backbone: nn.Module, embed_dim: int | None = None, settings: EncodeSettings | None = None,
-                  **mode_settings: Any) -> LaMEEncoder:
+def build_encoder(
+    backbone: nn.Module, embed_dim: int | None = None, settings: EncodeSettings | None = None, **mode_settings: Any
+) -> LaMEEncoder:
     """A ``LaMEEncoder`` on ``backbone`` with the placeholder and stop ids that backbone's config names.
 
     The one place the training module, the embedder and the exported folder build an encoder.

@@ -116,8 +116,9 @@ class LaMEModule(OptimizerSteps, RestoredFromFile, EvaluatedStep, LightningModul
         if stage not in (1, 2):
             raise ValueError(f"model.stage must be 1 or 2, got {stage!r}")
         # The mode's settings, checked once here (named as config keys) and handed to the encoder.
-        self.encode_settings = EncodeSettings.resolve(encode_mode, num_reason_tokens, bottleneck_mask, cot_tokens,
-                                                      owner="model.")
+        self.encode_settings = EncodeSettings.resolve(
+            encode_mode, num_reason_tokens, bottleneck_mask, cot_tokens, owner="model."
+        )
         if decoder is not None and num_reason_tokens == 0:
             raise ValueError("model.decoder is set but num_reason_tokens is 0: the decoder reads the reason states")
         if gradcache_chunk_size is not None and gradcache_chunk_size < 1:
@@ -126,8 +127,10 @@ class LaMEModule(OptimizerSteps, RestoredFromFile, EvaluatedStep, LightningModul
             raise ValueError(f"model.temperature must be > 0, got {temperature}")
         if 1.0 / temperature > MAX_LOGIT_SCALE:
             # The logit scale is capped (logit_scale): such a run would train at 0.01, not as configured.
-            raise ValueError(f"model.temperature {temperature} is below {1 / MAX_LOGIT_SCALE}, "
-                             f"the floor set by the logit scale's cap of {MAX_LOGIT_SCALE:g}")
+            raise ValueError(
+                f"model.temperature {temperature} is below {1 / MAX_LOGIT_SCALE}, "
+                f"the floor set by the logit scale's cap of {MAX_LOGIT_SCALE:g}"
+            )
         if isinstance(max_nonfinite_steps, bool) or not isinstance(max_nonfinite_steps, int) or max_nonfinite_steps < 1:
             raise ValueError(f"model.max_nonfinite_steps must be an integer >= 1, got {max_nonfinite_steps!r}")
         if decoder_lr is not None and not decoder_lr > 0:
@@ -372,8 +375,9 @@ class LaMEModule(OptimizerSteps, RestoredFromFile, EvaluatedStep, LightningModul
         self.log("train/temperature", 1.0 / self.logit_scale.detach(), batch_size=batch_size)
         self.log("train/stage", float(self.stage), batch_size=batch_size)
         if "decoder" in batch:
-            self.log("train/decoder/labelled_fraction", rows / batch_size, batch_size=batch_size,
-                     sync_dist=world_size() > 1)
+            self.log(
+                "train/decoder/labelled_fraction", rows / batch_size, batch_size=batch_size, sync_dist=world_size() > 1
+            )
         return loss
 
     def _eval_step(self, batch: dict[str, Any], split: str) -> EvalOutput:
@@ -381,8 +385,14 @@ class LaMEModule(OptimizerSteps, RestoredFromFile, EvaluatedStep, LightningModul
         rows = decoder_rows(batch)
         self._log_losses(split, loss, terms, len(batch["keys"]), rows)
         self.retrieval[split].update(outputs["query"].embedding, outputs["target"].embedding)
-        return EvalOutput(outputs["query"], outputs["target"], batch["keys"], batch.get("texts"),
-                          {name: value.detach() for name, value in terms.items()}, rows)
+        return EvalOutput(
+            outputs["query"],
+            outputs["target"],
+            batch["keys"],
+            batch.get("texts"),
+            {name: value.detach() for name, value in terms.items()},
+            rows,
+        )
 
     def validation_step(self, batch: dict[str, Any], batch_idx: int) -> EvalOutput:
         """Logs the losses, keeps the embeddings for whole-split retrieval and returns what callbacks read."""
@@ -410,8 +420,10 @@ class LaMEModule(OptimizerSteps, RestoredFromFile, EvaluatedStep, LightningModul
             from lightning.pytorch.callbacks import BasePredictionWriter
 
             if not any(isinstance(c, BasePredictionWriter) for c in self.trainer.callbacks):
-                rank_zero_warn("predict writes no embeddings: add a writer, e.g. --config configs/demo/predict.yaml "
-                               "or --trainer.callbacks+=callbacks.EmbeddingWriter --trainer.callbacks.path=DIR")
+                rank_zero_warn(
+                    "predict writes no embeddings: add a writer, e.g. --config configs/demo/predict.yaml "
+                    "or --trainer.callbacks+=callbacks.EmbeddingWriter --trainer.callbacks.path=DIR"
+                )
         out = {"keys": batch["keys"], "texts": batch.get("texts")}
         for side in ("query", "target"):
             if side in batch:
@@ -458,7 +470,10 @@ class LaMEModule(OptimizerSteps, RestoredFromFile, EvaluatedStep, LightningModul
             rank_zero_info(f"resuming in stage {stage}, the stage saved in the checkpoint")
         self.set_stage(stage)
         # The counts go on across a resume.
-        self._nonfinite.total, self._nonfinite.dead = checkpoint.get(NONFINITE_KEY, 0), checkpoint.get(ZERO_GRADIENT_KEY, 0)
+        self._nonfinite.total, self._nonfinite.dead = (
+            checkpoint.get(NONFINITE_KEY, 0),
+            checkpoint.get(ZERO_GRADIENT_KEY, 0),
+        )
         self.remember_checkpoint_step(checkpoint)
         state = checkpoint.get("state_dict")
         if state is not None and self.decoder is not None and self.decoder.restricted:
@@ -468,6 +483,7 @@ class LaMEModule(OptimizerSteps, RestoredFromFile, EvaluatedStep, LightningModul
         # Only a resumed fit restores the optimiser; test, predict and the evaluators do not.
         if self._trainer is not None and self.trainer.state.fn == TrainerFn.FITTING:
             check_resumable(self, checkpoint)
+
 
 def decoder_rows(batch: Mapping[str, Any]) -> int:
     """How many rows of ``batch`` carry a decoder label (all of them when the collator says nothing)."""

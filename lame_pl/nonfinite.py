@@ -99,8 +99,9 @@ class NonFiniteGuard:
         """Keeps one micro-batch's loss and terms for the check at the optimiser step."""
         self._terms.append({"loss": loss.detach(), **{name: value.detach() for name, value in terms.items()}})
 
-    def check(self, named: Iterable[tuple[str, nn.Parameter]], step: int, check_gradients: bool = True,
-              can_skip: bool = True) -> bool:
+    def check(
+        self, named: Iterable[tuple[str, nn.Parameter]], step: int, check_gradients: bool = True, can_skip: bool = True
+    ) -> bool:
         """Whether the step about to be taken is to be skipped; if so, drops the gradients of ``named``.
 
         Every rank must call it (it reduces the decision across ranks).
@@ -120,12 +121,17 @@ class NonFiniteGuard:
         named = [(name, p) for name, p in named if p.grad is not None and _local(p.grad).numel()]
         terms, self._terms = self._terms, []
         device = named[0][1].device if named else torch.device("cpu")
-        values = torch.cat([torch.stack([v.float().reshape(()) for v in batch.values()]).to(device) for batch in terms]
-                           or [torch.zeros(1, device=device)])
+        values = torch.cat(
+            [torch.stack([v.float().reshape(()) for v in batch.values()]).to(device) for batch in terms]
+            or [torch.zeros(1, device=device)]
+        )
         norms = torch._foreach_norm([_local(p.grad) for _, p in named]) if named else []
         # (.to: a part offloaded to another device has its norm there.)
-        total = (torch.linalg.vector_norm(torch.stack([n.float().to(device) for n in norms])) if norms
-                 else torch.zeros((), device=device))
+        total = (
+            torch.linalg.vector_norm(torch.stack([n.float().to(device) for n in norms]))
+            if norms
+            else torch.zeros((), device=device)
+        )
         flags = torch.stack([~torch.isfinite(values).all(), ~torch.isfinite(total), total > 0, (values != 0).any()])
         bad_loss, bad_grad, moving, has_loss = (bool(f) for f in _any_rank(flags.float()).tolist())
         bad_grad = bad_grad and check_gradients
@@ -144,15 +150,24 @@ class NonFiniteGuard:
         for _, p in named:
             p.grad = None
         if self.in_a_row >= self.limit:
-            raise NonFiniteError(f"stopping at step {step} after {self.in_a_row} skipped steps in a row "
-                                 f"(model.max_nonfinite_steps={self.limit}), {detail}")
-        rank_zero_warn(f"step {step} skipped ({self.in_a_row} in a row; {self.total} non-finite, "
-                       f"{self.dead} with a zero gradient in all), {detail}")
+            raise NonFiniteError(
+                f"stopping at step {step} after {self.in_a_row} skipped steps in a row "
+                f"(model.max_nonfinite_steps={self.limit}), {detail}"
+            )
+        rank_zero_warn(
+            f"step {step} skipped ({self.in_a_row} in a row; {self.total} non-finite, "
+            f"{self.dead} with a zero gradient in all), {detail}"
+        )
         return True
 
     @staticmethod
-    def _detail(named: list[tuple[str, nn.Parameter]], norms: list[torch.Tensor],
-                terms: list[dict[str, torch.Tensor]], bad_loss: bool, bad_grad: bool) -> str:
+    def _detail(
+        named: list[tuple[str, nn.Parameter]],
+        norms: list[torch.Tensor],
+        terms: list[dict[str, torch.Tensor]],
+        bad_loss: bool,
+        bad_grad: bool,
+    ) -> str:
         """What went wrong: the loss terms, and the largest gradient norms and weights by part."""
         batches = [{k: float(v) for k, v in batch.items()} for batch in terms]
         shown = next((b for b in batches if not all(map(math.isfinite, b.values()))), batches[-1] if batches else {})
@@ -170,8 +185,10 @@ class NonFiniteGuard:
 
         what = " and ".join(w for w, bad in (("loss", bad_loss), ("gradient norm", bad_grad)) if bad)
         what = f"non-finite {what}" if what else "zero gradient with a non-zero loss (a saturated model)"
-        return (f"{what}: {_format(shown) or 'no loss terms'}; largest gradient norms: {largest(grad_norm)}; "
-                f"largest weights: {largest(weight)}")
+        return (
+            f"{what}: {_format(shown) or 'no loss terms'}; largest gradient norms: {largest(grad_norm)}; "
+            f"largest weights: {largest(weight)}"
+        )
 
 
 def check_finite_weights(module: nn.Module, step: int) -> None:
@@ -179,8 +196,11 @@ def check_finite_weights(module: nn.Module, step: int) -> None:
 
     Every rank must call it (it reduces across ranks).
     """
-    named = [(n, t) for n, t in (*module.named_parameters(), *module.named_buffers())
-             if t.is_floating_point() and _local(t).numel()]
+    named = [
+        (n, t)
+        for n, t in (*module.named_parameters(), *module.named_buffers())
+        if t.is_floating_point() and _local(t).numel()
+    ]
     if not named:
         return
     # The largest magnitude of each tensor: NaN propagates through max, inf is inf.

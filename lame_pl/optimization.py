@@ -17,8 +17,10 @@ def param_groups(module: nn.Module) -> list[dict[str, Any]]:
         return [{"params": params}]
     # Named: LearningRateMonitor logs lr-AdamW/model and lr-AdamW/decoder.
     own = {id(p) for p in module.decoder.parameters()}
-    groups = [{"params": [p for p in params if id(p) not in own], "name": "model"},
-              {"params": [p for p in params if id(p) in own], "lr": decoder_lr, "name": "decoder"}]
+    groups = [
+        {"params": [p for p in params if id(p) not in own], "name": "model"},
+        {"params": [p for p in params if id(p) in own], "lr": decoder_lr, "name": "decoder"},
+    ]
     return [group for group in groups if group["params"]]
 
 

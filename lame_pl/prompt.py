@@ -87,8 +87,14 @@ class Side:
         return bool(self.video)
 
 
-def render(instruction: str, text: str, num_images: int = 0, has_video: bool = False,
-           image_token: str = IMAGE_PAD, video_token: str = VIDEO_PAD) -> str:
+def render(
+    instruction: str,
+    text: str,
+    num_images: int = 0,
+    has_video: bool = False,
+    image_token: str = IMAGE_PAD,
+    video_token: str = VIDEO_PAD,
+) -> str:
     """The prompt string of one side (layout in the module docstring); inputs are used as given.
 
     Raises:
@@ -151,8 +157,14 @@ class PromptProcessor:
 
     def prompt(self, side: Side) -> str:
         """The rendered, clipped prompt of ``side``."""
-        return render(self._clip_instruction(side.instruction), self.clip(side.text), len(side.images),
-                      side.has_video, self.image_token, self.video_token)
+        return render(
+            self._clip_instruction(side.instruction),
+            self.clip(side.text),
+            len(side.images),
+            side.has_video,
+            self.image_token,
+            self.video_token,
+        )
 
     def __call__(self, sides: Sequence[Side]) -> dict[str, torch.Tensor]:
         """Processor inputs of ``sides``, one row each, left-padded.
@@ -166,8 +178,9 @@ class PromptProcessor:
         texts = [self.prompt(side) for side in sides]
         images = [_rgb(image) for side in sides for image in side.images]
         videos = [_frames(side.video) for side in sides if side.has_video]
-        out = self.processor(text=texts, images=images or None, videos=videos or None, padding=True,
-                             return_tensors="pt")
+        out = self.processor(
+            text=texts, images=images or None, videos=videos or None, padding=True, return_tensors="pt"
+        )
         keys = TEXT_KEYS + (IMAGE_KEYS if images else ()) + (VIDEO_KEYS if videos else ())
         return {k: out[k].to(torch.float32 if k in FLOAT_KEYS else torch.long) for k in keys}
 

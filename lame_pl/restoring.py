@@ -35,8 +35,15 @@ class RestoredFromFile:
     """Mixin for ``LaMEModule``: Lightning's ``load_from_checkpoint``, reading no file beside the checkpoint."""
 
     @classmethod
-    def load_from_checkpoint(cls, checkpoint_path: str | Path, map_location: Any = None, hparams_file: Any = None,
-                             strict: bool | None = None, weights_only: bool | None = True, **kwargs: Any) -> Any:
+    def load_from_checkpoint(
+        cls,
+        checkpoint_path: str | Path,
+        map_location: Any = None,
+        hparams_file: Any = None,
+        strict: bool | None = None,
+        weights_only: bool | None = True,
+        **kwargs: Any,
+    ) -> Any:
         """Lightning's ``load_from_checkpoint``, reading no file beside the checkpoint.
 
         ``init_from`` (weights already in the checkpoint) is not re-read, and the decoder takes
@@ -55,5 +62,11 @@ class RestoredFromFile:
         overrides = read_checkpoint(checkpoint_path).restore_overrides(folders)
         with _restoring():
             # weights_only by default: a user-given file must not run code.
-            return super().load_from_checkpoint(checkpoint_path, map_location, hparams_file, strict,
-                                                weights_only=weights_only, **{**overrides, **kwargs})
+            return super().load_from_checkpoint(
+                checkpoint_path,
+                map_location,
+                hparams_file,
+                strict,
+                weights_only=weights_only,
+                **{**overrides, **kwargs},
+            )

@@ -91,8 +91,10 @@ def set_purge_step(trainer: Trainer, step: int) -> None:
         if not isinstance(logger, TensorBoardLogger):
             continue
         if logger._experiment is not None:  # the writer exists: too late to give it a purge step
-            rank_zero_warn(f"TensorBoard writer of {logger.log_dir} already open: events past step {step} "
-                           "of the earlier run are not hidden")
+            rank_zero_warn(
+                f"TensorBoard writer of {logger.log_dir} already open: events past step {step} "
+                "of the earlier run are not hidden"
+            )
             continue
         # The logger hands its extra keyword arguments to SummaryWriter when it first creates it.
         logger._kwargs["purge_step"] = step

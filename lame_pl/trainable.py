@@ -17,8 +17,14 @@ PARTS = (
     ("decoder.", "decoder LM"),
 )
 LOW_PRECISION = ("bfloat16", "float16")
-ORDER = ("vision tower", "language model", "LoRA adapters", "backbone (other)",
-         *(part for _, part in PARTS[3:]), "other")
+ORDER = (
+    "vision tower",
+    "language model",
+    "LoRA adapters",
+    "backbone (other)",
+    *(part for _, part in PARTS[3:]),
+    "other",
+)
 
 
 def part_of(name: str) -> str:

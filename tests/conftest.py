@@ -72,7 +72,9 @@ def make_batch(processor):
     def build(n: int = 4, seed: int = 0) -> dict:
         rng = random.Random(seed)
         collate = PairCollator(processor, query_instruction="Find the caption of this image.")
-        samples = [{"key": f"{i:04d}", "image": random_image(rng), "text": CAPTIONS[i % len(CAPTIONS)]} for i in range(n)]
+        samples = [
+            {"key": f"{i:04d}", "image": random_image(rng), "text": CAPTIONS[i % len(CAPTIONS)]} for i in range(n)
+        ]
         return collate(samples)
 
     return build
@@ -105,8 +107,22 @@ def make_synthetic_shards(out: Path, train: int, val: int, test: int, samples_pe
     """Synthetic demo scenes (56 px) written by ``tools/make_shards.py synthetic``'s command line, in this process
     (torch and the rest are imported already; tests/test_make_shards.py runs the script as a user does)."""
     code = load_tool("make_shards").main(
-        ["synthetic", "--out", str(out), "--overwrite", "--train", str(train), "--val", str(val), "--test", str(test),
-         "--image-size", "56", "--samples-per-shard", str(samples_per_shard)]
+        [
+            "synthetic",
+            "--out",
+            str(out),
+            "--overwrite",
+            "--train",
+            str(train),
+            "--val",
+            str(val),
+            "--test",
+            str(test),
+            "--image-size",
+            "56",
+            "--samples-per-shard",
+            str(samples_per_shard),
+        ]
     )
     assert code in (0, None), f"make_shards synthetic exited {code}"
     return out

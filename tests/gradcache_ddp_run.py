@@ -31,8 +31,12 @@ from lame_pl.prompt import PromptProcessor, Side
 
 # Not conftest's: this script also runs where pytest is not installed (tools/device_check.sh).
 IMAGE_SIDE = 56
-CAPTIONS = ["a red circle at the top left", "two blue squares in the center", "three purple squares on the left",
-            "a green triangle at the bottom right and a yellow circle at the top"]
+CAPTIONS = [
+    "a red circle at the top left",
+    "two blue squares in the center",
+    "three purple squares on the left",
+    "a green triangle at the bottom right and a yellow circle at the top",
+]
 
 ROWS = 8
 # Rank 1's queries are text: its passes hold no image where rank 0's do (ZeRO-3 then needs the
@@ -54,18 +58,23 @@ def rank_batch(rank: int, world: int) -> dict:
     spec = BackboneSpec(preset="tiny", min_pixels=IMAGE_SIDE * IMAGE_SIDE, max_pixels=IMAGE_SIDE * IMAGE_SIDE)
     processor = build_processor(spec)
     rng = random.Random(0)
-    samples = [{"key": f"{i}", "image": random_image(rng), "text": CAPTIONS[i % 4] + " and so on" * (i % 3)}
-               for i in range(ROWS)]
+    samples = [
+        {"key": f"{i}", "image": random_image(rng), "text": CAPTIONS[i % 4] + " and so on" * (i % 3)}
+        for i in range(ROWS)
+    ]
     size = ROWS // world
     rows = slice(rank * size, (rank + 1) * size)
     batch = PairCollator(processor, "Find the caption of this image.")(samples[rows])
-    batch["query"] = PromptProcessor(processor, 64)([
-        Side("Find the caption matching this description.", f"picture: {s['text']}") if text
-        else Side("Find the caption of this image.", "", [s["image"]])
-        for s, text in zip(samples[rows], TEXT_QUERIES[rows], strict=True)
-    ])
+    batch["query"] = PromptProcessor(processor, 64)(
+        [
+            Side("Find the caption matching this description.", f"picture: {s['text']}")
+            if text
+            else Side("Find the caption of this image.", "", [s["image"]])
+            for s, text in zip(samples[rows], TEXT_QUERIES[rows], strict=True)
+        ]
+    )
     batch["decoder"]["labelled"] = torch.tensor(LABELLED[rows])
-    negatives = [text for part in NEGATIVES[rank * 2 // world:(rank + 1) * 2 // world] for text in part]
+    negatives = [text for part in NEGATIVES[rank * 2 // world : (rank + 1) * 2 // world] for text in part]
     if negatives:
         batch["negative"] = PromptProcessor(processor, 64)([Side("", text) for text in negatives])
     return batch
@@ -88,17 +97,24 @@ class CPUDeepSpeedStrategy(DeepSpeedStrategy):
         import deepspeed
 
         engine, optimizer, _, _ = deepspeed.initialize(
-            args=argparse.Namespace(device_rank=self.local_rank), config=self.config, model=model,
-            model_parameters=[p for p in model.parameters() if p.requires_grad], optimizer=optimizer,
-            lr_scheduler=lr_scheduler, dist_init_required=False,
+            args=argparse.Namespace(device_rank=self.local_rank),
+            config=self.config,
+            model=model,
+            model_parameters=[p for p in model.parameters() if p.requires_grad],
+            optimizer=optimizer,
+            lr_scheduler=lr_scheduler,
+            dist_init_required=False,
         )
         return engine, optimizer
 
 
 def deepspeed_strategy(stage: int, accelerator: str) -> DeepSpeedStrategy:
     """ZeRO ``stage``, on the CPU through ``CPUDeepSpeedStrategy``."""
-    config = {"zero_optimization": {"stage": stage}, "train_micro_batch_size_per_gpu": ROWS // 2,
-              "zero_allow_untested_optimizer": True}
+    config = {
+        "zero_optimization": {"stage": stage},
+        "train_micro_batch_size_per_gpu": ROWS // 2,
+        "zero_allow_untested_optimizer": True,
+    }
     return (CPUDeepSpeedStrategy if accelerator == "cpu" else DeepSpeedStrategy)(config=config)
 
 
@@ -179,7 +195,10 @@ def fit(args: argparse.Namespace, batch: dict, strategy_name: str, chunk: int, o
     torch.manual_seed(0)
     module = LaMEModule(
         BackboneSpec(preset="tiny", min_pixels=IMAGE_SIDE * IMAGE_SIDE, max_pixels=IMAGE_SIDE * IMAGE_SIDE),
-        DecoderSpec(preset="tiny"), num_reason_tokens=2, stage=2, learnable_temperature=True,
+        DecoderSpec(preset="tiny"),
+        num_reason_tokens=2,
+        stage=2,
+        learnable_temperature=True,
         gradcache_chunk_size=chunk or None,
     )
     strategy = "auto" if args.devices == 1 else "ddp"
@@ -188,12 +207,19 @@ def fit(args: argparse.Namespace, batch: dict, strategy_name: str, chunk: int, o
         strategy = ModelParallelStrategy(data_parallel_size=args.devices, tensor_parallel_size=1)
     if strategy_name.startswith("deepspeed"):
         strategy = deepspeed_strategy(int(strategy_name[-1]), args.accelerator)
-        module.configure_optimizers = lambda: torch.optim.SGD([p for p in module.parameters() if p.requires_grad],
-                                                              lr=1.0)
+        module.configure_optimizers = lambda: torch.optim.SGD(
+            [p for p in module.parameters() if p.requires_grad], lr=1.0
+        )
         save = SaveUpdate(out / "grads.pt")
     trainer = Trainer(
-        accelerator=args.accelerator, devices=args.devices, strategy=strategy, max_steps=args.steps,
-        logger=False, enable_progress_bar=False, enable_model_summary=False, use_distributed_sampler=False,
+        accelerator=args.accelerator,
+        devices=args.devices,
+        strategy=strategy,
+        max_steps=args.steps,
+        logger=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        use_distributed_sampler=False,
         callbacks=[save, ModelCheckpoint(out / "checkpoints", save_last=True, save_top_k=0)],
     )
     loader = torch.utils.data.DataLoader([batch] * args.steps, batch_size=None, collate_fn=lambda b: b)
@@ -203,12 +229,20 @@ def fit(args: argparse.Namespace, batch: dict, strategy_name: str, chunk: int, o
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--devices", type=int, required=True)
-    parser.add_argument("--strategy", type=strategy_names, default=["ddp"],
-                        help=f"one of {', '.join(STRATEGIES)}, or several comma-separated (run one after the other)")
+    parser.add_argument(
+        "--strategy",
+        type=strategy_names,
+        default=["ddp"],
+        help=f"one of {', '.join(STRATEGIES)}, or several comma-separated (run one after the other)",
+    )
     parser.add_argument("--accelerator", default="cpu", help="cpu (the tests) or gpu (tools/device_check.sh)")
-    parser.add_argument("--chunk", type=chunk_sizes, default=[0],
-                        help="GradCache chunk size; 0 for the plain step; several (2,0) run one after the other in "
-                             "the same processes, each saving into OUT/<strategy>-<chunk>")
+    parser.add_argument(
+        "--chunk",
+        type=chunk_sizes,
+        default=[0],
+        help="GradCache chunk size; 0 for the plain step; several (2,0) run one after the other in "
+        "the same processes, each saving into OUT/<strategy>-<chunk>",
+    )
     parser.add_argument("--out", type=Path, required=True)
     parser.add_argument("--steps", type=int, default=1, help="optimiser steps (the saved update is the last one's)")
     parser.add_argument("--resume", default=None, help="a checkpoint of an earlier run to resume from")

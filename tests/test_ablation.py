@@ -17,18 +17,34 @@ from lame_pl.index import load_embeddings
 
 ROOT = Path(__file__).resolve().parents[1]
 
-TINY = ["model.init_args.backbone.preset=tiny", "model.init_args.backbone.min_pixels=3136",
-        "model.init_args.backbone.max_pixels=3136", "model.init_args.decoder.preset=tiny",
-        "data.init_args.batch_size=8", "data.init_args.num_workers=0", "trainer.enable_progress_bar=false"]
+TINY = [
+    "model.init_args.backbone.preset=tiny",
+    "model.init_args.backbone.min_pixels=3136",
+    "model.init_args.backbone.max_pixels=3136",
+    "model.init_args.decoder.preset=tiny",
+    "data.init_args.batch_size=8",
+    "data.init_args.num_workers=0",
+    "trainer.enable_progress_bar=false",
+]
 
 
 def test_rows_parse_and_bad_rows_are_named():
     assert parse_rows(DEFAULT_ROWS) == [
-        Row("discriminative", 0), Row("lame", 1), Row("lame", 4), Row("lame", 8), Row("lame", 16),
+        Row("discriminative", 0),
+        Row("lame", 1),
+        Row("lame", 4),
+        Row("lame", 8),
+        Row("lame", 16),
         Row("latent_sequential", 8),
     ]
-    for text, message in [("lame", "not MODE:K"), ("lame:x", "not MODE:K"), ("plume:8", "unknown mode 'plume'"),
-                          ("discriminative:4", "K=0"), ("lame:0", "K>0"), ("lame:8,lame:8", "twice")]:
+    for text, message in [
+        ("lame", "not MODE:K"),
+        ("lame:x", "not MODE:K"),
+        ("plume:8", "unknown mode 'plume'"),
+        ("discriminative:4", "K=0"),
+        ("lame:0", "K>0"),
+        ("lame:8,lame:8", "twice"),
+    ]:
         with pytest.raises(ValueError, match=message):
             parse_rows(text)
 
@@ -36,15 +52,29 @@ def test_rows_parse_and_bad_rows_are_named():
 def _records() -> dict[str, dict]:
     """Two binding pairs and one count group of four, as read_test_records returns them."""
     records = {}
-    for g, (a, b) in enumerate([("a red circle and a blue square", "a blue circle and a red square"),
-                                ("a green circle and a red diamond", "a red circle and a green diamond")]):
+    for g, (a, b) in enumerate(
+        [
+            ("a red circle and a blue square", "a blue circle and a red square"),
+            ("a green circle and a red diamond", "a red circle and a green diamond"),
+        ]
+    ):
         for member, text in enumerate((a, b)):
-            records[f"binding-{g:06d}-{member}"] = {"kind": "binding", "group": f"binding-{g:06d}",
-                                                    "member": member, "candidates": [a, b], "text": text}
+            records[f"binding-{g:06d}-{member}"] = {
+                "kind": "binding",
+                "group": f"binding-{g:06d}",
+                "member": member,
+                "candidates": [a, b],
+                "text": text,
+            }
     counts = ["one red shape", "two red shapes", "three red shapes", "four red shapes"]
     for member, text in enumerate(counts):
-        records[f"count-000000-{member}"] = {"kind": "count", "group": "count-000000", "member": member,
-                                             "candidates": counts, "text": text}
+        records[f"count-000000-{member}"] = {
+            "kind": "count",
+            "group": "count-000000",
+            "member": member,
+            "candidates": counts,
+            "text": text,
+        }
     return records
 
 
@@ -76,9 +106,12 @@ def test_kind_metrics_names_a_key_missing_from_the_shards():
 
 
 def test_bad_arguments_exit_with_a_message(capsys):
-    for argv, message in [(["--rows", "plume:8"], "unknown mode"), (["--steps", "0"], "--steps"),
-                          (["--steps", "10", "--stage1-steps", "10"], "--stage1-steps"),
-                          (["--set", "--trainer.max_steps=3"], "KEY=VALUE")]:
+    for argv, message in [
+        (["--rows", "plume:8"], "unknown mode"),
+        (["--steps", "0"], "--steps"),
+        (["--steps", "10", "--stage1-steps", "10"], "--stage1-steps"),
+        (["--set", "--trainer.max_steps=3"], "KEY=VALUE"),
+    ]:
         with pytest.raises(SystemExit) as error:
             ablate_modes(argv)
         assert error.value.code == 2 and message in capsys.readouterr().err
@@ -105,8 +138,21 @@ def test_two_rows_end_to_end_on_the_tiny_preset(data, tmp_path, monkeypatch, cap
     """Writes the set, trains two rows through the CLI for a few steps, predicts, scores and times."""
     monkeypatch.setattr(sys, "argv", ["ablate_modes.py"])
     out = tmp_path / "runs"
-    argv = ["--rows", "discriminative:0,lame:2", "--steps", "2", "--data", str(data), "--out", str(out), *SIZES,
-            "--repeats", "1", "--threads", "1"]
+    argv = [
+        "--rows",
+        "discriminative:0,lame:2",
+        "--steps",
+        "2",
+        "--data",
+        str(data),
+        "--out",
+        str(out),
+        *SIZES,
+        "--repeats",
+        "1",
+        "--threads",
+        "1",
+    ]
     assert ablate_modes(argv + [a for item in TINY for a in ("--set", item)]) == 0
     saved = json.loads((out / "results.json").read_text())
     rows = saved["results"]
@@ -141,8 +187,23 @@ def test_stage1_warmup_then_stage2_from_its_weights(data, tmp_path, monkeypatch,
     """--stage1-steps: a decoder-only warm-up, then stage 2 started from it, the steps adding up to --steps."""
     monkeypatch.setattr(sys, "argv", ["ablate_modes.py"])
     out = tmp_path / "runs"
-    argv = ["--rows", "lame:2", "--steps", "3", "--stage1-steps", "1", "--data", str(data), "--out", str(out),
-            *SIZES, "--repeats", "1", "--threads", "1"]
+    argv = [
+        "--rows",
+        "lame:2",
+        "--steps",
+        "3",
+        "--stage1-steps",
+        "1",
+        "--data",
+        str(data),
+        "--out",
+        str(out),
+        *SIZES,
+        "--repeats",
+        "1",
+        "--threads",
+        "1",
+    ]
     assert ablate_modes(argv + [a for item in TINY for a in ("--set", item)]) == 0
     warm = torch.load(out / "lame-k2" / "stage1" / "last.ckpt", weights_only=True)
     joint = torch.load(out / "lame-k2" / "checkpoints" / "last.ckpt", weights_only=True)

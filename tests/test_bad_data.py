@@ -67,8 +67,14 @@ def run_training(shards: Path, workers: int, limit: str) -> subprocess.Completed
     """Iterate the training loader in a subprocess, so that a regression (a spinning worker) fails, not hangs."""
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
     try:
-        return subprocess.run([sys.executable, "-c", TRAIN_SCRIPT, str(shards), str(workers), limit], cwd=ROOT,
-                              env=env, capture_output=True, text=True, timeout=150)
+        return subprocess.run(
+            [sys.executable, "-c", TRAIN_SCRIPT, str(shards), str(workers), limit],
+            cwd=ROOT,
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=150,
+        )
     except subprocess.TimeoutExpired:
         pytest.fail(f"the training loader over {shards} still ran after 150 s: it spins on bad samples")
 
@@ -141,7 +147,9 @@ def test_a_failing_pipe_shard_is_an_error(tmp_path: Path, command: str) -> None:
 
 def test_a_worker_of_only_bad_samples_still_reports_its_skips(tmp_path: Path) -> None:
     write(tmp_path / "shard-000000.tar", [good(f"a{i}", i) for i in range(3)])
-    write(tmp_path / "shard-000001.tar", [{"__key__": f"e{i}", "png": png(i), "txt": ""} for i in range(4)] + [bad("b")])
+    write(
+        tmp_path / "shard-000001.tar", [{"__key__": f"e{i}", "png": png(i), "txt": ""} for i in range(4)] + [bad("b")]
+    )
     keys, skipped, batches = read_all(eval_dm(str(tmp_path), num_workers=2).val_dataloader())
     assert keys == ["a0", "a1", "a2"]
     assert skipped == {"empty_caption": 4, "bad_image": 1}
@@ -151,8 +159,14 @@ def test_a_worker_of_only_bad_samples_still_reports_its_skips(tmp_path: Path) ->
 def test_lightning_test_on_only_bad_samples_fails_rather_than_reporting_nothing(tmp_path: Path, caplog) -> None:
     write(tmp_path / "shard-000000.tar", [bad(f"b{i}") for i in range(4)])
     dm = ImageTextDataModule(SPEC, test_shards=str(tmp_path), eval_batch_size=2, num_workers=0)
-    trainer = Trainer(accelerator="cpu", callbacks=[DataHealth()], logger=False, enable_checkpointing=False,
-                      enable_progress_bar=False, enable_model_summary=False)
+    trainer = Trainer(
+        accelerator="cpu",
+        callbacks=[DataHealth()],
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+    )
     with pytest.raises(NoGoodSamplesError, match="data.test_shards: no good sample"):
         trainer.test(LaMEModule(SPEC, DecoderSpec(preset="tiny"), num_reason_tokens=2), datamodule=dm)
 
@@ -216,8 +230,15 @@ def test_decoder_vocab_covers_every_label_the_collator_builds(tmp_path: Path, pr
     # Leading spaces and trailing newlines tokenize differently from the stripped captions training uses.
     captions = [" a red circle\n", "  two blue squares at the top\n", "\ta green triangle "]
     write(tmp_path / "shard-000000.tar", [good(f"k{i}", i, text) for i, text in enumerate(captions)])
-    pair = {"query_instruction": "", "query_text": " what is left of the cat? ", "query_image": None,
-            "query_video": None, "target_text": " a small dog\n", "target_image": None, "negatives": []}
+    pair = {
+        "query_instruction": "",
+        "query_text": " what is left of the cat? ",
+        "query_image": None,
+        "query_video": None,
+        "target_text": " a small dog\n",
+        "target_image": None,
+        "negatives": [],
+    }
     write(tmp_path / "shard-000001.tar", [{"__key__": "p0", "json": json.dumps(pair).encode()}])
     vocab = set(caption_token_ids([tmp_path]))
     collate = PairCollator(processor, "q")
@@ -244,7 +265,9 @@ def test_an_unseen_token_unlabels_its_row_and_is_counted(tmp_path: Path) -> None
 
     strict = eval_dm(str(tmp_path / "s.tar"), strict=True)
     strict.set_decoder_output_ids(sorted(known))
-    with pytest.raises(BadSampleError, match=r"shard '.*s.tar', sample 'k1': decoder_unseen_token \(decoder label token"):
+    with pytest.raises(
+        BadSampleError, match=r"shard '.*s.tar', sample 'k1': decoder_unseen_token \(decoder label token"
+    ):
         list(strict.val_dataloader())
 
 
@@ -253,8 +276,10 @@ def _unseen_token_shard(tmp_path: Path) -> tuple[list[int], LaMEModule]:
     module whose decoder is restricted to that vocabulary."""
     tokenizer = qwen2_tokenizer()
     write(tmp_path / "s.tar", [good("k0", 0, "a red circle"), good("k1", 1, "a red zebra")])
-    vocab = sorted({tokenizer.convert_tokens_to_ids("<|endoftext|>")}
-                   | set(tokenizer("a red circle", add_special_tokens=False)["input_ids"]))
+    vocab = sorted(
+        {tokenizer.convert_tokens_to_ids("<|endoftext|>")}
+        | set(tokenizer("a red circle", add_special_tokens=False)["input_ids"])
+    )
     module = LaMEModule(SPEC, DecoderSpec(preset="tiny"), num_reason_tokens=2)
     module.decoder.set_output_ids(vocab)
     return vocab, module
@@ -274,11 +299,17 @@ def test_restricted_decoder_trains_past_an_unseen_token(tmp_path: Path) -> None:
 
 @pytest.mark.parametrize("fmt", ["TIFF", "PPM", "ICO"])
 def test_only_allowed_image_formats_decode(tmp_path: Path, fmt: str) -> None:
-    write(tmp_path / "s.tar", [good("a"), {"__key__": "b", "png": png(1, fmt=fmt), "txt": "x"},
-                               {"__key__": "c", "png": png(2, fmt="JPEG"), "txt": "y"},
-                               {"__key__": "d", "png": png(3, fmt="WEBP"), "txt": "z"},
-                               {"__key__": "e", "png": png(4, fmt="GIF"), "txt": "w"},
-                               {"__key__": "f", "png": png(5, fmt="BMP"), "txt": "v"}])
+    write(
+        tmp_path / "s.tar",
+        [
+            good("a"),
+            {"__key__": "b", "png": png(1, fmt=fmt), "txt": "x"},
+            {"__key__": "c", "png": png(2, fmt="JPEG"), "txt": "y"},
+            {"__key__": "d", "png": png(3, fmt="WEBP"), "txt": "z"},
+            {"__key__": "e", "png": png(4, fmt="GIF"), "txt": "w"},
+            {"__key__": "f", "png": png(5, fmt="BMP"), "txt": "v"},
+        ],
+    )
     keys, skipped, _ = read_all(eval_dm(str(tmp_path / "s.tar")).val_dataloader())
     assert keys == ["a", "c", "d", "e", "f"]
     assert skipped == {"bad_image": 1}

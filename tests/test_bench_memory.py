@@ -38,4 +38,7 @@ def test_several_dtypes_run_one_process_each(tmp_path):
 def test_a_bad_dtype_is_named(capsys):
     with pytest.raises(SystemExit):
         bench_memory.main(["--dtype", "float32,fp8"])
-    assert "--dtype takes a comma-separated list of float32, bfloat16, float16; got 'float32,fp8'" in capsys.readouterr().err
+    assert (
+        "--dtype takes a comma-separated list of float32, bfloat16, float16; got 'float32,fp8'"
+        in capsys.readouterr().err
+    )

@@ -13,8 +13,22 @@ from lame_pl.benchmarks import train as bench_train
 
 ROOT = Path(__file__).resolve().parents[1]
 
-TINY = ["--preset", "tiny", "--decoder-preset", "tiny", "--image-size", "56", "--text-tokens", "4", "-K", "2",
-        "--steps", "1", "--threads", "1"]
+TINY = [
+    "--preset",
+    "tiny",
+    "--decoder-preset",
+    "tiny",
+    "--image-size",
+    "56",
+    "--text-tokens",
+    "4",
+    "-K",
+    "2",
+    "--steps",
+    "1",
+    "--threads",
+    "1",
+]
 HEADLINE = "memory_ratio_gradcache_b256_over_plain_b8"
 
 
@@ -37,16 +51,19 @@ def _check_rows(report: dict, expected: set[tuple[str, int]]) -> None:
 
 
 def test_every_configuration_and_ratio_in_this_process(tmp_path, capsys):
-    report = _run(tmp_path, "--plain-batches", "2,4", "--gradcache-batches", "4,8", "--chunk-size", "2",
-                  "--isolate", "none")
+    report = _run(
+        tmp_path, "--plain-batches", "2,4", "--gradcache-batches", "4,8", "--chunk-size", "2", "--isolate", "none"
+    )
     _check_rows(report, {("plain", 2), ("plain", 4), ("gradcache", 4), ("gradcache", 8)})
     # The time ratio is taken at the largest batch both steps ran.
     assert report["time_ratio_batch"] == 4
     assert report["time_ratio_gradcache_over_plain"] > 0 and report["cpu_time_ratio_gradcache_over_plain"] > 0
     ratios = report["ratios"]
     assert ratios["memory_ratio_batches"] == {"gradcache": 8, "plain": 2}
-    for key in ("memory_ratio_largest_gradcache_over_smallest_plain",
-                "memory_ratio_largest_gradcache_over_smallest_plain_over_start"):
+    for key in (
+        "memory_ratio_largest_gradcache_over_smallest_plain",
+        "memory_ratio_largest_gradcache_over_smallest_plain_over_start",
+    ):
         assert math.isfinite(ratios[key]) and ratios[key] > 0, key
     # The headline memory ratio needs GradCache at 256 and plain at 8: null, with the reason.
     for key in (HEADLINE, HEADLINE + "_over_start"):

@@ -72,10 +72,16 @@ def shards(small_shards) -> Path:
 def fit_args(shards: Path, ckpt_dir: Path, *extra: str) -> list[str]:
     """The tiny config with an AtomicCheckpoint saving every step into ``ckpt_dir``."""
     return [
-        "fit", f"--config={CONF}", f"--data.init_args.train_shards={shards / 'train'}",
-        "--trainer.limit_val_batches=0", "--trainer.logger=false", f"--trainer.default_root_dir={ckpt_dir.parent}",
-        "--trainer.callbacks+=callbacks.AtomicCheckpoint", f"--trainer.callbacks.dirpath={ckpt_dir}",
-        "--trainer.callbacks.every_n_train_steps=1", *extra,
+        "fit",
+        f"--config={CONF}",
+        f"--data.init_args.train_shards={shards / 'train'}",
+        "--trainer.limit_val_batches=0",
+        "--trainer.logger=false",
+        f"--trainer.default_root_dir={ckpt_dir.parent}",
+        "--trainer.callbacks+=callbacks.AtomicCheckpoint",
+        f"--trainer.callbacks.dirpath={ckpt_dir}",
+        "--trainer.callbacks.every_n_train_steps=1",
+        *extra,
     ]
 
 
@@ -159,8 +165,7 @@ def test_a_link_falls_back_to_a_hard_link_where_symlinks_fail(tmp_path, monkeypa
 
 
 @pytest.mark.parametrize("ckpt_path", ["last", "last.ckpt"])
-def test_resume_skips_a_truncated_newest_checkpoint_with_a_warning(ckpt_path, trained, shards, tmp_path,
-                                                                     other_tmpdir):
+def test_resume_skips_a_truncated_newest_checkpoint_with_a_warning(ckpt_path, trained, shards, tmp_path, other_tmpdir):
     """The newest checkpoint cut short (as a kill during a copy leaves it): the one before it resumes."""
     ckpt_dir = tmp_path / "checkpoints"
     shutil.copytree(trained, ckpt_dir, symlinks=True)
@@ -168,8 +173,11 @@ def test_resume_skips_a_truncated_newest_checkpoint_with_a_warning(ckpt_path, tr
     newest.write_bytes(newest.read_bytes()[:4096])
     given = "last" if ckpt_path == "last" else str(ckpt_dir / "last.ckpt")
     with pytest.warns(UserWarning, match=rf"checkpoint {newest} is truncated or damaged .*: skipped"):
-        cli = build_cli(fit_args(shards, ckpt_dir, "--trainer.max_steps=4", "--trainer.callbacks.keep_last_n=2",
-                                 f"--ckpt_path={given}"))
+        cli = build_cli(
+            fit_args(
+                shards, ckpt_dir, "--trainer.max_steps=4", "--trainer.callbacks.keep_last_n=2", f"--ckpt_path={given}"
+            )
+        )
     assert Path(cli.trainer.ckpt_path).resolve() == (ckpt_dir / "epoch=0-step=2.ckpt").resolve()
     assert cli.trainer.global_step == 4
     last = ckpt_dir / "last.ckpt"
@@ -183,8 +191,14 @@ def test_a_kill_during_a_save_resumes_from_the_newest_intact_checkpoint(shards, 
     marker = tmp_path / "saving"
     env = dict(os.environ, KILL_AT_SAVE="4", KILL_MARKER=str(marker), TMPDIR=str(other_tmpdir))
     args = fit_args(shards, ckpt_dir, "--trainer.callbacks.keep_last_n=2")
-    killed = subprocess.Popen([sys.executable, "-c", KILL_MID_SAVE, *args, "--trainer.max_steps=8"], cwd=tmp_path,
-                              env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    killed = subprocess.Popen(
+        [sys.executable, "-c", KILL_MID_SAVE, *args, "--trainer.max_steps=8"],
+        cwd=tmp_path,
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
     deadline = time.monotonic() + 300
     while not marker.exists() and killed.poll() is None and time.monotonic() < deadline:
         time.sleep(0.05)
@@ -193,15 +207,24 @@ def test_a_kill_during_a_save_resumes_from_the_newest_intact_checkpoint(shards, 
     assert marker.exists(), f"the run never reached its 4th save: {stderr[-3000:]}"
     assert killed.returncode == -signal.SIGKILL
     assert temp_files(other_tmpdir) == []  # no checkpoint-sized orphan in $TMPDIR
-    assert sorted(p.name for p in ckpt_dir.glob("*.ckpt")) == ["epoch=0-step=2.ckpt", "epoch=0-step=3.ckpt", "last.ckpt"]
+    assert sorted(p.name for p in ckpt_dir.glob("*.ckpt")) == [
+        "epoch=0-step=2.ckpt",
+        "epoch=0-step=3.ckpt",
+        "last.ckpt",
+    ]
     assert (ckpt_dir / "last.ckpt").resolve() == (ckpt_dir / "epoch=0-step=3.ckpt").resolve()
     assert step_of(ckpt_dir / "last.ckpt") == 3  # whole: the kill did not touch it
     partial = [p for p in ckpt_dir.iterdir() if is_temp_file(p)]
     assert len(partial) == 1 and partial[0].name.startswith(".epoch=0-step=4.ckpt.tmp-")  # killed mid-write
 
-    resumed = subprocess.run([str(LIGHTNING), *args, "--trainer.max_steps=5", "--ckpt_path=last"], cwd=tmp_path,
-                             env=dict(os.environ, TMPDIR=str(other_tmpdir)), capture_output=True, text=True,
-                             timeout=300)
+    resumed = subprocess.run(
+        [str(LIGHTNING), *args, "--trainer.max_steps=5", "--ckpt_path=last"],
+        cwd=tmp_path,
+        env=dict(os.environ, TMPDIR=str(other_tmpdir)),
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     assert f"Restoring states from the checkpoint path at {ckpt_dir / 'last.ckpt'}" in resumed.stderr
     assert step_of(ckpt_dir / "last.ckpt") == 5
@@ -296,15 +319,31 @@ def test_a_remote_ckpt_path_is_refused_unless_allowed(shards, tmp_path):
     """Lightning would fetch a URL over the network and unpickle it (issue 12 item 13). Through the
     console script: the refusal comes before anything is built."""
     url = "http://127.0.0.1:9/model.ckpt"  # nothing listens there: an allowed fetch fails locally
-    command = [str(Path(sys.executable).with_name("lightning")), *fit_args(shards, tmp_path / "ckpt"),
-               "--trainer.max_steps=1", "--ckpt_path", url]
+    command = [
+        str(Path(sys.executable).with_name("lightning")),
+        *fit_args(shards, tmp_path / "ckpt"),
+        "--trainer.max_steps=1",
+        "--ckpt_path",
+        url,
+    ]
     env = {k: v for k, v in os.environ.items() if k != "LAME_PL_ALLOW_REMOTE_CHECKPOINTS"}
     refused = subprocess.run(command, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
     assert refused.returncode != 0
-    assert refused.stderr.strip().splitlines()[-1].startswith(
-        f"error: --ckpt_path {url} is a URL: remote checkpoints are refused")
-    allowed = subprocess.run(command, cwd=tmp_path, env={**env, "LAME_PL_ALLOW_REMOTE_CHECKPOINTS": "1"},
-                             capture_output=True, text=True, timeout=300)
-    assert f"--ckpt_path {url}: a remote checkpoint, allowed by LAME_PL_ALLOW_REMOTE_CHECKPOINTS=1, read weights-only" \
+    assert (
+        refused.stderr.strip()
+        .splitlines()[-1]
+        .startswith(f"error: --ckpt_path {url} is a URL: remote checkpoints are refused")
+    )
+    allowed = subprocess.run(
+        command,
+        cwd=tmp_path,
+        env={**env, "LAME_PL_ALLOW_REMOTE_CHECKPOINTS": "1"},
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert (
+        f"--ckpt_path {url}: a remote checkpoint, allowed by LAME_PL_ALLOW_REMOTE_CHECKPOINTS=1, read weights-only"
         in allowed.stdout + allowed.stderr
+    )
     assert allowed.returncode != 0  # nothing to fetch there

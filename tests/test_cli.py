@@ -23,9 +23,17 @@ LIGHTNING = Path(sys.executable).with_name("lightning")
 def shards(module_tmp) -> Path:
     out = make_synthetic_shards(module_tmp("shards"), 48, 8, 8)
     subprocess.run(
-        [sys.executable, str(ROOT / "tools" / "decoder_vocab.py"), str(out / "train"), str(out / "val"),
-         str(out / "test"), "--out", str(out / "vocab.json")],
-        check=True, capture_output=True,
+        [
+            sys.executable,
+            str(ROOT / "tools" / "decoder_vocab.py"),
+            str(out / "train"),
+            str(out / "val"),
+            str(out / "test"),
+            "--out",
+            str(out / "vocab.json"),
+        ],
+        check=True,
+        capture_output=True,
     )
     return out
 
@@ -38,9 +46,12 @@ def run_args(tmp: Path, name: str) -> list[str]:
     """A TensorBoard logger with a pinned version and a checkpoint callback that keeps last.ckpt."""
     return [
         "--trainer.logger=lightning.pytorch.loggers.TensorBoardLogger",
-        f"--trainer.logger.save_dir={tmp}", "--trainer.logger.name=", f"--trainer.logger.version={name}",
+        f"--trainer.logger.save_dir={tmp}",
+        "--trainer.logger.name=",
+        f"--trainer.logger.version={name}",
         "--trainer.callbacks+=lightning.pytorch.callbacks.ModelCheckpoint",
-        f"--trainer.callbacks.dirpath={tmp / name / 'checkpoints'}", "--trainer.callbacks.save_last=true",
+        f"--trainer.callbacks.dirpath={tmp / name / 'checkpoints'}",
+        "--trainer.callbacks.save_last=true",
     ]
 
 
@@ -59,10 +70,17 @@ def test_demo_configs_fit_through_the_console_script(stage, shards, tmp_path):
     """`lightning fit --config configs/demo/base.yaml --config configs/demo/stageN.yaml`, fast_dev_run."""
     demo = ROOT / "configs" / "demo"
     cmd = [
-        str(LIGHTNING), "fit", f"--config={demo / 'base.yaml'}", f"--config={demo / f'{stage}.yaml'}", *data_args(shards),
-        f"--model.init_args.decoder.vocab_file={shards / 'vocab.json'}", "--model.init_args.init_from=null",
-        "--trainer.fast_dev_run=2", f"--trainer.logger.init_args.save_dir={tmp_path}",
-        "--data.init_args.batch_size=4", "--data.init_args.num_workers=0",
+        str(LIGHTNING),
+        "fit",
+        f"--config={demo / 'base.yaml'}",
+        f"--config={demo / f'{stage}.yaml'}",
+        *data_args(shards),
+        f"--model.init_args.decoder.vocab_file={shards / 'vocab.json'}",
+        "--model.init_args.init_from=null",
+        "--trainer.fast_dev_run=2",
+        f"--trainer.logger.init_args.save_dir={tmp_path}",
+        "--data.init_args.batch_size=4",
+        "--data.init_args.num_workers=0",
         "--trainer.callbacks=[]",
     ]
     result = subprocess.run(cmd, cwd=tmp_path, capture_output=True, text=True, timeout=300)
@@ -108,8 +126,12 @@ def test_stage2_initialised_from_stage1_checkpoint(shards, tmp_path):
     first = fit(*data_args(shards), *run_args(tmp_path, "s1"), "--trainer.max_steps=2")
     ckpt = tmp_path / "s1" / "checkpoints" / "last.ckpt"
     trained = first.model.encoder.reason_embeddings.detach().clone()
-    stage2 = [*data_args(shards), *run_args(tmp_path, "s2"), "--model.init_args.stage=2",
-              f"--model.init_args.init_from={ckpt}"]
+    stage2 = [
+        *data_args(shards),
+        *run_args(tmp_path, "s2"),
+        "--model.init_args.stage=2",
+        f"--model.init_args.init_from={ckpt}",
+    ]
     second = build_cli(["fit", f"--config={CONF}", *stage2, "--trainer.max_steps=0"])
     model = second.model
     assert model.stage == 2 and second.trainer.global_step == 0
@@ -139,8 +161,16 @@ def test_stage_switch_callback_switches_saves_and_resumes_in_stage2(shards, tmp_
 
 def test_test_writes_retrieval_metrics_beside_chance(shards, tmp_path):
     out = tmp_path / "metrics.json"
-    build_cli(["test", f"--config={CONF}", *data_args(shards), "--model.init_args.stage=2",
-               "--trainer.callbacks+=callbacks.MetricsFile", f"--trainer.callbacks.path={out}"])
+    build_cli(
+        [
+            "test",
+            f"--config={CONF}",
+            *data_args(shards),
+            "--model.init_args.stage=2",
+            "--trainer.callbacks+=callbacks.MetricsFile",
+            f"--trainer.callbacks.path={out}",
+        ]
+    )
     metrics = json.loads(out.read_text())
     assert metrics["test/num_candidates"] == 8
     assert metrics["chance/recall@1"] == pytest.approx(1 / 8)
@@ -153,14 +183,26 @@ def test_test_runs_a_checkpoint_from_another_directory(shards, tmp_path, monkeyp
     run.mkdir()
     (run / "vocab.json").write_bytes((shards / "vocab.json").read_bytes())
     monkeypatch.chdir(run)
-    fit(*data_args(shards), *run_args(run, "v"), "--model.init_args.decoder.vocab_file=vocab.json",
-        "--trainer.max_steps=1")
+    fit(
+        *data_args(shards),
+        *run_args(run, "v"),
+        "--model.init_args.decoder.vocab_file=vocab.json",
+        "--trainer.max_steps=1",
+    )
     elsewhere = tmp_path / "elsewhere"
     elsewhere.mkdir()
     monkeypatch.chdir(elsewhere)
     out = elsewhere / "metrics.json"
-    build_cli(["test", f"--config={CONF}", *data_args(shards), f"--ckpt_path={run / 'v' / 'checkpoints' / 'last.ckpt'}",
-               "--trainer.callbacks+=callbacks.MetricsFile", f"--trainer.callbacks.path={out}"])
+    build_cli(
+        [
+            "test",
+            f"--config={CONF}",
+            *data_args(shards),
+            f"--ckpt_path={run / 'v' / 'checkpoints' / 'last.ckpt'}",
+            "--trainer.callbacks+=callbacks.MetricsFile",
+            f"--trainer.callbacks.path={out}",
+        ]
+    )
     assert json.loads(out.read_text())["test/num_candidates"] == 8
 
 
@@ -186,8 +228,15 @@ def test_predict_writes_keyed_embeddings(shards, tmp_path):
     from lame_pl.index import load_embeddings
 
     out = tmp_path / "embeddings"
-    build_cli(["predict", f"--config={CONF}", *data_args(shards),
-               "--trainer.callbacks+=callbacks.EmbeddingWriter", f"--trainer.callbacks.path={out}"])
+    build_cli(
+        [
+            "predict",
+            f"--config={CONF}",
+            *data_args(shards),
+            "--trainer.callbacks+=callbacks.EmbeddingWriter",
+            f"--trainer.callbacks.path={out}",
+        ]
+    )
     saved = load_embeddings(out)
     assert len(saved.keys) == len(set(saved.keys)) == 8 and all(saved.texts)
     assert saved.query.shape == saved.target.shape and saved.query.shape[0] == 8
@@ -196,10 +245,25 @@ def test_predict_writes_keyed_embeddings(shards, tmp_path):
 
 def test_validate_writes_whole_split_retrieval_metrics(shards, tmp_path):
     out = tmp_path / "val.json"
-    build_cli(["validate", f"--config={CONF}", *data_args(shards), "--model.init_args.stage=2",
-               "--trainer.callbacks+=callbacks.MetricsFile", f"--trainer.callbacks.path={out}"])
+    build_cli(
+        [
+            "validate",
+            f"--config={CONF}",
+            *data_args(shards),
+            "--model.init_args.stage=2",
+            "--trainer.callbacks+=callbacks.MetricsFile",
+            f"--trainer.callbacks.path={out}",
+        ]
+    )
     metrics = json.loads(out.read_text())
-    assert {"val/recall@1", "val/recall@5", "val/recall@10", "val/mrr", "val/loss/contrastive", "val/loss/decoder"} <= set(metrics)
+    assert {
+        "val/recall@1",
+        "val/recall@5",
+        "val/recall@10",
+        "val/mrr",
+        "val/loss/contrastive",
+        "val/loss/decoder",
+    } <= set(metrics)
 
 
 @pytest.mark.parametrize("spec", ["{lora: {r: 16}}", "{train_language_model: true}"])
@@ -213,8 +277,12 @@ def test_a_partial_stage2_spec_keeps_stage2s_loss_weights(spec, shards, tmp_path
     printed = yaml.safe_load(capsys.readouterr().out)["model"]["init_args"]
     assert printed["stage2"]["contrastive_loss_weight"] == 1.0 and printed["stage2"]["train_language_model"] is True
     assert printed["stage1"]["contrastive_loss_weight"] == 0.0  # shown too, not null
-    cli = fit(*data_args(shards), f"--model.init_args.stage2={spec}", f"--trainer.default_root_dir={tmp_path}",
-              "--trainer.max_steps=0")
+    cli = fit(
+        *data_args(shards),
+        f"--model.init_args.stage2={spec}",
+        f"--trainer.default_root_dir={tmp_path}",
+        "--trainer.max_steps=0",
+    )
     stage2 = cli.model.stages[2]
     assert stage2.contrastive_loss_weight == 1.0 and stage2.decoder_loss_weight == 1.0 and stage2.train_language_model
     assert (stage2.lora is not None) == ("lora" in spec)
@@ -230,12 +298,17 @@ def test_lora_on_a_frozen_language_model_is_refused_naming_the_stage(shards):
 
 def test_a_checkpoint_from_fit_loads_through_init_from_with_weights_only(shards, tmp_path):
     """init_from reads with torch.load(weights_only=True): a checkpoint of this project must pass."""
-    first = fit(*data_args(shards), *run_args(tmp_path, "w"), "--model.init_args.stage2={lora: {r: 2}}",
-                "--trainer.max_steps=1")
+    first = fit(
+        *data_args(shards), *run_args(tmp_path, "w"), "--model.init_args.stage2={lora: {r: 2}}", "--trainer.max_steps=1"
+    )
     ckpt = tmp_path / "w" / "checkpoints" / "last.ckpt"
     torch.load(ckpt, weights_only=True)  # the whole file, hyper-parameters included
-    second = fit(*data_args(shards), f"--model.init_args.init_from={ckpt}", "--trainer.max_steps=0",
-                 f"--trainer.default_root_dir={tmp_path}")
+    second = fit(
+        *data_args(shards),
+        f"--model.init_args.init_from={ckpt}",
+        "--trainer.max_steps=0",
+        f"--trainer.default_root_dir={tmp_path}",
+    )
     assert torch.equal(second.model.encoder.reason_embeddings, first.model.encoder.reason_embeddings)
 
 

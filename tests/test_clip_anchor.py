@@ -26,13 +26,26 @@ from lame_pl.evaluation.task import Item
 ROOT = Path(__file__).resolve().parents[1]
 CONF = ROOT / "configs" / "demo" / "clip.yaml"
 # A CLIP small enough for a test: two layers per tower, 64 wide.
-TINY = {"embed_dim": 32, "vision_cfg": {"layers": 2, "width": 64, "patch_size": 16},
-        "text_cfg": {"layers": 2, "width": 64, "heads": 2}}
-TINY_FLAGS = ["--model.init_args.backbone.image_size=56", "--model.init_args.backbone.context_length=24",
-              f"--model.init_args.backbone.overrides={json.dumps(TINY)}"]
-CAPTIONS = ["a red circle at the top left", "two blue squares in the center", "a green triangle at the bottom",
-            "three purple squares on the left", "a yellow circle on the right", "one red square at the top",
-            "a blue triangle at the bottom left", "two green circles in the center"]
+TINY = {
+    "embed_dim": 32,
+    "vision_cfg": {"layers": 2, "width": 64, "patch_size": 16},
+    "text_cfg": {"layers": 2, "width": 64, "heads": 2},
+}
+TINY_FLAGS = [
+    "--model.init_args.backbone.image_size=56",
+    "--model.init_args.backbone.context_length=24",
+    f"--model.init_args.backbone.overrides={json.dumps(TINY)}",
+]
+CAPTIONS = [
+    "a red circle at the top left",
+    "two blue squares in the center",
+    "a green triangle at the bottom",
+    "three purple squares on the left",
+    "a yellow circle on the right",
+    "one red square at the top",
+    "a blue triangle at the bottom left",
+    "two green circles in the center",
+]
 
 
 @pytest.fixture(scope="module")
@@ -46,11 +59,19 @@ def data_args(shards: Path) -> list[str]:
 
 def run_args(tmp: Path) -> list[str]:
     """The demo config's logger, checkpoints and metrics file moved under ``tmp``; small batches, no worker."""
-    return [*TINY_FLAGS, f"--trainer.logger.init_args.save_dir={tmp}", "--trainer.enable_progress_bar=false",
-            "--trainer.callbacks=[]", "--trainer.callbacks+=lightning.pytorch.callbacks.ModelCheckpoint",
-            f"--trainer.callbacks.dirpath={tmp / 'ckpt'}", "--trainer.callbacks.save_last=true",
-            "--trainer.callbacks+=callbacks.MetricsFile", f"--trainer.callbacks.path={tmp / 'metrics.json'}",
-            "--data.init_args.batch_size=4", "--data.init_args.num_workers=0"]
+    return [
+        *TINY_FLAGS,
+        f"--trainer.logger.init_args.save_dir={tmp}",
+        "--trainer.enable_progress_bar=false",
+        "--trainer.callbacks=[]",
+        "--trainer.callbacks+=lightning.pytorch.callbacks.ModelCheckpoint",
+        f"--trainer.callbacks.dirpath={tmp / 'ckpt'}",
+        "--trainer.callbacks.save_last=true",
+        "--trainer.callbacks+=callbacks.MetricsFile",
+        f"--trainer.callbacks.path={tmp / 'metrics.json'}",
+        "--data.init_args.batch_size=4",
+        "--data.init_args.num_workers=0",
+    ]
 
 
 @pytest.fixture(autouse=True)
@@ -66,8 +87,16 @@ def fitted(shards, module_tmp) -> tuple[Path, dict]:
     argv = sys.argv
     sys.argv = ["lightning"]
     try:
-        cli = build_cli(["fit", f"--config={CONF}", *data_args(shards), *run_args(tmp),
-                         "--trainer.max_steps=4", "--trainer.val_check_interval=4"])
+        cli = build_cli(
+            [
+                "fit",
+                f"--config={CONF}",
+                *data_args(shards),
+                *run_args(tmp),
+                "--trainer.max_steps=4",
+                "--trainer.val_check_interval=4",
+            ]
+        )
     finally:
         sys.argv = argv
     metrics = {k: float(v) for k, v in cli.trainer.callback_metrics.items()}
@@ -112,8 +141,12 @@ def test_clip_encoder_embeds_items_as_the_module_encodes_sides(tmp_path):
     encoder = CLIPEncoder(module=module)
     image_path = tmp_path / "img.png"
     random_image(random.Random(1)).save(image_path)
-    items = [Item("", "", (str(image_path),)), Item("an instruction", "a red circle"),
-             Item("", "a red circle", (str(image_path),)), Item("only an instruction", "")]
+    items = [
+        Item("", "", (str(image_path),)),
+        Item("an instruction", "a red circle"),
+        Item("", "a red circle", (str(image_path),)),
+        Item("only an instruction", ""),
+    ]
     got = encoder.encode(items)
     processor = CLIPProcessor(module.spec)
     from PIL import Image
@@ -121,8 +154,9 @@ def test_clip_encoder_embeds_items_as_the_module_encodes_sides(tmp_path):
     with torch.no_grad(), Image.open(image_path) as opened:
         image = module.encode({"image": processor.images([opened.convert("RGB")])})[0]
         text = module.encode({"text": processor.texts(["a red circle"])})[0]
-        both = module.encode({"image": processor.images([opened.convert("RGB")]),
-                              "text": processor.texts(["a red circle"])})[0]
+        both = module.encode(
+            {"image": processor.images([opened.convert("RGB")]), "text": processor.texts(["a red circle"])}
+        )[0]
         instruction = module.encode({"text": processor.texts(["only an instruction"])})[0]
     assert got.shape == (4, 32) and torch.allclose(got.norm(dim=-1), torch.ones(4), atol=1e-5)
     for row, expected in enumerate((image, text, both, instruction)):
@@ -135,8 +169,9 @@ def test_clip_encoder_embeds_items_as_the_module_encodes_sides(tmp_path):
     with pytest.raises(ValueError, match="2 texts but 1 images"):
         encoder.embed(texts=["a", "b"], images=[str(image_path)])
     # LaMEEmbedder.encode's arguments: batching does not change a row; an instruction is refused, not dropped.
-    one_by_one = encoder.embed(texts=["", "a red circle"], images=[str(image_path), None], batch_size=1,
-                               device="cpu", instructions="")
+    one_by_one = encoder.embed(
+        texts=["", "a red circle"], images=[str(image_path), None], batch_size=1, device="cpu", instructions=""
+    )
     assert torch.allclose(one_by_one, got[:2], atol=1e-5)
     with pytest.raises(ValueError, match="embeds no instruction"):
         encoder.embed(texts=["a red circle"], instructions="Find the caption.")
@@ -150,8 +185,19 @@ def test_eval_mmeb_picks_the_clip_encoder_for_a_clip_checkpoint(fitted, tmp_path
 
     monkeypatch.setattr(eval_run, "CheckpointEncoder", refuse)
     data = write_mmeb(tmp_path / "mmeb")
-    summary = eval_run.main("mmeb", ["--checkpoint", str(checkpoint), "--data-root", str(data),
-                                     "--output-dir", str(tmp_path / "out"), "--batch-size", "3"])
+    summary = eval_run.main(
+        "mmeb",
+        [
+            "--checkpoint",
+            str(checkpoint),
+            "--data-root",
+            str(data),
+            "--output-dir",
+            str(tmp_path / "out"),
+            "--batch-size",
+            "3",
+        ],
+    )
     tasks = {t["task"]: t for t in summary["tasks"]}
     assert set(tasks) == {"ImageNet-1K", "MSCOCO_t2i", "MSR-VTT", "ViDoRe_arxivqa"}
     assert all(0.0 <= t["main_score"] <= 1.0 and t["encoded"] > 0 for t in tasks.values())
@@ -204,9 +250,32 @@ def test_local_weights_load_into_the_anchor(tmp_path):
 
 def test_bench_encode_has_a_clip_row(tmp_path):
     out = tmp_path / "bench.json"
-    argv = ["--preset", "tiny", "--device", "cpu", "--image-size", "56", "--text-tokens", "6", "-K", "2", "-T", "2",
-            "--batch-sizes", "2", "--warmup", "0", "--repeats", "1", "--train-steps", "0", "--clip-arch", "ViT-S-32",
-            "--json", str(out)]
+    argv = [
+        "--preset",
+        "tiny",
+        "--device",
+        "cpu",
+        "--image-size",
+        "56",
+        "--text-tokens",
+        "6",
+        "-K",
+        "2",
+        "-T",
+        "2",
+        "--batch-sizes",
+        "2",
+        "--warmup",
+        "0",
+        "--repeats",
+        "1",
+        "--train-steps",
+        "0",
+        "--clip-arch",
+        "ViT-S-32",
+        "--json",
+        str(out),
+    ]
     assert bench_encode.main(argv) == 0
     report = json.loads(out.read_text())
     row = report["encode"]["2"]["clip"]
@@ -220,23 +289,66 @@ def test_two_process_fit_gathers_and_test_ranks_the_whole_split(tmp_path):
     rank's captions though the ranks hold different numbers of test batches (5 + 4 rows)."""
     shards = tmp_path / "shards"
     subprocess.run(
-        [sys.executable, str(ROOT / "tools" / "make_shards.py"), "synthetic", "--out", str(shards),
-         "--train", "16", "--val", "10", "--test", "9", "--image-size", "56", "--samples-per-shard", "5"],
-        check=True, capture_output=True,
+        [
+            sys.executable,
+            str(ROOT / "tools" / "make_shards.py"),
+            "synthetic",
+            "--out",
+            str(shards),
+            "--train",
+            "16",
+            "--val",
+            "10",
+            "--test",
+            "9",
+            "--image-size",
+            "56",
+            "--samples-per-shard",
+            "5",
+        ],
+        check=True,
+        capture_output=True,
     )
     out = tmp_path / "metrics.json"
-    common = [f"--config={CONF}", *data_args(shards), *TINY_FLAGS, "--trainer.devices=2", "--trainer.strategy=ddp",
-              f"--trainer.logger.init_args.save_dir={tmp_path}", "--trainer.enable_progress_bar=false",
-              "--trainer.callbacks=[]", "--trainer.callbacks+=callbacks.MetricsFile", f"--trainer.callbacks.path={out}",
-              "--data.init_args.batch_size=4", "--data.init_args.num_workers=0"]
+    common = [
+        f"--config={CONF}",
+        *data_args(shards),
+        *TINY_FLAGS,
+        "--trainer.devices=2",
+        "--trainer.strategy=ddp",
+        f"--trainer.logger.init_args.save_dir={tmp_path}",
+        "--trainer.enable_progress_bar=false",
+        "--trainer.callbacks=[]",
+        "--trainer.callbacks+=callbacks.MetricsFile",
+        f"--trainer.callbacks.path={out}",
+        "--data.init_args.batch_size=4",
+        "--data.init_args.num_workers=0",
+    ]
     lightning = Path(sys.executable).with_name("lightning")
-    fit = subprocess.run([str(lightning), "fit", *common, "--trainer.max_steps=2", "--trainer.limit_val_batches=0",
-                          "--trainer.callbacks+=lightning.pytorch.callbacks.ModelCheckpoint",
-                          f"--trainer.callbacks.dirpath={tmp_path / 'ckpt'}", "--trainer.callbacks.save_last=true"],
-                         cwd=tmp_path, capture_output=True, text=True, timeout=300)
+    fit = subprocess.run(
+        [
+            str(lightning),
+            "fit",
+            *common,
+            "--trainer.max_steps=2",
+            "--trainer.limit_val_batches=0",
+            "--trainer.callbacks+=lightning.pytorch.callbacks.ModelCheckpoint",
+            f"--trainer.callbacks.dirpath={tmp_path / 'ckpt'}",
+            "--trainer.callbacks.save_last=true",
+        ],
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert fit.returncode == 0, fit.stderr[-3000:]
-    test = subprocess.run([str(lightning), "test", *common, f"--ckpt_path={tmp_path / 'ckpt' / 'last.ckpt'}"],
-                          cwd=tmp_path, capture_output=True, text=True, timeout=300)
+    test = subprocess.run(
+        [str(lightning), "test", *common, f"--ckpt_path={tmp_path / 'ckpt' / 'last.ckpt'}"],
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert test.returncode == 0, test.stderr[-3000:]
     metrics = json.loads(out.read_text())
     assert metrics["test/num_candidates"] == 9 and metrics["chance/recall@1"] == pytest.approx(1 / 9)

@@ -62,8 +62,13 @@ def test_a_partial_stage2_spec_on_stage1_keeps_stage2s_contrastive_weight(capsys
     del base["model"]["init_args"]["stage2"]
     (tmp_path / "base.yaml").write_text(yaml.safe_dump(base))
     for spec in ("{lora: {r: 16}}", "{train_language_model: true}"):
-        config = printed(capsys, f"--config={tmp_path / 'base.yaml'}", f"--config={REAL / 'stage1.yaml'}",
-                         "--model.init_args.stage2", spec)
+        config = printed(
+            capsys,
+            f"--config={tmp_path / 'base.yaml'}",
+            f"--config={REAL / 'stage1.yaml'}",
+            "--model.init_args.stage2",
+            spec,
+        )
         two = config["model"]["init_args"]["stage2"]
         assert two["contrastive_loss_weight"] == 1.0 and two["train_language_model"] is True, spec
         assert (two["lora"] or {}).get("r") == (16 if "lora" in spec else None)
@@ -82,8 +87,12 @@ def test_the_real_mixture_is_vlm2vec_v2s_with_its_weights(capsys):
 
 
 def test_the_caption_overlay_swaps_the_data(capsys):
-    config = printed(capsys, f"--config={REAL / 'base.yaml'}", f"--config={REAL / 'stage2.yaml'}",
-                     f"--config={REAL / 'data_captions.yaml'}")
+    config = printed(
+        capsys,
+        f"--config={REAL / 'base.yaml'}",
+        f"--config={REAL / 'stage2.yaml'}",
+        f"--config={REAL / 'data_captions.yaml'}",
+    )
     args = config["data"]["init_args"]
     assert config["data"]["class_path"] == "datamodules.ImageTextDataModule"
     assert args["train_mixture"] is None and args["mixture_root"] is None and args["train_shards"]
@@ -150,9 +159,22 @@ def converted(module_tmp) -> Path:
     sft, frames, _ = _video(tmp)
     out = tmp / "shards"
     result = subprocess.run(
-        [sys.executable, str(ROOT / "tools" / "make_shards.py"), "mmeb-train", "--mmeb-root", str(mmeb),
-         "--video-annotations", str(sft), "--video-frames", str(frames), "--out", str(out)],
-        capture_output=True, text=True, timeout=300,
+        [
+            sys.executable,
+            str(ROOT / "tools" / "make_shards.py"),
+            "mmeb-train",
+            "--mmeb-root",
+            str(mmeb),
+            "--video-annotations",
+            str(sft),
+            "--video-frames",
+            str(frames),
+            "--out",
+            str(out),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=300,
     )
     assert result.returncode == 0, result.stderr[-3000:]
     return out
@@ -164,17 +186,28 @@ def test_real_recipe_fits_on_converted_mmeb_train_data(stage, local_checkpoints,
     checkpointing, GradCache, DoRA in stage 2, homogeneous mixture batches, video rows) on tiny
     local weights; batch 4 in chunks of 2 instead of 128 in chunks of 8."""
     vlm, decoder = local_checkpoints
-    cli = build_cli([
-        "fit", f"--config={REAL / 'base.yaml'}", f"--config={REAL / f'stage{stage}.yaml'}",
-        f"--config={converted / 'mixture.yaml'}",
-        f"--model.init_args.backbone.path={vlm}", f"--model.init_args.decoder.path={decoder}",
-        "--model.init_args.backbone.max_pixels=3136", "--model.init_args.init_from=null",
-        "--data.init_args.batch_size=4", "--model.init_args.gradcache_chunk_size=2",
-        "--data.init_args.num_workers=0",
-        "--trainer.accelerator=cpu", "--trainer.devices=1", "--trainer.strategy=auto",
-        "--trainer.max_steps=3", f"--trainer.logger.init_args.save_dir={tmp_path}", "--trainer.callbacks=[]",
-        "--trainer.enable_progress_bar=false",
-    ])
+    cli = build_cli(
+        [
+            "fit",
+            f"--config={REAL / 'base.yaml'}",
+            f"--config={REAL / f'stage{stage}.yaml'}",
+            f"--config={converted / 'mixture.yaml'}",
+            f"--model.init_args.backbone.path={vlm}",
+            f"--model.init_args.decoder.path={decoder}",
+            "--model.init_args.backbone.max_pixels=3136",
+            "--model.init_args.init_from=null",
+            "--data.init_args.batch_size=4",
+            "--model.init_args.gradcache_chunk_size=2",
+            "--data.init_args.num_workers=0",
+            "--trainer.accelerator=cpu",
+            "--trainer.devices=1",
+            "--trainer.strategy=auto",
+            "--trainer.max_steps=3",
+            f"--trainer.logger.init_args.save_dir={tmp_path}",
+            "--trainer.callbacks=[]",
+            "--trainer.enable_progress_bar=false",
+        ]
+    )
     model = cli.model
     assert model.stage == stage and cli.trainer.global_step == 3
     assert torch.isfinite(cli.trainer.logged_metrics["train/loss"])

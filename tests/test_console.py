@@ -45,13 +45,21 @@ def demo_fit(small_shards, module_tmp) -> tuple[str, Path]:
     vocab = root / "vocab.json"
     vocab.write_text(json.dumps(caption_token_ids([small_shards / "train", small_shards / "val"])))
     cmd = [
-        str(LIGHTNING), "fit", f"--config={DEMO / 'base.yaml'}", f"--config={DEMO / 'stage1.yaml'}",
-        "--model.init_args.backbone.preset=tiny", "--model.init_args.backbone.min_pixels=3136",
-        "--model.init_args.backbone.max_pixels=3136", "--model.init_args.decoder.preset=tiny",
-        f"--model.init_args.decoder.vocab_file={vocab}", "--model.init_args.num_reason_tokens=2",
+        str(LIGHTNING),
+        "fit",
+        f"--config={DEMO / 'base.yaml'}",
+        f"--config={DEMO / 'stage1.yaml'}",
+        "--model.init_args.backbone.preset=tiny",
+        "--model.init_args.backbone.min_pixels=3136",
+        "--model.init_args.backbone.max_pixels=3136",
+        "--model.init_args.decoder.preset=tiny",
+        f"--model.init_args.decoder.vocab_file={vocab}",
+        "--model.init_args.num_reason_tokens=2",
         *(f"--data.init_args.{split}_shards={small_shards / split}" for split in ("train", "val", "test")),
-        "--data.init_args.batch_size=4", "--data.init_args.num_workers=0",
-        f"--trainer.max_steps={MAX_STEPS}", f"--trainer.val_check_interval={MAX_STEPS}",
+        "--data.init_args.batch_size=4",
+        "--data.init_args.num_workers=0",
+        f"--trainer.max_steps={MAX_STEPS}",
+        f"--trainer.val_check_interval={MAX_STEPS}",
         f"--trainer.logger.init_args.save_dir={root}",
     ]
     result = subprocess.run(cmd, cwd=root, capture_output=True, text=True, timeout=300)
@@ -96,12 +104,19 @@ def test_samples_per_sec_reach_tensorboard(demo_fit):
 
 
 def test_the_summary_keeps_flops_when_measured(caplog):
-    data = [(" ", ["0"]), ("Name", ["net"]), ("Type", ["Linear"]), ("Params", ["10"]), ("Mode", ["train"]),
-            ("FLOPs", ["0"])]
+    data = [
+        (" ", ["0"]),
+        ("Name", ["net"]),
+        ("Type", ["Linear"]),
+        ("Params", ["10"]),
+        ("Mode", ["train"]),
+        ("FLOPs", ["0"]),
+    ]
     with caplog.at_level(logging.INFO, logger="lightning.pytorch.callbacks.model_summary"):
         ParameterSummary.summarize(data, 10, 10, 0.0, {"train": 1, "eval": 0}, total_flops=0)
-        ParameterSummary.summarize(data[:-1] + [("FLOPs", ["2 K"])], 10, 10, 0.0, {"train": 1, "eval": 0},
-                                   total_flops=2000)
+        ParameterSummary.summarize(
+            data[:-1] + [("FLOPs", ["2 K"])], 10, 10, 0.0, {"train": 1, "eval": 0}, total_flops=2000
+        )
     unmeasured, measured = (record.getMessage() for record in caplog.records)
     assert "Trainable params" in unmeasured and "FLOPs" not in unmeasured and "Total Flops" not in unmeasured
     assert "FLOPs" in measured and "Total Flops" in measured
@@ -116,21 +131,29 @@ def test_only_the_noise_is_silenced(caplog):
         pytree = "`isinstance(treespec, LeafSpec)` is deprecated, use ... instead."
         warnings.warn_explicit(pytree, FutureWarning, "_pytree.py", 21, module="lightning.pytorch.utilities._pytree")
         warnings.warn_explicit(pytree, FutureWarning, "mine.py", 1, module="mine")
-        warnings.warn_explicit("something else", FutureWarning, "_pytree.py", 21,
-                               module="lightning.pytorch.utilities._pytree")
+        warnings.warn_explicit(
+            "something else", FutureWarning, "_pytree.py", 21, module="lightning.pytorch.utilities._pytree"
+        )
         warnings.warn("an unrelated UserWarning", UserWarning, stacklevel=1)
     assert [str(w.message) for w in shown] == [pytree, "something else", "an unrelated UserWarning"]
     # A shard data module answers Lightning's iterable-dataset warnings; another data module keeps them.
     length = "Your `IterableDataset` has `__len__` defined. In combination with multi-process data loading ..."
-    resume = ("You're resuming from a checkpoint that ended before the epoch ended and your dataloader is not "
-              "resumable. This can cause unreliable results ...")
+    resume = (
+        "You're resuming from a checkpoint that ended before the epoch ended and your dataloader is not "
+        "resumable. This can cause unreliable results ..."
+    )
     for shard_data in (False, True):
         with warnings.catch_warnings(record=True) as shown:
             warnings.simplefilter("always")
             silence_noise(shard_data=shard_data)
             warnings.warn_explicit(length, UserWarning, "data.py", 123, module="lightning.pytorch.utilities.data")
-            warnings.warn_explicit(resume, PossibleUserWarning, "training_epoch_loop.py", 224,
-                                   module="lightning.pytorch.loops.training_epoch_loop")
+            warnings.warn_explicit(
+                resume,
+                PossibleUserWarning,
+                "training_epoch_loop.py",
+                224,
+                module="lightning.pytorch.loops.training_epoch_loop",
+            )
             warnings.warn_explicit("another", UserWarning, "data.py", 1, module="lightning.pytorch.utilities.data")
         assert [str(w.message) for w in shown] == ([] if shard_data else [length, resume]) + ["another"]
     log = logging.getLogger("lightning.pytorch.utilities.rank_zero")
@@ -143,8 +166,9 @@ def test_only_the_noise_is_silenced(caplog):
 def test_console_callbacks_leave_a_configs_own_choices():
     added = console_callbacks({}, [])
     assert [type(c) for c in added] == [StepProgressBar, SamplesPerSecond, ParameterSummary]
-    assert [type(c) for c in console_callbacks({"enable_progress_bar": False, "enable_model_summary": False}, [])] \
-        == [SamplesPerSecond]
+    assert [type(c) for c in console_callbacks({"enable_progress_bar": False, "enable_model_summary": False}, [])] == [
+        SamplesPerSecond
+    ]
     own = [RichProgressBar(), SamplesPerSecond(window=3)]
     assert [type(c) for c in console_callbacks({}, own)] == [ParameterSummary]
     with pytest.raises(ValueError, match="window 0"):
@@ -160,7 +184,12 @@ def test_help_names_the_project_and_lists_its_classes(capsys, monkeypatch):
     with pytest.raises(SystemExit):
         build_cli(["fit", "--help"])
     fit = capsys.readouterr().out
-    for name in ("lame_pl.LaMEModule", "lame_pl.clip_anchor.CLIPAnchor", "datamodules.ImageTextDataModule",
-                 "datamodules.InstructionPairDataModule", "datamodules.clip.CLIPImageTextDataModule",
-                 "datamodules.CorpusDataModule"):
+    for name in (
+        "lame_pl.LaMEModule",
+        "lame_pl.clip_anchor.CLIPAnchor",
+        "datamodules.ImageTextDataModule",
+        "datamodules.InstructionPairDataModule",
+        "datamodules.clip.CLIPImageTextDataModule",
+        "datamodules.CorpusDataModule",
+    ):
         assert name in top and name in re.sub(r"\s+", "", fit), name

@@ -21,8 +21,13 @@ from lame_pl.module import LaMEModule
 ROOT = Path(__file__).resolve().parents[1]
 CONF = ROOT / "tests" / "conf" / "tiny.yaml"
 IMAGES = ["a.png", "b.png", "c.jpg", "e.png", "sub/d.png"]  # readable; bad.png is not
-LINES = ["a red circle at the top left", "", "two blue squares in the center", "three purple squares on the left",
-         "a green triangle at the bottom right"]
+LINES = [
+    "a red circle at the top left",
+    "",
+    "two blue squares in the center",
+    "three purple squares on the left",
+    "a green triangle at the bottom right",
+]
 
 
 index_tool, search_tool = load_tool("index"), load_tool("search")
@@ -40,10 +45,19 @@ def ckpt(module_tmp, synthetic_shards) -> Path:
     tmp = module_tmp("fit")
     shards = synthetic_shards(8, 4, 4, 8)
     sys.argv = ["lightning"]
-    build_cli(["fit", f"--config={CONF}", f"--data.init_args.train_shards={shards / 'train'}",
-               "--trainer.max_steps=1", "--trainer.logger=false", f"--trainer.default_root_dir={tmp}",
-               "--trainer.callbacks+=lightning.pytorch.callbacks.ModelCheckpoint",
-               f"--trainer.callbacks.dirpath={tmp / 'ckpt'}", "--trainer.callbacks.save_last=true"])
+    build_cli(
+        [
+            "fit",
+            f"--config={CONF}",
+            f"--data.init_args.train_shards={shards / 'train'}",
+            "--trainer.max_steps=1",
+            "--trainer.logger=false",
+            f"--trainer.default_root_dir={tmp}",
+            "--trainer.callbacks+=lightning.pytorch.callbacks.ModelCheckpoint",
+            f"--trainer.callbacks.dirpath={tmp / 'ckpt'}",
+            "--trainer.callbacks.save_last=true",
+        ]
+    )
     return tmp / "ckpt" / "last.ckpt"
 
 
@@ -55,7 +69,8 @@ def corpus(module_tmp) -> dict[str, Path]:
     for name in IMAGES:
         (tmp / "images" / name).parent.mkdir(parents=True, exist_ok=True)
         Image.frombytes("RGB", (56, 56), bytes(rng.getrandbits(8) for _ in range(56 * 56 * 3))).save(
-            tmp / "images" / name)
+            tmp / "images" / name
+        )
     (tmp / "images" / "bad.png").write_bytes(b"\x89PNG\r\n\x1a\n not really")
     (tmp / "images" / "notes.txt").write_text("not an image")
     (tmp / "lines.txt").write_text("\n".join(LINES) + "\n", encoding="utf-8")
@@ -65,14 +80,26 @@ def corpus(module_tmp) -> dict[str, Path]:
 TRAINED_QUERY_INSTRUCTION = "Find the caption that describes this image."  # ImageTextDataModule's default
 
 
-def predict(ckpt: Path, out: Path, *data: str, resume: bool = False, rows_per_shard: int = 2,
-            batch_size: int = 2) -> None:
+def predict(
+    ckpt: Path, out: Path, *data: str, resume: bool = False, rows_per_shard: int = 2, batch_size: int = 2
+) -> None:
     """``lightning predict`` of a corpus into ``out``, two items a batch."""
-    build_cli(["predict", f"--config={CONF}", "--data=datamodules.CorpusDataModule", *data,
-               f"--data.batch_size={batch_size}",
-               f"--ckpt_path={ckpt}", "--trainer.logger=false", f"--trainer.default_root_dir={out.parent}",
-               "--trainer.callbacks+=callbacks.EmbeddingWriter", f"--trainer.callbacks.path={out}",
-               f"--trainer.callbacks.rows_per_shard={rows_per_shard}", f"--trainer.callbacks.resume={resume}"])
+    build_cli(
+        [
+            "predict",
+            f"--config={CONF}",
+            "--data=datamodules.CorpusDataModule",
+            *data,
+            f"--data.batch_size={batch_size}",
+            f"--ckpt_path={ckpt}",
+            "--trainer.logger=false",
+            f"--trainer.default_root_dir={out.parent}",
+            "--trainer.callbacks+=callbacks.EmbeddingWriter",
+            f"--trainer.callbacks.path={out}",
+            f"--trainer.callbacks.rows_per_shard={rows_per_shard}",
+            f"--trainer.callbacks.resume={resume}",
+        ]
+    )
 
 
 @pytest.fixture(scope="module")
@@ -96,7 +123,8 @@ def test_an_image_folder_is_embedded_as_queries_keyed_by_relative_path(image_emb
 
 
 def test_the_loader_reports_unreadable_images_by_key_and_a_batch_of_them_alone_is_written_as_nothing(
-        ckpt, corpus, tiny_spec, tmp_path):
+    ckpt, corpus, tiny_spec, tmp_path
+):
     from lame_pl.datamodules import CorpusDataModule
 
     data = CorpusDataModule(tiny_spec, images=str(corpus["images"]), batch_size=2)
@@ -120,8 +148,19 @@ def test_an_image_corpus_indexes_its_side_and_an_image_finds_itself(image_embedd
     index = load_index(out)
     assert (index.meta["side"], index.meta["corpus"], index.keys) == ("query", "images", sorted(IMAGES))
     # An image query gets the corpus's instruction, so it embeds exactly as the corpus did.
-    search_tool.main(["--index", str(out), "--checkpoint", str(ckpt), "--image", str(corpus["images"] / "sub/d.png"),
-                      "-k", "3", "--json"])
+    search_tool.main(
+        [
+            "--index",
+            str(out),
+            "--checkpoint",
+            str(ckpt),
+            "--image",
+            str(corpus["images"] / "sub/d.png"),
+            "-k",
+            "3",
+            "--json",
+        ]
+    )
     hits = json.loads(capsys.readouterr().out)["queries"][0]["hits"]
     assert hits[0]["key"] == "sub/d.png" and hits[0]["score"] == pytest.approx(1.0, abs=1e-4)
     assert len(hits) == 3
@@ -145,8 +184,9 @@ def test_a_text_file_is_embedded_as_captions_and_a_line_finds_itself(ckpt, corpu
     assert len(printed) == 1 + 4  # -k 10 over 4 rows: every row once
 
 
-def test_resume_encodes_only_the_missing_rows_and_ends_as_a_fresh_run(image_embeddings, ckpt, corpus, tmp_path,
-                                                                      monkeypatch):
+def test_resume_encodes_only_the_missing_rows_and_ends_as_a_fresh_run(
+    image_embeddings, ckpt, corpus, tmp_path, monkeypatch
+):
     fresh = image_embeddings  # two items a batch, two rows a shard: [a, b] | [bad, c] + [e, sub/d]
     shards = sorted(p.name for p in fresh.glob("*.safetensors"))
     assert shards == ["rank000-000000000.safetensors", "rank000-000000002.safetensors"]
@@ -182,8 +222,11 @@ def test_resume_encodes_only_the_missing_rows_and_ends_as_a_fresh_run(image_embe
 def test_resume_refuses_a_folder_of_another_corpus(image_embeddings, ckpt, corpus, tmp_path):
     other = tmp_path / "embeddings"
     shutil.copytree(image_embeddings, other)
-    with pytest.raises(ValueError, match=r"EmbeddingWriter.resume: .*rank000-000000000.safetensors was embedded with "
-                                         r"other corpus, source, .*lines.txt.*; give another path or resume false"):
+    with pytest.raises(
+        ValueError,
+        match=r"EmbeddingWriter.resume: .*rank000-000000000.safetensors was embedded with "
+        r"other corpus, source, .*lines.txt.*; give another path or resume false",
+    ):
         predict(ckpt, other, f"--data.texts={corpus['texts']}", resume=True)
     assert len(list(other.glob("*.safetensors"))) == 2  # nothing removed
 
@@ -217,32 +260,51 @@ def test_without_resume_a_rerun_replaces_the_earlier_shards(image_embeddings, ck
     assert load_embeddings(out).corpus == "texts"
 
 
-@pytest.mark.parametrize("data, message", [
-    (["--data.images={tmp}/nowhere"], "data.images {tmp}/nowhere: no such folder"),
-    (["--data.images={tmp}/empty"], "data.images {tmp}/empty: holds no png/jpg/jpeg/webp image"),
-    (["--data.texts={tmp}/blank.txt"], "data.texts {tmp}/blank.txt: holds no text (2 blank lines)"),
-    (["--data.texts={tmp}/missing.txt"], "data.texts {tmp}/missing.txt: no such file"),
-    (["--data.images={tmp}/empty", "--data.texts={tmp}/blank.txt"],
-     "give data.images or data.texts, not both (got {tmp}/empty and {tmp}/blank.txt)"),
-    ([], "give data.images=FOLDER or data.texts=FILE"),
-])
+@pytest.mark.parametrize(
+    "data, message",
+    [
+        (["--data.images={tmp}/nowhere"], "data.images {tmp}/nowhere: no such folder"),
+        (["--data.images={tmp}/empty"], "data.images {tmp}/empty: holds no png/jpg/jpeg/webp image"),
+        (["--data.texts={tmp}/blank.txt"], "data.texts {tmp}/blank.txt: holds no text (2 blank lines)"),
+        (["--data.texts={tmp}/missing.txt"], "data.texts {tmp}/missing.txt: no such file"),
+        (
+            ["--data.images={tmp}/empty", "--data.texts={tmp}/blank.txt"],
+            "give data.images or data.texts, not both (got {tmp}/empty and {tmp}/blank.txt)",
+        ),
+        ([], "give data.images=FOLDER or data.texts=FILE"),
+    ],
+)
 def test_bad_corpus_inputs_fail_in_one_line_naming_them(data, message, tmp_path):
     (tmp_path / "empty" / "sub").mkdir(parents=True)
     (tmp_path / "empty" / "sub" / "readme.txt").write_text("no image here")
     (tmp_path / "blank.txt").write_text("\n  \n")
     with pytest.raises(SystemExit) as done:
-        build_cli(["predict", f"--config={CONF}", "--data=datamodules.CorpusDataModule",
-                   *[d.format(tmp=tmp_path) for d in data], "--trainer.logger=false"])
+        build_cli(
+            [
+                "predict",
+                f"--config={CONF}",
+                "--data=datamodules.CorpusDataModule",
+                *[d.format(tmp=tmp_path) for d in data],
+                "--trainer.logger=false",
+            ]
+        )
     assert str(done.value.code) == "error: " + message.format(tmp=tmp_path)
 
 
 def test_resume_on_a_streamed_split_warns_and_recomputes(ckpt, tmp_path, synthetic_shards):
     shards = synthetic_shards(8, 4, 4, 8)  # ckpt's
     out = tmp_path / "embeddings"
-    common = ["predict", f"--config={CONF}", f"--data.init_args.test_shards={shards / 'test'}", f"--ckpt_path={ckpt}",
-              "--trainer.logger=false", f"--trainer.default_root_dir={tmp_path}",
-              "--trainer.callbacks+=callbacks.EmbeddingWriter", f"--trainer.callbacks.path={out}",
-              "--trainer.callbacks.resume=true"]
+    common = [
+        "predict",
+        f"--config={CONF}",
+        f"--data.init_args.test_shards={shards / 'test'}",
+        f"--ckpt_path={ckpt}",
+        "--trainer.logger=false",
+        f"--trainer.default_root_dir={tmp_path}",
+        "--trainer.callbacks+=callbacks.EmbeddingWriter",
+        f"--trainer.callbacks.path={out}",
+        "--trainer.callbacks.resume=true",
+    ]
     build_cli(common)
     first = load_embeddings(out)
     with pytest.warns(UserWarning, match="ImageTextDataModule streams its rows and cannot skip those already written"):

@@ -31,8 +31,20 @@ def _tools():
 @pytest.fixture(scope="module")
 def data_dir(module_tmp) -> Path:
     out = module_tmp("shards")
-    cmd = [sys.executable, str(TOOLS / "make_shards.py"), "synthetic", "--out", str(out), "--overwrite",
-           "--image-size", "56", "--samples-per-shard", str(PER_SHARD), "--seed", "3"]
+    cmd = [
+        sys.executable,
+        str(TOOLS / "make_shards.py"),
+        "synthetic",
+        "--out",
+        str(out),
+        "--overwrite",
+        "--image-size",
+        "56",
+        "--samples-per-shard",
+        str(PER_SHARD),
+        "--seed",
+        "3",
+    ]
     for split, n in SIZES.items():
         cmd += [f"--{split}", str(n)]
     subprocess.run(cmd, check=True, capture_output=True, text=True)
@@ -51,9 +63,14 @@ def _read_split(split_dir: Path) -> list[tuple[str, dict[str, bytes]]]:
 
 
 def _datamodule(data_dir: Path, **kwargs) -> ImageTextDataModule:
-    defaults = dict(train_shards=str(data_dir / "train"), val_shards=str(data_dir / "val"),
-                    test_shards=str(data_dir / "test" / "shard-*.tar"), batch_size=8, num_workers=0,
-                    shuffle_buffer=16)
+    defaults = dict(
+        train_shards=str(data_dir / "train"),
+        val_shards=str(data_dir / "val"),
+        test_shards=str(data_dir / "test" / "shard-*.tar"),
+        batch_size=8,
+        num_workers=0,
+        shuffle_buffer=16,
+    )
     return ImageTextDataModule(SPEC, **{**defaults, **kwargs})
 
 
@@ -90,8 +107,10 @@ def test_metadata_matches_caption(data_dir: Path) -> None:
         assert meta["counts"]["total"] == sum(o["count"] for o in meta["objects"])
         for obj in meta["objects"]:
             assert obj["color"] in caption and obj["shape"] in caption and obj["position"] in caption
-        groups = [{"color": o["color"], "shape": o["shape"], "count": o["count"], "cell": 3 * o["row"] + o["col"]}
-                  for o in meta["objects"]]
+        groups = [
+            {"color": o["color"], "shape": o["shape"], "count": o["count"], "cell": 3 * o["row"] + o["col"]}
+            for o in meta["objects"]
+        ]
         assert scenes.caption_scene(groups) == caption
 
 
@@ -107,16 +126,32 @@ def test_scene_generator_is_deterministic() -> None:
 
 def test_make_shards_is_deterministic(data_dir: Path, tmp_path: Path) -> None:
     make_shards, _ = _tools()
-    argv = ["synthetic", "--out", str(tmp_path), "--image-size", "56", "--samples-per-shard", str(PER_SHARD),
-            "--seed", "3", "--test", str(SIZES["test"]), "--val", "1", "--train", "1"]
+    argv = [
+        "synthetic",
+        "--out",
+        str(tmp_path),
+        "--image-size",
+        "56",
+        "--samples-per-shard",
+        str(PER_SHARD),
+        "--seed",
+        "3",
+        "--test",
+        str(SIZES["test"]),
+        "--val",
+        "1",
+        "--train",
+        "1",
+    ]
     assert make_shards.main(argv) == 0
     assert _read_split(tmp_path / "test") == _read_split(data_dir / "test")
 
 
 def test_make_shards_bad_args_exit_with_message(tmp_path: Path) -> None:
     script = str(TOOLS / "make_shards.py")
-    bad = subprocess.run([sys.executable, script, "synthetic", "--out", str(tmp_path), "--train", "0"],
-                         capture_output=True, text=True)
+    bad = subprocess.run(
+        [sys.executable, script, "synthetic", "--out", str(tmp_path), "--train", "0"], capture_output=True, text=True
+    )
     assert bad.returncode != 0 and "--train" in bad.stderr and "0" in bad.stderr
 
     make_shards, _ = _tools()
@@ -152,8 +187,10 @@ def _samples(n: int) -> list[dict]:
     from PIL import Image
 
     texts = ["a red circle at the top", "two blue squares on the left and a green triangle in the center", "x"]
-    return [{"key": f"k{i}", "image": Image.new("RGB", (56 + 8 * i, 56), (10 * i, 0, 0)), "text": texts[i % 3]}
-            for i in range(n)]
+    return [
+        {"key": f"k{i}", "image": Image.new("RGB", (56 + 8 * i, 56), (10 * i, 0, 0)), "text": texts[i % 3]}
+        for i in range(n)
+    ]
 
 
 def test_collator_never_cuts_image_tokens(data_processor) -> None:
@@ -161,7 +198,7 @@ def test_collator_never_cuts_image_tokens(data_processor) -> None:
     batch = collate(_samples(3))
     q = batch["query"]
     image_id = data_processor.tokenizer.convert_tokens_to_ids("<|image_pad|>")
-    merge = data_processor.image_processor.merge_size ** 2
+    merge = data_processor.image_processor.merge_size**2
     for row, thw in zip(q["input_ids"], q["image_grid_thw"], strict=True):
         assert int((row == image_id).sum()) == int(thw.prod()) // merge
     # vision start/end, the image, "\n", 4 instruction tokens, "\n"
@@ -226,8 +263,9 @@ def test_val_and_test_loaders_yield_every_sample_once_in_order(data_dir: Path) -
 def test_train_loader_full_batches_and_epoch_length(data_dir: Path) -> None:
     dm = _datamodule(data_dir)  # epoch length from manifest.json: 64 samples / 8
     assert dm.samples_per_epoch == SIZES["train"] and dm.train_batches_per_worker() == 8
-    dm = _datamodule(data_dir, train_shards=str(data_dir / "train" / "shard-{000000..000007}.tar"),
-                     samples_per_epoch=40, seed=5)
+    dm = _datamodule(
+        data_dir, train_shards=str(data_dir / "train" / "shard-{000000..000007}.tar"), samples_per_epoch=40, seed=5
+    )
     loader = dm.train_dataloader()
     assert len(loader) == 5
     tok = dm.processor.tokenizer

@@ -9,16 +9,23 @@ from pathlib import Path
 from lame_pl.data.skips import SkipCounter, Skips
 
 TOOLS = Path(__file__).resolve().parents[1] / "tools"
-FORMAT_MODULES = ("lame_pl.data.image_text", "lame_pl.data.instruction_pairs", "lame_pl.data.manifest",
-                  "lame_pl.data.shard_writer", "lame_pl.data.skips")
+FORMAT_MODULES = (
+    "lame_pl.data.image_text",
+    "lame_pl.data.instruction_pairs",
+    "lame_pl.data.manifest",
+    "lame_pl.data.shard_writer",
+    "lame_pl.data.skips",
+)
 
 
 def test_format_modules_and_make_shards_import_without_torch() -> None:
     # The shard writers (tools/make_shards.py) start in a fraction of a second; a format's decode
     # stage and collator take torch and webdataset only when a data module uses them.
-    code = (f"import sys, runpy; import {', '.join(FORMAT_MODULES)}; runpy.run_path({str(TOOLS / 'make_shards.py')!r}); "
-            "heavy = sorted({'torch', 'webdataset', 'lightning', 'transformers'} & set(sys.modules)); "
-            "print(heavy); sys.exit(bool(heavy))")
+    code = (
+        f"import sys, runpy; import {', '.join(FORMAT_MODULES)}; runpy.run_path({str(TOOLS / 'make_shards.py')!r}); "
+        "heavy = sorted({'torch', 'webdataset', 'lightning', 'transformers'} & set(sys.modules)); "
+        "print(heavy); sys.exit(bool(heavy))"
+    )
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     assert result.returncode == 0, result.stdout + result.stderr
 

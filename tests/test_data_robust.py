@@ -108,8 +108,7 @@ def test_bad_samples_skipped_by_reason_and_every_good_one_arrives_in_order(tmp_p
     dm = datamodule(str(tmp_path), max_image_pixels=70 * 70)
     keys, skipped, batches = read_all(dm.val_dataloader())
     assert keys == ["a0", "a2", "a9", "a11", "c0", "c1"]
-    assert skipped == {"bad_image": 2, "empty_caption": 2, "missing_image": 1, "image_too_large": 3,
-                       "vision_token": 1}
+    assert skipped == {"bad_image": 2, "empty_caption": 2, "missing_image": 1, "image_too_large": 3, "vision_token": 1}
     assert all(isinstance(b["skipped"], dict) for b in batches)
     assert batches[-1]["skipped"] == {}  # counts go with the batch they were met in, not later
     assert [t for b in batches for t in b["texts"]][:2] == ["caption of a0", "caption of a2"]
@@ -236,8 +235,10 @@ def _shards_with_bad_samples(folder: Path, n_shards: int, per_shard: int = 4) ->
     folder.mkdir(exist_ok=True)
     keys = []
     for s in range(n_shards):
-        samples = [{"__key__": f"s{s}_bad", "png": b"broken", "txt": "x"},
-                   {"__key__": f"s{s}_empty", "png": png(1), "txt": ""}]
+        samples = [
+            {"__key__": f"s{s}_bad", "png": b"broken", "txt": "x"},
+            {"__key__": f"s{s}_empty", "png": png(1), "txt": ""},
+        ]
         samples += [good(f"s{s}_{i}", i) for i in range(per_shard)]
         keys += [f"s{s}_{i}" for i in range(per_shard)]
         write(folder / f"shard-{s:06d}.tar", samples)
@@ -251,8 +252,9 @@ def test_counts_cross_worker_processes(tmp_path: Path) -> None:
     assert sorted(seen) == sorted(keys)
     assert skipped == {"bad_image": 4, "empty_caption": 4}
 
-    dm = ImageTextDataModule(SPEC, train_shards=str(tmp_path / "val"), samples_per_epoch=16, batch_size=4,
-                             num_workers=2, shuffle_buffer=1)
+    dm = ImageTextDataModule(
+        SPEC, train_shards=str(tmp_path / "val"), samples_per_epoch=16, batch_size=4, num_workers=2, shuffle_buffer=1
+    )
     batches = list(dm.train_dataloader())
     assert len(batches) == 4 and all(len(b["keys"]) == 4 for b in batches)
     skipped = Counter()
@@ -266,12 +268,26 @@ def test_counts_cross_worker_processes(tmp_path: Path) -> None:
 def test_data_health_logs_skips_during_fit(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
     _shards_with_bad_samples(tmp_path / "train", 2)
     _shards_with_bad_samples(tmp_path / "val", 1)
-    dm = ImageTextDataModule(SPEC, train_shards=str(tmp_path / "train"), val_shards=str(tmp_path / "val"),
-                             samples_per_epoch=8, batch_size=2, num_workers=0, shuffle_buffer=1)
+    dm = ImageTextDataModule(
+        SPEC,
+        train_shards=str(tmp_path / "train"),
+        val_shards=str(tmp_path / "val"),
+        samples_per_epoch=8,
+        batch_size=2,
+        num_workers=0,
+        shuffle_buffer=1,
+    )
     module = LaMEModule(SPEC, DecoderSpec(preset="tiny"), num_reason_tokens=2)
     health = DataHealth()
-    trainer = Trainer(accelerator="cpu", fast_dev_run=True, callbacks=[health], logger=False,
-                      enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False)
+    trainer = Trainer(
+        accelerator="cpu",
+        fast_dev_run=True,
+        callbacks=[health],
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+    )
     with caplog.at_level(logging.INFO):
         trainer.fit(module, datamodule=dm)
     metrics = trainer.callback_metrics

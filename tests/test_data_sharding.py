@@ -24,8 +24,22 @@ SIZES = {"train": 32, "val": 20}  # 8 train shards: 2 per (rank, worker) slot of
 @pytest.fixture(scope="module")
 def data_dir(module_tmp) -> Path:
     out = module_tmp("shards")
-    cmd = [sys.executable, str(ROOT / "tools" / "make_shards.py"), "synthetic", "--out", str(out), "--overwrite",
-           "--image-size", "56", "--samples-per-shard", str(PER_SHARD), "--seed", "5", "--test", "4"]
+    cmd = [
+        sys.executable,
+        str(ROOT / "tools" / "make_shards.py"),
+        "synthetic",
+        "--out",
+        str(out),
+        "--overwrite",
+        "--image-size",
+        "56",
+        "--samples-per-shard",
+        str(PER_SHARD),
+        "--seed",
+        "5",
+        "--test",
+        "4",
+    ]
     for split, n in SIZES.items():
         cmd += [f"--{split}", str(n)]
     subprocess.run(cmd, check=True, capture_output=True, text=True)
@@ -33,8 +47,14 @@ def data_dir(module_tmp) -> Path:
 
 
 def _dm(data_dir: Path, **kwargs) -> ImageTextDataModule:
-    defaults = dict(train_shards=str(data_dir / "train"), val_shards=str(data_dir / "val"), batch_size=2,
-                    num_workers=2, shuffle_buffer=8, seed=1)
+    defaults = dict(
+        train_shards=str(data_dir / "train"),
+        val_shards=str(data_dir / "val"),
+        batch_size=2,
+        num_workers=2,
+        shuffle_buffer=8,
+        seed=1,
+    )
     return ImageTextDataModule(SPEC, **{**defaults, **kwargs})
 
 
@@ -69,9 +89,7 @@ def test_val_split_over_more_ranks_than_shards_leaves_the_extra_ranks_empty(
     assert len({k for keys in per_rank for k in keys}) == SIZES["val"]
 
 
-def test_resampled_train_gives_every_rank_the_same_batch_count(
-    data_dir: Path, monkeypatch: pytest.MonkeyPatch
-) -> None:
+def test_resampled_train_gives_every_rank_the_same_batch_count(data_dir: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     counts = []
     for rank in (0, 1):
         _as_rank(monkeypatch, rank)
@@ -149,8 +167,13 @@ class _RecordKeys(Callback):
 def _fit(data_dir: Path, root: Path, max_steps: int, ckpt_path: str | None = None) -> _RecordKeys:
     record = _RecordKeys()
     trainer = Trainer(
-        accelerator="cpu", max_steps=max_steps, logger=False, enable_progress_bar=False,
-        enable_model_summary=False, num_sanity_val_steps=0, limit_val_batches=0,
+        accelerator="cpu",
+        max_steps=max_steps,
+        logger=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        num_sanity_val_steps=0,
+        limit_val_batches=0,
         callbacks=[record, ModelCheckpoint(dirpath=root, save_last=True, every_n_train_steps=3)],
     )
     model = LaMEModule(SPEC, num_reason_tokens=1, stage=2, lr=1e-4)

@@ -19,17 +19,34 @@ SIZES = (32, 10, 10, 5)
 def test_two_process_fit_and_test(tmp_path, synthetic_shards):
     shards = synthetic_shards(*SIZES)
     common = [
-        f"--config={CONF}", *[f"--data.init_args.{s}_shards={shards / s}" for s in ("train", "val", "test")],
-        "--trainer.devices=2", "--trainer.strategy=ddp", "--model.init_args.stage=2",
+        f"--config={CONF}",
+        *[f"--data.init_args.{s}_shards={shards / s}" for s in ("train", "val", "test")],
+        "--trainer.devices=2",
+        "--trainer.strategy=ddp",
+        "--model.init_args.stage=2",
         f"--trainer.default_root_dir={tmp_path}",
     ]
-    fit = subprocess.run([str(LIGHTNING), "fit", *common, "--trainer.max_steps=2", "--trainer.limit_val_batches=0"],
-                         cwd=tmp_path, capture_output=True, text=True, timeout=300)
+    fit = subprocess.run(
+        [str(LIGHTNING), "fit", *common, "--trainer.max_steps=2", "--trainer.limit_val_batches=0"],
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert fit.returncode == 0, fit.stderr[-3000:]
     out = tmp_path / "metrics.json"
     test = subprocess.run(
-        [str(LIGHTNING), "test", *common, "--trainer.callbacks+=callbacks.MetricsFile", f"--trainer.callbacks.path={out}"],
-        cwd=tmp_path, capture_output=True, text=True, timeout=300,
+        [
+            str(LIGHTNING),
+            "test",
+            *common,
+            "--trainer.callbacks+=callbacks.MetricsFile",
+            f"--trainer.callbacks.path={out}",
+        ],
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=300,
     )
     assert test.returncode == 0, test.stderr[-3000:]
     metrics = json.loads(out.read_text())
@@ -51,9 +68,21 @@ def pair_shards(tmp_path: Path, rows: list[dict], samples_per_shard: int) -> Pat
     for name, side in SIDES.items():
         Image.frombytes("RGB", (side, side), bytes(rng.getrandbits(8) for _ in range(side * side * 3))).save(src / name)
     (src / "pairs.jsonl").write_text("".join(json.dumps(row) + "\n" for row in rows))
-    subprocess.run([sys.executable, str(ROOT / "tools" / "make_shards.py"), "manifest", "--manifest",
-                    str(src / "pairs.jsonl"), "--out", str(tmp_path / "pairs"), "--samples-per-shard",
-                    str(samples_per_shard)], check=True, capture_output=True)
+    subprocess.run(
+        [
+            sys.executable,
+            str(ROOT / "tools" / "make_shards.py"),
+            "manifest",
+            "--manifest",
+            str(src / "pairs.jsonl"),
+            "--out",
+            str(tmp_path / "pairs"),
+            "--samples-per-shard",
+            str(samples_per_shard),
+        ],
+        check=True,
+        capture_output=True,
+    )
     return tmp_path / "pairs" / "train"
 
 
@@ -63,12 +92,25 @@ def test_two_process_fit_on_instruction_pairs_with_uneven_hard_negatives(tmp_pat
 
     pair_shards(tmp_path, ROWS * 2, 3)
     fit = subprocess.run(
-        [str(LIGHTNING), "fit", f"--config={CONF}", "--data=datamodules.InstructionPairDataModule",
-         f"--data.init_args.train_shards={tmp_path / 'pairs' / 'train'}", "--data.init_args.batch_size=2",
-         "--data.init_args.num_workers=0", "--trainer.devices=2", "--trainer.strategy=ddp",
-         "--model.init_args.stage=2", "--trainer.max_steps=3", "--trainer.limit_val_batches=0",
-         f"--trainer.default_root_dir={tmp_path}"],
-        cwd=tmp_path, capture_output=True, text=True, timeout=300,
+        [
+            str(LIGHTNING),
+            "fit",
+            f"--config={CONF}",
+            "--data=datamodules.InstructionPairDataModule",
+            f"--data.init_args.train_shards={tmp_path / 'pairs' / 'train'}",
+            "--data.init_args.batch_size=2",
+            "--data.init_args.num_workers=0",
+            "--trainer.devices=2",
+            "--trainer.strategy=ddp",
+            "--model.init_args.stage=2",
+            "--trainer.max_steps=3",
+            "--trainer.limit_val_batches=0",
+            f"--trainer.default_root_dir={tmp_path}",
+        ],
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=300,
     )
     assert fit.returncode == 0, fit.stderr[-3000:]
 
@@ -90,19 +132,33 @@ def test_two_process_validation_diagnostics_match_one_process(tmp_path, monkeypa
 
     def args(name: str) -> list[str]:
         return [
-            f"--config={CONF}", f"--data.init_args.val_shards={shards / 'val'}", "--model.init_args.stage=2",
-            "--trainer.logger=lightning.pytorch.loggers.TensorBoardLogger", f"--trainer.logger.save_dir={tmp_path}",
-            "--trainer.logger.name=", f"--trainer.logger.version={name}", *callbacks,
+            f"--config={CONF}",
+            f"--data.init_args.val_shards={shards / 'val'}",
+            "--model.init_args.stage=2",
+            "--trainer.logger=lightning.pytorch.loggers.TensorBoardLogger",
+            f"--trainer.logger.save_dir={tmp_path}",
+            "--trainer.logger.name=",
+            f"--trainer.logger.version={name}",
+            *callbacks,
             f"--trainer.callbacks.path={tmp_path / name}.json",
         ]
 
-    two = subprocess.run([str(LIGHTNING), "validate", *args("two"), "--trainer.devices=2", "--trainer.strategy=ddp"],
-                         cwd=tmp_path, capture_output=True, text=True, timeout=300)
+    two = subprocess.run(
+        [str(LIGHTNING), "validate", *args("two"), "--trainer.devices=2", "--trainer.strategy=ddp"],
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert two.returncode == 0, two.stderr[-3000:]
     monkeypatch.setattr(sys, "argv", ["lightning"])
     build_cli(["validate", *args("one")])
     one, two = (json.loads((tmp_path / f"{name}.json").read_text()) for name in ("one", "two"))
-    compared = [name for name in one if name.startswith(("val/recall", "val/mrr", "val/ndcg", "diag/")) and "decoder" not in name]
+    compared = [
+        name
+        for name in one
+        if name.startswith(("val/recall", "val/mrr", "val/ndcg", "diag/")) and "decoder" not in name
+    ]
     assert "val/ndcg@10" in compared and "diag/attention/reason" in compared and "diag/effective_rank/query" in compared
     for name in compared:
         assert abs(one[name] - two[name]) < 1e-5, (name, one[name], two[name])
@@ -115,11 +171,25 @@ def test_two_process_stage1_with_projection_and_learnable_temperature(tmp_path, 
     """Stage 1 has no InfoNCE: [EMBED], the projection and the logit scale must not wait for gradients."""
     shards = synthetic_shards(*SIZES)
     fit = subprocess.run(
-        [str(LIGHTNING), "fit", f"--config={CONF}", f"--data.init_args.train_shards={shards / 'train'}",
-         "--data.init_args.batch_size=2", "--model.init_args.stage=1", "--model.init_args.embed_dim=16",
-         "--model.init_args.learnable_temperature=true", "--trainer.devices=2", "--trainer.strategy=ddp",
-         "--trainer.max_steps=2", "--trainer.limit_val_batches=0", f"--trainer.default_root_dir={tmp_path}"],
-        cwd=tmp_path, capture_output=True, text=True, timeout=300,
+        [
+            str(LIGHTNING),
+            "fit",
+            f"--config={CONF}",
+            f"--data.init_args.train_shards={shards / 'train'}",
+            "--data.init_args.batch_size=2",
+            "--model.init_args.stage=1",
+            "--model.init_args.embed_dim=16",
+            "--model.init_args.learnable_temperature=true",
+            "--trainer.devices=2",
+            "--trainer.strategy=ddp",
+            "--trainer.max_steps=2",
+            "--trainer.limit_val_batches=0",
+            f"--trainer.default_root_dir={tmp_path}",
+        ],
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=300,
     )
     assert fit.returncode == 0, fit.stderr[-3000:]
     assert "`Trainer.fit` stopped: `max_steps=2` reached" in fit.stdout + fit.stderr
@@ -134,12 +204,26 @@ def test_two_process_stage1_when_no_row_has_a_decoder_label(tmp_path):
     assert len(image_only) == 2
     pair_shards(tmp_path, image_only * 4, 2)
     fit = subprocess.run(
-        [str(LIGHTNING), "fit", f"--config={CONF}", "--data=datamodules.InstructionPairDataModule",
-         f"--data.init_args.train_shards={tmp_path / 'pairs' / 'train'}", "--data.init_args.batch_size=2",
-         "--data.init_args.decoder_label=target_text", "--data.init_args.num_workers=0",
-         "--trainer.devices=2", "--trainer.strategy=ddp", "--model.init_args.stage=1", "--trainer.max_steps=2",
-         "--trainer.limit_val_batches=0", f"--trainer.default_root_dir={tmp_path}"],
-        cwd=tmp_path, capture_output=True, text=True, timeout=300,
+        [
+            str(LIGHTNING),
+            "fit",
+            f"--config={CONF}",
+            "--data=datamodules.InstructionPairDataModule",
+            f"--data.init_args.train_shards={tmp_path / 'pairs' / 'train'}",
+            "--data.init_args.batch_size=2",
+            "--data.init_args.decoder_label=target_text",
+            "--data.init_args.num_workers=0",
+            "--trainer.devices=2",
+            "--trainer.strategy=ddp",
+            "--model.init_args.stage=1",
+            "--trainer.max_steps=2",
+            "--trainer.limit_val_batches=0",
+            f"--trainer.default_root_dir={tmp_path}",
+        ],
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=300,
     )
     assert fit.returncode == 0, fit.stderr[-3000:]
     assert "`Trainer.fit` stopped: `max_steps=2` reached" in fit.stdout + fit.stderr

@@ -31,8 +31,11 @@ def test_training_logs_the_labelled_fraction_and_decodes_labelled_rows_only(modu
         module.training_step(batch, 0)
         query = module.encode(batch["query"])
         rows = [0, 3]
-        alone = module.criterion.decoder(module.decoder(
-            query.reason_states[rows], **{k: v[rows] for k, v in batch["decoder"].items() if k != "labelled"}))
+        alone = module.criterion.decoder(
+            module.decoder(
+                query.reason_states[rows], **{k: v[rows] for k, v in batch["decoder"].items() if k != "labelled"}
+            )
+        )
     assert logged["train/decoder/labelled_fraction"][0] == 0.5
     assert logged["train/loss/decoder"][0] == pytest.approx(alone.item(), rel=1e-5)
 

@@ -25,9 +25,26 @@ def _run(tmp_path: Path, devices: int, strategy: str, chunk: int, *options: str,
     out = tmp_path / (name or f"{devices}-{strategy}-{chunk}")
     out.mkdir()
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(script.parents[1]), os.environ.get("PYTHONPATH", "")])}
-    run = subprocess.run([sys.executable, str(script), "--devices", str(devices), "--strategy", strategy,
-                          "--chunk", str(chunk), "--out", str(out), *options],
-                         cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
+    run = subprocess.run(
+        [
+            sys.executable,
+            str(script),
+            "--devices",
+            str(devices),
+            "--strategy",
+            strategy,
+            "--chunk",
+            str(chunk),
+            "--out",
+            str(out),
+            *options,
+        ],
+        cwd=tmp_path,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert run.returncode == 0, run.stderr[-3000:]
     return torch.load(out / "grads.pt", weights_only=True), json.loads((out / "losses.json").read_text())
 

@@ -109,11 +109,11 @@ def test_heatmap_figure_frames_the_matrix_with_labels_and_a_colour_scale():
     assert figure.dtype == torch.uint8 and tuple(figure.shape[1:]) == figure_size(2, 3, cell=20)
     top = left = LABEL_BAND
     # The matrix is there, cell for cell, below the "targets" label and right of "queries".
-    assert torch.equal(figure[:, top:top + 40, left:left + 60], render_heatmap(values, cell=20))
-    assert (figure[:, :top - 2, left:left + 60] < 128).any()  # dark text: the column axis label
-    assert (figure[:, top:top + 40, :left - 2] < 128).any()  # and the row axis label
+    assert torch.equal(figure[:, top : top + 40, left : left + 60], render_heatmap(values, cell=20))
+    assert (figure[:, : top - 2, left : left + 60] < 128).any()  # dark text: the column axis label
+    assert (figure[:, top : top + 40, : left - 2] < 128).any()  # and the row axis label
     # The colour scale runs from red (+1) at the top to blue (-1) at the bottom.
-    bar = figure[:, top:top + 40, left + 60 + SCALE_GAP + 4].int()
+    bar = figure[:, top : top + 40, left + 60 + SCALE_GAP + 4].int()
     assert bar[:, 0].tolist() == [255, 0, 0] and bar[:, -1].tolist() == [0, 0, 255]
     assert (bar[0].diff() <= 0).all() and (bar[2].diff() >= 0).all()  # red fades, blue grows, row by row
     with pytest.raises(ValueError, match="2-D"):
@@ -123,9 +123,13 @@ def test_heatmap_figure_frames_the_matrix_with_labels_and_a_colour_scale():
 def test_thumbnails_undo_the_processors_patch_layout(processor):
     """The image rebuilt from pixel_values is the processor's own normalised image, contrast-stretched."""
     image = random_image(random.Random(3))  # IMAGE_SIDE square: no resizing at these pixel bounds
-    out = processor.image_processor(images=[image, image.transpose(Image.Transpose.FLIP_LEFT_RIGHT)], return_tensors="pt")
+    out = processor.image_processor(
+        images=[image, image.transpose(Image.Transpose.FLIP_LEFT_RIGHT)], return_tensors="pt"
+    )
     ip = processor.image_processor
-    rebuilt = images_from_patches(out["pixel_values"], out["image_grid_thw"], ip.patch_size, ip.merge_size, ip.temporal_patch_size)
+    rebuilt = images_from_patches(
+        out["pixel_values"], out["image_grid_thw"], ip.patch_size, ip.merge_size, ip.temporal_patch_size
+    )
     assert len(rebuilt) == 2 and rebuilt[0].shape == (3, IMAGE_SIDE, IMAGE_SIDE)
     raw = torch.from_numpy(np.asarray(image, dtype=np.float32) / 255).permute(2, 0, 1)
     normalised = (raw - torch.tensor(ip.image_mean)[:, None, None]) / torch.tensor(ip.image_std)[:, None, None]
@@ -133,7 +137,9 @@ def test_thumbnails_undo_the_processors_patch_layout(processor):
     assert torch.allclose(rebuilt[0], expected, atol=1e-4)
     assert torch.allclose(rebuilt[1], expected.flip(-1), atol=1e-4)
     with pytest.raises(ValueError, match="accounts for"):
-        images_from_patches(out["pixel_values"][:-1], out["image_grid_thw"], ip.patch_size, ip.merge_size, ip.temporal_patch_size)
+        images_from_patches(
+            out["pixel_values"][:-1], out["image_grid_thw"], ip.patch_size, ip.merge_size, ip.temporal_patch_size
+        )
 
 
 def test_row_images_skips_rows_without_an_image():
@@ -173,11 +179,14 @@ def test_attention_shares_sum_to_one_and_the_bottleneck_hides_the_input(backbone
         assert bool((shares["input"] > 0).all())
 
 
-@pytest.mark.parametrize(("mode", "settings"), [
-    ("discriminative", dict(num_reason_tokens=0)),
-    ("latent_sequential", dict(num_reason_tokens=3)),
-    ("explicit_cot", dict(num_reason_tokens=2, cot_tokens=4)),
-])
+@pytest.mark.parametrize(
+    ("mode", "settings"),
+    [
+        ("discriminative", dict(num_reason_tokens=0)),
+        ("latent_sequential", dict(num_reason_tokens=3)),
+        ("explicit_cot", dict(num_reason_tokens=2, cot_tokens=4)),
+    ],
+)
 def test_attention_shares_follow_each_modes_layout(backbone, make_batch, mode, settings):
     """The probe's last record is the pass that ends at [EMBED], whose keys the layout accounts for."""
     encoder = LaMEEncoder(backbone, encode_mode=mode, **settings).eval()
@@ -294,8 +303,9 @@ def test_embedding_health_statistics_and_a_single_collapse_warning(monkeypatch):
 
 
 @pytest.mark.parametrize(("contrastive_weight", "alarms"), [(0.0, 0), (1.0, 1)])
-def test_the_collapse_alarm_is_raised_only_where_the_contrastive_loss_is_in_force(monkeypatch, contrastive_weight,
-                                                                                 alarms):
+def test_the_collapse_alarm_is_raised_only_where_the_contrastive_loss_is_in_force(
+    monkeypatch, contrastive_weight, alarms
+):
     """Stage 1 trains no embedding: its collapsed space is logged, not alarmed."""
     health = EmbeddingHealth(num_samples=4)
     module = _fake_module()
@@ -386,8 +396,10 @@ def test_information_is_the_loss_with_other_rows_states_minus_own_over_the_subse
         own = module.decoder(states[:4], **rows)
         other = module.decoder(states[:4].roll(1, dims=0), **rows)
     tokens = own.num_tokens
-    expected = (F.cross_entropy(other.logits, other.targets, reduction="sum")
-                - F.cross_entropy(own.logits, own.targets, reduction="sum")) / tokens
+    expected = (
+        F.cross_entropy(other.logits, other.targets, reduction="sum")
+        - F.cross_entropy(own.logits, own.targets, reduction="sum")
+    ) / tokens
     gathered_own, gathered_other, counted = callback._information
     assert counted == tokens and (gathered_other - gathered_own) / counted == pytest.approx(float(expected), abs=1e-5)
     assert abs(float(expected)) > 1e-4  # random states: the rows' decodes differ

@@ -26,9 +26,16 @@ def _train(module, batch, path: Path, perturb_adapters: bool = False) -> Path:
     from lightning import Trainer
 
     loader = torch.utils.data.DataLoader([batch], batch_size=None)
-    trainer = Trainer(accelerator="cpu", max_steps=1, logger=False, enable_checkpointing=False,
-                      enable_progress_bar=False, enable_model_summary=False, num_sanity_val_steps=0,
-                      limit_val_batches=0)
+    trainer = Trainer(
+        accelerator="cpu",
+        max_steps=1,
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        num_sanity_val_steps=0,
+        limit_val_batches=0,
+    )
     trainer.fit(module, loader)
     if perturb_adapters:  # one step leaves DoRA close to its base: move it, so that the merge matters
         with torch.no_grad():
@@ -62,8 +69,9 @@ def trained(module_tmp, tiny_spec, tiny_decoder, make_batch) -> dict[str, Path]:
         _train(LaMEModule(stage=1, **common), batch, root / "init.ckpt")
         plain = _train(LaMEModule(stage=2, init_from="init.ckpt", **common), batch, root / "plain.ckpt")
         dora = Stage2Spec(lora=LoraSpec(r=4, alpha=8, dropout=0.0, use_dora=True))
-        adapted = _train(LaMEModule(stage=2, stage2=dora, embed_dim=24, **common), batch, root / "dora.ckpt",
-                         perturb_adapters=True)
+        adapted = _train(
+            LaMEModule(stage=2, stage2=dora, embed_dim=24, **common), batch, root / "dora.ckpt", perturb_adapters=True
+        )
     finally:
         os.chdir(here)
     return {"root": root, "plain": plain, "dora": adapted}
@@ -75,8 +83,11 @@ def _rows(tmp_path: Path) -> dict:
     image = random_image(rng)
     path = tmp_path / "scene.png"
     random_image(rng).save(path)
-    return dict(texts=["a red circle at the top left", "", "two blue squares in the center"],
-                images=[None, image, str(path)], instructions=["", INSTRUCTION, INSTRUCTION])
+    return dict(
+        texts=["a red circle at the top left", "", "two blue squares in the center"],
+        images=[None, image, str(path)],
+        instructions=["", INSTRUCTION, INSTRUCTION],
+    )
 
 
 def _module_embeddings(checkpoint: Path, embedder: LaMEEmbedder, rows: dict) -> torch.Tensor:
@@ -179,8 +190,13 @@ def test_init_from_takes_weights_but_keeps_this_runs_output_ids(trained, tiny_sp
     from lame_pl.backbone import DecoderSpec
 
     (tmp_path / "small.json").write_text(json.dumps([0, 1, 2, 151643]))
-    module = LaMEModule(backbone=tiny_spec, decoder=DecoderSpec(preset="tiny", vocab_file=str(tmp_path / "small.json")),
-                        num_reason_tokens=2, stage=2, init_from=str(trained["plain"]))
+    module = LaMEModule(
+        backbone=tiny_spec,
+        decoder=DecoderSpec(preset="tiny", vocab_file=str(tmp_path / "small.json")),
+        num_reason_tokens=2,
+        stage=2,
+        init_from=str(trained["plain"]),
+    )
     assert module.decoder.output_ids.tolist() == [0, 1, 2, 151643]
     saved = torch.load(trained["plain"], map_location="cpu", weights_only=True)["state_dict"]
     assert torch.equal(module.encoder.reason_embeddings, saved["encoder.reason_embeddings"])

@@ -28,14 +28,21 @@ def checkpoint(module_tmp, synthetic_shards) -> Path:
     argv = sys.argv
     sys.argv = ["lightning"]  # LightningCLI warns when both sys.argv and args are given
     try:
-        build_cli([
-            "fit", f"--config={CONF}", f"--data.init_args.train_shards={shards / 'train'}",
-            "--trainer.max_steps=1", "--trainer.limit_val_batches=0", "--trainer.logger=false",
-            f"--trainer.default_root_dir={tmp}",  # where LightningCLI saves its config.yaml
-            "--trainer.callbacks+=lightning.pytorch.callbacks.ModelCheckpoint",
-            f"--trainer.callbacks.dirpath={tmp / 'ckpt'}", "--trainer.callbacks.save_last=true",
-            "--data.init_args.max_text_length=24",
-        ])
+        build_cli(
+            [
+                "fit",
+                f"--config={CONF}",
+                f"--data.init_args.train_shards={shards / 'train'}",
+                "--trainer.max_steps=1",
+                "--trainer.limit_val_batches=0",
+                "--trainer.logger=false",
+                f"--trainer.default_root_dir={tmp}",  # where LightningCLI saves its config.yaml
+                "--trainer.callbacks+=lightning.pytorch.callbacks.ModelCheckpoint",
+                f"--trainer.callbacks.dirpath={tmp / 'ckpt'}",
+                "--trainer.callbacks.save_last=true",
+                "--data.init_args.max_text_length=24",
+            ]
+        )
     finally:
         sys.argv = argv
     return tmp / "ckpt" / "last.ckpt"
@@ -43,8 +50,9 @@ def checkpoint(module_tmp, synthetic_shards) -> Path:
 
 def tool(name: str, *args: str) -> subprocess.CompletedProcess:
     """The tool as a user runs it (a fresh interpreter: ~7 s of imports, so used once)."""
-    return subprocess.run([sys.executable, str(ROOT / "tools" / name), *args], capture_output=True, text=True,
-                          timeout=300, cwd=ROOT)
+    return subprocess.run(
+        [sys.executable, str(ROOT / "tools" / name), *args], capture_output=True, text=True, timeout=300, cwd=ROOT
+    )
 
 
 def run_script(name: str, *args: str, monkeypatch) -> None:
@@ -53,11 +61,22 @@ def run_script(name: str, *args: str, monkeypatch) -> None:
     runpy.run_path(str(ROOT / "tools" / name), run_name="__main__")
 
 
-def test_eval_mmeb_with_a_checkpoint_scores_every_task_and_a_rerun_only_scores(checkpoint, tmp_path, capsys,
-                                                                                  monkeypatch):
+def test_eval_mmeb_with_a_checkpoint_scores_every_task_and_a_rerun_only_scores(
+    checkpoint, tmp_path, capsys, monkeypatch
+):
     data = write_mmeb(tmp_path / "mmeb")
-    args = ["--checkpoint", str(checkpoint), "--data-root", str(data), "--output-dir", str(tmp_path / "out"),
-            "--batch-size", "3", "--max-text-length", "32"]
+    args = [
+        "--checkpoint",
+        str(checkpoint),
+        "--data-root",
+        str(data),
+        "--output-dir",
+        str(tmp_path / "out"),
+        "--batch-size",
+        "3",
+        "--max-text-length",
+        "32",
+    ]
     run_script("eval_mmeb.py", *args, monkeypatch=monkeypatch)
     summary = json.loads((tmp_path / "out" / "summary.json").read_text())
     tasks = {t["task"]: t for t in summary["tasks"]}
@@ -72,8 +91,19 @@ def test_eval_mmeb_with_a_checkpoint_scores_every_task_and_a_rerun_only_scores(c
 
 def test_eval_mrmr_tool_with_a_checkpoint(checkpoint, tmp_path, capsys, monkeypatch):
     data = write_mrmr(tmp_path / "mrmr")
-    run_script("eval_mrmr.py", "--checkpoint", str(checkpoint), "--data-root", str(data),
-               "--output-dir", str(tmp_path / "out"), "--tasks", "negation", "knowledge", monkeypatch=monkeypatch)
+    run_script(
+        "eval_mrmr.py",
+        "--checkpoint",
+        str(checkpoint),
+        "--data-root",
+        str(data),
+        "--output-dir",
+        str(tmp_path / "out"),
+        "--tasks",
+        "negation",
+        "knowledge",
+        monkeypatch=monkeypatch,
+    )
     saved = json.loads((tmp_path / "out" / "mrmr" / "knowledge_score.json").read_text())
     assert saved["main_metric"] == "ndcg@10" and 0.0 <= saved["main_score"] <= 1.0
     out = capsys.readouterr().out
@@ -83,13 +113,16 @@ def test_eval_mrmr_tool_with_a_checkpoint(checkpoint, tmp_path, capsys, monkeypa
 def test_bad_input_exits_non_zero_with_one_line(tmp_path):
     data = write_mmeb(tmp_path / "mmeb")
     (data / "image-tasks" / "MSCOCO_t2i" / "bird.png").unlink()
-    result = tool("eval_mmeb.py", "--checkpoint", "missing.ckpt", "--data-root", str(data),
-                  "--output-dir", str(tmp_path / "out"))
+    result = tool(
+        "eval_mmeb.py", "--checkpoint", "missing.ckpt", "--data-root", str(data), "--output-dir", str(tmp_path / "out")
+    )
     assert result.returncode != 0
     assert result.stderr.strip().splitlines()[-1].startswith("error: task MSCOCO_t2i: ")
     assert "tgt_img_path 'MSCOCO_t2i/bird.png' does not exist" in result.stderr
     # With the data fixed, the missing checkpoint is the next thing named.
-    (data / "image-tasks" / "MSCOCO_t2i" / "bird.png").write_bytes((data / "image-tasks" / "MSCOCO_t2i" / "cat.png").read_bytes())
+    (data / "image-tasks" / "MSCOCO_t2i" / "bird.png").write_bytes(
+        (data / "image-tasks" / "MSCOCO_t2i" / "cat.png").read_bytes()
+    )
     with pytest.raises(SystemExit, match="error: missing checkpoint file missing.ckpt"):
         main("mmeb", ["--checkpoint", "missing.ckpt", "--data-root", str(data), "--output-dir", str(tmp_path / "out")])
 
@@ -104,9 +137,13 @@ def test_checkpoint_encoder_batches_agree_with_one_at_a_time(checkpoint, tmp_pat
     word_png("cat", image)
     dog = tmp_path / "dog.png"
     word_png("dog", dog)
-    items = [Item("Represent the image:", "", (str(image),)), Item("", "a much longer caption with many more words"),
-             Item("Find the document:", "short", (word_png("dog"),)), Item("", "two frames", (str(image), str(image))),
-             Item("", "two frames", video=(str(image), str(dog)))]
+    items = [
+        Item("Represent the image:", "", (str(image),)),
+        Item("", "a much longer caption with many more words"),
+        Item("Find the document:", "short", (word_png("dog"),)),
+        Item("", "two frames", (str(image), str(image))),
+        Item("", "two frames", video=(str(image), str(dog))),
+    ]
     one = CheckpointEncoder(checkpoint, batch_size=1).encode(items)
     batched = CheckpointEncoder(checkpoint, batch_size=5).encode(items)
     assert one.shape == (5, batched.shape[1])
@@ -142,27 +179,50 @@ def test_training_collator_and_evaluator_build_identical_inputs(checkpoint, tmp_
     frames = [f"frame_{i}.png" for i in range(4)]
     long_text = "what is the colour of the large shape in the middle of this picture, and why"
     samples = [
-        {"key": "a", "query": {"instruction": "Answer the question about the image:", "text": long_text,
-                               "images": [decoded("query.png")], "video": None},
-         "target": {"instruction": "Represent the answer:", "text": "blue", "images": [], "video": None},
-         "negatives": [{"instruction": "", "text": "red", "images": [], "video": None},
-                       {"instruction": "Represent the image:", "text": "", "images": [decoded("negative.png")],
-                        "video": None}]},
-        {"key": "b", "query": {"instruction": "", "text": "a cat jumps", "images": [], "video": None},
-         "target": {"instruction": "Understand the content of the provided video.", "text": "", "images": [],
-                    "video": [decoded(f) for f in frames]},
-         "negatives": []},
+        {
+            "key": "a",
+            "query": {
+                "instruction": "Answer the question about the image:",
+                "text": long_text,
+                "images": [decoded("query.png")],
+                "video": None,
+            },
+            "target": {"instruction": "Represent the answer:", "text": "blue", "images": [], "video": None},
+            "negatives": [
+                {"instruction": "", "text": "red", "images": [], "video": None},
+                {"instruction": "Represent the image:", "text": "", "images": [decoded("negative.png")], "video": None},
+            ],
+        },
+        {
+            "key": "b",
+            "query": {"instruction": "", "text": "a cat jumps", "images": [], "video": None},
+            "target": {
+                "instruction": "Understand the content of the provided video.",
+                "text": "",
+                "images": [],
+                "video": [decoded(f) for f in frames],
+            },
+            "negatives": [],
+        },
     ]
     # What the evaluator reads for the same records: each instruction as the collator resolves it.
-    queries = [Item("Answer the question about the image:", long_text, (paths["query.png"],)),
-               Item("Find the video:", "a cat jumps")]
-    targets = [Item("Represent the answer:", "blue"),
-               Item("Understand the content of the provided video.", "", video=tuple(paths[f] for f in frames))]
+    queries = [
+        Item("Answer the question about the image:", long_text, (paths["query.png"],)),
+        Item("Find the video:", "a cat jumps"),
+    ]
+    targets = [
+        Item("Represent the answer:", "blue"),
+        Item("Understand the content of the provided video.", "", video=tuple(paths[f] for f in frames)),
+    ]
     negatives = [Item("Represent the answer:", "red"), Item("Represent the image:", "", (paths["negative.png"],))]
 
     encoder = CheckpointEncoder(checkpoint, max_text_length=8)
-    collate = InstructionCollator(build_processor(encoder.embedder.backbone_spec), query_instruction="Find the video:",
-                                  target_instruction="unused", max_text_length=8)
+    collate = InstructionCollator(
+        build_processor(encoder.embedder.backbone_spec),
+        query_instruction="Find the video:",
+        target_instruction="unused",
+        max_text_length=8,
+    )
     batch = collate(samples)
     for side, items in (("query", queries), ("target", targets), ("negative", negatives)):
         expected = encoder.inputs(items)

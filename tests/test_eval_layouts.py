@@ -65,8 +65,7 @@ def test_snapshot_layouts_score_as_the_flat_layout(tmp_path, capsys, images):
     err = capsys.readouterr().err
     assert "ImageNet-1K: rows MMEB_Test_Instruct/ImageNet-1K, media " + images in err
     assert "MSR-VTT: rows video/MSR-VTT.jsonl, media video-tasks/frames/video_ret" in err
-    assert ("ViDoRe_arxivqa: tables visdoc-tasks/arxivqa_test_subsampled_beir, pages visdoc-tasks/ViDoRe_arxivqa"
-            in err)
+    assert "ViDoRe_arxivqa: tables visdoc-tasks/arxivqa_test_subsampled_beir, pages visdoc-tasks/ViDoRe_arxivqa" in err
     assert f"warning: folder {root / 'notes'} is not read" in err
     assert err.count("is not read") == 1  # README.md, the media folders and the snapshot's folders are not noise
 
@@ -108,12 +107,24 @@ def test_media_missing_names_the_folders_tried_and_an_archive_to_unpack(tmp_path
 def test_english_vidore_v2_keeps_its_english_queries(tmp_path, capsys):
     root = tmp_path / "mmeb"
     beir = root / "visdoc-tasks" / "biomedical_lectures_v2"  # one snapshot, two tasks
-    parquet(beir / "corpus", [{"corpus-id": "d1", "image": {"bytes": word_png("cat"), "path": None}},
-                              {"corpus-id": "d2", "image": {"bytes": word_png("dog"), "path": None}}])
-    parquet(beir / "queries", [{"query-id": "q1", "query": "cat", "language": "english"},
-                               {"query-id": "q2", "query": "dog", "language": "french"}])
-    parquet(beir / "qrels", [{"query-id": "q1", "corpus-id": "d1", "score": 1},
-                             {"query-id": "q2", "corpus-id": "d1", "score": 1}])  # q2 misses: 0
+    parquet(
+        beir / "corpus",
+        [
+            {"corpus-id": "d1", "image": {"bytes": word_png("cat"), "path": None}},
+            {"corpus-id": "d2", "image": {"bytes": word_png("dog"), "path": None}},
+        ],
+    )
+    parquet(
+        beir / "queries",
+        [
+            {"query-id": "q1", "query": "cat", "language": "english"},
+            {"query-id": "q2", "query": "dog", "language": "french"},
+        ],
+    )
+    parquet(
+        beir / "qrels",
+        [{"query-id": "q1", "corpus-id": "d1", "score": 1}, {"query-id": "q2", "corpus-id": "d1", "score": 1}],
+    )  # q2 misses: 0
     summary = run_mmeb(root, tmp_path / "out")
     by_task = {t["task"]: t for t in summary["tasks"]}
     assert by_task["ViDoRe_biomedical_lectures_v2"]["num_queries"] == 1
@@ -128,7 +139,8 @@ def test_media_without_tables_is_said(tmp_path, capsys):
     shutil.rmtree(root / "video")
     run_mmeb(root, tmp_path / "out", "--tasks", "ImageNet-1K")
     assert f"warning: {root / 'video-tasks'} holds video media but no video task table was found" in (
-        capsys.readouterr().err)
+        capsys.readouterr().err
+    )
 
 
 def test_mrmr_snapshot_folders_and_case(tmp_path, capsys):
@@ -158,15 +170,28 @@ def test_list_tasks_needs_no_checkpoint_or_data(capsys):
     lines = [line.split() for line in capsys.readouterr().out.splitlines()]
     assert ["ImageNet-1K", "image", "CLS", "(classification)", "hit@1", "local"] in lines
     assert ["MSR-VTT", "video", "RET", "(retrieval)", "hit@1", "global"] in lines
-    assert ["ViDoRe_arxivqa", "visdoc", "ViDoRe-v1", "(document", "retrieval)", "ndcg@5", "global",
-            "arxivqa_test_subsampled_beir"] in lines
+    assert [
+        "ViDoRe_arxivqa",
+        "visdoc",
+        "ViDoRe-v1",
+        "(document",
+        "retrieval)",
+        "ndcg@5",
+        "global",
+        "arxivqa_test_subsampled_beir",
+    ] in lines
     assert ["negation", "contradiction", "recall@1", "negation/", "or", "MRMRbenchmark/negation/"] in lines
     assert sum(1 for line in lines if "hit@1" in line or "ndcg@5" in line) == 81  # 78 counted + 3 multilingual
 
 
 def test_list_tasks_runs_as_written_in_a_fresh_directory(tmp_path, capsys):
-    done = subprocess.run([sys.executable, str(REPO / "tools" / "eval_mmeb.py"), "--list-tasks"], cwd=tmp_path,
-                          capture_output=True, text=True, timeout=120)
+    done = subprocess.run(
+        [sys.executable, str(REPO / "tools" / "eval_mmeb.py"), "--list-tasks"],
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert done.returncode == 0, done.stderr
     assert "ImageNet-1K" in done.stdout and "ndcg@5" in done.stdout
     # Without --list-tasks the evaluation arguments are still required, by name.

@@ -111,8 +111,16 @@ def test_score_task_local_and_global_agree_when_every_query_sees_every_candidate
     items = [Item("", str(i)) for i in range(7)]
     cands = [Item("", f"c{i}") for i in range(5)]
     relevance = [{i % 5: 1.0} for i in range(7)]
-    common = dict(name="t", modality="image", group="CLS", main_metric="hit@1", queries=items, candidates=cands,
-                  relevance=relevance, ideal_grades=[[1.0]] * 7)
+    common = dict(
+        name="t",
+        modality="image",
+        group="CLS",
+        main_metric="hit@1",
+        queries=items,
+        candidates=cands,
+        relevance=relevance,
+        ideal_grades=[[1.0]] * 7,
+    )
     global_ = score_task(RetrievalTask(**common), q_emb, c_emb, chunk=3)
     # A local list in another order ranks the same candidates: same metrics.
     local = score_task(RetrievalTask(**common, local=[[4, 3, 2, 1, 0]] * 7), q_emb, c_emb)

@@ -22,27 +22,44 @@ def write_jsonl(path: Path, rows: list[dict]) -> None:
 
 def image_rows() -> list[dict]:
     """ImageNet-1K-shaped rows: an image query, text candidates, gold first. Expected hit@1: 2 of 4."""
+
     def row(word: str, candidates: list[str]) -> dict:
-        return {"qry_inst": INST, "qry_text": "", "qry_img_path": f"ImageNet-1K/{word}.png",
-                "tgt_inst": "", "tgt_text": candidates, "tgt_img_path": [""] * len(candidates)}
+        return {
+            "qry_inst": INST,
+            "qry_text": "",
+            "qry_img_path": f"ImageNet-1K/{word}.png",
+            "tgt_inst": "",
+            "tgt_text": candidates,
+            "tgt_img_path": [""] * len(candidates),
+        }
 
     return [
-        row("cat", ["cat", "dog", "bird"]),   # right
-        row("dog", ["bird", "dog", "cat"]),   # wrong: the model prefers dog, the gold is bird
+        row("cat", ["cat", "dog", "bird"]),  # right
+        row("dog", ["bird", "dog", "cat"]),  # wrong: the model prefers dog, the gold is bird
         row("fish", ["cat", "dog", "bird"]),  # every score ties at 0: ties count against the query
-        row("cat", ["cat", "cat", "dog"]),    # a duplicate of the gold is the gold, not a rival
+        row("cat", ["cat", "cat", "dog"]),  # a duplicate of the gold is the gold, not a rival
     ]
 
 
 def t2i_rows() -> list[dict]:
     """MSCOCO_t2i-shaped rows: a text query, image candidates named by path. Expected hit@1: 1 of 2."""
     return [
-        {"qry_inst": "Find me an everyday image that matches the given caption:", "qry_text": "a cat",
-         "qry_img_path": "", "tgt_inst": "", "tgt_text": ["<|image_1|> Represent the given image."] * 2,
-         "tgt_img_path": ["MSCOCO_t2i/cat.png", "MSCOCO_t2i/dog.png"]},
-        {"qry_inst": "Find me an everyday image that matches the given caption:", "qry_text": "a bird",
-         "qry_img_path": "", "tgt_inst": "", "tgt_text": ["<|image_1|> Represent the given image."] * 2,
-         "tgt_img_path": ["MSCOCO_t2i/dog.png", "MSCOCO_t2i/bird.png"]},
+        {
+            "qry_inst": "Find me an everyday image that matches the given caption:",
+            "qry_text": "a cat",
+            "qry_img_path": "",
+            "tgt_inst": "",
+            "tgt_text": ["<|image_1|> Represent the given image."] * 2,
+            "tgt_img_path": ["MSCOCO_t2i/cat.png", "MSCOCO_t2i/dog.png"],
+        },
+        {
+            "qry_inst": "Find me an everyday image that matches the given caption:",
+            "qry_text": "a bird",
+            "qry_img_path": "",
+            "tgt_inst": "",
+            "tgt_text": ["<|image_1|> Represent the given image."] * 2,
+            "tgt_img_path": ["MSCOCO_t2i/dog.png", "MSCOCO_t2i/bird.png"],
+        },
     ]
 
 
@@ -56,7 +73,9 @@ def write_mmeb(root: Path, parquet: bool = False) -> Path:
         pa = pytest.importorskip("pyarrow")
         pq = pytest.importorskip("pyarrow.parquet")
         (root / "image" / "ImageNet-1K").mkdir(parents=True)
-        pq.write_table(pa.Table.from_pylist(image_rows()), root / "image" / "ImageNet-1K" / "test-00000-of-00001.parquet")
+        pq.write_table(
+            pa.Table.from_pylist(image_rows()), root / "image" / "ImageNet-1K" / "test-00000-of-00001.parquet"
+        )
     else:
         write_jsonl(root / "image" / "ImageNet-1K.jsonl", image_rows())
     write_jsonl(root / "image" / "MSCOCO_t2i.jsonl", t2i_rows())
@@ -64,27 +83,45 @@ def write_mmeb(root: Path, parquet: bool = False) -> Path:
     for word in ("cat", "dog"):
         for i in range(3):
             word_png(word, root / "video-tasks" / "MSR-VTT" / f"v_{word}" / f"{i:03d}.png")
-    write_jsonl(root / "video" / "MSR-VTT.jsonl", [
-        {"qry_inst": "Find a video that contains the following visual content:", "qry_text": "cat",
-         "qry_video_path": "", "tgt_text": [""], "tgt_video_path": ["MSR-VTT/v_cat"]},
-        {"qry_inst": "Find a video that contains the following visual content:", "qry_text": "dog",
-         "qry_video_path": "", "tgt_text": [""], "tgt_video_path": ["MSR-VTT/v_dog"]},
-    ])
+    write_jsonl(
+        root / "video" / "MSR-VTT.jsonl",
+        [
+            {
+                "qry_inst": "Find a video that contains the following visual content:",
+                "qry_text": "cat",
+                "qry_video_path": "",
+                "tgt_text": [""],
+                "tgt_video_path": ["MSR-VTT/v_cat"],
+            },
+            {
+                "qry_inst": "Find a video that contains the following visual content:",
+                "qry_text": "dog",
+                "qry_video_path": "",
+                "tgt_text": [""],
+                "tgt_video_path": ["MSR-VTT/v_dog"],
+            },
+        ],
+    )
     # Visual documents, BEIR-style, graded qrels; pages as <corpus-id>.png under visdoc-tasks/<Task>.
     task = root / "visdoc" / "ViDoRe_arxivqa"
     for doc, word in (("d1", "cat"), ("d2", "dog"), ("d3", "bird")):
         word_png(word, root / "visdoc-tasks" / "ViDoRe_arxivqa" / f"{doc}.png")
     write_jsonl(task / "corpus.jsonl", [{"corpus-id": d} for d in ("d1", "d2", "d3")])
-    write_jsonl(task / "queries.jsonl", [{"query-id": "q1", "query": "cat"}, {"query-id": "q2", "query": "dog"},
-                                         {"query-id": "q3", "query": "bird"}])
-    write_jsonl(task / "qrels.jsonl", [
-        {"query-id": "q1", "corpus-id": "d1", "score": 2},
-        {"query-id": "q1", "corpus-id": "d1", "score": 1},  # duplicate qrel: the highest grade stays
-        {"query-id": "q1", "corpus-id": "d2", "score": 1},
-        {"query-id": "q1", "corpus-id": "d3", "score": 0},  # grade 0: dropped
-        {"query-id": "q2", "corpus-id": "d2", "score": 1},
-        {"query-id": "q3", "corpus-id": "d3", "score": 0},  # q3 has no positive qrel: skipped
-    ])
+    write_jsonl(
+        task / "queries.jsonl",
+        [{"query-id": "q1", "query": "cat"}, {"query-id": "q2", "query": "dog"}, {"query-id": "q3", "query": "bird"}],
+    )
+    write_jsonl(
+        task / "qrels.jsonl",
+        [
+            {"query-id": "q1", "corpus-id": "d1", "score": 2},
+            {"query-id": "q1", "corpus-id": "d1", "score": 1},  # duplicate qrel: the highest grade stays
+            {"query-id": "q1", "corpus-id": "d2", "score": 1},
+            {"query-id": "q1", "corpus-id": "d3", "score": 0},  # grade 0: dropped
+            {"query-id": "q2", "corpus-id": "d2", "score": 1},
+            {"query-id": "q3", "corpus-id": "d3", "score": 0},  # q3 has no positive qrel: skipped
+        ],
+    )
     return root
 
 
@@ -111,8 +148,10 @@ def test_known_answers_per_task_group_modality_and_overall(tmp_path, capsys):
     image = summary["modalities"]["image"]
     # official (VLM2Vec): the all-tie "fish" row keeps numpy's order, gold first, so it is a hit (0.75);
     # strict counts the tie against the query (0.5): a 25-point gap, flagged.
-    assert image["groups"] == {"CLS": {"score": 0.75, "strict": 0.5, "num_tasks": 1, "gap_flagged": True},
-                               "RET": {"score": 0.5, "strict": 0.5, "num_tasks": 1, "gap_flagged": False}}
+    assert image["groups"] == {
+        "CLS": {"score": 0.75, "strict": 0.5, "num_tasks": 1, "gap_flagged": True},
+        "RET": {"score": 0.5, "strict": 0.5, "num_tasks": 1, "gap_flagged": False},
+    }
     # official visdoc: VLM2Vec ranks the documents the queries name (d1, d2) before the rest (d3), so
     # d2 wins its tie with d3 for q1: nDCG@5 is 1 for both queries.
     official = {t["task"]: t["main_score"] for t in summary["tasks"]}
@@ -159,8 +198,12 @@ def test_video_frames_in_natural_order_sampled_like_vlm2vec(tmp_path):
     (folder / "notes.txt").write_text("not a frame")
     video = {t.name: t for t in load_mmeb_tasks(root, ["MSR-VTT"], num_frames=4)}["MSR-VTT"]
     # numpy.linspace(0, 11, 4) truncated: indices 0, 3, 7, 11.
-    assert [Path(f).name for f in video.candidates[0].video] == ["frame_1.png", "frame_4.png", "frame_8.png",
-                                                                 "frame_12.png"]
+    assert [Path(f).name for f in video.candidates[0].video] == [
+        "frame_1.png",
+        "frame_4.png",
+        "frame_8.png",
+        "frame_12.png",
+    ]
 
 
 def test_item_key_tells_a_video_from_the_same_frames_as_images(tmp_path):

@@ -23,30 +23,43 @@ def write_mrmr(root: Path) -> Path:
     k = root / "knowledge"
     word_png("cat", k / "images" / "q_cat.png")
     word_png("dog", k / "images" / "doc_dog.png")
-    write_jsonl(k / "corpus.jsonl", [
-        {"id": "c1", "text": "cat facts", "modality": "text"},
-        {"id": "c2", "text": "about a", "image": "images/doc_dog.png", "modality": "image,text"},
-        {"id": "c3", "text": "cat cat and fish", "modality": "text"},
-    ])
+    write_jsonl(
+        k / "corpus.jsonl",
+        [
+            {"id": "c1", "text": "cat facts", "modality": "text"},
+            {"id": "c2", "text": "about a", "image": "images/doc_dog.png", "modality": "image,text"},
+            {"id": "c3", "text": "cat cat and fish", "modality": "text"},
+        ],
+    )
     write_jsonl(k / "pin_p.jsonl", [{"id": "c1", "text": "bird", "modality": "text"}])  # same id, kept apart
-    write_jsonl(k / "query.jsonl", [
-        {"id": "k1", "text": "what is this?", "image": "images/q_cat.png", "modality": "image,text"},
-        {"id": "k2", "text": "bird", "modality": "text"},
-    ])
-    write_jsonl(k / "qrels.jsonl", [
-        {"query_id": "k1", "corpus_id": "c1", "score": 1},
-        {"query_id": "k1", "corpus_id": "c3", "score": 2},
-        {"query_id": "k2", "corpus_id": "c2", "score": 1},
-    ])
+    write_jsonl(
+        k / "query.jsonl",
+        [
+            {"id": "k1", "text": "what is this?", "image": "images/q_cat.png", "modality": "image,text"},
+            {"id": "k2", "text": "bird", "modality": "text"},
+        ],
+    )
+    write_jsonl(
+        k / "qrels.jsonl",
+        [
+            {"query_id": "k1", "corpus_id": "c1", "score": 1},
+            {"query_id": "k1", "corpus_id": "c3", "score": 2},
+            {"query_id": "k2", "corpus_id": "c2", "score": 1},
+        ],
+    )
     # negation: hyphenated qrels columns; main score recall@1.
     n = root / "negation"
     for word in ("red", "blue"):
         word_png(word, n / "img" / f"{word}.png")
     write_jsonl(n / "corpus.jsonl", [{"id": "t1", "text": "red"}, {"id": "t2", "text": "blue"}])
-    write_jsonl(n / "query.jsonl", [{"id": "n1", "text": "", "image": "img/red.png"},
-                                    {"id": "n2", "text": "", "image": "img/blue.png"}])
-    write_jsonl(n / "qrels.jsonl", [{"query-id": "n1", "corpus-id": "t1", "score": 1},
-                                    {"query-id": "n2", "corpus-id": "t1", "score": 1}])
+    write_jsonl(
+        n / "query.jsonl",
+        [{"id": "n1", "text": "", "image": "img/red.png"}, {"id": "n2", "text": "", "image": "img/blue.png"}],
+    )
+    write_jsonl(
+        n / "qrels.jsonl",
+        [{"query-id": "n1", "corpus-id": "t1", "score": 1}, {"query-id": "n2", "corpus-id": "t1", "score": 1}],
+    )
     return root
 
 
@@ -93,12 +106,16 @@ def test_parquet_with_inline_image_bytes(tmp_path):
     folder = root / "design"
     folder.mkdir(parents=True)
     image = {"bytes": word_png("red"), "path": "red.png"}
-    pq.write_table(pa.Table.from_pylist([{"id": "d1", "text": "", "image": image},
-                                         {"id": "d2", "text": "blue", "image": None}]), folder / "corpus.parquet")
+    pq.write_table(
+        pa.Table.from_pylist([{"id": "d1", "text": "", "image": image}, {"id": "d2", "text": "blue", "image": None}]),
+        folder / "corpus.parquet",
+    )
     pq.write_table(pa.Table.from_pylist([{"id": "q1", "text": "red", "image": None}]), folder / "query.parquet")
     (folder / "qrels").mkdir()
-    pq.write_table(pa.Table.from_pylist([{"query-id": "q1", "corpus-id": "d1", "score": 1}]),
-                   folder / "qrels" / "test-00000-of-00001.parquet")
+    pq.write_table(
+        pa.Table.from_pylist([{"query-id": "q1", "corpus-id": "d1", "score": 1}]),
+        folder / "qrels" / "test-00000-of-00001.parquet",
+    )
     summary = run(root, tmp_path / "out")
     assert summary["tasks"][0]["task"] == "design" and summary["tasks"][0]["strict_score"] == 1.0
 

@@ -89,7 +89,7 @@ def test_export_refuses_a_non_empty_folder_and_keeps_the_decoder_when_asked(trai
     assert "missing.ckpt' is not a file" in capsys.readouterr().err
 
 
-BLOCKED = '''
+BLOCKED = """
 import sys
 for name in ("lightning", "lightning.pytorch", "pytorch_lightning"):
     sys.modules[name] = None  # any import of them now fails
@@ -101,7 +101,7 @@ texts = {texts!r}
 from_checkpoint = LaMEEmbedder.from_checkpoint(checkpoint, device="cpu").encode(texts=texts)
 from_folder = LaMEEmbedder.from_pretrained(folder, device="cpu").encode(texts=texts)
 torch.save({{"checkpoint": from_checkpoint, "folder": from_folder}}, out)
-'''
+"""
 
 
 def test_the_embedder_runs_with_lightning_blocked(trained, tmp_path):  # noqa: F811
@@ -109,8 +109,13 @@ def test_the_embedder_runs_with_lightning_blocked(trained, tmp_path):  # noqa: F
     assert export_tool("--checkpoint", str(trained["dora"]), "--out", str(out)) == 0
     script = tmp_path / "blocked.py"
     script.write_text(BLOCKED.format(texts=TEXTS))
-    result = subprocess.run([sys.executable, str(script), str(trained["dora"]), str(out), str(tmp_path / "e.pt")],
-                            capture_output=True, text=True, timeout=300, cwd=tmp_path)
+    result = subprocess.run(
+        [sys.executable, str(script), str(trained["dora"]), str(out), str(tmp_path / "e.pt")],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        cwd=tmp_path,
+    )
     assert result.returncode == 0, result.stderr[-2000:]
     got = torch.load(tmp_path / "e.pt", weights_only=True)
     embedder = LaMEEmbedder.from_pretrained(out, device="cpu")
@@ -142,7 +147,8 @@ def test_explain_needs_a_folder_exported_with_the_decoder(trained, tmp_path):  #
 
 
 def test_adapters_on_a_bfloat16_backbone_stay_as_trained_and_export_merges_in_float32(
-        tiny_spec, tiny_decoder, make_batch, tmp_path):
+    tiny_spec, tiny_decoder, make_batch, tmp_path
+):
     """Merging DoRA into bfloat16 weights would round the adapters' update away: embedding keeps them,
     the export merges in float32."""
     import dataclasses

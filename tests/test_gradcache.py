@@ -29,7 +29,9 @@ ROWS = 7  # a chunk size of 3 leaves a short last chunk
 def batch(processor) -> dict:
     """Image queries, captions of different lengths, two hard negatives, three unlabelled rows."""
     rng = random.Random(0)
-    samples = [{"key": f"{i}", "image": random_image(rng), "text": CAPTIONS[i % 4] + " and more" * i} for i in range(ROWS)]
+    samples = [
+        {"key": f"{i}", "image": random_image(rng), "text": CAPTIONS[i % 4] + " and more" * i} for i in range(ROWS)
+    ]
     out = PairCollator(processor, "Find the caption of this image.")(samples)
     out["negative"] = PromptProcessor(processor, 64)([Side("", "a black hexagon"), Side("", CAPTIONS[2][::-1])])
     out["decoder"]["labelled"] = torch.tensor([True, False, True, True, False, True, False])
@@ -47,8 +49,9 @@ def gradients(module: LaMEModule, batch: dict, chunk: int | None) -> tuple[float
     return loss.item(), {n: p.grad.clone() for n, p in module.named_parameters() if p.requires_grad}
 
 
-def assert_same(expected: dict[str, torch.Tensor], got: dict[str, torch.Tensor], rtol: float = 1e-4,
-                atol: float = 0.0) -> None:
+def assert_same(
+    expected: dict[str, torch.Tensor], got: dict[str, torch.Tensor], rtol: float = 1e-4, atol: float = 0.0
+) -> None:
     """Equal to ``rtol`` of each tensor's largest entry (plus ``atol``)."""
     assert expected.keys() == got.keys()
     for name, grad in expected.items():
@@ -76,17 +79,27 @@ def test_gradients_equal_those_of_the_full_batch(tiny_spec, tiny_decoder, batch,
     assert any(g.abs().max() > 0 for g in full.values())
 
 
-@pytest.mark.parametrize("mode", [
-    dict(),
-    # Activation checkpointing drops latent_sequential's KV cache in training: the pass without
-    # gradients must take the same recomputing path, with the same dropout draws.
-    dict(encode_mode="latent_sequential", gradient_checkpointing=True),
-], ids=["lame", "latent_sequential with checkpointing"])
+@pytest.mark.parametrize(
+    "mode",
+    [
+        dict(),
+        # Activation checkpointing drops latent_sequential's KV cache in training: the pass without
+        # gradients must take the same recomputing path, with the same dropout draws.
+        dict(encode_mode="latent_sequential", gradient_checkpointing=True),
+    ],
+    ids=["lame", "latent_sequential with checkpointing"],
+)
 def test_dropout_is_replayed_so_both_passes_agree(tiny_spec, tiny_decoder, batch, mode):
     """With adapter dropout, the gradient is that of the chunks encoded once, in pass 1's random order."""
     torch.manual_seed(0)
-    module = LaMEModule(tiny_spec, tiny_decoder, num_reason_tokens=2, stage=2,
-                        stage2=Stage2Spec(lora=LoraSpec(dropout=0.5, init="kaiming")), **mode)
+    module = LaMEModule(
+        tiny_spec,
+        tiny_decoder,
+        num_reason_tokens=2,
+        stage=2,
+        stage2=Stage2Spec(lora=LoraSpec(dropout=0.5, init="kaiming")),
+        **mode,
+    )
     # B starts at 0, so the adapters' dropout would change nothing: move B first.
     with torch.no_grad():
         for name, p in module.named_parameters():
@@ -98,15 +111,18 @@ def test_dropout_is_replayed_so_both_passes_agree(tiny_spec, tiny_decoder, batch
     # negative chunks), the loss of the whole batch on them.
     torch.manual_seed(1)
     module.zero_grad(set_to_none=True)
-    outs = {name: [module.encode(part) for part in split_rows(batch[name], chunk, 2)]
-            for name in ("query", "target", "negative")}
+    outs = {
+        name: [module.encode(part) for part in split_rows(batch[name], chunk, 2)]
+        for name in ("query", "target", "negative")
+    }
     emb = {name: torch.cat([o.embedding for o in parts]) for name, parts in outs.items()}
     contrastive = module.criterion.contrastive(emb["query"], emb["target"], emb["negative"], module.logit_scale, True)
     labels = batch["decoder"]
     tokens = int(labels["attention_mask"][labels["labelled"]].sum())
     decoder = sum(
-        module.criterion.decoder(module.decoder(o.reason_states, **{k: v[i * chunk:(i + 1) * chunk]
-                                                                     for k, v in labels.items()}), tokens)
+        module.criterion.decoder(
+            module.decoder(o.reason_states, **{k: v[i * chunk : (i + 1) * chunk] for k, v in labels.items()}), tokens
+        )
         for i, o in enumerate(outs["query"])
     )
     (spec.contrastive_loss_weight * contrastive + spec.decoder_loss_weight * decoder).backward()
@@ -127,8 +143,11 @@ def test_bf16_autocast_steps_match_to_bf16_precision(tiny_spec, tiny_decoder, ba
         full_loss, full = gradients(module, batch, None)
         loss, chunked = gradients(module, batch, 3)
     assert loss == pytest.approx(full_loss, rel=2e-2)
-    cosine = [torch.nn.functional.cosine_similarity(full[n].flatten(), chunked[n].flatten(), dim=0)
-              for n in full if full[n].abs().max() > 0]
+    cosine = [
+        torch.nn.functional.cosine_similarity(full[n].flatten(), chunked[n].flatten(), dim=0)
+        for n in full
+        if full[n].abs().max() > 0
+    ]
     assert min(cosine) > 0.98
 
 
@@ -160,8 +179,9 @@ def test_chunks_of_a_mixed_batch_embed_as_the_whole_batch(tiny_spec, processor):
         whole = encoder(**inputs).embedding
         for size in (1, 2, 4):
             chunks = split_rows(inputs, size, encoder.spatial_merge_size)
-            assert [c["input_ids"].shape[0] for c in chunks] == [min(size, len(sides) - s) for s in
-                                                                  range(0, len(sides), size)]
+            assert [c["input_ids"].shape[0] for c in chunks] == [
+                min(size, len(sides) - s) for s in range(0, len(sides), size)
+            ]
             parts = torch.cat([encoder(**c).embedding for c in chunks])
             torch.testing.assert_close(parts, whole, atol=1e-5, rtol=1e-4)
     # Leading padding that no row of a chunk needs is dropped.
@@ -192,14 +212,23 @@ def test_a_chunk_size_below_one_is_refused(tiny_spec):
 def _fit_one_update(tiny_spec, tiny_decoder, batches: list[dict], chunk: int | None, **trainer_kwargs) -> dict:
     """How one optimiser update (SGD, lr 1: the update is the clipped gradient) moved each trainable parameter."""
     torch.manual_seed(0)
-    module = LaMEModule(tiny_spec, tiny_decoder, num_reason_tokens=2, stage=2, learnable_temperature=True,
-                        gradcache_chunk_size=chunk)
+    module = LaMEModule(
+        tiny_spec, tiny_decoder, num_reason_tokens=2, stage=2, learnable_temperature=True, gradcache_chunk_size=chunk
+    )
     start = {n: p.detach().clone() for n, p in module.named_parameters() if p.requires_grad}
     # AdamW's first update is about lr * sign(gradient): it would amplify float noise in gradients
     # that are 0 in exact arithmetic (a key bias's).
     module.configure_optimizers = lambda: torch.optim.SGD([p for p in module.parameters() if p.requires_grad], lr=1.0)
-    trainer = Trainer(accelerator="cpu", devices=1, max_steps=1, logger=False, enable_checkpointing=False,
-                      enable_progress_bar=False, enable_model_summary=False, **trainer_kwargs)
+    trainer = Trainer(
+        accelerator="cpu",
+        devices=1,
+        max_steps=1,
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        **trainer_kwargs,
+    )
     loader = torch.utils.data.DataLoader(batches, batch_size=None, collate_fn=lambda b: b)
     trainer.fit(module, loader)
     return {n: p.detach() - start[n] for n, p in module.named_parameters() if p.requires_grad}
@@ -263,9 +292,24 @@ def test_two_process_gradients_equal_the_single_process_global_batch(tmp_path):
     for devices, strategies, chunks in ((1, ["ddp"], [0]), (2, ["ddp", "fsdp"], [2, 0])):
         out = tmp_path / f"{devices}-process"
         out.mkdir()
-        run = subprocess.run([sys.executable, str(script), "--devices", str(devices), "--strategy", ",".join(strategies),
-                              "--chunk", ",".join(map(str, chunks)), "--out", str(out)],
-                             cwd=tmp_path, capture_output=True, text=True, timeout=300)
+        run = subprocess.run(
+            [
+                sys.executable,
+                str(script),
+                "--devices",
+                str(devices),
+                "--strategy",
+                ",".join(strategies),
+                "--chunk",
+                ",".join(map(str, chunks)),
+                "--out",
+                str(out),
+            ],
+            cwd=tmp_path,
+            capture_output=True,
+            text=True,
+            timeout=300,
+        )
         assert run.returncode == 0, run.stderr[-3000:]
         for strategy in strategies:
             for chunk in chunks:

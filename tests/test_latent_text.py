@@ -71,15 +71,29 @@ def test_word_f1_and_chance():
         overlap_against_chance(["a"], ["a"])
 
 
-
 def test_explain_tool_scores_a_split_against_chance(tmp_path, tiny_spec, tiny_decoder, make_batch, synthetic_shards):
     """tools/explain.py on a tiny checkpoint and tiny shards: the JSON holds every text and consistent scores."""
     shards = synthetic_shards(8, 4, 12, 8)  # test_search's: 12 test scenes, 5 read here
     module = LaMEModule(tiny_spec, tiny_decoder, num_reason_tokens=2, stage=1)
     checkpoint = _train(module, make_batch(4), tmp_path / "m.ckpt")
     out = tmp_path / "explain.json"
-    assert explain.main(["--checkpoint", str(checkpoint), "--shards", str(shards / "test"), "-n", "5",
-                         "--max-tokens", "4", "--json", str(out)]) == 0
+    assert (
+        explain.main(
+            [
+                "--checkpoint",
+                str(checkpoint),
+                "--shards",
+                str(shards / "test"),
+                "-n",
+                "5",
+                "--max-tokens",
+                "4",
+                "--json",
+                str(out),
+            ]
+        )
+        == 0
+    )
     report = json.loads(out.read_text())
     assert report["count"] == 5 and len(report["rows"]) == 5
     assert report["difference"] == pytest.approx(report["word_f1"] - report["chance_word_f1"])

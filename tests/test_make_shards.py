@@ -89,8 +89,12 @@ def test_folder_round_trip(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -
     _run(["folder", "--src", str(src), "--out", str(tmp_path / "out"), "--split-name", "val"])
     split = tmp_path / "out" / "val"
     samples = _read(split)
-    expected_keys = {"a/b/cat1.jpg": "a__b__cat1", "a/b/cat2.png": "a__b__cat2", "c d/x.y.webp": "c_d__x_y",
-                     "top.JPEG": "top"}
+    expected_keys = {
+        "a/b/cat1.jpg": "a__b__cat1",
+        "a/b/cat2.png": "a__b__cat2",
+        "c d/x.y.webp": "c_d__x_y",
+        "top.JPEG": "top",
+    }
     assert set(samples) == set(expected_keys.values())
     for rel, key in expected_keys.items():
         ext = rel.rsplit(".", 1)[1].lower()
@@ -138,8 +142,11 @@ def test_folder_fractions_write_three_splits_by_path_hash(tmp_path: Path) -> Non
     for split in ("train", "val", "test"):
         manifest = _manifest(out / split)
         assert manifest["split"] == split
-        assert manifest["split_by"] == {"hash": "sha1 of the image path relative to src, without extension",
-                                        "val_fraction": 0.2, "test_fraction": 0.15}
+        assert manifest["split_by"] == {
+            "hash": "sha1 of the image path relative to src, without extension",
+            "val_fraction": 0.2,
+            "test_fraction": 0.15,
+        }
         sources = [json.loads(s["json"])["source"] for s in _read(out / split).values()]
         assert manifest["num_samples"] == len(sources) > 0
         first.update(dict.fromkeys(sources, split))
@@ -149,8 +156,11 @@ def test_folder_fractions_write_three_splits_by_path_hash(tmp_path: Path) -> Non
     # More images later: none of the old ones moves, so a test image never becomes a training one.
     _captioned_images(src, [f"new/img{i:02d}" for i in range(20)])
     _run(["folder", "--src", str(src), "--out", str(out), *flags, "--overwrite"])
-    second = {json.loads(s["json"])["source"]: split
-              for split in ("train", "val", "test") for s in _read(out / split).values()}
+    second = {
+        json.loads(s["json"])["source"]: split
+        for split in ("train", "val", "test")
+        for s in _read(out / split).values()
+    }
     assert len(second) == 60 and {k: second[k] for k in first} == first
 
 
@@ -159,7 +169,9 @@ def test_folder_fraction_errors_name_the_flag(tmp_path: Path, capsys: pytest.Cap
     _captioned_images(src, ["a", "b", "c"])
     base = ["folder", "--src", str(src), "--out", str(out)]
     for bad in ("1", "-0.1", "half", "nan"):
-        assert "argument --val-fraction: expected a fraction in [0, 1)" in _error([*base, "--val-fraction", bad], capsys)
+        assert "argument --val-fraction: expected a fraction in [0, 1)" in _error(
+            [*base, "--val-fraction", bad], capsys
+        )
     assert "sum must be below 1" in _error([*base, "--val-fraction", "0.5", "--test-fraction", "0.5"], capsys)
     assert "--split-name cannot be combined" in _error([*base, "--split-name", "x", "--test-fraction", "0.1"], capsys)
     # Three images and a 1% test share: the test split would be empty, which stops before writing.
@@ -228,11 +240,20 @@ def test_manifest_csv_image_text_with_image_root(tmp_path: Path) -> None:
 def _instruction_rows(root: Path) -> tuple[list[dict], dict[str, bytes]]:
     files = {name: _image(root / name, seed=i) for i, name in enumerate(["q0.jpg", "t1.png", "n0.webp", "q2.png"])}
     rows = [
-        {"query_instruction": "Find the caption.", "query_image": "q0.jpg", "target_text": "a red circle",
-         "negatives": ["a blue square", {"text": "a thing", "image": "n0.webp"}]},
+        {
+            "query_instruction": "Find the caption.",
+            "query_image": "q0.jpg",
+            "target_text": "a red circle",
+            "negatives": ["a blue square", {"text": "a thing", "image": "n0.webp"}],
+        },
         {"query_text": "two green squares", "target_image": "t1.png"},
-        {"query_instruction": "Same picture?", "query_text": "look", "query_image": "q2.png",
-         "target_text": "yes", "target_image": "t1.png"},
+        {
+            "query_instruction": "Same picture?",
+            "query_text": "look",
+            "query_image": "q2.png",
+            "target_text": "yes",
+            "target_image": "t1.png",
+        },
         {"query_text": "", "target_text": "no query"},  # skipped: empty query
     ]
     return rows, files
@@ -244,12 +265,25 @@ def _check_instruction(split: Path, files: dict[str, bytes]) -> None:
     first = samples["000000000"]
     meta = json.loads(first["json"])
     assert meta == {
-        "query_instruction": "Find the caption.", "query_text": "", "query_image": "query.jpg", "query_video": None,
-        "target_instruction": "", "target_text": "a red circle", "target_image": None, "target_video": None,
-        "negatives": [{"instruction": "", "text": "a blue square", "image": None, "video": None},
-                      {"instruction": "", "text": "a thing", "image": "neg1.webp", "video": None}],
-        "source": {"query_image": "q0.jpg", "query_video": None, "target_image": None, "target_video": None,
-                   "negatives": [{"image": None, "video": None}, {"image": "n0.webp", "video": None}]},
+        "query_instruction": "Find the caption.",
+        "query_text": "",
+        "query_image": "query.jpg",
+        "query_video": None,
+        "target_instruction": "",
+        "target_text": "a red circle",
+        "target_image": None,
+        "target_video": None,
+        "negatives": [
+            {"instruction": "", "text": "a blue square", "image": None, "video": None},
+            {"instruction": "", "text": "a thing", "image": "neg1.webp", "video": None},
+        ],
+        "source": {
+            "query_image": "q0.jpg",
+            "query_video": None,
+            "target_image": None,
+            "target_video": None,
+            "negatives": [{"image": None, "video": None}, {"image": "n0.webp", "video": None}],
+        },
     }
     assert set(first) == {"json", "query.jpg", "neg1.webp"}
     assert first["query.jpg"] == files["q0.jpg"] and first["neg1.webp"] == files["n0.webp"]
@@ -315,8 +349,19 @@ def test_shards_split_by_count(tmp_path: Path) -> None:
 def test_shards_split_by_bytes(tmp_path: Path, limit: str, per_shard: int) -> None:
     path = _many(tmp_path, 12)
     split = tmp_path / "out" / "train"
-    _run(["manifest", "--manifest", str(path), "--out", str(tmp_path / "out"), "--shard-bytes", limit,
-          "--samples-per-shard", str(per_shard)])
+    _run(
+        [
+            "manifest",
+            "--manifest",
+            str(path),
+            "--out",
+            str(tmp_path / "out"),
+            "--shard-bytes",
+            limit,
+            "--samples-per-shard",
+            str(per_shard),
+        ]
+    )
     manifest = _manifest(split)
     limit_bytes = parse_bytes(limit)
     counts = [s["num_samples"] for s in manifest["shards"]]
@@ -379,8 +424,11 @@ def test_malformed_rows_name_file_and_line(tmp_path: Path, capsys: pytest.Captur
 
     (tmp_path / "bad.jsonl").write_text(good + "\n{oops\n")
     script = str(TOOLS / "make_shards.py")
-    proc = subprocess.run([sys.executable, script, "manifest", "--manifest", str(tmp_path / "bad.jsonl"), "--out",
-                           str(out)], capture_output=True, text=True)
+    proc = subprocess.run(
+        [sys.executable, script, "manifest", "--manifest", str(tmp_path / "bad.jsonl"), "--out", str(out)],
+        capture_output=True,
+        text=True,
+    )
     assert proc.returncode != 0 and "bad.jsonl:2:" in proc.stderr
 
 
@@ -400,12 +448,49 @@ def test_non_empty_out_needs_overwrite(tmp_path: Path, capsys: pytest.CaptureFix
 
 
 def test_bench_data_runs_end_to_end(tmp_path: Path) -> None:
-    _run(["synthetic", "--out", str(tmp_path / "data"), "--train", "48", "--val", "1", "--test", "1",
-          "--image-size", "56", "--samples-per-shard", "16"])
+    _run(
+        [
+            "synthetic",
+            "--out",
+            str(tmp_path / "data"),
+            "--train",
+            "48",
+            "--val",
+            "1",
+            "--test",
+            "1",
+            "--image-size",
+            "56",
+            "--samples-per-shard",
+            "16",
+        ]
+    )
     report = tmp_path / "bench.json"
-    assert bench_data.main(["--shards", str(tmp_path / "data" / "train"), "--preset", "tiny", "--image-size", "56",
-                       "--batch-size", "4", "--batches", "2", "--warmup", "1", "--workers", "0", "--steps", "1",
-                       "--json", str(report)]) == 0
+    assert (
+        bench_data.main(
+            [
+                "--shards",
+                str(tmp_path / "data" / "train"),
+                "--preset",
+                "tiny",
+                "--image-size",
+                "56",
+                "--batch-size",
+                "4",
+                "--batches",
+                "2",
+                "--warmup",
+                "1",
+                "--workers",
+                "0",
+                "--steps",
+                "1",
+                "--json",
+                str(report),
+            ]
+        )
+        == 0
+    )
     figures = json.loads(report.read_text())
     assert {"args", "machine", "step_time_s", "step_times_s", "results"} <= set(figures)
     assert figures["step_time_s"] > 0 and len(figures["step_times_s"]) == 1
@@ -413,7 +498,6 @@ def test_bench_data_runs_end_to_end(tmp_path: Path) -> None:
     assert row["workers"] == 0
     assert {"samples_per_s", "samples_per_s_per_worker", "data_time_per_batch_s", "data_to_step_ratio"} <= set(row)
     assert row["samples_per_s"] > 0 and row["data_to_step_ratio"] > 0
-
 
 
 def test_mmeb_train_subcommand_dispatches_to_the_package(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:

@@ -27,18 +27,40 @@ def sets_dir(module_tmp) -> Path:
     """Three small text-only instruction-pair sets (text only: the mixture, not decoding, is under test)."""
     root = module_tmp("mixture")
     for name in SETS:
-        rows = [{"query_instruction": f"Find the {name}.", "query_text": f"{name} query {i}",
-                 "target_text": f"{name} answer {i}"} for i in range(12)]
+        rows = [
+            {
+                "query_instruction": f"Find the {name}.",
+                "query_text": f"{name} query {i}",
+                "target_text": f"{name} answer {i}",
+            }
+            for i in range(12)
+        ]
         (root / f"{name}.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
-        subprocess.run([sys.executable, str(ROOT / "tools" / "make_shards.py"), "manifest", "--manifest",
-                        str(root / f"{name}.jsonl"), "--out", str(root / name), "--split-name", "train",
-                        "--samples-per-shard", "4"], check=True, capture_output=True, text=True)
+        subprocess.run(
+            [
+                sys.executable,
+                str(ROOT / "tools" / "make_shards.py"),
+                "manifest",
+                "--manifest",
+                str(root / f"{name}.jsonl"),
+                "--out",
+                str(root / name),
+                "--split-name",
+                "train",
+                "--samples-per-shard",
+                "4",
+            ],
+            check=True,
+            capture_output=True,
+            text=True,
+        )
     return root
 
 
 def _mixture(sets_dir: Path, weights: dict[str, float], homogeneous: tuple[str, ...] = ()) -> list[ShardSet]:
-    return [ShardSet(str(sets_dir / name / "train"), weight, name in homogeneous, name)
-            for name, weight in weights.items()]
+    return [
+        ShardSet(str(sets_dir / name / "train"), weight, name in homogeneous, name) for name, weight in weights.items()
+    ]
 
 
 def _datamodule(mixture: list[ShardSet], **kwargs) -> InstructionPairDataModule:
@@ -100,8 +122,10 @@ def test_mixture_sample_count_defaults_to_the_manifests(sets_dir: Path) -> None:
     ],
 )
 def test_bad_mixture_config_is_named(sets_dir: Path, mixture, kwargs, message) -> None:
-    mixture = [ShardSet(str(sets_dir / "cats" / "train") if s.shards == "X" else s.shards, s.weight,
-                        s.homogeneous, s.name) for s in mixture]
+    mixture = [
+        ShardSet(str(sets_dir / "cats" / "train") if s.shards == "X" else s.shards, s.weight, s.homogeneous, s.name)
+        for s in mixture
+    ]
     if kwargs.get("train_shards") == "X":
         kwargs["train_shards"] = str(sets_dir / "cats" / "train")
     with pytest.raises(ValueError, match=message):
@@ -114,11 +138,15 @@ def test_missing_set_path_names_the_set(sets_dir: Path) -> None:
         _datamodule(mixture)
 
 
-def test_mixture_root_resolves_relative_sets_and_keeps_absolute_ones(sets_dir: Path, tmp_path: Path,
-                                                                     monkeypatch) -> None:
+def test_mixture_root_resolves_relative_sets_and_keeps_absolute_ones(
+    sets_dir: Path, tmp_path: Path, monkeypatch
+) -> None:
     monkeypatch.chdir(tmp_path)  # relative paths must not be read from the working directory
-    mixture = [ShardSet("cats/train", 1.0, name="cats"), ShardSet(["dogs/train"], 1.0, name="dogs"),
-               ShardSet(str(sets_dir / "birds" / "train"), 1.0, name="birds")]
+    mixture = [
+        ShardSet("cats/train", 1.0, name="cats"),
+        ShardSet(["dogs/train"], 1.0, name="dogs"),
+        ShardSet(str(sets_dir / "birds" / "train"), 1.0, name="birds"),
+    ]
     dm = _datamodule(mixture, mixture_root=str(sets_dir), samples_per_epoch=None)
     resolved = {s.name: (s.shards, urls) for s, urls in dm.mixture}
     assert resolved["cats"][0] == str(sets_dir / "cats" / "train")
@@ -132,10 +160,15 @@ def test_mixture_root_resolves_relative_sets_and_keeps_absolute_ones(sets_dir: P
 
 
 def test_mixture_root_errors_name_the_entry_and_the_path(sets_dir: Path) -> None:
-    mixture = [ShardSet("cats/train", name="cats"), ShardSet("dogs/train", name="dogs"),
-               ShardSet("MSCOCO_t2i", name="MSCOCO_t2i")]
-    missing = re.escape(f"data.train_mixture[2] (MSCOCO_t2i): shards directory '{sets_dir / 'MSCOCO_t2i'}' does "
-                        f"not exist (relative paths start at data.mixture_root '{sets_dir}')")
+    mixture = [
+        ShardSet("cats/train", name="cats"),
+        ShardSet("dogs/train", name="dogs"),
+        ShardSet("MSCOCO_t2i", name="MSCOCO_t2i"),
+    ]
+    missing = re.escape(
+        f"data.train_mixture[2] (MSCOCO_t2i): shards directory '{sets_dir / 'MSCOCO_t2i'}' does "
+        f"not exist (relative paths start at data.mixture_root '{sets_dir}')"
+    )
     with pytest.raises(FileNotFoundError, match=missing):
         _datamodule(mixture, mixture_root=str(sets_dir))
     with pytest.raises(ValueError, match=r"data\.train_mixture\[0\] \(empty\): shards directory .* holds no \.tar"):
@@ -153,10 +186,20 @@ def test_check_mixture_fills_names_and_accepts_dicts() -> None:
 
 def _mixture_yaml(sets_dir: Path, tmp_path: Path, cats: str) -> Path:
     """A data config whose cats set is ``cats`` (relative: to data.mixture_root) and dogs set absolute."""
-    config = {"data": {"class_path": "datamodules.InstructionPairDataModule", "init_args": {
-        "train_mixture": [{"name": "cats", "shards": cats, "weight": 1.0, "homogeneous": True},
-                          {"name": "dogs", "shards": str(sets_dir / "dogs" / "train"), "weight": 3.0}],
-        "batch_size": 4, "num_workers": 0, "samples_per_epoch": 16}}}
+    config = {
+        "data": {
+            "class_path": "datamodules.InstructionPairDataModule",
+            "init_args": {
+                "train_mixture": [
+                    {"name": "cats", "shards": cats, "weight": 1.0, "homogeneous": True},
+                    {"name": "dogs", "shards": str(sets_dir / "dogs" / "train"), "weight": 3.0},
+                ],
+                "batch_size": 4,
+                "num_workers": 0,
+                "samples_per_epoch": 16,
+            },
+        }
+    }
     path = tmp_path / "mixture.yaml"
     path.write_text(yaml.safe_dump(config))
     return path
@@ -166,11 +209,19 @@ def test_mixture_from_yaml_through_the_cli(sets_dir: Path, tmp_path: Path, monke
     monkeypatch.setattr(sys, "argv", ["lightning"])
     monkeypatch.chdir(tmp_path)
     path = _mixture_yaml(sets_dir, tmp_path, "cats/train")
-    cli = build_cli(["fit", f"--config={ROOT / 'tests' / 'conf' / 'tiny.yaml'}", f"--config={path}",
-                     f"--data.init_args.mixture_root={sets_dir}",
-                     "--trainer.max_steps=2", "--trainer.logger=false", "--trainer.enable_checkpointing=false",
-                     f"--trainer.default_root_dir={tmp_path}",
-                     "--trainer.callbacks+=callbacks.DataHealth"])
+    cli = build_cli(
+        [
+            "fit",
+            f"--config={ROOT / 'tests' / 'conf' / 'tiny.yaml'}",
+            f"--config={path}",
+            f"--data.init_args.mixture_root={sets_dir}",
+            "--trainer.max_steps=2",
+            "--trainer.logger=false",
+            "--trainer.enable_checkpointing=false",
+            f"--trainer.default_root_dir={tmp_path}",
+            "--trainer.callbacks+=callbacks.DataHealth",
+        ]
+    )
     assert cli.trainer.global_step == 2
     assert cli.datamodule.mixture[0][0].shards == str(sets_dir / "cats" / "train")
     shares = {k: float(v) for k, v in cli.trainer.callback_metrics.items() if k.startswith("data/mixture/")}
@@ -191,8 +242,16 @@ def test_mixture_root_error_through_the_cli(sets_dir: Path, tmp_path: Path, monk
     monkeypatch.setattr(sys, "argv", ["lightning"])
     path = _mixture_yaml(sets_dir, tmp_path, "kittens/train")
     with pytest.raises(SystemExit) as exc:
-        build_cli(["fit", f"--config={ROOT / 'tests' / 'conf' / 'tiny.yaml'}", f"--config={path}",
-                   f"--data.init_args.mixture_root={sets_dir}", "--trainer.max_steps=1", "--trainer.logger=false"])
+        build_cli(
+            [
+                "fit",
+                f"--config={ROOT / 'tests' / 'conf' / 'tiny.yaml'}",
+                f"--config={path}",
+                f"--data.init_args.mixture_root={sets_dir}",
+                "--trainer.max_steps=1",
+                "--trainer.logger=false",
+            ]
+        )
     message = str(exc.value)
     assert "data.train_mixture[0] (cats): shards directory" in message
     assert str(sets_dir / "kittens" / "train") in message and "\n" not in message

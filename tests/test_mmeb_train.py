@@ -74,8 +74,14 @@ def _jsonl(path: Path, rows: list[dict]) -> Path:
 
 
 def _mmeb_row(qry: str, qimg: str, pos: str, pimg: str, neg: str = "", nimg: str = "") -> dict:
-    return {"qry": qry, "qry_image_path": qimg, "pos_text": pos, "pos_image_path": pimg,
-            "neg_text": neg, "neg_image_path": nimg}
+    return {
+        "qry": qry,
+        "qry_image_path": qimg,
+        "pos_text": pos,
+        "pos_image_path": pimg,
+        "neg_text": neg,
+        "neg_image_path": nimg,
+    }
 
 
 def _mmeb_root(tmp_path: Path) -> Path:
@@ -120,16 +126,33 @@ def _mmeb_root(tmp_path: Path) -> Path:
 def _visdoc(tmp_path: Path) -> tuple[Path, Path]:
     """A colpali snapshot folder (train + test files, one row without an image) and a VisRAG parquet file."""
     colpali = tmp_path / "colpali_train_set"
-    rows = [{"image": {"bytes": _image_bytes(40 + i), "path": f"p{i}.png"}, "image_filename": f"p{i}.png",
-             "query": f"What is on page {i}?", "answer": f"answer {i}", "source": "arxiv", "prompt": "long prose"}
-            for i in range(3)]
-    rows.append({"image": None, "image_filename": "", "query": "no page?", "answer": "none", "source": "arxiv",
-                 "prompt": ""})
+    rows = [
+        {
+            "image": {"bytes": _image_bytes(40 + i), "path": f"p{i}.png"},
+            "image_filename": f"p{i}.png",
+            "query": f"What is on page {i}?",
+            "answer": f"answer {i}",
+            "source": "arxiv",
+            "prompt": "long prose",
+        }
+        for i in range(3)
+    ]
+    rows.append(
+        {"image": None, "image_filename": "", "query": "no page?", "answer": "none", "source": "arxiv", "prompt": ""}
+    )
     _parquet(colpali / "data" / "train-00000-of-00001.parquet", rows)
     _parquet(colpali / "data" / "test-00000-of-00001.parquet", rows[:1])
-    visrag = _parquet(tmp_path / "visrag" / "train.parquet",
-                      [{"query": f"Which chart shows {w}?", "image": {"bytes": _image_bytes(50 + i), "path": None},
-                        "source": "ChartQA"} for i, w in enumerate(["sales", "costs"])])
+    visrag = _parquet(
+        tmp_path / "visrag" / "train.parquet",
+        [
+            {
+                "query": f"Which chart shows {w}?",
+                "image": {"bytes": _image_bytes(50 + i), "path": None},
+                "source": "ChartQA",
+            }
+            for i, w in enumerate(["sales", "costs"])
+        ],
+    )
     return colpali, visrag
 
 
@@ -144,12 +167,28 @@ def _video(tmp_path: Path) -> tuple[Path, Path, dict[str, list[Path]]]:
             _write_image(folder / f"frame_{i}.jpg", 60 + i, "JPEG")
         frames[name] = sample_frames(list_frames(folder), 8)
     sft = tmp_path / "sft"
-    captions = [{"id": f"c{i}", "video": name, "conversations": [
-        {"from": "human", "value": "<video>\nDescribe the video in detail."},
-        {"from": "gpt", "value": f"Caption of {name}."}]} for i, name in enumerate(["vid0", "vid1", "vid_empty", "vid_gone"])]
+    captions = [
+        {
+            "id": f"c{i}",
+            "video": name,
+            "conversations": [
+                {"from": "human", "value": "<video>\nDescribe the video in detail."},
+                {"from": "gpt", "value": f"Caption of {name}."},
+            ],
+        }
+        for i, name in enumerate(["vid0", "vid1", "vid_empty", "vid_gone"])
+    ]
     _jsonl(sft / "video_caption_300k.jsonl", captions)
-    qa = [{"id": "q0", "video": "vid1", "conversations": [
-        {"from": "human", "value": "<video>\nWhat happens first?"}, {"from": "gpt", "value": "A door opens."}]}]
+    qa = [
+        {
+            "id": "q0",
+            "video": "vid1",
+            "conversations": [
+                {"from": "human", "value": "<video>\nWhat happens first?"},
+                {"from": "gpt", "value": "A door opens."},
+            ],
+        }
+    ]
     _jsonl(sft / "video_240k_caption_15k.jsonl", qa)
     return sft, frames_root, frames
 
@@ -223,8 +262,10 @@ def test_mmeb_subsets_split_instructions_and_write_shards(tmp_path: Path, capsys
     assert {s["pair"]["query"]["text"] for s in imagenet.values()} == {""}
     assert sorted(s["pair"]["target"]["text"] for s in imagenet.values())[0] == "goldfish"
     news = _read(out / "VisualNews_i2t")
-    assert sorted(s["pair"]["target"]["text"] for s in news.values()) == ["A man speaks at a rally.",
-                                                                           "A man walks his dog."]
+    assert sorted(s["pair"]["target"]["text"] for s in news.values()) == [
+        "A man speaks at a rally.",
+        "A man walks his dog.",
+    ]
     # No target text anywhere starts with its subset's target instruction.
     for name in ("OK-VQA", "MSCOCO_t2i", "ImageNet_1K", "VisualNews_i2t"):
         instruction = _manifest(out / name)["target_instruction"]
@@ -238,16 +279,35 @@ def test_mixture_yaml_lists_the_sets_written(tmp_path: Path) -> None:
     colpali, visrag = _visdoc(tmp_path)
     sft, frames_root, _ = _video(tmp_path)
     out = tmp_path / "out"
-    mmeb_train.run(_args("--mmeb-root", root, "--colpali", colpali, "--visrag", visrag, "--video-annotations", sft,
-                         "--video-frames", frames_root, "--out", out, "--subsets",
-                         "video_qa_240k,OK-VQA,colpali_train_set,visrag-indomain,video_caption_300k-video"))
+    mmeb_train.run(
+        _args(
+            "--mmeb-root",
+            root,
+            "--colpali",
+            colpali,
+            "--visrag",
+            visrag,
+            "--video-annotations",
+            sft,
+            "--video-frames",
+            frames_root,
+            "--out",
+            out,
+            "--subsets",
+            "video_qa_240k,OK-VQA,colpali_train_set,visrag-indomain,video_caption_300k-video",
+        )
+    )
     overlay = yaml.safe_load((out / "mixture.yaml").read_text())
     assert overlay["data"]["init_args"]["train_shards"] is None
     sets = overlay["data"]["init_args"]["train_mixture"]
     # The table's order, whatever the order asked for; the peer's weights.
     assert [(s["name"], s["weight"], s["homogeneous"]) for s in sets] == [
-        ("OK-VQA", 0.5, True), ("colpali_train_set", 10.0, True), ("visrag-indomain", 12.0, True),
-        ("video_caption_300k-video", 5.0, True), ("video_qa_240k", 5.0, True)]
+        ("OK-VQA", 0.5, True),
+        ("colpali_train_set", 10.0, True),
+        ("visrag-indomain", 12.0, True),
+        ("video_caption_300k-video", 5.0, True),
+        ("video_qa_240k", 5.0, True),
+    ]
     root = overlay["data"]["init_args"]["mixture_root"]
     assert Path(root) == out.resolve() and sets[0]["shards"] == "OK-VQA"
     # As the datamodule resolves it: every set's shards found, its size from the manifest.
@@ -268,7 +328,9 @@ def test_visual_documents(tmp_path: Path) -> None:
     assert _manifest(out / "colpali_train_set")["skipped"] == {"missing_image": 1}
     docs = _read(out / "visrag-indomain")
     pair = docs["000000001"]["pair"]
-    assert pair["query"]["instruction"] == VISDOC_QUERY_INSTRUCTION and pair["query"]["text"] == "Which chart shows costs?"
+    assert (
+        pair["query"]["instruction"] == VISDOC_QUERY_INSTRUCTION and pair["query"]["text"] == "Which chart shows costs?"
+    )
     assert pair["target"]["instruction"] == VISDOC_PAGE_TEXT and pair["target"]["text"] == ""
     assert docs["000000001"]["target.png"] == _image_bytes(51)
 
@@ -290,8 +352,12 @@ def test_video_sets_sample_frames_and_count_empty_folders(tmp_path: Path) -> Non
     assert manifest["skipped"] == {"empty_video": 1, "missing_video": 1} and manifest["num_frames"] == 8
 
     retrieval = _read(out / "video_caption_300k-video")["000000000"]["pair"]
-    assert retrieval["query"] == {"instruction": VIDEO_RETRIEVAL_QUERY_INSTRUCTION, "text": "Caption of vid0.",
-                                  "image": None, "video": None}
+    assert retrieval["query"] == {
+        "instruction": VIDEO_RETRIEVAL_QUERY_INSTRUCTION,
+        "text": "Caption of vid0.",
+        "image": None,
+        "video": None,
+    }
     assert retrieval["target"]["instruction"] == VIDEO_RETRIEVAL_TARGET_INSTRUCTION
     assert retrieval["target"]["text"] == "" and len(retrieval["target"]["video"]) == 8
 
@@ -299,8 +365,21 @@ def test_video_sets_sample_frames_and_count_empty_folders(tmp_path: Path) -> Non
     assert qa["query"]["instruction"] == VIDEO_QA_INSTRUCTION and qa["query"]["text"] == "What happens first?"
     assert len(qa["query"]["video"]) == 3 and qa["target"]["text"] == "A door opens."
 
-    mmeb_train.run(_args("--video-annotations", sft, "--video-frames", frames_root, "--out", out, "--overwrite",
-                         "--subsets", "video_caption_300k", "--num-frames", "2"))
+    mmeb_train.run(
+        _args(
+            "--video-annotations",
+            sft,
+            "--video-frames",
+            frames_root,
+            "--out",
+            out,
+            "--overwrite",
+            "--subsets",
+            "video_caption_300k",
+            "--num-frames",
+            "2",
+        )
+    )
     pair = _read(out / "video_caption_300k")["000000000"]["pair"]
     assert len(pair["query"]["video"]) == 2 and _manifest(out / "video_caption_300k")["num_frames"] == 2
 
@@ -309,8 +388,20 @@ def test_shards_decode_through_the_datamodule(tmp_path: Path) -> None:
     root = _mmeb_root(tmp_path)
     sft, frames_root, _ = _video(tmp_path)
     out = tmp_path / "out"
-    mmeb_train.run(_args("--mmeb-root", root, "--video-annotations", sft, "--video-frames", frames_root,
-                         "--subsets", "OK-VQA,video_qa_240k", "--out", out))
+    mmeb_train.run(
+        _args(
+            "--mmeb-root",
+            root,
+            "--video-annotations",
+            sft,
+            "--video-frames",
+            frames_root,
+            "--subsets",
+            "OK-VQA,video_qa_240k",
+            "--out",
+            out,
+        )
+    )
     skips = SkipCounter()
     decode = DecodeInstructionPairs(skips, max_image_pixels=10**6)
     for name, n in (("OK-VQA", 3), ("video_qa_240k", 1)):
@@ -336,7 +427,9 @@ def test_row_caps(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     mmeb_train.run(_args("--mmeb-root", root, "--subsets", "ImageNet_1K", "--out", out, "--overwrite", "--no-row-caps"))
     manifest = _manifest(out / "ImageNet_1K")
     assert manifest["num_samples"] == 5 and manifest["row_cap"] is None
-    mmeb_train.run(_args("--mmeb-root", root, "--subsets", "ImageNet_1K", "--out", out, "--overwrite", "--max-rows", "2"))
+    mmeb_train.run(
+        _args("--mmeb-root", root, "--subsets", "ImageNet_1K", "--out", out, "--overwrite", "--max-rows", "2")
+    )
     assert _manifest(out / "ImageNet_1K")["num_samples"] == 2
     assert len(list((out / "ImageNet_1K").glob("shard-*.tar"))) == 1
 
@@ -344,14 +437,28 @@ def test_row_caps(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
 def test_single_row_subset_needs_its_instructions(tmp_path: Path) -> None:
     root = tmp_path / "MMEB-train"
     _write_image(root / "images/A-OKVQA/0.png", 0)
-    _parquet(root / "A-OKVQA" / "original-00000-of-00001.parquet",
-             [_mmeb_row(f"<|image_1|>\n{QA_INST} What is shown?\n", "images/A-OKVQA/0.png", "a cat", "")])
+    _parquet(
+        root / "A-OKVQA" / "original-00000-of-00001.parquet",
+        [_mmeb_row(f"<|image_1|>\n{QA_INST} What is shown?\n", "images/A-OKVQA/0.png", "a cat", "")],
+    )
     out = tmp_path / "out"
     with pytest.raises(DataError, match="single row.*--query-instruction and --target-instruction"):
         mmeb_train.run(_args("--mmeb-root", root, "--out", out))
     assert not (out / "mixture.yaml").exists()
-    mmeb_train.run(_args("--mmeb-root", root, "--out", out, "--subsets", "A-OKVQA",
-                         "--query-instruction", QA_INST, "--target-instruction", ""))
+    mmeb_train.run(
+        _args(
+            "--mmeb-root",
+            root,
+            "--out",
+            out,
+            "--subsets",
+            "A-OKVQA",
+            "--query-instruction",
+            QA_INST,
+            "--target-instruction",
+            "",
+        )
+    )
     pair = _read(out / "A-OKVQA")["000000000"]["pair"]
     assert (pair["query"]["instruction"], pair["query"]["text"]) == (QA_INST, "What is shown?")
     assert (pair["target"]["instruction"], pair["target"]["text"]) == ("", "a cat")
@@ -361,8 +468,9 @@ def test_single_row_subset_needs_its_instructions(tmp_path: Path) -> None:
 def test_rows_that_miss_a_given_instruction_are_skipped_and_counted(tmp_path: Path) -> None:
     root = _mmeb_root(tmp_path)
     out = tmp_path / "out"
-    mmeb_train.run(_args("--mmeb-root", root, "--out", out, "--subsets", "VisualNews_i2t",
-                         "--target-instruction", "A man speaks"))
+    mmeb_train.run(
+        _args("--mmeb-root", root, "--out", out, "--subsets", "VisualNews_i2t", "--target-instruction", "A man speaks")
+    )
     manifest = _manifest(out / "VisualNews_i2t")
     assert manifest["num_samples"] == 1 and manifest["skipped"] == {"instruction_mismatch": 1}
     assert _read(out / "VisualNews_i2t")["000000000"]["pair"]["target"]["text"] == "at a rally."
@@ -373,7 +481,10 @@ def test_a_subset_with_nothing_left_fails_but_the_others_are_written(tmp_path: P
     for image in (root / "images" / "MSCOCO_t2i").iterdir():
         image.unlink()
     out = tmp_path / "out"
-    with pytest.raises(DataError, match=r"1 of 4 subsets failed: MSCOCO_t2i: no row could be written to .* \(MMEB-train image paths are read from --image-root"):
+    with pytest.raises(
+        DataError,
+        match=r"1 of 4 subsets failed: MSCOCO_t2i: no row could be written to .* \(MMEB-train image paths are read from --image-root",
+    ):
         mmeb_train.run(_args("--mmeb-root", root, "--out", out))
     assert not list((out / "MSCOCO_t2i").glob("*"))
     sets = yaml.safe_load((out / "mixture.yaml").read_text())["data"]["init_args"]["train_mixture"]
@@ -403,12 +514,18 @@ def test_bad_options_and_inputs_name_what_is_wrong(tmp_path: Path, capsys: pytes
     with pytest.raises(DataError, match="--video-frames is not"):
         mmeb_train.run(_args("--video-annotations", sft, "--out", out))
     with pytest.raises(DataError, match=r"video_caption_300k.jsonl:1: 'conversations' must be a list of at least two"):
-        mmeb_train.run(_args("--video-annotations", sft, "--video-frames", tmp_path, "--out", out,
-                             "--subsets", "video_caption_300k"))
+        mmeb_train.run(
+            _args(
+                "--video-annotations", sft, "--video-frames", tmp_path, "--out", out, "--subsets", "video_caption_300k"
+            )
+        )
     (sft / "video_caption_300k.jsonl").write_text('{"video": "v", "conversations": [}\n')
     with pytest.raises(DataError, match=r"video_caption_300k.jsonl:1: not valid JSON"):
-        mmeb_train.run(_args("--video-annotations", sft, "--video-frames", tmp_path, "--out", out,
-                             "--subsets", "video_caption_300k"))
+        mmeb_train.run(
+            _args(
+                "--video-annotations", sft, "--video-frames", tmp_path, "--out", out, "--subsets", "video_caption_300k"
+            )
+        )
     bad = tmp_path / "bad"
     _parquet(bad / "CIRR" / "original-00000-of-00001.parquet", [{"qry": "x", "pos_text": "y"}])
     with pytest.raises(DataError, match=r"CIRR/original-00000-of-00001.parquet: missing column 'qry_image_path'"):
@@ -442,12 +559,26 @@ def test_mixture_overlay_trains_through_the_datamodule(tmp_path: Path, tiny_spec
     colpali, _ = _visdoc(tmp_path)
     sft, frames_root, _ = _video(tmp_path)
     out = tmp_path / "out"
-    mmeb_train.run(_args("--mmeb-root", root, "--colpali", colpali, "--video-annotations", sft,
-                         "--video-frames", frames_root, "--subsets", "OK-VQA,colpali_train_set,video_qa_240k",
-                         "--out", out))
+    mmeb_train.run(
+        _args(
+            "--mmeb-root",
+            root,
+            "--colpali",
+            colpali,
+            "--video-annotations",
+            sft,
+            "--video-frames",
+            frames_root,
+            "--subsets",
+            "OK-VQA,colpali_train_set,video_qa_240k",
+            "--out",
+            out,
+        )
+    )
     overlay = yaml.safe_load((out / "mixture.yaml").read_text())["data"]["init_args"]
-    data = InstructionPairDataModule(tiny_spec, **overlay, batch_size=2, num_workers=0, shuffle_buffer=4,
-                                     samples_per_epoch=12)
+    data = InstructionPairDataModule(
+        tiny_spec, **overlay, batch_size=2, num_workers=0, shuffle_buffer=4, samples_per_epoch=12
+    )
     data.setup("fit")
     batches = list(data.train_dataloader())
     assert len(batches) == 6

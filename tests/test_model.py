@@ -48,7 +48,12 @@ def test_latent_tokens_sit_at_the_end_of_every_row(backbone, make_batch, monkeyp
     batch = make_batch(3)["target"]  # captions of different lengths: rows are left-padded
     encoder = LaMEEncoder(backbone, num_reason_tokens=5, placeholder_token_id=7)
     seen = backbone_inputs(encoder, batch, monkeypatch)
-    ids, mask, types, embeds = seen["input_ids"], seen["attention_mask"], seen["mm_token_type_ids"], seen["inputs_embeds"]
+    ids, mask, types, embeds = (
+        seen["input_ids"],
+        seen["attention_mask"],
+        seen["mm_token_type_ids"],
+        seen["inputs_embeds"],
+    )
     assert ids.shape[1] == embeds.shape[1] == batch["input_ids"].shape[1] + 6
     assert (ids[:, -6:] == 7).all() and (mask[:, -6:] == 1).all() and (types[:, -6:] == 0).all()
     assert torch.equal(embeds[0, -6:-1], encoder.reason_embeddings.data)

@@ -23,6 +23,8 @@ VISION = "<|vision_start|><|image_pad|><|vision_end|>"
 
 def random_image(rng: random.Random, side: int = 56) -> Image.Image:
     return Image.frombytes("RGB", (side, side), bytes(rng.getrandbits(8) for _ in range(side * side * 3)))
+
+
 INPUT_KEYS = ("input_ids", "attention_mask", "mm_token_type_ids", "pixel_values", "image_grid_thw")
 
 
@@ -96,8 +98,9 @@ def test_explicit_cot_stops_a_row_at_a_stop_token_and_masks_the_rest(lively_back
     tokens = free(**padded_images).generated_ids
     stop = int(tokens[0, 1])
     assert stop not in tokens[1].tolist()
-    stopping = LaMEEncoder(lively_backbone, num_reason_tokens=0, encode_mode="explicit_cot", cot_tokens=5,
-                           cot_stop_token_ids=[stop]).eval()
+    stopping = LaMEEncoder(
+        lively_backbone, num_reason_tokens=0, encode_mode="explicit_cot", cot_tokens=5, cot_stop_token_ids=[stop]
+    ).eval()
     stopping.load_state_dict(free.state_dict())
     out = stopping(**padded_images)
     pad = stopping.placeholder_token_id
@@ -109,7 +112,9 @@ def test_explicit_cot_stops_a_row_at_a_stop_token_and_masks_the_rest(lively_back
     keep = padded_images["attention_mask"][0].bool()
     row0 = {k: padded_images[k][:1, keep] for k in ("input_ids", "attention_mask", "mm_token_type_ids")}
     patches = padded_images["pixel_values"].shape[0] // 2  # two images of the same size
-    row0.update(pixel_values=padded_images["pixel_values"][:patches], image_grid_thw=padded_images["image_grid_thw"][:1])
+    row0.update(
+        pixel_values=padded_images["pixel_values"][:patches], image_grid_thw=padded_images["image_grid_thw"][:1]
+    )
     assert torch.allclose(alone(**row0).embedding[0], out.embedding[0], atol=1e-4)
 
 
@@ -225,9 +230,19 @@ def shards(synthetic_shards) -> Path:
 
 def _fit(shards: Path, tmp_path: Path, *flags: str):
     data = [f"--data.init_args.{split}_shards={shards / split}" for split in ("train", "val", "test")]
-    return build_cli(["fit", f"--config={ROOT / 'tests' / 'conf' / 'tiny.yaml'}", *data,
-                      "--trainer.max_steps=1", "--trainer.limit_val_batches=0", "--trainer.logger=false",
-                      "--trainer.enable_checkpointing=false", f"--trainer.default_root_dir={tmp_path}", *flags])
+    return build_cli(
+        [
+            "fit",
+            f"--config={ROOT / 'tests' / 'conf' / 'tiny.yaml'}",
+            *data,
+            "--trainer.max_steps=1",
+            "--trainer.limit_val_batches=0",
+            "--trainer.logger=false",
+            "--trainer.enable_checkpointing=false",
+            f"--trainer.default_root_dir={tmp_path}",
+            *flags,
+        ]
+    )
 
 
 def test_cli_fits_in_latent_sequential_and_refuses_explicit_cot(shards, tmp_path, monkeypatch):
@@ -235,20 +250,38 @@ def test_cli_fits_in_latent_sequential_and_refuses_explicit_cot(shards, tmp_path
     cli = _fit(shards, tmp_path, "--model.init_args.encode_mode=latent_sequential")
     assert cli.trainer.global_step == 1 and cli.model.encoder.encode_mode == "latent_sequential"
     with pytest.raises(RuntimeError, match="'explicit_cot' is inference only"):
-        _fit(shards, tmp_path, "--model.init_args.encode_mode=explicit_cot", "--model.init_args.cot_tokens=2",
-             "--model.init_args.num_reason_tokens=0", "--model.init_args.decoder=null",
-             "--model.init_args.stage=2")
+        _fit(
+            shards,
+            tmp_path,
+            "--model.init_args.encode_mode=explicit_cot",
+            "--model.init_args.cot_tokens=2",
+            "--model.init_args.num_reason_tokens=0",
+            "--model.init_args.decoder=null",
+            "--model.init_args.stage=2",
+        )
 
 
 def test_a_checkpoint_is_tested_in_the_encode_mode_given_for_the_run(shards, tmp_path, monkeypatch):
     """LightningCLI restores a checkpoint's hyper-parameters over the config; encode settings are the exception."""
     monkeypatch.setattr(sys, "argv", ["lightning"])
-    _fit(shards, tmp_path, "--trainer.enable_checkpointing=true", "--trainer.callbacks+=ModelCheckpoint",
-         f"--trainer.callbacks.dirpath={tmp_path / 'ckpt'}", "--trainer.callbacks.save_last=true")
+    _fit(
+        shards,
+        tmp_path,
+        "--trainer.enable_checkpointing=true",
+        "--trainer.callbacks+=ModelCheckpoint",
+        f"--trainer.callbacks.dirpath={tmp_path / 'ckpt'}",
+        "--trainer.callbacks.save_last=true",
+    )
     ckpt = tmp_path / "ckpt" / "last.ckpt"
     data = [f"--data.init_args.{split}_shards={shards / split}" for split in ("train", "val", "test")]
-    common = ["test", f"--config={ROOT / 'tests' / 'conf' / 'tiny.yaml'}", *data, f"--ckpt_path={ckpt}",
-              "--trainer.logger=false", f"--trainer.default_root_dir={tmp_path}"]
+    common = [
+        "test",
+        f"--config={ROOT / 'tests' / 'conf' / 'tiny.yaml'}",
+        *data,
+        f"--ckpt_path={ckpt}",
+        "--trainer.logger=false",
+        f"--trainer.default_root_dir={tmp_path}",
+    ]
     assert build_cli(common).model.encoder.encode_mode == "lame"
     sequential = build_cli([*common, "--model.init_args.encode_mode=latent_sequential"])
     assert sequential.model.encoder.encode_mode == "latent_sequential"

@@ -62,9 +62,17 @@ class Record(Callback):
 def fit(module: LaMEModule, batches: list[dict], **options) -> Record:
     record = Record()
     callbacks = [record, *options.pop("callbacks", [])]
-    trainer = Trainer(accelerator="cpu", devices=1, max_steps=len(batches) // options.get("accumulate_grad_batches", 1),
-                      logger=False, enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
-                      callbacks=callbacks, **options)
+    trainer = Trainer(
+        accelerator="cpu",
+        devices=1,
+        max_steps=len(batches) // options.get("accumulate_grad_batches", 1),
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        callbacks=callbacks,
+        **options,
+    )
     loader = torch.utils.data.DataLoader(batches, batch_size=None, collate_fn=lambda b: b)
     trainer.fit(module, loader)
     return record
@@ -72,8 +80,16 @@ def fit(module: LaMEModule, batches: list[dict], **options) -> Record:
 
 def build(tiny_spec, tiny_decoder, chunk: int | None, **kwargs) -> LaMEModule:
     torch.manual_seed(0)
-    return LaMEModule(tiny_spec, tiny_decoder, num_reason_tokens=2, stage=2, learnable_temperature=True,
-                      lr=1e-3, gradcache_chunk_size=chunk, **kwargs)
+    return LaMEModule(
+        tiny_spec,
+        tiny_decoder,
+        num_reason_tokens=2,
+        stage=2,
+        learnable_temperature=True,
+        lr=1e-3,
+        gradcache_chunk_size=chunk,
+        **kwargs,
+    )
 
 
 def same(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> bool:
@@ -91,9 +107,12 @@ CHUNKS = pytest.mark.parametrize("chunk", [None, 2], ids=["plain", "gradcache"])
 def test_a_nan_step_changes_no_weight_and_is_counted(tiny_spec, tiny_decoder, batch, chunk):
     module = build(tiny_spec, tiny_decoder, chunk)
     poison(module, {1})
-    with pytest.warns(UserWarning, match=r"step 1 skipped \(1 in a row; 1 non-finite, 0 with a zero gradient in all\), "
-                                         r"non-finite loss and gradient norm: loss=nan, contrastive=nan, "
-                                         r"decoder=[0-9.]+; largest gradient norms: "):
+    with pytest.warns(
+        UserWarning,
+        match=r"step 1 skipped \(1 in a row; 1 non-finite, 0 with a zero gradient in all\), "
+        r"non-finite loss and gradient norm: loss=nan, contrastive=nan, "
+        r"decoder=[0-9.]+; largest gradient norms: ",
+    ):
         record = fit(module, [batch] * 3)
     before, skipped, after = record.weights[1:]
     assert not same(record.weights[0], before)  # step 0 trained
@@ -118,9 +137,11 @@ def test_a_nan_micro_batch_skips_its_whole_accumulation_cycle(tiny_spec, tiny_de
 def test_max_nonfinite_steps_in_a_row_stop_the_run_naming_step_terms_and_parts(tiny_spec, tiny_decoder, batch, chunk):
     module = build(tiny_spec, tiny_decoder, chunk, max_nonfinite_steps=2)
     poison(module, {1, 2, 3})
-    message = (r"stopping at step 2 after 2 skipped steps in a row \(model.max_nonfinite_steps=2\), non-finite "
-               r"loss and gradient norm: loss=nan, contrastive=nan, decoder=[0-9.]+; largest gradient norms: "
-               r"log_logit_scale=nan, encoder\.reason_embeddings=nan, ")
+    message = (
+        r"stopping at step 2 after 2 skipped steps in a row \(model.max_nonfinite_steps=2\), non-finite "
+        r"loss and gradient norm: loss=nan, contrastive=nan, decoder=[0-9.]+; largest gradient norms: "
+        r"log_logit_scale=nan, encoder\.reason_embeddings=nan, "
+    )
     with warnings.catch_warnings(), pytest.raises(NonFiniteError, match=message):
         warnings.simplefilter("ignore")
         fit(module, [batch] * 5)
@@ -136,24 +157,30 @@ def test_finite_steps_between_reset_the_run(tiny_spec, tiny_decoder, batch):
 
 
 @CHUNKS
-def test_a_diverging_lr_with_the_backbone_frozen_stops_instead_of_growing_the_weights(tiny_spec, tiny_decoder, batch,
-                                                                                       chunk):
+def test_a_diverging_lr_with_the_backbone_frozen_stops_instead_of_growing_the_weights(
+    tiny_spec, tiny_decoder, batch, chunk
+):
     """Stage 1 at lr 1e6: the first update saturates the model, whose loss then stays constant with an all-zero
     gradient while AdamW's momentum would grow the weights by ~lr a step. Those steps are skipped, then the run stops."""
     torch.manual_seed(0)
-    module = LaMEModule(tiny_spec, tiny_decoder, num_reason_tokens=2, stage=1, lr=1e6, gradcache_chunk_size=chunk,
-                        max_nonfinite_steps=3)
+    module = LaMEModule(
+        tiny_spec, tiny_decoder, num_reason_tokens=2, stage=1, lr=1e6, gradcache_chunk_size=chunk, max_nonfinite_steps=3
+    )
     peaks: list[float] = []
 
     class Peak(Callback):
         def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
             peaks.append(max(p.detach().abs().max().item() for p in pl_module.parameters() if p.requires_grad))
 
-    message = (r"stopping at step 3 after 3 skipped steps in a row \(model.max_nonfinite_steps=3\), zero gradient "
-               r"with a non-zero loss \(a saturated model\): loss=[0-9.]+, decoder=[0-9.]+; largest gradient norms: "
-               r"encoder.reason_embeddings=0, .*; largest weights: [a-z_.]+=1e\+06")
-    with pytest.warns(UserWarning, match=r"step 1 skipped \(1 in a row; 0 non-finite, 1 with a zero gradient in all\)"), \
-            pytest.raises(NonFiniteError, match=message):
+    message = (
+        r"stopping at step 3 after 3 skipped steps in a row \(model.max_nonfinite_steps=3\), zero gradient "
+        r"with a non-zero loss \(a saturated model\): loss=[0-9.]+, decoder=[0-9.]+; largest gradient norms: "
+        r"encoder.reason_embeddings=0, .*; largest weights: [a-z_.]+=1e\+06"
+    )
+    with (
+        pytest.warns(UserWarning, match=r"step 1 skipped \(1 in a row; 0 non-finite, 1 with a zero gradient in all\)"),
+        pytest.raises(NonFiniteError, match=message),
+    ):
         fit(module, [batch] * 8, callbacks=[Peak()])
     assert len(peaks) == 3 and peaks[0] == peaks[1] == peaks[2] == pytest.approx(1e6, rel=1e-3)
     assert module.trainer.callback_metrics["train/zero_gradient_steps"] == 2.0  # logged before the third stopped it
@@ -169,9 +196,12 @@ class InfGradient(Callback):
 
 def test_a_non_finite_gradient_norm_with_a_finite_loss_is_skipped_naming_the_part(tiny_spec, tiny_decoder, batch):
     module = build(tiny_spec, tiny_decoder, None)
-    with pytest.warns(UserWarning, match=r"step 1 skipped .*non-finite gradient norm: loss=[0-9.]+, "
-                                         r"contrastive=[0-9.]+, decoder=[0-9.]+; largest gradient norms: "
-                                         r"decoder\.projector=inf, "):
+    with pytest.warns(
+        UserWarning,
+        match=r"step 1 skipped .*non-finite gradient norm: loss=[0-9.]+, "
+        r"contrastive=[0-9.]+, decoder=[0-9.]+; largest gradient norms: "
+        r"decoder\.projector=inf, ",
+    ):
         record = fit(module, [batch] * 3, callbacks=[InfGradient()], gradient_clip_val=1.0)
     assert same(record.weights[1], record.weights[2]) and same_adam(record.adam[1], record.adam[2])
     assert record.counts == [0.0, 1.0, 1.0]
@@ -183,15 +213,20 @@ def test_a_step_that_cannot_be_skipped_stops_at_once():
     weight = torch.nn.Parameter(torch.ones(2))
     weight.grad = torch.ones(2)
     guard.watch(torch.tensor(math.nan), {"contrastive": torch.tensor(math.nan)})
-    with pytest.raises(NonFiniteError, match=r"^stopping at step 7: under DeepSpeed a step cannot be skipped, "
-                                             r"non-finite loss: loss=nan, contrastive=nan; "):
+    with pytest.raises(
+        NonFiniteError,
+        match=r"^stopping at step 7: under DeepSpeed a step cannot be skipped, "
+        r"non-finite loss: loss=nan, contrastive=nan; ",
+    ):
         guard.check([("decoder.projector.0.weight", weight)], 7, can_skip=False)
 
 
 def test_parts_are_top_level_modules():
     assert part_of("encoder.backbone.visual.blocks.0.attn.qkv.weight") == "encoder.backbone.visual"
-    assert part_of("encoder.backbone.language_model.base_model.model.layers.0.q.lora_A.weight") == \
-        "encoder.backbone.language_model"
+    assert (
+        part_of("encoder.backbone.language_model.base_model.model.layers.0.q.lora_A.weight")
+        == "encoder.backbone.language_model"
+    )
     assert part_of("encoder.reason_embeddings") == "encoder.reason_embeddings"
     assert part_of("decoder.language_model.model.layers.0.mlp.weight") == "decoder.language_model"
     assert part_of("log_logit_scale") == "log_logit_scale"
@@ -199,14 +234,24 @@ def test_parts_are_top_level_modules():
 
 def test_a_checkpoint_of_non_finite_weights_is_refused_naming_the_parameter(tiny_spec, tiny_decoder, batch, tmp_path):
     module = build(tiny_spec, tiny_decoder, None)
-    trainer = Trainer(accelerator="cpu", devices=1, max_steps=1, logger=False, enable_checkpointing=False,
-                      enable_progress_bar=False, enable_model_summary=False)
+    trainer = Trainer(
+        accelerator="cpu",
+        devices=1,
+        max_steps=1,
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+    )
     trainer.fit(module, torch.utils.data.DataLoader([batch], batch_size=None, collate_fn=lambda b: b))
     trainer.save_checkpoint(tmp_path / "good.ckpt")  # finite: written
     with torch.no_grad():
         module.decoder.projector[2].bias[3] = math.nan
-    with pytest.raises(NonFiniteError, match=r"^refusing to save a checkpoint at step 1: decoder\.projector\.2\.bias "
-                                             r"is not finite$"):
+    with pytest.raises(
+        NonFiniteError,
+        match=r"^refusing to save a checkpoint at step 1: decoder\.projector\.2\.bias "
+        r"is not finite$",
+    ):
         trainer.save_checkpoint(tmp_path / "bad.ckpt")
     assert (tmp_path / "good.ckpt").is_file() and not (tmp_path / "bad.ckpt").exists()
 
@@ -219,10 +264,20 @@ def test_the_count_survives_a_resume(tiny_spec, tiny_decoder, batch, tmp_path):
     module.trainer.save_checkpoint(tmp_path / "a.ckpt")
     assert torch.load(tmp_path / "a.ckpt", weights_only=True)["lame_nonfinite_steps"] == 1
     resumed = build(tiny_spec, tiny_decoder, None)
-    trainer = Trainer(accelerator="cpu", devices=1, max_steps=3, logger=False, enable_checkpointing=False,
-                      enable_progress_bar=False, enable_model_summary=False)
-    trainer.fit(resumed, torch.utils.data.DataLoader([batch] * 3, batch_size=None, collate_fn=lambda b: b),
-                ckpt_path=tmp_path / "a.ckpt")
+    trainer = Trainer(
+        accelerator="cpu",
+        devices=1,
+        max_steps=3,
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+    )
+    trainer.fit(
+        resumed,
+        torch.utils.data.DataLoader([batch] * 3, batch_size=None, collate_fn=lambda b: b),
+        ckpt_path=tmp_path / "a.ckpt",
+    )
     assert float(trainer.callback_metrics["train/nonfinite_steps"]) == 1.0
 
 
@@ -230,8 +285,11 @@ def test_the_count_survives_a_resume(tiny_spec, tiny_decoder, batch, tmp_path):
 
 
 def test_a_temperature_the_logit_scale_cap_would_override_is_refused(tiny_spec):
-    with pytest.raises(ValueError, match=r"^model.temperature 0.005 is below 0.01, the floor set by the logit "
-                                         r"scale's cap of 100$"):
+    with pytest.raises(
+        ValueError,
+        match=r"^model.temperature 0.005 is below 0.01, the floor set by the logit "
+        r"scale's cap of 100$",
+    ):
         LaMEModule(tiny_spec, None, num_reason_tokens=0, temperature=0.005)
     module = LaMEModule(tiny_spec, None, num_reason_tokens=0, stage=2, temperature=0.01)  # the cap itself is allowed
     assert module.logit_scale.item() == pytest.approx(100.0)
@@ -247,10 +305,18 @@ def test_max_nonfinite_steps_is_validated(tiny_spec, value):
 def learned(tiny_spec, tiny_decoder, batch, module_tmp) -> tuple[str, float]:
     """A stage-2 checkpoint (configured temperature 0.05) whose temperature moved in training."""
     torch.manual_seed(0)
-    module = LaMEModule(tiny_spec, tiny_decoder, num_reason_tokens=2, stage=2, learnable_temperature=True,
-                        temperature=0.05, lr=0.05)
-    trainer = Trainer(accelerator="cpu", devices=1, max_steps=2, logger=False, enable_checkpointing=False,
-                      enable_progress_bar=False, enable_model_summary=False)
+    module = LaMEModule(
+        tiny_spec, tiny_decoder, num_reason_tokens=2, stage=2, learnable_temperature=True, temperature=0.05, lr=0.05
+    )
+    trainer = Trainer(
+        accelerator="cpu",
+        devices=1,
+        max_steps=2,
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+    )
     trainer.fit(module, torch.utils.data.DataLoader([batch] * 2, batch_size=None, collate_fn=lambda b: b))
     path = str(module_tmp("learned") / "stage.ckpt")
     trainer.save_checkpoint(path)
@@ -265,36 +331,55 @@ def said(monkeypatch) -> list[str]:
     return lines
 
 
-def test_init_from_keeps_a_learned_temperature_when_this_run_learns_it_and_says_so(tiny_spec, tiny_decoder, learned,
-                                                                                   monkeypatch):
+def test_init_from_keeps_a_learned_temperature_when_this_run_learns_it_and_says_so(
+    tiny_spec, tiny_decoder, learned, monkeypatch
+):
     path, temperature = learned
     lines = said(monkeypatch)
-    module = LaMEModule(tiny_spec, tiny_decoder, num_reason_tokens=2, stage=2, learnable_temperature=True,
-                        temperature=0.05, init_from=path)
+    module = LaMEModule(
+        tiny_spec,
+        tiny_decoder,
+        num_reason_tokens=2,
+        stage=2,
+        learnable_temperature=True,
+        temperature=0.05,
+        init_from=path,
+    )
     assert 1.0 / module.logit_scale.item() == pytest.approx(temperature, rel=1e-6)
     assert f"init_from: temperature 0.05 from the config replaced by {temperature:.4g} learned in {path}" in lines
 
 
-def test_init_from_keeps_the_configured_temperature_of_a_fixed_run_and_says_so(tiny_spec, tiny_decoder, learned,
-                                                                               monkeypatch):
+def test_init_from_keeps_the_configured_temperature_of_a_fixed_run_and_says_so(
+    tiny_spec, tiny_decoder, learned, monkeypatch
+):
     path, temperature = learned
     lines = said(monkeypatch)
     module = LaMEModule(tiny_spec, tiny_decoder, num_reason_tokens=2, stage=2, temperature=0.02, init_from=path)
     assert 1.0 / module.logit_scale.item() == pytest.approx(0.02, rel=1e-6)
-    assert (f"init_from: temperature 0.02 from the config kept, not {temperature:.4g} learned in {path} "
-            "(model.learnable_temperature is false)") in lines
+    assert (
+        f"init_from: temperature 0.02 from the config kept, not {temperature:.4g} learned in {path} "
+        "(model.learnable_temperature is false)"
+    ) in lines
 
 
-def test_init_from_keeps_the_configured_temperature_over_another_configured_one(tiny_spec, tiny_decoder, tmp_path,
-                                                                                monkeypatch):
+def test_init_from_keeps_the_configured_temperature_over_another_configured_one(
+    tiny_spec, tiny_decoder, tmp_path, monkeypatch
+):
     """Stage 1 (no contrastive loss) never moves the temperature: stage 2's config decides, even when learnable."""
     torch.manual_seed(0)
     first = LaMEModule(tiny_spec, tiny_decoder, num_reason_tokens=2, temperature=0.05)
     path = tmp_path / "stage1.ckpt"
     torch.save({"state_dict": first.state_dict(), "hyper_parameters": dict(first.hparams)}, path)
     lines = said(monkeypatch)
-    module = LaMEModule(tiny_spec, tiny_decoder, num_reason_tokens=2, stage=2, learnable_temperature=True,
-                        temperature=0.02, init_from=str(path))
+    module = LaMEModule(
+        tiny_spec,
+        tiny_decoder,
+        num_reason_tokens=2,
+        stage=2,
+        learnable_temperature=True,
+        temperature=0.02,
+        init_from=str(path),
+    )
     assert 1.0 / module.logit_scale.item() == pytest.approx(0.02, rel=1e-6)
     assert f"init_from: temperature 0.02 from the config kept, not 0.05 configured in {path}" in lines
     lines.clear()

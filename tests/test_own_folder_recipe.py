@@ -38,11 +38,18 @@ NUM_IMAGES = 50
 # Appended to every `lightning` command of the recipe. Steps: every_n_train_steps of the demo's
 # checkpoint callback is 100, so a stage needs 100 steps to leave last.ckpt; tiny batches of
 # 28 px images on the tiny backbone make them cheap. Validation only at the end of stage 1.
-FAST = ["--model.init_args.backbone.preset=tiny", "--model.init_args.decoder.preset=tiny",
-        "--model.init_args.backbone.min_pixels=784", "--model.init_args.backbone.max_pixels=784",
-        "--model.init_args.num_reason_tokens=2", "--data.init_args.batch_size=2",
-        "--data.init_args.num_workers=0", "--trainer.max_steps=100", "--trainer.limit_val_batches=1",
-        "--trainer.enable_progress_bar=false"]
+FAST = [
+    "--model.init_args.backbone.preset=tiny",
+    "--model.init_args.decoder.preset=tiny",
+    "--model.init_args.backbone.min_pixels=784",
+    "--model.init_args.backbone.max_pixels=784",
+    "--model.init_args.num_reason_tokens=2",
+    "--data.init_args.batch_size=2",
+    "--data.init_args.num_workers=0",
+    "--trainer.max_steps=100",
+    "--trainer.limit_val_batches=1",
+    "--trainer.enable_progress_bar=false",
+]
 
 
 def recipe_block() -> str:
@@ -65,8 +72,11 @@ def test_recipe_block_names_files_that_exist_and_is_self_contained():
         assert (ROOT / path).is_file(), f"the README recipe names {path}, which does not exist"
     commands = [line for line in block.splitlines() if line.startswith(".venv/bin/")]
     assert [c.split()[0:2] for c in commands] == [
-        [".venv/bin/python", "tools/make_shards.py"], [".venv/bin/python", "tools/decoder_vocab.py"],
-        [".venv/bin/lightning", "fit"], [".venv/bin/lightning", "fit"], [".venv/bin/lightning", "test"],
+        [".venv/bin/python", "tools/make_shards.py"],
+        [".venv/bin/python", "tools/decoder_vocab.py"],
+        [".venv/bin/lightning", "fit"],
+        [".venv/bin/lightning", "fit"],
+        [".venv/bin/lightning", "test"],
         [".venv/bin/python", "tools/show_metrics.py"],
     ]
     assert "tensorboard" not in block  # it serves until stopped: kept outside the block the test runs
@@ -77,15 +87,27 @@ def test_overlay_moves_data_vocabulary_runs_and_metrics(capsys, monkeypatch):
     monkeypatch.setattr(sys, "argv", ["lightning"])
     demo = ROOT / "configs" / "demo"
     with pytest.raises(SystemExit) as exc:
-        build_cli(["fit", f"--config={demo / 'base.yaml'}", f"--config={demo / 'stage2.yaml'}", f"--config={OVERLAY}",
-                   "--model.init_args.init_from=runs/own/stage1/checkpoints/last.ckpt", "--print_config"])
+        build_cli(
+            [
+                "fit",
+                f"--config={demo / 'base.yaml'}",
+                f"--config={demo / 'stage2.yaml'}",
+                f"--config={OVERLAY}",
+                "--model.init_args.init_from=runs/own/stage1/checkpoints/last.ckpt",
+                "--print_config",
+            ]
+        )
     assert exc.value.code in (0, None)
     printed = capsys.readouterr().out
     config = yaml.safe_load(printed)
     assert {"save_dir": "runs/own", "version": "stage2"}.items() <= config["trainer"]["logger"]["init_args"].items()
     assert config["trainer"]["val_check_interval"] == 100 and config["trainer"]["check_val_every_n_epoch"] is None
     data = config["data"]["init_args"]
-    assert [data[f"{s}_shards"] for s in ("train", "val", "test")] == ["data/own/train", "data/own/val", "data/own/test"]
+    assert [data[f"{s}_shards"] for s in ("train", "val", "test")] == [
+        "data/own/train",
+        "data/own/val",
+        "data/own/test",
+    ]
     model = config["model"]["init_args"]
     assert model["decoder"]["vocab_file"] == "data/own/decoder_vocab.json"
     assert model["init_from"] == "runs/own/stage1/checkpoints/last.ckpt"
@@ -99,8 +121,13 @@ def test_overlay_moves_data_vocabulary_runs_and_metrics(capsys, monkeypatch):
 
 
 def test_metrics_file_defaults_to_the_logger_save_dir(tmp_path):
-    with_logger = Trainer(logger=TensorBoardLogger(tmp_path / "runs", name="", version="x"), default_root_dir=tmp_path,
-                          enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False)
+    with_logger = Trainer(
+        logger=TensorBoardLogger(tmp_path / "runs", name="", version="x"),
+        default_root_dir=tmp_path,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+    )
     assert MetricsFile().resolve_path(with_logger) == tmp_path / "runs" / "test_metrics.json"
     without = Trainer(logger=False, default_root_dir=tmp_path / "root", enable_checkpointing=False)
     assert MetricsFile().resolve_path(without) == tmp_path / "root" / "test_metrics.json"
@@ -129,8 +156,10 @@ def test_readme_recipe_runs_on_a_folder_of_50_images(tmp_path):
         (work / name).symlink_to(ROOT / name)
     captions = _write_folder(src)
     # Scripts, not links: a virtual environment is found from the path the interpreter was started by.
-    for name, command in (("python", f'{shlex.quote(sys.executable)} "$@"'),
-                          ("lightning", f'{shlex.quote(str(BIN / "lightning"))} "$@" {shlex.join(FAST)}')):
+    for name, command in (
+        ("python", f'{shlex.quote(sys.executable)} "$@"'),
+        ("lightning", f'{shlex.quote(str(BIN / "lightning"))} "$@" {shlex.join(FAST)}'),
+    ):
         (bin_dir / name).write_text(f"#!/bin/sh\nexec {command}\n")
         (bin_dir / name).chmod(0o755)
 
@@ -138,16 +167,21 @@ def test_readme_recipe_runs_on_a_folder_of_50_images(tmp_path):
     assert block.count("PHOTOS=~/photos") == 1 and ".venv/bin/" in block
     script = block.replace("PHOTOS=~/photos", f"PHOTOS={shlex.quote(str(src))}").replace(".venv/bin/", f"{bin_dir}/")
     start = time.perf_counter()
-    result = subprocess.run(["bash", "-euo", "pipefail", "-c", script], cwd=work, capture_output=True, text=True, timeout=600)
+    result = subprocess.run(
+        ["bash", "-euo", "pipefail", "-c", script], cwd=work, capture_output=True, text=True, timeout=600
+    )
     elapsed = time.perf_counter() - start
     assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-4000:]
 
     # Three splits with manifests, by the stated rule, summing to the folder.
     fractions = [float(x) for x in re.search(r"--val-fraction (\S+) --test-fraction (\S+)", block).groups()]
-    expected = {split: sum(expected_split(stem, *fractions) == split for stem in captions)
-                for split in ("train", "val", "test")}
-    counts = {split: json.loads((work / "data" / "own" / split / "manifest.json").read_text())["num_samples"]
-              for split in ("train", "val", "test")}
+    expected = {
+        split: sum(expected_split(stem, *fractions) == split for stem in captions) for split in ("train", "val", "test")
+    }
+    counts = {
+        split: json.loads((work / "data" / "own" / split / "manifest.json").read_text())["num_samples"]
+        for split in ("train", "val", "test")
+    }
     assert counts == expected and sum(counts.values()) == NUM_IMAGES and min(counts.values()) > 0
     assert json.loads((work / "data" / "own" / "decoder_vocab.json").read_text())
     for stage in ("stage1", "stage2"):

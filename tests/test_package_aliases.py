@@ -37,19 +37,26 @@ def test_the_package_never_imports_the_short_names():
     pattern = re.compile(r"^\s*(from|import)\s+(datamodules|callbacks)\b", re.M)
     offenders = [str(p.relative_to(ROOT)) for p in (ROOT / "lame_pl").rglob("*.py") if pattern.search(p.read_text())]
     assert offenders == []
-    code = ("import sys, pkgutil, importlib, lame_pl\n"
-            "for m in pkgutil.walk_packages(lame_pl.__path__, 'lame_pl.'):\n"
-            "    if not m.name.endswith('__main__'):  # that one runs the command line\n"
-            "        importlib.import_module(m.name)\n"
-            "print(sorted(n for n in sys.modules if n.split('.')[0] in ('datamodules', 'callbacks')))")
+    code = (
+        "import sys, pkgutil, importlib, lame_pl\n"
+        "for m in pkgutil.walk_packages(lame_pl.__path__, 'lame_pl.'):\n"
+        "    if not m.name.endswith('__main__'):  # that one runs the command line\n"
+        "        importlib.import_module(m.name)\n"
+        "print(sorted(n for n in sys.modules if n.split('.')[0] in ('datamodules', 'callbacks')))"
+    )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, cwd=ROOT / "tests")
     assert out.stdout.strip() == "[]"
 
 
 @pytest.mark.parametrize("prefix", ["", "lame_pl."])
 def test_configs_name_classes_by_either_spelling(prefix, capsys):
-    args = ["fit", *DEMO, f"--data={prefix}datamodules.ImageTextDataModule",
-            f"--trainer.callbacks+={prefix}callbacks.DataHealth", "--print_config"]
+    args = [
+        "fit",
+        *DEMO,
+        f"--data={prefix}datamodules.ImageTextDataModule",
+        f"--trainer.callbacks+={prefix}callbacks.DataHealth",
+        "--print_config",
+    ]
     with pytest.raises(SystemExit) as stop:
         build_cli(args)
     assert stop.value.code in (0, None)

@@ -66,22 +66,37 @@ def _rows(root: Path) -> list[PairRow]:
     _save(root / "img" / "neg.jpg", 2, "JPEG")
     frames = [f"clip/frame_{i}.png" for i in range(5)]
     return [
-        PairRow("video-query", PairSide("Find the caption of this video.", "", video=frames[:3]),
-                PairSide("Represent the caption.", "  a clip of colours  "),
-                [PairSide("Represent the caption.", "a still photo"),
-                 PairSide("Neg video.", "", video=[frames[4], str(root / frames[3])])],
-                source={"row": 0}),
-        PairRow("inline-target", PairSide("", "which picture?", image="img/q.png"),
-                PairSide("Represent the image.", "", image=_encoded(3)),
-                [PairSide("", "", image=_encoded(4, "WEBP")), PairSide("", "", image="img/neg.jpg")]),
+        PairRow(
+            "video-query",
+            PairSide("Find the caption of this video.", "", video=frames[:3]),
+            PairSide("Represent the caption.", "  a clip of colours  "),
+            [
+                PairSide("Represent the caption.", "a still photo"),
+                PairSide("Neg video.", "", video=[frames[4], str(root / frames[3])]),
+            ],
+            source={"row": 0},
+        ),
+        PairRow(
+            "inline-target",
+            PairSide("", "which picture?", image="img/q.png"),
+            PairSide("Represent the image.", "", image=_encoded(3)),
+            [PairSide("", "", image=_encoded(4, "WEBP")), PairSide("", "", image="img/neg.jpg")],
+        ),
         PairRow("text-only", PairSide("Answer.", "two plus two"), PairSide("", "four")),
     ]
 
 
 def test_write_pairs_round_trips_through_the_decode_stage(tmp_path: Path, decode_stage) -> None:
     skips = Skips()
-    manifest = write_pairs(_rows(tmp_path), tmp_path / "out", image_root=tmp_path, samples_per_shard=2,
-                           shard_bytes=None, meta={"split": "train", "source": "test"}, skips=skips)
+    manifest = write_pairs(
+        _rows(tmp_path),
+        tmp_path / "out",
+        image_root=tmp_path,
+        samples_per_shard=2,
+        shard_bytes=None,
+        meta={"split": "train", "source": "test"},
+        skips=skips,
+    )
     assert manifest["kind"] == "instruction-pairs" and manifest["num_samples"] == 3 and manifest["skipped"] == {}
     assert [s["num_samples"] for s in manifest["shards"]] == [2, 1]
     assert json.loads((tmp_path / "out" / "manifest.json").read_text()) == manifest
@@ -92,8 +107,12 @@ def test_write_pairs_round_trips_through_the_decode_stage(tmp_path: Path, decode
     assert video["query"]["instruction"] == "Find the caption of this video." and video["query"]["text"] == ""
     assert video["query"]["images"] == []
     assert [_pixel(f) for f in video["query"]["video"]] == [_colour(10), _colour(11), _colour(12)]
-    assert video["target"] == {"instruction": "Represent the caption.", "text": "a clip of colours",
-                               "images": [], "video": None}
+    assert video["target"] == {
+        "instruction": "Represent the caption.",
+        "text": "a clip of colours",
+        "images": [],
+        "video": None,
+    }
     still, moving = video["negatives"]
     assert still == {"instruction": "Represent the caption.", "text": "a still photo", "images": [], "video": None}
     assert moving["instruction"] == "Neg video." and [_pixel(f) for f in moving["video"]] == [_colour(14), _colour(13)]
@@ -112,17 +131,28 @@ def test_write_pairs_round_trips_through_the_decode_stage(tmp_path: Path, decode
 
 def test_write_pairs_member_names_and_bytes(tmp_path: Path) -> None:
     rows = _rows(tmp_path)
-    write_pairs(rows, tmp_path / "out", image_root=tmp_path, samples_per_shard=10, shard_bytes=None, meta={},
-                skips=Skips())
+    write_pairs(
+        rows, tmp_path / "out", image_root=tmp_path, samples_per_shard=10, shard_bytes=None, meta={}, skips=Skips()
+    )
     raw = {s["__key__"]: s for s in wds.WebDataset(str(tmp_path / "out" / "shard-000000.tar"), shardshuffle=False)}
     video = raw["video-query"]
     assert sorted(k for k in video if not k.startswith("__")) == [
-        "json", "neg1_f0.png", "neg1_f1.png", "query_f0.png", "query_f1.png", "query_f2.png"]
+        "json",
+        "neg1_f0.png",
+        "neg1_f1.png",
+        "query_f0.png",
+        "query_f1.png",
+        "query_f2.png",
+    ]
     record = json.loads(video["json"])
     assert record["query_video"] == ["query_f0.png", "query_f1.png", "query_f2.png"] and record["query_image"] is None
     assert record["target_instruction"] == "Represent the caption." and record["source"] == {"row": 0}
-    assert record["negatives"][1] == {"instruction": "Neg video.", "text": "", "image": None,
-                                      "video": ["neg1_f0.png", "neg1_f1.png"]}
+    assert record["negatives"][1] == {
+        "instruction": "Neg video.",
+        "text": "",
+        "image": None,
+        "video": ["neg1_f0.png", "neg1_f1.png"],
+    }
     assert video["query_f1.png"] == (tmp_path / "clip" / "frame_1.png").read_bytes()  # copied, not re-encoded
     inline = raw["inline-target"]
     assert inline["target.png"] == rows[1].target.image and inline["neg0.webp"] == rows[1].negatives[0].image
@@ -148,11 +178,19 @@ def test_write_pairs_skips_and_counts_rows_by_reason(tmp_path: Path) -> None:
         PairRow("no-frames", PairSide("", "", video=[]), text),
     ]
     skips = Skips(examples=5)
-    manifest = write_pairs(rows, tmp_path / "out", image_root=tmp_path, samples_per_shard=10, shard_bytes=None,
-                           meta={}, skips=skips)
+    manifest = write_pairs(
+        rows, tmp_path / "out", image_root=tmp_path, samples_per_shard=10, shard_bytes=None, meta={}, skips=skips
+    )
     assert manifest["num_samples"] == 1
-    assert manifest["skipped"] == {"empty_image": 2, "empty_negative": 1, "empty_query": 1, "empty_target": 1,
-                                   "empty_video": 1, "missing_image": 2, "unsupported_image_type": 2}
+    assert manifest["skipped"] == {
+        "empty_image": 2,
+        "empty_negative": 1,
+        "empty_query": 1,
+        "empty_target": 1,
+        "empty_video": 1,
+        "missing_image": 2,
+        "unsupported_image_type": 2,
+    }
     examples = {reason: " | ".join(where) for reason, where in skips.examples.items()}
     assert "sample no-file: query image (nowhere.png)" in examples["missing_image"]
     assert "sample no-frame: query video frame 1 (gone.png)" in examples["missing_image"]
@@ -166,8 +204,9 @@ def test_write_pairs_raises_on_rows_no_source_can_mean(tmp_path: Path) -> None:
     text = PairSide("", "t")
 
     def write(rows: list[PairRow], root: Path | None = tmp_path) -> None:
-        write_pairs(rows, tmp_path / "out", image_root=root, samples_per_shard=10, shard_bytes=None, meta={},
-                    skips=Skips())
+        write_pairs(
+            rows, tmp_path / "out", image_root=root, samples_per_shard=10, shard_bytes=None, meta={}, skips=Skips()
+        )
 
     with pytest.raises(DataError, match=r"sample key 'a\.b'"):
         write([PairRow("a.b", text, text)])
@@ -188,16 +227,19 @@ def test_write_pairs_raises_on_rows_no_source_can_mean(tmp_path: Path) -> None:
 def test_write_pairs_with_no_survivor_names_the_skips(tmp_path: Path) -> None:
     rows = [PairRow(f"r{i}", PairSide("", "q", image=f"missing{i}.png"), PairSide("", "t")) for i in range(2)]
     with pytest.raises(EmptySplitError, match=r"(?s)no row could be written.*missing_image: 2 \(e.g. sample r0"):
-        write_pairs(rows, tmp_path / "out", image_root=tmp_path, samples_per_shard=10, shard_bytes=None, meta={},
-                    skips=Skips())
+        write_pairs(
+            rows, tmp_path / "out", image_root=tmp_path, samples_per_shard=10, shard_bytes=None, meta={}, skips=Skips()
+        )
     assert not list((tmp_path / "out").glob("shard-*.tar"))
 
 
 def test_write_pairs_respects_shard_bytes(tmp_path: Path) -> None:
-    rows = [PairRow(f"r{i}", PairSide("", f"query {i}", image=_encoded(i, side=40)), PairSide("", "t"))
-            for i in range(6)]
-    manifest = write_pairs(rows, tmp_path / "out", image_root=None, samples_per_shard=100, shard_bytes=16 * 1024,
-                           meta={}, skips=Skips())
+    rows = [
+        PairRow(f"r{i}", PairSide("", f"query {i}", image=_encoded(i, side=40)), PairSide("", "t")) for i in range(6)
+    ]
+    manifest = write_pairs(
+        rows, tmp_path / "out", image_root=None, samples_per_shard=100, shard_bytes=16 * 1024, meta={}, skips=Skips()
+    )
     assert len(manifest["shards"]) > 1 and manifest["num_samples"] == 6
     assert all((tmp_path / "out" / s["url"]).stat().st_size <= 16 * 1024 for s in manifest["shards"])
 
@@ -206,8 +248,11 @@ def test_write_pairs_respects_shard_bytes(tmp_path: Path) -> None:
 
 
 OLD_RECORD = {  # as tools/make_shards.py wrote instruction pairs before targets had instructions and sides videos
-    "query_instruction": "Find the caption.", "query_text": "", "query_image": "query.png",
-    "target_text": "a red circle", "target_image": None,
+    "query_instruction": "Find the caption.",
+    "query_text": "",
+    "query_image": "query.png",
+    "target_text": "a red circle",
+    "target_image": None,
     "negatives": [{"text": "a blue square", "image": None}, {"text": "", "image": "neg1.png"}],
     "source": {"query_image": "q.png", "target_image": None, "negatives": [None, "n.png"]},
 }
@@ -217,13 +262,21 @@ def test_old_format_json_still_decodes(tmp_path: Path, decode_stage) -> None:
     split = tmp_path / "old"
     split.mkdir()
     with wds.TarWriter(str(split / "shard-000000.tar")) as sink:
-        sink.write({"__key__": "000000000", "json": json.dumps(OLD_RECORD).encode(), "query.png": _encoded(5),
-                    "neg1.png": _encoded(6)})
+        sink.write(
+            {
+                "__key__": "000000000",
+                "json": json.dumps(OLD_RECORD).encode(),
+                "query.png": _encoded(5),
+                "neg1.png": _encoded(6),
+            }
+        )
     assert parse_pair_json(json.dumps(OLD_RECORD).encode()) == {
         "query": {"instruction": "Find the caption.", "text": "", "image": "query.png", "video": None},
         "target": {"instruction": "", "text": "a red circle", "image": None, "video": None},
-        "negatives": [{"instruction": "", "text": "a blue square", "image": None, "video": None},
-                      {"instruction": "", "text": "", "image": "neg1.png", "video": None}],
+        "negatives": [
+            {"instruction": "", "text": "a blue square", "image": None, "video": None},
+            {"instruction": "", "text": "", "image": "neg1.png", "video": None},
+        ],
     }
     samples, skipped = _decoded(decode_stage, split)
     assert skipped == {}
@@ -234,15 +287,18 @@ def test_old_format_json_still_decodes(tmp_path: Path, decode_stage) -> None:
     assert [_pixel(i) for i in sample["negatives"][1]["images"]] == [_colour(6)]
 
 
-@pytest.mark.parametrize(("change", "message"), [
-    ({"query_video": "query_f0.png"}, r"'query_video' must be a non-empty list"),
-    ({"query_video": []}, r"'query_video' must be a non-empty list"),
-    ({"query_video": ["query_f0.png"]}, r"query: has both an image and a video"),
-    ({"target_instruction": 3}, r"target: 'target_instruction' must be a string"),
-    ({"negatives": [{"text": "x", "instruction": None}]}, r"negatives\[0\]: 'instruction' must be a string"),
-    ({"negatives": [{"text": "", "image": None, "video": None}]}, r"negatives\[0\]: has neither a text"),
-    ({"query_instruction": None}, r"'query_instruction' must be a string"),
-])
+@pytest.mark.parametrize(
+    ("change", "message"),
+    [
+        ({"query_video": "query_f0.png"}, r"'query_video' must be a non-empty list"),
+        ({"query_video": []}, r"'query_video' must be a non-empty list"),
+        ({"query_video": ["query_f0.png"]}, r"query: has both an image and a video"),
+        ({"target_instruction": 3}, r"target: 'target_instruction' must be a string"),
+        ({"negatives": [{"text": "x", "instruction": None}]}, r"negatives\[0\]: 'instruction' must be a string"),
+        ({"negatives": [{"text": "", "image": None, "video": None}]}, r"negatives\[0\]: has neither a text"),
+        ({"query_instruction": None}, r"'query_instruction' must be a string"),
+    ],
+)
 def test_parse_pair_json_names_the_bad_field(change: dict, message: str) -> None:
     with pytest.raises(ValueError, match=message):
         parse_pair_json(json.dumps({**OLD_RECORD, **change}).encode())
@@ -255,30 +311,42 @@ def _decoded_videos(decode_stage, split: Path, bad: dict[str, tuple[dict, dict[s
     """A good two-frame video sample "ok" then ``bad`` ({key: (record, members)}), decoded."""
     split.mkdir()
     with wds.TarWriter(str(split / "shard-000000.tar")) as sink:
-        for key, (record, members) in {"ok": (VIDEO_RECORD, {"query_f0.png": _encoded(1),
-                                                             "query_f1.png": _encoded(2)}), **bad}.items():
+        for key, (record, members) in {
+            "ok": (VIDEO_RECORD, {"query_f0.png": _encoded(1), "query_f1.png": _encoded(2)}),
+            **bad,
+        }.items():
             sink.write({"__key__": key, "json": json.dumps(record).encode(), **members})
     return _decoded(decode_stage, split)
 
 
 def test_decode_counts_missing_frames_and_bad_json(tmp_path: Path, decode_stage) -> None:
     both = {"query_f0.png": _encoded(1), "query_f1.png": _encoded(2)}
-    samples, skipped = _decoded_videos(decode_stage, tmp_path / "bad", {
-        "lost-frame": (VIDEO_RECORD, {"query_f0.png": _encoded(1)}),
-        "bad-frame": (VIDEO_RECORD, {"query_f0.png": _encoded(1), "query_f1.png": b"not an image"}),
-        "both": ({**VIDEO_RECORD, "query_image": "query_f0.png"}, both),
-    })
+    samples, skipped = _decoded_videos(
+        decode_stage,
+        tmp_path / "bad",
+        {
+            "lost-frame": (VIDEO_RECORD, {"query_f0.png": _encoded(1)}),
+            "bad-frame": (VIDEO_RECORD, {"query_f0.png": _encoded(1), "query_f1.png": b"not an image"}),
+            "both": ({**VIDEO_RECORD, "query_image": "query_f0.png"}, both),
+        },
+    )
     assert list(samples) == ["ok"] and [_pixel(f) for f in samples["ok"]["query"]["video"]] == [_colour(1), _colour(2)]
     assert skipped == {"missing_image": 1, "bad_image": 1, "bad_json": 1}
 
 
 def test_decode_counts_frames_of_two_sizes_and_vision_tokens_in_text(tmp_path: Path, decode_stage) -> None:
     """Either would fail a whole batch in the processor; each is one bad record, counted."""
-    samples, skipped = _decoded_videos(decode_stage, tmp_path / "bad", {
-        "sizes": (VIDEO_RECORD, {"query_f0.png": _encoded(1), "query_f1.png": _encoded(2, side=42)}),
-        "token": ({**VIDEO_RECORD, "target_text": "a <|image_pad|> caption"},
-                  {"query_f0.png": _encoded(1), "query_f1.png": _encoded(2)}),
-    })
+    samples, skipped = _decoded_videos(
+        decode_stage,
+        tmp_path / "bad",
+        {
+            "sizes": (VIDEO_RECORD, {"query_f0.png": _encoded(1), "query_f1.png": _encoded(2, side=42)}),
+            "token": (
+                {**VIDEO_RECORD, "target_text": "a <|image_pad|> caption"},
+                {"query_f0.png": _encoded(1), "query_f1.png": _encoded(2)},
+            ),
+        },
+    )
     assert list(samples) == ["ok"]
     assert skipped == {"bad_image": 1, "vision_token": 1}
 
@@ -299,9 +367,13 @@ def test_manifest_with_videos_and_instructions(tmp_path: Path, decode_stage, cap
     (tmp_path / "videos" / "empty").mkdir()
     _save(tmp_path / "q.png", 30)
     rows = [
-        {"query_instruction": "Describe the video.", "query_video": "videos/v1", "target_text": "counting up",
-         "target_instruction": "Represent the caption.",
-         "negatives": ["counting down", {"instruction": "Neg.", "video": "videos/v2"}]},
+        {
+            "query_instruction": "Describe the video.",
+            "query_video": "videos/v1",
+            "target_text": "counting up",
+            "target_instruction": "Represent the caption.",
+            "negatives": ["counting down", {"instruction": "Neg.", "video": "videos/v2"}],
+        },
         {"query_text": "which clip?", "query_image": "q.png", "target_video": "videos/v2"},
         {"query_text": "gone", "target_video": "videos/missing"},
         {"query_text": "nothing", "target_video": "videos/empty"},
@@ -321,8 +393,12 @@ def test_manifest_with_videos_and_instructions(tmp_path: Path, decode_stage, cap
     # numpy.linspace(0, 11, 4) truncated: frames 0, 3, 7 and 11.
     assert [_pixel(f) for f in first["query"]["video"]] == [_colour(i) for i in (0, 3, 7, 11)]
     assert first["query"]["instruction"] == "Describe the video." and first["query"]["images"] == []
-    assert first["target"] == {"instruction": "Represent the caption.", "text": "counting up", "images": [],
-                               "video": None}
+    assert first["target"] == {
+        "instruction": "Represent the caption.",
+        "text": "counting up",
+        "images": [],
+        "video": None,
+    }
     assert first["negatives"][0]["text"] == "counting down" and first["negatives"][0]["instruction"] == ""
     assert first["negatives"][1]["instruction"] == "Neg."
     assert [_pixel(f) for f in first["negatives"][1]["video"]] == [_colour(20), _colour(21)]
@@ -337,8 +413,10 @@ def test_manifest_csv_accepts_the_new_columns(tmp_path: Path, decode_stage) -> N
     for i in range(3):
         _save(tmp_path / "clip" / f"{i}.png", i)
     path = tmp_path / "pairs.csv"
-    path.write_text("query_text,query_video,target_instruction,target_text,negatives\n"
-                    'what happens?,clip,Represent it.,a clip,"[{""instruction"": ""N."", ""text"": ""no""}]"\n')
+    path.write_text(
+        "query_text,query_video,target_instruction,target_text,negatives\n"
+        'what happens?,clip,Represent it.,a clip,"[{""instruction"": ""N."", ""text"": ""no""}]"\n'
+    )
     out = tmp_path / "out"
     assert _make_shards().main(["manifest", "--manifest", str(path), "--out", str(out)]) == 0
     samples, _ = _decoded(decode_stage, out / "train")
@@ -349,9 +427,14 @@ def test_manifest_csv_accepts_the_new_columns(tmp_path: Path, decode_stage) -> N
 
 def test_manifest_rejects_a_side_with_image_and_video(tmp_path: Path, capsys) -> None:
     path = tmp_path / "pairs.jsonl"
-    path.write_text(json.dumps({"query_text": "q", "target_text": "t"}) + "\n"
-                    + json.dumps({"query_image": "a.png", "query_video": "clip", "target_text": "t"}) + "\n"
-                    + json.dumps({"query_text": "q", "target_text": "t", "negatives": [{"instruction": "x"}]}) + "\n")
+    path.write_text(
+        json.dumps({"query_text": "q", "target_text": "t"})
+        + "\n"
+        + json.dumps({"query_image": "a.png", "query_video": "clip", "target_text": "t"})
+        + "\n"
+        + json.dumps({"query_text": "q", "target_text": "t", "negatives": [{"instruction": "x"}]})
+        + "\n"
+    )
     with pytest.raises(SystemExit):
         _make_shards().main(["manifest", "--manifest", str(path), "--out", str(tmp_path / "out")])
     err = capsys.readouterr().err
@@ -365,8 +448,15 @@ def test_manifest_rejects_a_side_with_image_and_video(tmp_path: Path, capsys) ->
 
 def test_video_shards_load_as_batches(tmp_path: Path) -> None:
     """The written format through the whole loader (decode, then the collator) with a video query."""
-    write_pairs(_rows(tmp_path), tmp_path / "out", image_root=tmp_path, samples_per_shard=10, shard_bytes=None,
-                meta={}, skips=Skips())
+    write_pairs(
+        _rows(tmp_path),
+        tmp_path / "out",
+        image_root=tmp_path,
+        samples_per_shard=10,
+        shard_bytes=None,
+        meta={},
+        skips=Skips(),
+    )
     dm = InstructionPairDataModule(SPEC, val_shards=str(tmp_path / "out"), batch_size=3, num_workers=0)
     (batch,) = list(dm.val_dataloader())
     assert batch["keys"] == ["video-query", "inline-target", "text-only"] and batch["skipped"] == {}

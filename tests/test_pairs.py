@@ -23,11 +23,20 @@ ROOT = Path(__file__).resolve().parents[1]
 SPEC = BackboneSpec(preset="tiny", min_pixels=56 * 56, max_pixels=56 * 56)
 # Each side text-only, image-only or both; some rows with hard negatives of each kind.
 ROWS = [
-    {"query_instruction": "Find the caption.", "query_image": "a.png", "target_text": "a red square",
-     "negatives": ["a blue circle", {"image": "b.png"}]},
+    {
+        "query_instruction": "Find the caption.",
+        "query_image": "a.png",
+        "target_text": "a red square",
+        "negatives": ["a blue circle", {"image": "b.png"}],
+    },
     {"query_instruction": "Find the picture.", "query_text": "a green triangle", "target_image": "c.png"},
-    {"query_text": "what is shown", "query_image": "b.png", "target_text": "a yellow dot", "target_image": "d.png",
-     "negatives": [{"text": "a grey line", "image": "a.png"}]},
+    {
+        "query_text": "what is shown",
+        "query_image": "b.png",
+        "target_text": "a yellow dot",
+        "target_image": "d.png",
+        "negatives": [{"text": "a grey line", "image": "a.png"}],
+    },
     {"query_instruction": "Answer.", "query_text": "two plus two", "target_text": "four"},
     {"query_image": "c.png", "target_image": "a.png", "negatives": [{"text": "nothing"}]},
     {"query_instruction": "Match.", "query_text": "a dark room", "query_image": "d.png", "target_text": "night"},
@@ -51,9 +60,24 @@ def pairs_dir(module_tmp) -> Path:
         Image.frombytes("RGB", (side, side), bytes(rng.getrandbits(8) for _ in range(side * side * 3))).save(src / name)
     (src / "pairs.jsonl").write_text("".join(json.dumps(row) + "\n" for row in ROWS))
     out = module_tmp("pairs")
-    subprocess.run([sys.executable, str(ROOT / "tools" / "make_shards.py"), "manifest", "--manifest",
-                    str(src / "pairs.jsonl"), "--out", str(out), "--split-name", "val", "--samples-per-shard", "4"],
-                   check=True, capture_output=True, text=True)
+    subprocess.run(
+        [
+            sys.executable,
+            str(ROOT / "tools" / "make_shards.py"),
+            "manifest",
+            "--manifest",
+            str(src / "pairs.jsonl"),
+            "--out",
+            str(out),
+            "--split-name",
+            "val",
+            "--samples-per-shard",
+            "4",
+        ],
+        check=True,
+        capture_output=True,
+        text=True,
+    )
     return out / "val"
 
 

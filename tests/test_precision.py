@@ -23,12 +23,18 @@ def tiny(dtype: str) -> BackboneSpec:
 
 def test_presets_build_in_their_dtype():
     assert {p.dtype for p in build_backbone(tiny("bfloat16")).parameters()} == {torch.bfloat16}
-    module = LaMEModule(tiny("bfloat16"), DecoderSpec(preset="tiny", dtype="bfloat16"), num_reason_tokens=2,
-                        embed_dim=16)
+    module = LaMEModule(
+        tiny("bfloat16"), DecoderSpec(preset="tiny", dtype="bfloat16"), num_reason_tokens=2, embed_dim=16
+    )
     assert {p.dtype for p in module.decoder.language_model.parameters()} == {torch.bfloat16}
     # What LaME adds stays in float32: small, and trained from scratch.
-    added = [module.encoder.reason_embeddings, module.encoder.embed_embedding, module.log_logit_scale,
-             *module.encoder.projection.parameters(), *module.decoder.projector.parameters()]
+    added = [
+        module.encoder.reason_embeddings,
+        module.encoder.embed_embedding,
+        module.log_logit_scale,
+        *module.encoder.projection.parameters(),
+        *module.decoder.projector.parameters(),
+    ]
     assert {p.dtype for p in added} == {torch.float32}
 
 
@@ -68,10 +74,16 @@ def shards(synthetic_shards) -> Path:
 def test_a_bf16_backbone_trains_under_bf16_mixed_with_dora(shards, tmp_path, monkeypatch):
     """Stage 2 through the CLI: bf16 base weights stay put, float32 DoRA adapters and [EMBED] parts move."""
     monkeypatch.setattr(sys, "argv", ["lightning"])
-    args = ["--model.init_args.backbone.dtype=bfloat16",
-            "--trainer.precision=bf16-mixed", "--model.init_args.stage=2", "--model.init_args.embed_dim=16",
-            "--model.init_args.learnable_temperature=true", "--model.init_args.stage2={lora: {r: 4}}",
-            f"--data.init_args.train_shards={shards / 'train'}", f"--trainer.default_root_dir={tmp_path}"]
+    args = [
+        "--model.init_args.backbone.dtype=bfloat16",
+        "--trainer.precision=bf16-mixed",
+        "--model.init_args.stage=2",
+        "--model.init_args.embed_dim=16",
+        "--model.init_args.learnable_temperature=true",
+        "--model.init_args.stage2={lora: {r: 4}}",
+        f"--data.init_args.train_shards={shards / 'train'}",
+        f"--trainer.default_root_dir={tmp_path}",
+    ]
     cli = build_cli(["fit", f"--config={CONF}", *args, "--trainer.max_steps=0"])
     before = {n: p.detach().clone() for n, p in cli.model.named_parameters()}
     torch.manual_seed(0)

@@ -41,8 +41,12 @@ def test_render_puts_media_first_then_instruction_space_text_and_a_closing_newli
 def test_instruction_never_runs_into_its_text(processor):
     prompts = PromptProcessor(processor, max_text_length=64)
     rng = random.Random(0)
-    inputs = prompts([Side("Find the answer to the given query:", "What is shown?", (random_image(rng),)),
-                      Side("Represent the sentence", "two cats")])
+    inputs = prompts(
+        [
+            Side("Find the answer to the given query:", "What is shown?", (random_image(rng),)),
+            Side("Represent the sentence", "two cats"),
+        ]
+    )
     assert decoded(processor, inputs, 0) == f"{VS}{IMG}{VE}\nFind the answer to the given query: What is shown?\n"
     assert decoded(processor, inputs, 1) == "Represent the sentence two cats\n"
 
@@ -52,7 +56,7 @@ def test_clipping_cuts_text_and_instruction_apart_and_never_vision_tokens(proces
     rng = random.Random(1)
     inputs = prompts([Side("one two three four five", "six seven eight nine ten", (random_image(rng),))])
     assert decoded(processor, inputs, 0) == f"{VS}{IMG}{VE}\none two three six seven eight\n"
-    image_tokens = int(inputs["image_grid_thw"].prod()) // processor.image_processor.merge_size ** 2
+    image_tokens = int(inputs["image_grid_thw"].prod()) // processor.image_processor.merge_size**2
     assert int((inputs["mm_token_type_ids"] == 1).sum()) == image_tokens
     clip = PromptProcessor(processor, max_text_length=2).clip
     word = "antidisestablishmentarianism"
@@ -81,12 +85,19 @@ def _instruction_samples(rng: random.Random) -> list[dict]:
     image = random_image(rng)
     return [
         # own instructions on every side; the negative has none: it takes its sample's target instruction
-        {"key": "a", "query": side(instruction="Find the caption:", images=[image]),
-         "target": side(instruction="Represent the caption:", text="a red square"),
-         "negatives": [side(text="a blue circle"), side(instruction="Own:", text="a dot")]},
+        {
+            "key": "a",
+            "query": side(instruction="Find the caption:", images=[image]),
+            "target": side(instruction="Represent the caption:", text="a red square"),
+            "negatives": [side(text="a blue circle"), side(instruction="Own:", text="a dot")],
+        },
         # no instruction anywhere: the datamodule defaults; the target has no text
-        {"key": "b", "query": side(text="a green triangle"), "target": side(images=[image]),
-         "negatives": [side(images=[image])]},
+        {
+            "key": "b",
+            "query": side(text="a green triangle"),
+            "target": side(images=[image]),
+            "negatives": [side(images=[image])],
+        },
         # neither side has text: nothing to regenerate
         {"key": "c", "query": side(images=[image]), "target": side(images=[image]), "negatives": []},
     ]
@@ -122,16 +133,23 @@ def test_decoder_labels_mark_rows_without_text_and_never_hold_instructions(proce
     assert _labels(processor, plain) == ["a red square<|endoftext|>", "<|endoftext|>", "<|endoftext|>"]
     fallback = InstructionCollator(processor, "QDEF", "TDEF", decoder_label="target_or_query_text")(samples)["decoder"]
     assert fallback["labelled"].tolist() == [True, True, False]
-    assert _labels(processor, fallback) == ["a red square<|endoftext|>", "a green triangle<|endoftext|>",
-                                            "<|endoftext|>"]
+    assert _labels(processor, fallback) == [
+        "a red square<|endoftext|>",
+        "a green triangle<|endoftext|>",
+        "<|endoftext|>",
+    ]
     with pytest.raises(ValueError, match="decoder_label must be one of target_text, target_or_query_text; got 'query'"):
         InstructionCollator(processor, decoder_label="query")
 
 
 def test_instruction_collator_names_a_side_in_the_old_shape(processor):
     rng = random.Random(4)
-    old = {"key": "x", "query": {"instruction": "", "text": "hi", "image": None},
-           "target": {"text": "there", "image": random_image(rng)}, "negatives": []}
+    old = {
+        "key": "x",
+        "query": {"instruction": "", "text": "hi", "image": None},
+        "target": {"text": "there", "image": random_image(rng)},
+        "negatives": [],
+    }
     with pytest.raises(ValueError, match=r"sample side lacks \['images', 'video'\]"):
         InstructionCollator(processor)([old])
 
@@ -157,6 +175,9 @@ def test_datamodule_passes_decoder_label_on_and_refuses_an_unknown_one(tiny_spec
     dm = InstructionPairDataModule(tiny_spec, decoder_label="target_or_query_text")
     assert dm.collator.decoder_label == "target_or_query_text"
     assert InstructionPairDataModule(tiny_spec).collator.decoder_label == "target_text"
-    with pytest.raises(ValueError, match=r"^data\.decoder_label must be one of target_text, target_or_query_text; "
-                                         r"got 'caption'$"):
+    with pytest.raises(
+        ValueError,
+        match=r"^data\.decoder_label must be one of target_text, target_or_query_text; "
+        r"got 'caption'$",
+    ):
         InstructionPairDataModule(tiny_spec, decoder_label="caption")

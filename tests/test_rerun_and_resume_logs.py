@@ -49,11 +49,19 @@ def run_args(shards: Path, save_dir: Path, *extra: str, subcommand: str = "fit")
     """The tiny config, logging every step to a TensorBoard run with a pinned version, and an
     AtomicCheckpoint in that run's default folder (``<save_dir>/tb/run/checkpoints``)."""
     return [
-        subcommand, f"--config={CONF}", f"--data.init_args.train_shards={shards / 'train'}",
-        f"--data.init_args.test_shards={shards / 'test'}", "--trainer.limit_val_batches=0",
-        "--trainer.logger=lightning.pytorch.loggers.TensorBoardLogger", f"--trainer.logger.save_dir={save_dir}",
-        "--trainer.logger.name=tb", "--trainer.logger.version=run", "--trainer.logger.default_hp_metric=false",
-        "--trainer.callbacks+=callbacks.AtomicCheckpoint", "--trainer.callbacks.keep_last_n=5", *extra,
+        subcommand,
+        f"--config={CONF}",
+        f"--data.init_args.train_shards={shards / 'train'}",
+        f"--data.init_args.test_shards={shards / 'test'}",
+        "--trainer.limit_val_batches=0",
+        "--trainer.logger=lightning.pytorch.loggers.TensorBoardLogger",
+        f"--trainer.logger.save_dir={save_dir}",
+        "--trainer.logger.name=tb",
+        "--trainer.logger.version=run",
+        "--trainer.logger.default_hp_metric=false",
+        "--trainer.callbacks+=callbacks.AtomicCheckpoint",
+        "--trainer.callbacks.keep_last_n=5",
+        *extra,
     ]
 
 
@@ -95,8 +103,11 @@ def test_a_resumed_run_shows_each_step_once_with_the_resumed_values(killed, shar
     assert sorted(killed_losses) == [0, 1, 2, 3, 4]
     assert (folder / "checkpoints" / "last.ckpt").resolve().name == "epoch=0-step=3.ckpt"
     monkeypatch.chdir(tmp_path)
-    build_cli(run_args(shards, save_dir, "--trainer.max_steps=6", "--trainer.callbacks.every_n_train_steps=3",
-                       "--ckpt_path=last"))
+    build_cli(
+        run_args(
+            shards, save_dir, "--trainer.max_steps=6", "--trainer.callbacks.every_n_train_steps=3", "--ckpt_path=last"
+        )
+    )
     resumed_file = event_files(folder)[-1]
     resumed = dict(losses(resumed_file))
     assert sorted(resumed) == [3, 4, 5]  # the resumed run logs from the checkpoint's global step on
@@ -115,15 +126,23 @@ def test_a_sigkilled_fit_resumed_with_ckpt_path_last_shows_each_step_once(shards
     folder = run_folder(save_dir)
     # A checkpoint every 4 steps and a kill as soon as step 5 is logged: the next save is 3 steps away.
     args = run_args(shards, save_dir, "--trainer.callbacks.every_n_train_steps=4")
-    killed = subprocess.Popen([str(LIGHTNING), *args, "--trainer.max_steps=100"], cwd=tmp_path,
-                              stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    killed = subprocess.Popen(
+        [str(LIGHTNING), *args, "--trainer.max_steps=100"],
+        cwd=tmp_path,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
     deadline = time.monotonic() + 300
     past_checkpoint = False
     while not past_checkpoint and killed.poll() is None and time.monotonic() < deadline:
         time.sleep(0.1)
         # The logger flushes after every step: the events file shows what the run has logged.
-        past_checkpoint = (folder / "checkpoints" / "last.ckpt").exists() and folder.is_dir() and any(
-            step > 4 for step, _ in (losses(folder) if event_files(folder) else []))
+        past_checkpoint = (
+            (folder / "checkpoints" / "last.ckpt").exists()
+            and folder.is_dir()
+            and any(step > 4 for step, _ in (losses(folder) if event_files(folder) else []))
+        )
     killed.send_signal(signal.SIGKILL)
     stderr = killed.communicate(timeout=60)[1]
     assert past_checkpoint, f"the run never logged a step past its checkpoint: {stderr[-3000:]}"
@@ -132,8 +151,14 @@ def test_a_sigkilled_fit_resumed_with_ckpt_path_last_shows_each_step_once(shards
     restored, logged = checkpoint["global_step"], max(killed_losses)
     assert sorted(killed_losses) == list(range(logged + 1)) and logged >= restored  # logged past it
 
-    resumed = subprocess.run([str(LIGHTNING), *args, f"--trainer.max_steps={logged + 2}", "--ckpt_path=last"],
-                             cwd=tmp_path, env=dict(os.environ), capture_output=True, text=True, timeout=300)
+    resumed = subprocess.run(
+        [str(LIGHTNING), *args, f"--trainer.max_steps={logged + 2}", "--ckpt_path=last"],
+        cwd=tmp_path,
+        env=dict(os.environ),
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     resumed_losses = dict(losses(event_files(folder)[-1]))
     assert sorted(resumed_losses) == list(range(restored, logged + 2))
@@ -162,8 +187,16 @@ def test_start_over_deletes_the_old_checkpoints_and_hides_the_old_steps(killed, 
     save_dir = copy_run(killed, tmp_path)
     folder = run_folder(save_dir)
     old = dict(losses(folder))
-    cli = build_cli(run_args(shards, save_dir, "--trainer.max_steps=2", "--trainer.callbacks.every_n_train_steps=1",
-                             "--data.init_args.batch_size=2", "--start_over=true"))
+    cli = build_cli(
+        run_args(
+            shards,
+            save_dir,
+            "--trainer.max_steps=2",
+            "--trainer.callbacks.every_n_train_steps=1",
+            "--data.init_args.batch_size=2",
+            "--start_over=true",
+        )
+    )
     assert cli.trainer.global_step == 2
     checkpoints = folder / "checkpoints"
     assert sorted(p.name for p in checkpoints.iterdir()) == ["epoch=0-step=1.ckpt", "epoch=0-step=2.ckpt", "last.ckpt"]
@@ -211,8 +244,14 @@ class _Linear(LightningModule):
 
 def test_skip_counts_in_tensorboard_agree_with_every_epoch_summary(tmp_path, caplog):
     """Skips in batches after the last logged step used to miss TensorBoard (log_every_n_steps > batches)."""
-    skipped = [{}, {"bad_image": 2}, {"bad_image": 1, "empty_caption": 3},  # epoch 0
-               {"empty_caption": 1}, {}, {"bad_image": 4}]  # epoch 1
+    skipped = [
+        {},
+        {"bad_image": 2},
+        {"bad_image": 1, "empty_caption": 3},  # epoch 0
+        {"empty_caption": 1},
+        {},
+        {"bad_image": 4},
+    ]  # epoch 1
     batches = [{"x": torch.ones(2, 2), "skipped": s} for s in skipped]
 
     class Loader(torch.utils.data.Dataset):
@@ -226,8 +265,15 @@ def test_skip_counts_in_tensorboard_agree_with_every_epoch_summary(tmp_path, cap
             return self.batches.pop(0)
 
     logger = TensorBoardLogger(tmp_path, name="", version="run", default_hp_metric=False)
-    trainer = Trainer(max_epochs=2, log_every_n_steps=50, logger=logger, callbacks=[DataHealth()],
-                      enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False)
+    trainer = Trainer(
+        max_epochs=2,
+        log_every_n_steps=50,
+        logger=logger,
+        callbacks=[DataHealth()],
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+    )
     loader = torch.utils.data.DataLoader(Loader(list(batches)), batch_size=None)
     with caplog.at_level(logging.INFO):
         trainer.fit(_Linear(), loader)
@@ -239,6 +285,9 @@ def test_skip_counts_in_tensorboard_agree_with_every_epoch_summary(tmp_path, cap
     tags = sorted(t for t in events.Tags()["scalars"] if t.startswith("data/skipped/"))
     assert tags == ["data/skipped/bad_image", "data/skipped/empty_caption", "data/skipped/total"]
     per_epoch = {tag: [e.value for e in events.Scalars(tag)] for tag in tags}
-    assert per_epoch == {"data/skipped/bad_image": [3, 7], "data/skipped/empty_caption": [3, 4],
-                         "data/skipped/total": [6, 11]}
+    assert per_epoch == {
+        "data/skipped/bad_image": [3, 7],
+        "data/skipped/empty_caption": [3, 4],
+        "data/skipped/total": [6, 11],
+    }
     assert per_epoch["data/skipped/total"] == summaries

@@ -54,19 +54,40 @@ def run(shards, module_tmp) -> dict[str, Path]:
     """One step of fit, then ``lightning test`` (module metrics) and ``lightning predict`` on its checkpoint."""
     tmp = module_tmp("run")
     sys.argv = ["lightning"]
-    build_cli(["fit", f"--config={CONF}", *data_args(shards), "--trainer.max_steps=1", "--trainer.logger=false",
-               f"--trainer.default_root_dir={tmp}",
-               "--trainer.callbacks+=lightning.pytorch.callbacks.ModelCheckpoint",
-               f"--trainer.callbacks.dirpath={tmp / 'ckpt'}", "--trainer.callbacks.save_last=true"])
+    build_cli(
+        [
+            "fit",
+            f"--config={CONF}",
+            *data_args(shards),
+            "--trainer.max_steps=1",
+            "--trainer.logger=false",
+            f"--trainer.default_root_dir={tmp}",
+            "--trainer.callbacks+=lightning.pytorch.callbacks.ModelCheckpoint",
+            f"--trainer.callbacks.dirpath={tmp / 'ckpt'}",
+            "--trainer.callbacks.save_last=true",
+        ]
+    )
     ckpt = tmp / "ckpt" / "last.ckpt"
-    common = [f"--config={CONF}", *data_args(shards), f"--ckpt_path={ckpt}", "--trainer.logger=false",
-              f"--trainer.default_root_dir={tmp}"]
+    common = [
+        f"--config={CONF}",
+        *data_args(shards),
+        f"--ckpt_path={ckpt}",
+        "--trainer.logger=false",
+        f"--trainer.default_root_dir={tmp}",
+    ]
     metrics = tmp / "test_metrics.json"
     build_cli(["test", *common, "--trainer.callbacks+=callbacks.MetricsFile", f"--trainer.callbacks.path={metrics}"])
     embeddings = tmp / "embeddings"
     # 4 rows a shard (the batch size): three shards, read back in order.
-    build_cli(["predict", *common, "--trainer.callbacks+=callbacks.EmbeddingWriter",
-               f"--trainer.callbacks.path={embeddings}", "--trainer.callbacks.rows_per_shard=4"])
+    build_cli(
+        [
+            "predict",
+            *common,
+            "--trainer.callbacks+=callbacks.EmbeddingWriter",
+            f"--trainer.callbacks.path={embeddings}",
+            "--trainer.callbacks.rows_per_shard=4",
+        ]
+    )
     return {"ckpt": ckpt, "metrics": metrics, "embeddings": embeddings, "tmp": tmp}
 
 
@@ -79,8 +100,10 @@ def test_predict_writes_keys_texts_and_both_sides_in_shards(run, shards):
     # Each row's text is the caption stored with its key in the test shards.
     import webdataset as wds
 
-    captions = {s["__key__"]: s["txt"].decode().strip()
-                for s in wds.WebDataset(sorted(str(p) for p in (shards / "test").glob("*.tar")), shardshuffle=False)}
+    captions = {
+        s["__key__"]: s["txt"].decode().strip()
+        for s in wds.WebDataset(sorted(str(p) for p in (shards / "test").glob("*.tar")), shardshuffle=False)
+    }
     assert {k: t.strip() for k, t in zip(saved.keys, saved.texts, strict=True)} == captions
 
 
@@ -125,8 +148,15 @@ def test_a_free_text_query_is_embedded_by_the_checkpoint(run, capsys):
 
 def test_a_bare_predict_warns_that_it_writes_nothing(shards, tmp_path):
     with pytest.warns(UserWarning, match="predict writes no embeddings: add a writer"):
-        build_cli(["predict", f"--config={CONF}", *data_args(shards), "--trainer.logger=false",
-                   f"--trainer.default_root_dir={tmp_path}"])
+        build_cli(
+            [
+                "predict",
+                f"--config={CONF}",
+                *data_args(shards),
+                "--trainer.logger=false",
+                f"--trainer.default_root_dir={tmp_path}",
+            ]
+        )
 
 
 def test_index_ranks_ties_against_the_query_as_the_module_does():
@@ -162,8 +192,7 @@ def test_approximate_kinds_find_exact_neighbours_on_a_small_set(kind):
     vectors = torch.nn.functional.normalize(torch.randn(64, 16), dim=-1)
     from lame_pl.index import Embeddings
 
-    index = index_embeddings(Embeddings([str(i) for i in range(64)], [None] * 64, vectors, vectors), kind=kind,
-                             nlist=4)
+    index = index_embeddings(Embeddings([str(i) for i in range(64)], [None] * 64, vectors, vectors), kind=kind, nlist=4)
     if kind == "ivf":
         index.index.nprobe = 4  # every list: exact
     _, ids = index.search(vectors, 1)
@@ -188,7 +217,10 @@ def test_missing_or_corrupt_embeddings_fail_naming_the_path(run, tmp_path):
         load_embeddings(copy)
     with pytest.raises(SystemExit) as done:
         index_tool.main(["--embeddings", str(tmp_path / "none"), "--out", str(tmp_path / "i")])
-    assert str(done.value.code) == f"error: {tmp_path / 'none'}: no such embeddings folder (write one with lightning predict)"
+    assert (
+        str(done.value.code)
+        == f"error: {tmp_path / 'none'}: no such embeddings folder (write one with lightning predict)"
+    )
 
 
 def test_missing_or_corrupt_index_fails_naming_the_path(run, tmp_path):
@@ -202,24 +234,37 @@ def test_missing_or_corrupt_index_fails_naming_the_path(run, tmp_path):
     assert "\n" not in str(error.value)
     with pytest.raises(SystemExit) as done:
         search_tool.main(["--index", str(tmp_path / "nowhere"), "--queries", str(run["embeddings"])])
-    assert str(done.value.code) == f"error: {tmp_path / 'nowhere'}: no such index folder (build one with tools/index.py)"
+    assert (
+        str(done.value.code) == f"error: {tmp_path / 'nowhere'}: no such index folder (build one with tools/index.py)"
+    )
 
 
 @pytest.mark.slow  # two DDP launches, ~40 s on 2 cores
 def test_two_process_predict_shards_by_rank_and_recall_still_equals_the_modules(run, shards, tmp_path):
     """Two ranks read uneven test shards (8 and 4 rows): rows read back in rank order rank as the module's."""
     lightning = Path(sys.executable).with_name("lightning")
-    common = [f"--config={CONF}", *data_args(shards), f"--ckpt_path={run['ckpt']}", "--trainer.logger=false",
-              f"--trainer.default_root_dir={tmp_path}", "--trainer.devices=2", "--trainer.strategy=ddp"]
+    common = [
+        f"--config={CONF}",
+        *data_args(shards),
+        f"--ckpt_path={run['ckpt']}",
+        "--trainer.logger=false",
+        f"--trainer.default_root_dir={tmp_path}",
+        "--trainer.devices=2",
+        "--trainer.strategy=ddp",
+    ]
     metrics, embeddings = tmp_path / "metrics.json", tmp_path / "embeddings"
-    for args in (["test", "--trainer.callbacks+=callbacks.MetricsFile", f"--trainer.callbacks.path={metrics}"],
-                 ["predict", "--trainer.callbacks+=callbacks.EmbeddingWriter",
-                  f"--trainer.callbacks.path={embeddings}"]):
-        done = subprocess.run([str(lightning), args[0], *common, *args[1:]], cwd=tmp_path, capture_output=True,
-                              text=True, timeout=300)
+    for args in (
+        ["test", "--trainer.callbacks+=callbacks.MetricsFile", f"--trainer.callbacks.path={metrics}"],
+        ["predict", "--trainer.callbacks+=callbacks.EmbeddingWriter", f"--trainer.callbacks.path={embeddings}"],
+    ):
+        done = subprocess.run(
+            [str(lightning), args[0], *common, *args[1:]], cwd=tmp_path, capture_output=True, text=True, timeout=300
+        )
         assert done.returncode == 0, done.stderr[-3000:]
     assert sorted(p.name for p in embeddings.glob("*.safetensors")) == [
-        "rank000-000000000.safetensors", "rank001-000000000.safetensors"]
+        "rank000-000000000.safetensors",
+        "rank001-000000000.safetensors",
+    ]
     saved = load_embeddings(embeddings)
     assert len(set(saved.keys)) == TEST_SAMPLES
     module = json.loads(metrics.read_text())

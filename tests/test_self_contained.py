@@ -50,12 +50,23 @@ def local_run(module_tmp, make_batch) -> dict:
     folders = {"vlm": root / "weights" / "vlm", "decoder": root / "weights" / "decoder"}
     for name, folder in folders.items():
         shutil.copytree(backup / name, folder)
-    module = LaMEModule(backbone=BackboneSpec(path=str(folders["vlm"]), min_pixels=3136, max_pixels=3136),
-                        decoder=DecoderSpec(path=str(folders["decoder"])), num_reason_tokens=2, stage=2, lr=1e-2)
+    module = LaMEModule(
+        backbone=BackboneSpec(path=str(folders["vlm"]), min_pixels=3136, max_pixels=3136),
+        decoder=DecoderSpec(path=str(folders["decoder"])),
+        num_reason_tokens=2,
+        stage=2,
+        lr=1e-2,
+    )
     batch = make_batch(4)
     checkpoint = _train(module, batch, root / "local.ckpt")
-    return {"checkpoint": checkpoint, "folders": folders, "backup": backup, "batch": batch,
-            "expected": _outputs(module, batch), "root": root}
+    return {
+        "checkpoint": checkpoint,
+        "folders": folders,
+        "backup": backup,
+        "batch": batch,
+        "expected": _outputs(module, batch),
+        "root": root,
+    }
 
 
 @pytest.fixture
@@ -133,8 +144,9 @@ def test_a_cli_checkpoint_of_config_dicts_restores_without_its_folders(run, tmp_
     from lame_pl import LaMEModule
 
     saved = torch.load(run["checkpoint"], map_location="cpu", weights_only=True)
-    hparams = {k: dataclasses.asdict(v) if dataclasses.is_dataclass(v) else v
-               for k, v in saved["hyper_parameters"].items()}
+    hparams = {
+        k: dataclasses.asdict(v) if dataclasses.is_dataclass(v) else v for k, v in saved["hyper_parameters"].items()
+    }
     hparams.update(_instantiator="lightning.pytorch.cli.instantiate_module", _class_path="lame_pl.LaMEModule")
     saved["hyper_parameters"] = hparams
     torch.save(saved, tmp_path / "cli.ckpt")
@@ -144,8 +156,9 @@ def test_a_cli_checkpoint_of_config_dicts_restores_without_its_folders(run, tmp_
     _assert_same(_outputs(module, run["batch"]), run["expected"])
 
 
-@pytest.mark.parametrize(("name", "key", "folder"), [("backbone", BACKBONE_FILES, "vlm"),
-                                                     ("decoder", DECODER_FILES, "decoder")])
+@pytest.mark.parametrize(
+    ("name", "key", "folder"), [("backbone", BACKBONE_FILES, "vlm"), ("decoder", DECODER_FILES, "decoder")]
+)
 def test_a_missing_folder_without_stored_files_is_one_line_naming_it(run, tmp_path, name, key, folder):
     from lame_pl import LaMEModule
 

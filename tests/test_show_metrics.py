@@ -29,8 +29,16 @@ REFERENCE = {
 def test_each_metric_is_said_inside_or_outside_the_range(tmp_path, capsys):
     expected = write(tmp_path / "expected.json", REFERENCE)
     # recall@1 inside the widened span [0.68, 0.76]; MRR 0.87 above [0.78, 0.86].
-    metrics = write(tmp_path / "m.json", {"test/recall@1": 0.681, "test/mrr": 0.87, "chance/recall@1": 0.004,
-                                          "test/num_candidates": 256.0, "step": 600.0})
+    metrics = write(
+        tmp_path / "m.json",
+        {
+            "test/recall@1": 0.681,
+            "test/mrr": 0.87,
+            "chance/recall@1": 0.004,
+            "test/num_candidates": 256.0,
+            "step": 600.0,
+        },
+    )
     assert show_metrics.main([str(metrics), "--expected", str(expected)]) == 0  # reported, not an error
     out = capsys.readouterr().out
     assert "(the weights of training step 600)" in out
@@ -54,16 +62,21 @@ def test_several_runs_are_each_checked(tmp_path, capsys):
     b = write(tmp_path / "b.json", {"test/recall@1": 0.50, "test/mrr": 0.82})
     assert show_metrics.main([str(a), str(b), "--names", "A", "B", "--expected", str(expected)]) == 0
     out = capsys.readouterr().out
-    assert re.search(r"A: test/recall@1 +0\.7200 +inside", out) and re.search(r"B: test/recall@1 +0\.5000 +OUTSIDE", out)
+    assert re.search(r"A: test/recall@1 +0\.7200 +inside", out) and re.search(
+        r"B: test/recall@1 +0\.5000 +OUTSIDE", out
+    )
 
 
-@pytest.mark.parametrize(("content", "message"), [
-    ({**REFERENCE, "tolerance": -1}, "tolerance must be a number >= 0"),
-    ({**REFERENCE, "metrics": []}, "metrics must be a non-empty list"),
-    ({**REFERENCE, "runs": [{"test/recall@1": 0.7}]}, "no run gives a value for 'test/mrr'"),
-    ({**REFERENCE, "runs": [*REFERENCE["runs"], {"test/mrr": "0.8"}]}, "runs[2]['test/mrr'] must be a number"),
-    ([1, 2], "expected a JSON object"),
-])
+@pytest.mark.parametrize(
+    ("content", "message"),
+    [
+        ({**REFERENCE, "tolerance": -1}, "tolerance must be a number >= 0"),
+        ({**REFERENCE, "metrics": []}, "metrics must be a non-empty list"),
+        ({**REFERENCE, "runs": [{"test/recall@1": 0.7}]}, "no run gives a value for 'test/mrr'"),
+        ({**REFERENCE, "runs": [*REFERENCE["runs"], {"test/mrr": "0.8"}]}, "runs[2]['test/mrr'] must be a number"),
+        ([1, 2], "expected a JSON object"),
+    ],
+)
 def test_a_malformed_expected_file_is_one_line_naming_it(tmp_path, capsys, content, message):
     expected = write(tmp_path / "expected.json", content)
     metrics = write(tmp_path / "m.json", {"test/recall@1": 0.7, "test/mrr": 0.8})
@@ -82,7 +95,10 @@ def test_the_demo_checks_its_metrics_against_the_reference_runs():
 
 
 def test_a_run_may_give_some_metrics_only():
-    spec = {"tolerance": 0.01, "metrics": ["test/recall@1", "test/mrr"],
-            "runs": [{"test/recall@1": 0.70, "test/mrr": 0.80}, {"test/recall@1": 0.74, "where": "another machine"}]}
+    spec = {
+        "tolerance": 0.01,
+        "metrics": ["test/recall@1", "test/mrr"],
+        "runs": [{"test/recall@1": 0.70, "test/mrr": 0.80}, {"test/recall@1": 0.74, "where": "another machine"}],
+    }
     ranges = show_metrics.expected_ranges(spec, "x.json")
     assert ranges["test/recall@1"] == pytest.approx((0.69, 0.75)) and ranges["test/mrr"] == pytest.approx((0.79, 0.81))

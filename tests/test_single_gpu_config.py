@@ -49,19 +49,39 @@ def test_each_tier_runs_the_largest_chunk_the_memory_model_fits_in_stage_2(tier)
 
 
 def test_the_estimate_against_a_hand_computed_case():
-    shapes = em.Shapes(hidden=10, intermediate=20, layers=3, vision_embed=4, merge=2, decoder_hidden=8,
-                       decoder_intermediate=16, decoder_layers=2, vocab=100, backbone_params=1000,
-                       decoder_params=200, lora_params=30, extra_params=5, projector_params=7, backbone_bytes=2,
-                       reason_tokens=2, label_tokens=4)
+    shapes = em.Shapes(
+        hidden=10,
+        intermediate=20,
+        layers=3,
+        vision_embed=4,
+        merge=2,
+        decoder_hidden=8,
+        decoder_intermediate=16,
+        decoder_layers=2,
+        vocab=100,
+        backbone_params=1000,
+        decoder_params=200,
+        lora_params=30,
+        extra_params=5,
+        projector_params=7,
+        backbone_bytes=2,
+        reason_tokens=2,
+        label_tokens=4,
+    )
     k = {"a": 1.0, "b": 2.0, "c": 3.0, "f": 0.5}
     got = em.estimate(shapes, stage=2, chunk=2, seq=6, image_tokens=1, coefficients=k)
     trained = 200 + 7 + 30 + 5  # decoder, projector, adapters, LaME's own (stage 2)
     n = 2 * 6
     expected = {
-        "backbone_weights": 2000, "trained_weights_grads_adamw": 16 * trained, "autocast_cache": 2 * trained,
-        "checkpointed_layer_inputs": 2 * 3 * n * 10 * 2, "final_norm_and_output": 2 * n * 10 * 10,
-        "one_layer_recompute": n * (10 + 40 + 3) + 0.5 * 200, "decoder_logits": 2 * 4 * 100 * 16,
-        "decoder_layers": 2 * 6 * 8 * 2 * 2 + 2 * 6 * (8 + 32), "vision_forward": 2 * 1 * 4 * 4 * 28,
+        "backbone_weights": 2000,
+        "trained_weights_grads_adamw": 16 * trained,
+        "autocast_cache": 2 * trained,
+        "checkpointed_layer_inputs": 2 * 3 * n * 10 * 2,
+        "final_norm_and_output": 2 * n * 10 * 10,
+        "one_layer_recompute": n * (10 + 40 + 3) + 0.5 * 200,
+        "decoder_logits": 2 * 4 * 100 * 16,
+        "decoder_layers": 2 * 6 * 8 * 2 * 2 + 2 * 6 * (8 + 32),
+        "vision_forward": 2 * 1 * 4 * 4 * 28,
     }
     for name, value in expected.items():
         assert got[name] == pytest.approx(value), name
@@ -89,11 +109,19 @@ def test_shapes_of_counts_what_the_module_holds():
     from lame_pl import BackboneSpec, DecoderSpec, LaMEModule, LoraSpec, Stage2Spec
 
     shapes = em.shapes_of("tiny", "tiny", 16, 2, 32)
-    module = LaMEModule(BackboneSpec(preset="tiny"), DecoderSpec(preset="tiny"), num_reason_tokens=2,
-                        embed_dim=16, stage=2, stage2=Stage2Spec(lora=LoraSpec()))
+    module = LaMEModule(
+        BackboneSpec(preset="tiny"),
+        DecoderSpec(preset="tiny"),
+        num_reason_tokens=2,
+        embed_dim=16,
+        stage=2,
+        stage2=Stage2Spec(lora=LoraSpec()),
+    )
     backbone = sum(p.numel() for n, p in module.encoder.backbone.named_parameters() if "lora_" not in n)
     assert (shapes.backbone_params, shapes.decoder_params) == (
-        backbone, sum(p.numel() for p in module.decoder.language_model.parameters()))
+        backbone,
+        sum(p.numel() for p in module.decoder.language_model.parameters()),
+    )
     assert shapes.lora_params == sum(p.numel() for n, p in module.named_parameters() if "lora_" in n)
     assert shapes.projector_params == sum(p.numel() for p in module.decoder.projector.parameters())
     assert em.trained_params(shapes, 2) == sum(p.numel() for p in module.parameters() if p.requires_grad)
@@ -112,9 +140,12 @@ def test_the_tracker_counts_live_storages_and_their_peak():
 
 
 @pytest.mark.slow
-@pytest.mark.xfail(strict=True, reason="the memory model overestimates the tiny preset's step 2.0x (chunk 2) and "
-                   "4.3x (chunk 4), measured since this test was written (commit d2f524f): at this size costs the "
-                   "model does not count dominate (docs/results.md, the single-GPU memory model)")
+@pytest.mark.xfail(
+    strict=True,
+    reason="the memory model overestimates the tiny preset's step 2.0x (chunk 2) and "
+    "4.3x (chunk 4), measured since this test was written (commit d2f524f): at this size costs the "
+    "model does not count dominate (docs/results.md, the single-GPU memory model)",
+)
 def test_the_model_predicts_a_measured_step_at_tiny_size():
     """The real GradCache step (stage 2, DoRA, checkpointing, bf16 autocast) on the tiny preset."""
     shapes = em.shapes_of("tiny", "tiny", None, 2, 32)

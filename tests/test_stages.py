@@ -47,7 +47,10 @@ def build(tiny_spec, tiny_decoder):
 def test_stage1_trains_only_latent_tokens_and_decoder(build, make_batch):
     module = build(stage=1)
     before = one_step(module, make_batch(4))
-    assert changed(module, before, "encoder.backbone.") == (0, len([n for n in before if n.startswith("encoder.backbone.")]))
+    assert changed(module, before, "encoder.backbone.") == (
+        0,
+        len([n for n in before if n.startswith("encoder.backbone.")]),
+    )
     assert changed(module, before, "encoder.reason_embeddings")[0] == 1
     moved, total = changed(module, before, "decoder.")
     assert moved > 0.9 * total
@@ -182,7 +185,9 @@ def test_resuming_an_optimiser_over_another_trainable_set_fails_with_a_way_out(b
     ok = {"lame_stage": 1, "optimizer_states": [{"param_groups": [{"params": list(range(trains))}]}]}
     check_resumable(module, ok)
     old = {"lame_stage": 1, "optimizer_states": [{"param_groups": [{"params": list(range(trains + 3))}]}]}
-    with pytest.raises(ValueError, match=f"holds {trains + 3} trainable tensors but stage 1 trains {trains}.*init_from"):
+    with pytest.raises(
+        ValueError, match=f"holds {trains + 3} trainable tensors but stage 1 trains {trains}.*init_from"
+    ):
         check_resumable(module, old)
     module.on_load_checkpoint(old)  # no trainer fitting (test, predict, the evaluators): no optimiser to resume
 
@@ -194,8 +199,15 @@ def test_a_resumed_fit_checks_the_optimiser_before_torch_does(build, make_batch,
 
     batch = make_batch(2)
     loader = torch.utils.data.DataLoader([batch] * 4, batch_size=None)
-    options = dict(accelerator="cpu", logger=False, enable_checkpointing=False, enable_progress_bar=False,
-                   enable_model_summary=False, num_sanity_val_steps=0, limit_val_batches=0)
+    options = dict(
+        accelerator="cpu",
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        num_sanity_val_steps=0,
+        limit_val_batches=0,
+    )
     trainer = Trainer(max_steps=1, **options)
     trainer.fit(build(stage=1), loader)
     trainer.save_checkpoint(tmp_path / "s1.ckpt")

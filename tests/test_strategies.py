@@ -46,7 +46,9 @@ def test_the_overlays_compose_with_the_2b_recipe(capsys, monkeypatch):
     assert zero3["model"]["init_args"]["gradcache_chunk_size"] == 8
     assert zero3["data"]["init_args"]["val_shards"] is None  # evaluation on several ZeRO-3 ranks is refused
     nodes = printed(capsys, REAL / "base.yaml", REAL / "stage2.yaml", STRATEGY / "multinode.yaml")
-    global_batch = nodes["trainer"]["num_nodes"] * nodes["trainer"]["devices"] * nodes["data"]["init_args"]["batch_size"]
+    global_batch = (
+        nodes["trainer"]["num_nodes"] * nodes["trainer"]["devices"] * nodes["data"]["init_args"]["batch_size"]
+    )
     assert global_batch == 1024
 
 
@@ -94,22 +96,40 @@ def test_shard_refuses_tensor_parallelism_and_mixed_dtypes(tiny_spec, tiny_decod
 def test_fsdp_overlay_fits_with_gradcache_and_resumes_on_two_processes(tmp_path, small_shards):
     shards = small_shards  # two training shards of 16: one a rank
     common = [
-        f"--config={ROOT / 'tests' / 'conf' / 'tiny.yaml'}", f"--config={STRATEGY / 'fsdp.yaml'}",
-        "--trainer.accelerator=cpu", "--trainer.devices=2", "--trainer.strategy.init_args.data_parallel_size=2",
-        "--model.init_args.stage=2", "--model.init_args.learnable_temperature=true",
-        "--model.init_args.gradcache_chunk_size=2", "--data.init_args.batch_size=4",
-        f"--data.init_args.train_shards={shards / 'train'}", "--trainer.limit_val_batches=0",
-        f"--trainer.default_root_dir={tmp_path}", "--trainer.callbacks+=lightning.pytorch.callbacks.ModelCheckpoint",
-        "--trainer.callbacks.save_last=true", f"--trainer.callbacks.dirpath={tmp_path / 'ckpt'}",
+        f"--config={ROOT / 'tests' / 'conf' / 'tiny.yaml'}",
+        f"--config={STRATEGY / 'fsdp.yaml'}",
+        "--trainer.accelerator=cpu",
+        "--trainer.devices=2",
+        "--trainer.strategy.init_args.data_parallel_size=2",
+        "--model.init_args.stage=2",
+        "--model.init_args.learnable_temperature=true",
+        "--model.init_args.gradcache_chunk_size=2",
+        "--data.init_args.batch_size=4",
+        f"--data.init_args.train_shards={shards / 'train'}",
+        "--trainer.limit_val_batches=0",
+        f"--trainer.default_root_dir={tmp_path}",
+        "--trainer.callbacks+=lightning.pytorch.callbacks.ModelCheckpoint",
+        "--trainer.callbacks.save_last=true",
+        f"--trainer.callbacks.dirpath={tmp_path / 'ckpt'}",
     ]
-    fit = subprocess.run([str(LIGHTNING), "fit", *common, "--trainer.max_steps=2"], cwd=tmp_path,
-                         capture_output=True, text=True, timeout=300)
+    fit = subprocess.run(
+        [str(LIGHTNING), "fit", *common, "--trainer.max_steps=2"],
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert fit.returncode == 0, fit.stderr[-3000:]
     last = tmp_path / "ckpt" / "last.ckpt"
     state = torch.load(last, map_location="cpu", weights_only=True)  # one file, as under DDP
     assert state["global_step"] == 2 and state["state_dict"]["log_logit_scale"].shape == (1,)
-    resumed = subprocess.run([str(LIGHTNING), "fit", *common, "--trainer.max_steps=3", f"--ckpt_path={last}"],
-                             cwd=tmp_path, capture_output=True, text=True, timeout=300)
+    resumed = subprocess.run(
+        [str(LIGHTNING), "fit", *common, "--trainer.max_steps=3", f"--ckpt_path={last}"],
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     assert torch.load(last, map_location="cpu", weights_only=True)["global_step"] == 3
 
@@ -125,7 +145,8 @@ def test_evaluation_on_several_fsdp2_ranks_is_refused(tiny_spec, monkeypatch):
 
 
 def test_under_zero3_on_several_ranks_every_pass_runs_the_vision_tower_and_evaluation_is_refused(
-        tiny_spec, monkeypatch):
+    tiny_spec, monkeypatch
+):
     module = LaMEModule(tiny_spec, None, num_reason_tokens=0, stage=2)
     deepspeed = object.__new__(DeepSpeedStrategy)
     deepspeed.config = {"zero_optimization": {"stage": 3}}
@@ -158,8 +179,9 @@ def test_a_checkpoint_with_a_scalar_temperature_loads(tiny_spec):
 def _calls(encoder, inputs: dict) -> tuple[list[str], torch.Tensor]:
     """Every submodule forward a pass starts, in order (what ZeRO-3 gathers for), and the embedding."""
     seen = []
-    handles = [m.register_forward_pre_hook(lambda m, a, name=name: seen.append(name))
-               for name, m in encoder.named_modules()]
+    handles = [
+        m.register_forward_pre_hook(lambda m, a, name=name: seen.append(name)) for name, m in encoder.named_modules()
+    ]
     try:
         out = encoder(**inputs)
     finally:
@@ -170,7 +192,8 @@ def _calls(encoder, inputs: dict) -> tuple[list[str], torch.Tensor]:
 
 @pytest.mark.parametrize("mode", ["lame", "latent_sequential", "discriminative"])
 def test_vision_first_runs_the_same_submodules_for_text_image_and_video_and_keeps_the_embedding(
-        tiny_spec, processor, mode):
+    tiny_spec, processor, mode
+):
     """What ZeRO-3 needs of ranks whose rows differ in media (``uniform_submodules``)."""
     from conftest import random_image
 

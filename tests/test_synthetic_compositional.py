@@ -72,7 +72,7 @@ def test_kinds_and_answers_are_balanced():
 def test_groups_arrive_whole_in_blocks():
     samples = _samples(64)
     for start in range(0, len(samples), BLOCK):
-        block = samples[start:start + BLOCK]
+        block = samples[start : start + BLOCK]
         groups = Counter(m["group"] for _, _, _, m in block)
         assert all(n == GROUP_SIZES[g.split("-")[0]] for g, n in groups.items())
 
@@ -154,7 +154,9 @@ def test_bad_task_lists_and_sizes_are_named():
 def _make_shards(out: Path, *extra: str) -> subprocess.CompletedProcess:
     return subprocess.run(
         [sys.executable, str(TOOLS / "make_shards.py"), "synthetic", "--out", str(out), "--image-size", "56", *extra],
-        capture_output=True, text=True, timeout=120,
+        capture_output=True,
+        text=True,
+        timeout=120,
     )
 
 
@@ -173,8 +175,9 @@ def test_kinds_round_trip_through_shards_and_datamodule(tmp_path, tiny_spec):
     from lame_pl.datamodules import ImageTextDataModule
 
     out = tmp_path / "set"
-    result = _make_shards(out, "--tasks", ",".join(TASKS), "--train", "16", "--val", "8", "--test", "32",
-                          "--samples-per-shard", "16")
+    result = _make_shards(
+        out, "--tasks", ",".join(TASKS), "--train", "16", "--val", "8", "--test", "32", "--samples-per-shard", "16"
+    )
     assert result.returncode == 0, result.stderr
     manifest = json.loads((out / "test" / "manifest.json").read_text())
     assert manifest["tasks"] == list(TASKS) and manifest["num_samples"] == 32

@@ -65,17 +65,28 @@ def demo_run(shards, vocab, module_tmp) -> Path:
     """The stage-2 demo config fitted for MAX_STEPS steps, then tested from its last checkpoint: its run folder."""
     root = module_tmp("demo_run")
     common = [
-        f"--config={ROOT / 'configs' / 'demo' / 'base.yaml'}", f"--config={ROOT / 'configs' / 'demo' / 'stage2.yaml'}",
+        f"--config={ROOT / 'configs' / 'demo' / 'base.yaml'}",
+        f"--config={ROOT / 'configs' / 'demo' / 'stage2.yaml'}",
         *[f"--data.init_args.{split}_shards={shards / split}" for split in ("train", "val", "test")],
-        f"--model.init_args.decoder.vocab_file={vocab}", "--model.init_args.init_from=null",
-        "--data.init_args.batch_size=4", "--data.init_args.num_workers=0", "--trainer.enable_progress_bar=false",
+        f"--model.init_args.decoder.vocab_file={vocab}",
+        "--model.init_args.init_from=null",
+        "--data.init_args.batch_size=4",
+        "--data.init_args.num_workers=0",
+        "--trainer.enable_progress_bar=false",
         f"--trainer.logger.init_args.save_dir={root / 'tb'}",
     ]
     with pytest.MonkeyPatch.context() as patch:
         patch.chdir(root)  # the demo config's checkpoint and metrics paths are relative
         patch.setattr(sys, "argv", ["lightning"])
-        build_cli(["fit", *common, f"--trainer.max_steps={MAX_STEPS}", "--trainer.val_check_interval=2",
-                   "--trainer.log_every_n_steps=1"])
+        build_cli(
+            [
+                "fit",
+                *common,
+                f"--trainer.max_steps={MAX_STEPS}",
+                "--trainer.val_check_interval=2",
+                "--trainer.log_every_n_steps=1",
+            ]
+        )
         run = root / "tb" / "stage2"
         build_cli(["test", *common, f"--ckpt_path={run / 'checkpoints' / 'last.ckpt'}"])
     return run
@@ -89,8 +100,10 @@ def read_events(run: Path) -> EventAccumulator:
 
 def read_layout(events: EventAccumulator) -> layout_pb2.Layout:
     """The run's custom-scalars layout: the first written, the one TensorBoard shows (the fit's and the test's are one)."""
-    layouts = [layout_pb2.Layout.FromString(event.tensor_proto.string_val[0])
-               for event in events.Tensors("custom_scalars__config__")]
+    layouts = [
+        layout_pb2.Layout.FromString(event.tensor_proto.string_val[0])
+        for event in events.Tensors("custom_scalars__config__")
+    ]
     assert layouts and all(layout == layouts[0] for layout in layouts)
     return layouts[0]
 
@@ -101,13 +114,35 @@ def test_demo_run_writes_scalars_heatmap_layout_and_projector(demo_run):
     tags = events.Tags()
 
     expected = {
-        "val/recall@1", "val/recall@5", "val/recall@10", "val/mrr", "val/ndcg@10", "val/loss/decoder",
-        "diag/alignment", "diag/uniformity/query", "diag/uniformity/target", "diag/cosine/positive",
-        "diag/cosine/hardest_negative", "diag/cosine/gap", "diag/std_ratio/query", "diag/std_ratio/target",
-        "diag/effective_rank/query", "diag/effective_rank/target", "diag/norm/query", "diag/norm/target",
-        "diag/temperature", "diag/reason/norm/mean", "diag/reason/norm/token0", "diag/reason/norm/token7",
-        "diag/reason/pairwise_cosine", "diag/attention/input", "diag/attention/reason", "diag/attention/embed",
-        "diag/decoder_loss/stage2", "diag/latent_text/word_f1", "diag/latent_text/chance_word_f1",
+        "val/recall@1",
+        "val/recall@5",
+        "val/recall@10",
+        "val/mrr",
+        "val/ndcg@10",
+        "val/loss/decoder",
+        "diag/alignment",
+        "diag/uniformity/query",
+        "diag/uniformity/target",
+        "diag/cosine/positive",
+        "diag/cosine/hardest_negative",
+        "diag/cosine/gap",
+        "diag/std_ratio/query",
+        "diag/std_ratio/target",
+        "diag/effective_rank/query",
+        "diag/effective_rank/target",
+        "diag/norm/query",
+        "diag/norm/target",
+        "diag/temperature",
+        "diag/reason/norm/mean",
+        "diag/reason/norm/token0",
+        "diag/reason/norm/token7",
+        "diag/reason/pairwise_cosine",
+        "diag/attention/input",
+        "diag/attention/reason",
+        "diag/attention/embed",
+        "diag/decoder_loss/stage2",
+        "diag/latent_text/word_f1",
+        "diag/latent_text/chance_word_f1",
         "diag/latent_text/information",
     }
     expected |= {"train/loss", "train/decoder/labelled_fraction"}  # training scalars get a chart too
@@ -140,8 +175,11 @@ def test_demo_run_writes_scalars_heatmap_layout_and_projector(demo_run):
     assert [category.title for category in layout.category] == list(LAYOUT)
     patterns = [tag for c in layout.category for chart in c.chart for tag in chart.multiline.tag]
     # Not curves: the epoch counter, and the test split's size (show_metrics prints it).
-    unplaced = [tag for tag in tags["scalars"]
-                if tag not in ("epoch", "test/num_candidates") and not any(re.search(p, tag) for p in patterns)]
+    unplaced = [
+        tag
+        for tag in tags["scalars"]
+        if tag not in ("epoch", "test/num_candidates") and not any(re.search(p, tag) for p in patterns)
+    ]
     assert not unplaced, unplaced
 
     config = text_format.Parse((run / "projector_config.pbtxt").read_text(), ProjectorConfig())
@@ -162,9 +200,12 @@ def test_every_chart_of_the_layout_shows_a_tag_the_demo_logs(demo_run):
     events = read_events(demo_run)
     tags = events.Tags()["scalars"]
     layout = read_layout(events)
-    empty = [f"{category.title} / {chart.title}: {list(chart.multiline.tag)}"
-             for category in layout.category for chart in category.chart
-             if not any(re.search(pattern, tag) for pattern in chart.multiline.tag for tag in tags)]
+    empty = [
+        f"{category.title} / {chart.title}: {list(chart.multiline.tag)}"
+        for category in layout.category
+        for chart in category.chart
+        if not any(re.search(pattern, tag) for pattern in chart.multiline.tag for tag in tags)
+    ]
     assert not empty, f"charts that match no tag of the demo run: {empty}"
     # Each pattern is anchored, so that a family does not catch another's tags (data/ and val/data/).
     assert all(p.startswith("^") for c in layout.category for chart in c.chart for p in chart.multiline.tag)
@@ -185,6 +226,9 @@ def test_the_mixture_chart_is_only_in_runs_that_train_on_a_mixture():
     """The demo logs no data/mixture/ tag, so its layout has no such chart; a mixture run's has it."""
     plain = layout_for(SimpleNamespace(datamodule=SimpleNamespace(mixture=None)))
     mixed = layout_for(SimpleNamespace(datamodule=SimpleNamespace(mixture=["set a", "set b"])))
-    assert "mixture shares" not in plain["5 data"] and mixed["5 data"]["mixture shares"] == ["Multiline", [r"^data/mixture/"]]
+    assert "mixture shares" not in plain["5 data"] and mixed["5 data"]["mixture shares"] == [
+        "Multiline",
+        [r"^data/mixture/"],
+    ]
     assert "mixture shares" not in LAYOUT["5 data"]  # the module's own layout is left as it was
     assert layout_for(SimpleNamespace()) == plain  # no data module (the loaders given to fit directly)

@@ -30,11 +30,13 @@ def _frames(seed: int, n: int = 4, side: int = 28) -> list:
 
 def _mixed(processor, frames: list) -> dict[str, torch.Tensor]:
     """A video row, an image row and a text-only row in one batch, through the shared prompt code."""
-    return PromptProcessor(processor, max_text_length=16)([
-        Side("Understand the content of the provided video.", "", video=frames),
-        Side("Represent the image.", "", (random_image(random.Random(9)),)),
-        Side("Find a video that contains:", "a cat jumps over a fence"),
-    ])
+    return PromptProcessor(processor, max_text_length=16)(
+        [
+            Side("Understand the content of the provided video.", "", video=frames),
+            Side("Represent the image.", "", (random_image(random.Random(9)),)),
+            Side("Find a video that contains:", "a cat jumps over a fence"),
+        ]
+    )
 
 
 def _positions(encoder: LaMEEncoder, inputs: dict) -> torch.Tensor:
@@ -65,7 +67,7 @@ def test_video_goes_through_the_processor_video_inputs(tiny_spec):
     assert "pixel_values" in inputs and inputs["image_grid_thw"].shape == (1, 3)
     t, h, w = inputs["video_grid_thw"][0].tolist()
     assert t == len(frames) // processor.video_processor.temporal_patch_size  # frames merged in time
-    merge = processor.video_processor.merge_size ** 2
+    merge = processor.video_processor.merge_size**2
     types = inputs["mm_token_type_ids"]
     assert int((types[VIDEO] == 2).sum()) == t * h * w // merge and not bool((types[VIDEO] == 1).any())
     assert not bool((types[IMAGE] == 2).any()) and bool((types[IMAGE] == 1).any())
@@ -131,10 +133,14 @@ def test_a_single_frame_and_an_odd_count_are_padded_in_time(tiny_spec):
         prompts([Side("", "clip", video=[*_frames(6, 1, 28), *_frames(7, 1, 56)])])
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "transformers 5.24 Qwen2VLModel.get_rope_index advances text after a video by max(h, w) // merge only, "
-    "not by the temporal extent as Qwen2-VL's original rule (largest position + 1) does: with more temporal "
-    "patches than spatial rows, the text after the video reuses the video's temporal positions"))
+@pytest.mark.xfail(
+    strict=True,
+    reason=(
+        "transformers 5.24 Qwen2VLModel.get_rope_index advances text after a video by max(h, w) // merge only, "
+        "not by the temporal extent as Qwen2-VL's original rule (largest position + 1) does: with more temporal "
+        "patches than spatial rows, the text after the video reuses the video's temporal positions"
+    ),
+)
 def test_text_after_a_long_low_resolution_video_follows_all_its_positions(backbone, tiny_spec):
     from transformers import Qwen2VLProcessor, Qwen2VLVideoProcessor
 

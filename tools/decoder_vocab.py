@@ -1,6 +1,6 @@
 """Writes the token ids that a shard set's captions use, for ``decoder.vocab_file`` (``lame_pl.decoder_vocab``).
 
-    python tools/decoder_vocab.py data/demo/train data/demo/val data/demo/test --out data/demo/decoder_vocab.json
+python tools/decoder_vocab.py data/demo/train data/demo/val data/demo/test --out data/demo/decoder_vocab.json
 """
 
 from __future__ import annotations
@@ -14,7 +14,9 @@ from lame_pl.decoder_vocab import write_decoder_vocab
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("shard_dirs", type=Path, nargs="+", help="folders of .tar shards whose captions the decoder must emit")
+    parser.add_argument(
+        "shard_dirs", type=Path, nargs="+", help="folders of .tar shards whose captions the decoder must emit"
+    )
     parser.add_argument("--out", type=Path, required=True, help="JSON file to write")
     args = parser.parse_args(argv)
     try:

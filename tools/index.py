@@ -23,8 +23,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--embeddings", required=True, help="folder written by callbacks.EmbeddingWriter")
     parser.add_argument("--out", required=True, help="index folder to write")
-    parser.add_argument("--side", choices=SIDES, default=None,
-                        help="which embeddings to index (default: target, or the one side a corpus has)")
+    parser.add_argument(
+        "--side",
+        choices=SIDES,
+        default=None,
+        help="which embeddings to index (default: target, or the one side a corpus has)",
+    )
     parser.add_argument("--kind", choices=KINDS, default="flat", help="flat (exact), hnsw or ivf")
     parser.add_argument("--nlist", type=int, default=None, help="lists of an ivf index (default ~sqrt(N))")
     return parser.parse_args(argv)
@@ -40,8 +44,9 @@ def main(argv: list[str] | None = None) -> None:
     except (EmbeddingsError, ValueError) as error:
         sys.exit(f"error: {error}")
     corpus = f" of the {embeddings.corpus} corpus" if embeddings.corpus else ""
-    print(f"indexed {index.index.ntotal} {index.meta['side']} rows{corpus} (dim {index.index.d}, {args.kind}) "
-          f"into {out}/")
+    print(
+        f"indexed {index.index.ntotal} {index.meta['side']} rows{corpus} (dim {index.index.d}, {args.kind}) into {out}/"
+    )
 
 
 if __name__ == "__main__":

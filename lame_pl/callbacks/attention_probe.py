@@ -19,7 +19,11 @@ from lame_pl.modes import TokenLayout
 
 def _language_model(backbone: nn.Module) -> nn.Module:
     language_model = getattr(backbone, "language_model", None)
-    if language_model is None or not hasattr(language_model, "layers") or not hasattr(language_model, "set_attn_implementation"):
+    if (
+        language_model is None
+        or not hasattr(language_model, "layers")
+        or not hasattr(language_model, "set_attn_implementation")
+    ):
         raise ValueError(
             f"{type(backbone).__name__} has no transformers language_model with layers: cannot probe its attention"
         )

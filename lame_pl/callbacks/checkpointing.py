@@ -170,8 +170,10 @@ class AtomicCheckpoint(ModelCheckpoint):
             if isinstance(keep_last_n, bool) or not isinstance(keep_last_n, int) or keep_last_n < 1:
                 raise ValueError(f"AtomicCheckpoint keep_last_n must be an integer >= 1, got {keep_last_n!r}")
             if kwargs.get("monitor") is not None or kwargs.get("save_top_k") not in (None, 1):
-                raise ValueError("AtomicCheckpoint keep_last_n ranks checkpoints by step: give neither monitor "
-                                 "nor save_top_k with it")
+                raise ValueError(
+                    "AtomicCheckpoint keep_last_n ranks checkpoints by step: give neither monitor "
+                    "nor save_top_k with it"
+                )
             # Lightning's top-k over the step, highest kept: the newest N, with its own pruning.
             kwargs.update(monitor="step", mode="max", save_top_k=keep_last_n)
         super().__init__(save_last=save_last, **kwargs)

@@ -185,8 +185,15 @@ class ParameterSummary(ModelSummary):
         **summarize_kwargs: Any,
     ) -> None:
         if total_flops:
-            ModelSummary.summarize(summary_data, total_parameters, trainable_parameters, model_size,
-                                   total_training_modes, total_flops, **summarize_kwargs)
+            ModelSummary.summarize(
+                summary_data,
+                total_parameters,
+                trainable_parameters,
+                model_size,
+                total_training_modes,
+                total_flops,
+                **summarize_kwargs,
+            )
             return
         columns = [column for column in summary_data if column[0] != "FLOPs"]
         table = _format_summary_table(

@@ -39,7 +39,9 @@ class EmbeddingProjector(ValidationSubsetCallback):
     def __init__(self, num_samples: int = 64, every_n_epochs: int = 1, thumbnail_size: int = 32) -> None:
         super().__init__(num_samples, every_n_epochs)
         if not isinstance(thumbnail_size, int) or not 0 <= thumbnail_size <= 128:
-            raise ValueError(f"EmbeddingProjector.thumbnail_size must be an integer in [0, 128], got {thumbnail_size!r}")
+            raise ValueError(
+                f"EmbeddingProjector.thumbnail_size must be an integer in [0, 128], got {thumbnail_size!r}"
+            )
         self.thumbnail_size = thumbnail_size
 
     def collect(self, pl_module: LightningModule, outputs: EvalOutput, batch: dict[str, Any]) -> None:
@@ -72,6 +74,10 @@ class EmbeddingProjector(ValidationSubsetCallback):
         if self.thumbnail_size:
             thumbnails = torch.cat([self.rows.tensor("query_thumbnail"), self.rows.tensor("target_thumbnail")])
         writer.add_embedding(
-            embeddings, metadata=metadata, metadata_header=HEADER, label_img=thumbnails,
-            global_step=logged_step(trainer), tag=TAG,
+            embeddings,
+            metadata=metadata,
+            metadata_header=HEADER,
+            label_img=thumbnails,
+            global_step=logged_step(trainer),
+            tag=TAG,
         )

@@ -52,8 +52,13 @@ class EmbeddingWriter(BasePredictionWriter):
             in an index built from them); the CLI fills it from ``--ckpt_path``. Resuming needs it.
     """
 
-    def __init__(self, path: str = "runs/embeddings", rows_per_shard: int = 65536, resume: bool = False,
-                 checkpoint: str | None = None) -> None:
+    def __init__(
+        self,
+        path: str = "runs/embeddings",
+        rows_per_shard: int = 65536,
+        resume: bool = False,
+        checkpoint: str | None = None,
+    ) -> None:
         super().__init__(write_interval="batch")
         if rows_per_shard < 1:
             raise ValueError(f"EmbeddingWriter.rows_per_shard must be >= 1, got {rows_per_shard}")
@@ -91,8 +96,10 @@ class EmbeddingWriter(BasePredictionWriter):
         self._model = model_identity(pl_module, self.checkpoint)
         skip = getattr(datamodule, "skip_predicted", None) if self.resume else None
         if skip is not None and not self.checkpoint:
-            raise ValueError("EmbeddingWriter.resume needs the checkpoint the rows are embedded with: run predict with "
-                             "--ckpt_path, or give EmbeddingWriter(checkpoint=...)")
+            raise ValueError(
+                "EmbeddingWriter.resume needs the checkpoint the rows are embedded with: run predict with "
+                "--ckpt_path, or give EmbeddingWriter(checkpoint=...)"
+            )
         if self.path.exists() and not self.path.is_dir():
             raise NotADirectoryError(f"EmbeddingWriter.path {self.path} is a file, not a folder")
         # Read once (every shard's JSONL): checked, cleaned and resumed from. Cleaning removes
@@ -115,9 +122,11 @@ class EmbeddingWriter(BasePredictionWriter):
         if not whole:
             rank_zero_info(f"EmbeddingWriter: writing embeddings to {self.path}/ (resume: no earlier shard there)")
             return
-        rank_zero_info(f"EmbeddingWriter: resuming in {self.path}/: {len(whole)} whole shard(s) with "
-                       f"{self._kept_rows} rows kept, {left_out} item(s) not computed again"
-                       + (f", {items - left_out} to compute" if isinstance(items, int) else ""))
+        rank_zero_info(
+            f"EmbeddingWriter: resuming in {self.path}/: {len(whole)} whole shard(s) with "
+            f"{self._kept_rows} rows kept, {left_out} item(s) not computed again"
+            + (f", {items - left_out} to compute" if isinstance(items, int) else "")
+        )
         if isinstance(items, int) and items == left_out:  # Lightning skips the loop and its hooks
             self._finish(trainer, pl_module)
 
@@ -126,10 +135,14 @@ class EmbeddingWriter(BasePredictionWriter):
         metadata = {"model": json.dumps(self._model, sort_keys=True)}
         if "corpus" not in self._info:
             return metadata
-        return {**metadata, "corpus": str(self._info["corpus"]), "source": str(self._info.get("source") or ""),
-                "instruction": str(self._info.get("instruction") or ""),
-                "content": str(self._info.get("content") or ""),
-                "max_text_length": str(self._info.get("max_text_length") or "")}
+        return {
+            **metadata,
+            "corpus": str(self._info["corpus"]),
+            "source": str(self._info.get("source") or ""),
+            "instruction": str(self._info.get("instruction") or ""),
+            "content": str(self._info.get("content") or ""),
+            "max_text_length": str(self._info.get("max_text_length") or ""),
+        }
 
     def _check_same_corpus(self, whole: list[ShardInfo]) -> None:
         """A resumed run adds to shards of the same corpus, embedded the same way by the same model,
@@ -139,14 +152,18 @@ class EmbeddingWriter(BasePredictionWriter):
             differs = [key for key in wanted if shard.metadata.get(key, "") != wanted[key]]
             if differs:
                 found = {key: shard.metadata.get(key, "(none)") for key in differs}
-                raise ValueError(f"EmbeddingWriter.resume: {shard.path} was embedded with other {', '.join(differs)} "
-                                 f"({found} here: {({key: wanted[key] for key in differs})}); give another path "
-                                 "or resume false")
+                raise ValueError(
+                    f"EmbeddingWriter.resume: {shard.path} was embedded with other {', '.join(differs)} "
+                    f"({found} here: { ({key: wanted[key] for key in differs}) }); give another path "
+                    "or resume false"
+                )
 
     def _clean(self, whole: list[ShardInfo], broken: list[Path], keep: bool, datamodule: Any) -> None:
         if self.resume and not keep and whole:
-            rank_zero_warn(f"EmbeddingWriter.resume: {type(datamodule).__name__} streams its rows and cannot "
-                           f"skip those already written; recomputing all of them into {self.path}/")
+            rank_zero_warn(
+                f"EmbeddingWriter.resume: {type(datamodule).__name__} streams its rows and cannot "
+                f"skip those already written; recomputing all of them into {self.path}/"
+            )
         stale = broken + ([] if keep else [p for s in whole for p in (s.path, s.path.with_suffix(".jsonl"))])
         for path in stale:  # a smaller rerun must not leave rows of the last one behind
             path.unlink(missing_ok=True)
@@ -155,8 +172,14 @@ class EmbeddingWriter(BasePredictionWriter):
             rank_zero_info(f"EmbeddingWriter: removed {len(stale)} file(s) of the {what} shards in {self.path}/")
 
     def write_on_batch_end(
-        self, trainer: Trainer, pl_module: LightningModule, prediction: Any, batch_indices: Any,
-        batch: Any, batch_idx: int, dataloader_idx: int,
+        self,
+        trainer: Trainer,
+        pl_module: LightningModule,
+        prediction: Any,
+        batch_indices: Any,
+        batch: Any,
+        batch_idx: int,
+        dataloader_idx: int,
     ) -> None:
         keys = list(prediction["keys"])
         texts = prediction.get("texts")
@@ -190,12 +213,20 @@ class EmbeddingWriter(BasePredictionWriter):
         rows = computed + self._kept_rows
         examples = (self._kept_skipped + self._skip_examples)[:_EXAMPLES]
         blank = int(self._info.get("blank_lines") or 0)
-        summary = {"format": EMBEDDINGS_FORMAT, "rows": rows, "computed": computed, "resumed": self._kept_rows,
-                   "skipped": skipped, "skipped_examples": examples, "blank_lines": blank,
-                   **{k: v for k, v in self._info.items() if k != "blank_lines"}}
+        summary = {
+            "format": EMBEDDINGS_FORMAT,
+            "rows": rows,
+            "computed": computed,
+            "resumed": self._kept_rows,
+            "skipped": skipped,
+            "skipped_examples": examples,
+            "blank_lines": blank,
+            **{k: v for k, v in self._info.items() if k != "blank_lines"},
+        }
         self.path.mkdir(parents=True, exist_ok=True)
-        (self.path / SUMMARY_FILE).write_text(json.dumps(summary, indent=2, ensure_ascii=False) + "\n",
-                                             encoding="utf-8")
+        (self.path / SUMMARY_FILE).write_text(
+            json.dumps(summary, indent=2, ensure_ascii=False) + "\n", encoding="utf-8"
+        )
         if rows == 0:
             rank_zero_warn(f"EmbeddingWriter: the predict split is empty; nothing written to {self.path}")
             return
@@ -203,8 +234,10 @@ class EmbeddingWriter(BasePredictionWriter):
         if blank:
             line += f"; {blank} blank line(s) left out"
         if skipped:
-            rank_zero_warn(f"{line}; skipped {skipped} unreadable item(s), e.g. {', '.join(examples[:3])} "
-                           f"(all counted in {self.path / SUMMARY_FILE})")
+            rank_zero_warn(
+                f"{line}; skipped {skipped} unreadable item(s), e.g. {', '.join(examples[:3])} "
+                f"(all counted in {self.path / SUMMARY_FILE})"
+            )
         else:
             rank_zero_info(line)
 

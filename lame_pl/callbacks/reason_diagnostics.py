@@ -49,12 +49,19 @@ class ReasonDiagnostics(ValidationSubsetCallback):
         max_text_tokens: Most tokens of each decoded text.
     """
 
-    def __init__(self, num_samples: int = 64, every_n_epochs: int = 1, attention: bool = True,
-                 num_texts: int = 8, max_text_tokens: int = 32) -> None:
+    def __init__(
+        self,
+        num_samples: int = 64,
+        every_n_epochs: int = 1,
+        attention: bool = True,
+        num_texts: int = 8,
+        max_text_tokens: int = 32,
+    ) -> None:
         super().__init__(num_samples, every_n_epochs)
         if not isinstance(num_texts, int) or num_texts < 0 or num_texts == 1:
-            raise ValueError(f"ReasonDiagnostics.num_texts must be 0 or an integer >= 2 (chance compares rows), "
-                             f"got {num_texts!r}")
+            raise ValueError(
+                f"ReasonDiagnostics.num_texts must be 0 or an integer >= 2 (chance compares rows), got {num_texts!r}"
+            )
         if not isinstance(max_text_tokens, int) or max_text_tokens < 1:
             raise ValueError(f"ReasonDiagnostics.max_text_tokens must be an integer >= 1, got {max_text_tokens!r}")
         self.attention = attention
@@ -85,8 +92,9 @@ class ReasonDiagnostics(ValidationSubsetCallback):
             self._add_information(pl_module, states, batch["decoder"])
         self.rows.add(**columns)
 
-    def _add_information(self, pl_module: LightningModule, states: torch.Tensor,
-                         decoder_batch: dict[str, torch.Tensor]) -> None:
+    def _add_information(
+        self, pl_module: LightningModule, states: torch.Tensor, decoder_batch: dict[str, torch.Tensor]
+    ) -> None:
         """Adds the decoder's loss on the rows that enter the subset, with their own states and rolled by one."""
         room = self.rows.room
         states = states[:room]
@@ -110,7 +118,9 @@ class ReasonDiagnostics(ValidationSubsetCallback):
             self._tokenizer = build_processor(pl_module.backbone_spec).tokenizer
         labelled = decoder_batch.get("labelled")
         labels = []
-        for row, (ids, mask) in enumerate(zip(decoder_batch["input_ids"], decoder_batch["attention_mask"], strict=True)):
+        for row, (ids, mask) in enumerate(
+            zip(decoder_batch["input_ids"], decoder_batch["attention_mask"], strict=True)
+        ):
             if labelled is not None and not bool(labelled[row]):
                 labels.append(None)
             else:
@@ -163,11 +173,13 @@ class ReasonDiagnostics(ValidationSubsetCallback):
             pl_module.log(f"diag/latent_text/{name}", value, rank_zero_only=True)
         writer = summary_writer(trainer, type(self).__name__)
         if writer is not None:
+
             def cell(text: str) -> str:
                 return text.replace("|", "\\|").replace("\n", " ") or "(empty)"
 
             table = "| label | decoded from the reason states |\n|---|---|\n" + "\n".join(
-                f"| {cell(label)} | {cell(text)} |" for text, label in zip(texts, labels, strict=True))
+                f"| {cell(label)} | {cell(text)} |" for text, label in zip(texts, labels, strict=True)
+            )
             writer.add_text("diag/latent_text", table, logged_step(trainer))
 
     # ----------------------------------------------------------------------------- decoder loss
@@ -178,7 +190,12 @@ class ReasonDiagnostics(ValidationSubsetCallback):
         self._information = [0.0, 0.0, 0]
 
     def on_validation_batch_end(
-        self, trainer: Trainer, pl_module: LightningModule, outputs: Any, batch: Any, batch_idx: int,
+        self,
+        trainer: Trainer,
+        pl_module: LightningModule,
+        outputs: Any,
+        batch: Any,
+        batch_idx: int,
         dataloader_idx: int = 0,
     ) -> None:
         super().on_validation_batch_end(trainer, pl_module, outputs, batch, batch_idx, dataloader_idx)
@@ -196,4 +213,6 @@ class ReasonDiagnostics(ValidationSubsetCallback):
         totals = torch.tensor([self._decoder_sum, float(self._decoder_count)], device=pl_module.device)
         totals = trainer.strategy.reduce(totals, reduce_op="sum")
         if totals[1] > 0:
-            pl_module.log(f"diag/decoder_loss/stage{pl_module.stage}", float(totals[0] / totals[1]), rank_zero_only=True)
+            pl_module.log(
+                f"diag/decoder_loss/stage{pl_module.stage}", float(totals[0] / totals[1]), rank_zero_only=True
+            )

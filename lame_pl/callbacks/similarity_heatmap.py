@@ -105,4 +105,6 @@ class SimilarityHeatmap(ValidationSubsetCallback):
         if writer is None:
             return
         similarity = self.rows.tensor("query") @ self.rows.tensor("target").T
-        writer.add_image(TAG, heatmap_figure(similarity, self.cell), global_step=logged_step(trainer), dataformats="CHW")
+        writer.add_image(
+            TAG, heatmap_figure(similarity, self.cell), global_step=logged_step(trainer), dataformats="CHW"
+        )

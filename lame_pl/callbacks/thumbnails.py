@@ -32,7 +32,9 @@ def images_from_patches(
         )
     counts = [int(t * h * w) for t, h, w in image_grid_thw.tolist()]
     if sum(counts) != pixel_values.shape[0]:
-        raise ValueError(f"image_grid_thw accounts for {sum(counts)} patches, pixel_values holds {pixel_values.shape[0]}")
+        raise ValueError(
+            f"image_grid_thw accounts for {sum(counts)} patches, pixel_values holds {pixel_values.shape[0]}"
+        )
     images = []
     for rows, (t, h, w) in zip(pixel_values.split(counts), image_grid_thw.tolist(), strict=True):
         grid = rows.float().reshape(t, h // merge, w // merge, merge, merge, channels, temporal, patch, patch)
@@ -43,7 +45,9 @@ def images_from_patches(
     return images
 
 
-def row_images(input_ids: torch.Tensor, image_token_id: int, image_grid_thw: torch.Tensor, merge: int) -> list[int | None]:
+def row_images(
+    input_ids: torch.Tensor, image_token_id: int, image_grid_thw: torch.Tensor, merge: int
+) -> list[int | None]:
     """For each row of a batch, the index of its first image, or ``None`` for a row without one.
 
     Images belong to rows in order; an image fills ``t·h·w / merge²`` image tokens of its row.
@@ -71,7 +75,11 @@ def side_thumbnails(inputs: dict[str, Any], vision_config: Any, image_token_id: 
     merge = vision_config.spatial_merge_size
     grid = inputs["image_grid_thw"].cpu()
     images = images_from_patches(
-        inputs["pixel_values"].cpu(), grid, vision_config.patch_size, merge, vision_config.temporal_patch_size,
+        inputs["pixel_values"].cpu(),
+        grid,
+        vision_config.patch_size,
+        merge,
+        vision_config.temporal_patch_size,
         getattr(vision_config, "in_channels", 3),
     )
     for row, index in enumerate(row_images(inputs["input_ids"].cpu(), image_token_id, grid, merge)):

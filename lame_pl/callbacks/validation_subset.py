@@ -98,7 +98,12 @@ class ValidationSubsetCallback(Callback):
         self.rows = FirstRows(self.num_samples)
 
     def on_validation_batch_end(
-        self, trainer: Trainer, pl_module: LightningModule, outputs: Any, batch: Any, batch_idx: int,
+        self,
+        trainer: Trainer,
+        pl_module: LightningModule,
+        outputs: Any,
+        batch: Any,
+        batch_idx: int,
         dataloader_idx: int = 0,
     ) -> None:
         if not self._active or self.rows.room <= 0:

@@ -72,8 +72,11 @@ class ProcessorCollator:
         for i, row in enumerate(ids):
             input_ids[i, : len(row)] = torch.tensor(row, dtype=torch.long)
             attention_mask[i, : len(row)] = 1
-        decoder = {"input_ids": input_ids, "attention_mask": attention_mask,
-                   "labelled": torch.tensor(labelled, dtype=torch.bool)}
+        decoder = {
+            "input_ids": input_ids,
+            "attention_mask": attention_mask,
+            "labelled": torch.tensor(labelled, dtype=torch.bool),
+        }
         return decoder, unseen
 
     def set_output_ids(self, output_ids: Sequence[int] | None) -> None:
@@ -84,4 +87,3 @@ class ProcessorCollator:
         if unseen:
             batch["decoder_unseen"] = unseen
         return batch
-

@@ -97,4 +97,3 @@ class DecodeStage:
 
     def _decode(self, sample: dict[str, Any]) -> dict[str, Any] | None:
         raise NotImplementedError
-

@@ -85,7 +85,6 @@ def _read_caption(path: Path) -> tuple[str | None, str | None]:
     return (text, None) if text else (None, "empty_caption")
 
 
-
 def folder_images(src: Path) -> Iterator[tuple[str, str, Path]]:
     """``(relative path, extension, path)`` of every image under ``src``, in sorted walk order."""
     for dirpath, dirnames, filenames in os.walk(src):
@@ -212,11 +211,13 @@ class PairCollator(ProcessorCollator):
         decoder, unseen = self._decoder_inputs(texts)
         from lame_pl.prompt import Side
 
-        return self._with_unseen({
-            "query": self.prompts([Side(self.query_instruction, "", (s["image"],)) for s in samples]),
-            "target": self.prompts([Side(self.target_instruction, t) for t in texts]),
-            "decoder": decoder,
-            "keys": [s["key"] for s in samples],
-            "texts": texts,
-        }, unseen)
-
+        return self._with_unseen(
+            {
+                "query": self.prompts([Side(self.query_instruction, "", (s["image"],)) for s in samples]),
+                "target": self.prompts([Side(self.target_instruction, t) for t in texts]),
+                "decoder": decoder,
+                "keys": [s["key"] for s in samples],
+                "texts": texts,
+            },
+            unseen,
+        )

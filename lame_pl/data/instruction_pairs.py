@@ -144,8 +144,9 @@ def write_pairs(
     """
     meta = {**meta, "kind": "instruction-pairs"}
     try:
-        return write_split(split_dir, _pair_samples(rows, image_root, skips), samples_per_shard, meta,
-                           shard_bytes, skips)
+        return write_split(
+            split_dir, _pair_samples(rows, image_root, skips), samples_per_shard, meta, shard_bytes, skips
+        )
     except EmptySplitError:
         raise EmptySplitError(f"no row could be written to {split_dir}\n{skips.report()}") from None
 
@@ -158,8 +159,9 @@ def _pair_samples(rows: Iterable[PairRow], root: Path | None, skips: Skips) -> I
         sides = [("query", row.query), ("target", row.target), *((f"neg{j}", n) for j, n in enumerate(row.negatives))]
         for stem, side in sides:
             _check_side(side, stem, row.key)
-        empty = next((stem for stem, side in sides if not side.text.strip() and side.image is None
-                      and side.video is None), None)
+        empty = next(
+            (stem for stem, side in sides if not side.text.strip() and side.image is None and side.video is None), None
+        )
         if empty is not None:
             skips.add("empty_negative" if empty.startswith("neg") else f"empty_{empty}", f"sample {row.key}")
             continue
@@ -188,8 +190,10 @@ def _pair_samples(rows: Iterable[PairRow], root: Path | None, skips: Skips) -> I
 def _check_key(row: PairRow, taken: set[str]) -> None:
     key = row.key
     if not isinstance(key, str) or not re.fullmatch(r"[A-Za-z0-9_-]+", key) or len(key) > MAX_KEY_LENGTH:
-        raise DataError(f"sample key {key!r} must be 1 to {MAX_KEY_LENGTH} characters of [A-Za-z0-9_-] "
-                        "(a dot would end the key inside the tar)")
+        raise DataError(
+            f"sample key {key!r} must be 1 to {MAX_KEY_LENGTH} characters of [A-Za-z0-9_-] "
+            "(a dot would end the key inside the tar)"
+        )
     if key in taken:
         raise DataError(f"sample key {key!r} is used twice in one split")
     taken.add(key)
@@ -267,10 +271,12 @@ def _side_fields(record: dict[str, Any], prefix: str, where: str, instruction_re
     image, video = record.get(f"{prefix}image"), record.get(f"{prefix}video")
     if image is not None and (not isinstance(image, str) or not image):
         raise ValueError(f"{where}{prefix + 'image'!r} must be a member name or null, got {image!r}")
-    if video is not None and (not isinstance(video, list) or not video
-                              or not all(isinstance(name, str) and name for name in video)):
-        raise ValueError(f"{where}{prefix + 'video'!r} must be a non-empty list of member names or null, "
-                         f"got {video!r:.80}")
+    if video is not None and (
+        not isinstance(video, list) or not video or not all(isinstance(name, str) and name for name in video)
+    ):
+        raise ValueError(
+            f"{where}{prefix + 'video'!r} must be a non-empty list of member names or null, got {video!r:.80}"
+        )
     if image is not None and video is not None:
         raise ValueError(f"{where}has both an image and a video")
     if not text.strip() and image is None and video is None:
@@ -302,8 +308,9 @@ def parse_pair_json(data: bytes) -> dict[str, Any]:
     return {
         "query": query,
         "target": target,
-        "negatives": [_side_fields(n, "", f"negatives[{i}]: ", instruction_required=False)
-                      for i, n in enumerate(negatives)],
+        "negatives": [
+            _side_fields(n, "", f"negatives[{i}]: ", instruction_required=False) for i, n in enumerate(negatives)
+        ],
     }
 
 
@@ -342,8 +349,11 @@ class DecodeInstructionPairs(DecodeStage):
         except ValueError as exn:
             return skip("bad_json", str(exn))
         decoded = {}
-        for name, side in (("query", pair["query"]), ("target", pair["target"]),
-                           *((f"negatives[{i}]", n) for i, n in enumerate(pair["negatives"]))):
+        for name, side in (
+            ("query", pair["query"]),
+            ("target", pair["target"]),
+            *((f"negatives[{i}]", n) for i, n in enumerate(pair["negatives"])),
+        ):
             # A vision token in a text would make the processor expect media the side lacks and
             # fail the whole batch; the record is bad, not the run.
             token = next((t for t in vision_tokens() for part in ("instruction", "text") if t in side[part]), None)
@@ -372,7 +382,9 @@ class DecodeInstructionPairs(DecodeStage):
             data = sample.get(member.lower())
             if data is None:
                 present = sorted(k for k in sample if not k.startswith("__"))
-                self._skip(sample, "missing_image", f"{side}: the json names member {member!r}; the sample has {present}")
+                self._skip(
+                    sample, "missing_image", f"{side}: the json names member {member!r}; the sample has {present}"
+                )
                 return None
             image, reason, detail = open_image(data, member, self.max_image_pixels)
             if image is None:
@@ -468,5 +480,9 @@ def side(record: dict[str, Any], default_instruction: str = "") -> Side:
     video = record["video"]
     if video is not None and len(video) == 0:
         raise ValueError("sample side has a video with no frame")
-    return PromptSide(record["instruction"] or default_instruction, record["text"], tuple(record["images"]),
-                None if video is None else tuple(video))
+    return PromptSide(
+        record["instruction"] or default_instruction,
+        record["text"],
+        tuple(record["images"]),
+        None if video is None else tuple(video),
+    )

@@ -85,7 +85,7 @@ def split_instruction(text: str, instruction: str) -> str | None:
         return text
     if not text.startswith(instruction):
         return None
-    rest = text[len(instruction):]
+    rest = text[len(instruction) :]
     if rest and not rest[0].isspace() and instruction[-1].isalnum():
         return None
     return rest.strip()

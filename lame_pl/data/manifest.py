@@ -51,16 +51,20 @@ def manifest_rows(path: Path) -> Iterator[tuple[int, dict[str, Any]]]:
                     raise DataError(f"{path}:1: empty file; expected a header row")
                 header = set(reader.fieldnames)
                 if not ({"image", "text"} <= header or header & set(SIDE_FIELDS)):
-                    raise DataError(f"{path}:1: the header names neither the columns 'image' and 'text' nor "
-                                    f"instruction-pair fields ({', '.join(SIDE_FIELDS)}); it has "
-                                    f"{reader.fieldnames}")
+                    raise DataError(
+                        f"{path}:1: the header names neither the columns 'image' and 'text' nor "
+                        f"instruction-pair fields ({', '.join(SIDE_FIELDS)}); it has "
+                        f"{reader.fieldnames}"
+                    )
                 for row in reader:
                     if None in row:
-                        raise DataError(f"{path}:{reader.line_num}: more fields than the header's "
-                                        f"{len(reader.fieldnames)}")
+                        raise DataError(
+                            f"{path}:{reader.line_num}: more fields than the header's {len(reader.fieldnames)}"
+                        )
                     if any(v is None for v in row.values()):
-                        raise DataError(f"{path}:{reader.line_num}: fewer fields than the header's "
-                                        f"{len(reader.fieldnames)}")
+                        raise DataError(
+                            f"{path}:{reader.line_num}: fewer fields than the header's {len(reader.fieldnames)}"
+                        )
                     yield reader.line_num, {k: (v if v != "" else None) for k, v in row.items()}
             except UnicodeDecodeError:
                 raise DataError(f"{path}:{reader.line_num + 1}: not UTF-8 text") from None
@@ -79,10 +83,12 @@ def _optional_str(row: dict[str, Any], field: str, where: str) -> str | None:
 
 def _side(row: dict[str, Any], prefix: str, where: str) -> dict[str, Any]:
     """``{"instruction", "text", "image", "video"}`` of one side of a manifest row (paths as given, or None)."""
-    side = {"instruction": (_optional_str(row, f"{prefix}instruction", where) or "").strip(),
-            "text": (_optional_str(row, f"{prefix}text", where) or "").strip(),
-            "image": _optional_str(row, f"{prefix}image", where) or None,
-            "video": _optional_str(row, f"{prefix}video", where) or None}
+    side = {
+        "instruction": (_optional_str(row, f"{prefix}instruction", where) or "").strip(),
+        "text": (_optional_str(row, f"{prefix}text", where) or "").strip(),
+        "image": _optional_str(row, f"{prefix}image", where) or None,
+        "video": _optional_str(row, f"{prefix}video", where) or None,
+    }
     if side["image"] is not None and side["video"] is not None:
         raise DataError(f"{where}: {prefix}image and {prefix}video are both given; a side has an image or a video")
     return side
@@ -104,8 +110,10 @@ def _negatives(row: dict[str, Any], where: str, from_csv: bool) -> list[dict[str
         if isinstance(item, str):
             item = {"text": item}
         if not isinstance(item, dict) or set(item) - set(NEGATIVE_FIELDS):
-            raise DataError(f"{where}: negatives[{i}] must be a string or an object with 'text', 'image', 'video' "
-                            f"and/or 'instruction', got {item!r}")
+            raise DataError(
+                f"{where}: negatives[{i}] must be a string or an object with 'text', 'image', 'video' "
+                f"and/or 'instruction', got {item!r}"
+            )
         negative = _side(item, "", f"{where}: negatives[{i}]")
         if not negative["text"] and negative["image"] is None and negative["video"] is None:
             raise DataError(f"{where}: negatives[{i}] has neither a text nor an image or video")
@@ -127,16 +135,21 @@ def parse_row(row: dict[str, Any], kind: str, where: str, from_csv: bool) -> dic
     if kind == "image-text":
         for column in ("image", "text"):
             if column not in row:
-                raise DataError(f"{where}: missing column {column!r} (the file's first row made it an image-text "
-                                f"manifest; the row has {sorted(row)})")
+                raise DataError(
+                    f"{where}: missing column {column!r} (the file's first row made it an image-text "
+                    f"manifest; the row has {sorted(row)})"
+                )
         image = _optional_str(row, "image", where)
         if not image:
             raise DataError(f"{where}: 'image' is empty; give the image's path")
         text = _optional_str(row, "text", where) or ""
         extra = {k: v for k, v in row.items() if k not in ("image", "text")}
         return {"image": image, "text": text.strip(), "extra": extra}
-    return {"query": _side(row, "query_", where), "target": _side(row, "target_", where),
-            "negatives": _negatives(row, where, from_csv)}
+    return {
+        "query": _side(row, "query_", where),
+        "target": _side(row, "target_", where),
+        "negatives": _negatives(row, where, from_csv),
+    }
 
 
 def _row_kind(row: dict[str, Any], where: str) -> str:
@@ -144,8 +157,10 @@ def _row_kind(row: dict[str, Any], where: str) -> str:
         return "instruction"
     if "image" in row or "text" in row:
         return "image-text"
-    raise DataError(f"{where}: a row needs the columns 'image' and 'text', or instruction-pair fields "
-                    f"({', '.join(SIDE_FIELDS)}); it has {sorted(row)}")
+    raise DataError(
+        f"{where}: a row needs the columns 'image' and 'text', or instruction-pair fields "
+        f"({', '.join(SIDE_FIELDS)}); it has {sorted(row)}"
+    )
 
 
 def validate_manifest(path: Path) -> tuple[str, int]:
@@ -188,8 +203,7 @@ def _frames(folder: str | None, root: Path, num_frames: int) -> list[str] | None
     """The sampled frames of a frame folder, as paths relative to ``root`` (absolute if the folder is)."""
     if folder is None:
         return None
-    return [(Path(folder) / frame.name).as_posix()
-            for frame in sample_frames(list_frames(root / folder), num_frames)]
+    return [(Path(folder) / frame.name).as_posix() for frame in sample_frames(list_frames(root / folder), num_frames)]
 
 
 def pair_rows(path: Path, root: Path, num_frames: int, skips: Skips) -> Iterator[PairRow]:
@@ -209,9 +223,14 @@ def pair_rows(path: Path, root: Path, num_frames: int, skips: Skips) -> Iterator
             skips.add("missing_video", f"{where} ({err})")
             continue
         query, target, *negatives = [
-            PairSide(side["instruction"], side["text"], side["image"], video) for side, video in zip(sides, videos, strict=True)
+            PairSide(side["instruction"], side["text"], side["image"], video)
+            for side, video in zip(sides, videos, strict=True)
         ]
-        source = {"query_image": parsed["query"]["image"], "query_video": parsed["query"]["video"],
-                  "target_image": parsed["target"]["image"], "target_video": parsed["target"]["video"],
-                  "negatives": [{"image": n["image"], "video": n["video"]} for n in parsed["negatives"]]}
+        source = {
+            "query_image": parsed["query"]["image"],
+            "query_video": parsed["query"]["video"],
+            "target_image": parsed["target"]["image"],
+            "target_video": parsed["target"]["video"],
+            "negatives": [{"image": n["image"], "video": n["video"]} for n in parsed["negatives"]],
+        }
         yield PairRow(f"{index:09d}", query, target, negatives, source)

@@ -84,35 +84,72 @@ def _subset_list(text: str) -> list[str]:
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     """Add the ``mmeb-train`` subcommand's options to ``parser``."""
-    parser.add_argument("--out", required=True, type=Path,
-                        help="output folder: OUT/<subset>/ per subset, and OUT/mixture.yaml")
-    parser.add_argument("--mmeb-root", type=Path, default=None,
-                        help="the MMEB-train folder (a clone of TIGER-Lab/MMEB-train)")
-    parser.add_argument("--split", default="original",
-                        help="MMEB-train split to read (default original, VLM2Vec-V2's)")
-    parser.add_argument("--image-root", type=Path, default=None,
-                        help="folder MMEB-train image paths start from (default: --mmeb-root)")
-    parser.add_argument("--colpali", type=Path, default=None,
-                        help="vidore/colpali_train_set: a .parquet/.jsonl file or a folder of train* tables")
-    parser.add_argument("--visrag", type=Path, default=None,
-                        help="VisRAG-Ret-Train-In-domain-data: a .parquet/.jsonl file or a folder of train* tables")
-    parser.add_argument("--video-annotations", type=Path, default=None,
-                        help="folder with LLaVA-Hound's video_caption_300k.jsonl and video_qa_240k.jsonl")
-    parser.add_argument("--video-frames", type=Path, default=None,
-                        help="folder with one frame folder per video (LLaVA-Hound's train_300k/)")
-    parser.add_argument("--num-frames", type=positive_int, default=None,
-                        help=f"frames sampled per video (default: the mixture's, {DEFAULT_NUM_FRAMES})")
-    parser.add_argument("--subsets", type=_subset_list, default=None,
-                        help="comma-separated subsets to convert (default: every subset whose input is present)")
+    parser.add_argument(
+        "--out", required=True, type=Path, help="output folder: OUT/<subset>/ per subset, and OUT/mixture.yaml"
+    )
+    parser.add_argument(
+        "--mmeb-root", type=Path, default=None, help="the MMEB-train folder (a clone of TIGER-Lab/MMEB-train)"
+    )
+    parser.add_argument("--split", default="original", help="MMEB-train split to read (default original, VLM2Vec-V2's)")
+    parser.add_argument(
+        "--image-root", type=Path, default=None, help="folder MMEB-train image paths start from (default: --mmeb-root)"
+    )
+    parser.add_argument(
+        "--colpali",
+        type=Path,
+        default=None,
+        help="vidore/colpali_train_set: a .parquet/.jsonl file or a folder of train* tables",
+    )
+    parser.add_argument(
+        "--visrag",
+        type=Path,
+        default=None,
+        help="VisRAG-Ret-Train-In-domain-data: a .parquet/.jsonl file or a folder of train* tables",
+    )
+    parser.add_argument(
+        "--video-annotations",
+        type=Path,
+        default=None,
+        help="folder with LLaVA-Hound's video_caption_300k.jsonl and video_qa_240k.jsonl",
+    )
+    parser.add_argument(
+        "--video-frames",
+        type=Path,
+        default=None,
+        help="folder with one frame folder per video (LLaVA-Hound's train_300k/)",
+    )
+    parser.add_argument(
+        "--num-frames",
+        type=positive_int,
+        default=None,
+        help=f"frames sampled per video (default: the mixture's, {DEFAULT_NUM_FRAMES})",
+    )
+    parser.add_argument(
+        "--subsets",
+        type=_subset_list,
+        default=None,
+        help="comma-separated subsets to convert (default: every subset whose input is present)",
+    )
     caps = parser.add_mutually_exclusive_group()
-    caps.add_argument("--no-row-caps", action="store_true",
-                      help="convert every row, not the first N that VLM2Vec-V2 keeps per subset")
-    caps.add_argument("--max-rows", type=positive_int, default=None,
-                      help="convert at most the first N rows of each subset (instead of VLM2Vec-V2's caps)")
-    parser.add_argument("--query-instruction", default=None,
-                        help="the query instruction of the one MMEB-train subset converted (default: inferred)")
-    parser.add_argument("--target-instruction", default=None,
-                        help="the target instruction of the one MMEB-train subset converted (default: inferred)")
+    caps.add_argument(
+        "--no-row-caps", action="store_true", help="convert every row, not the first N that VLM2Vec-V2 keeps per subset"
+    )
+    caps.add_argument(
+        "--max-rows",
+        type=positive_int,
+        default=None,
+        help="convert at most the first N rows of each subset (instead of VLM2Vec-V2's caps)",
+    )
+    parser.add_argument(
+        "--query-instruction",
+        default=None,
+        help="the query instruction of the one MMEB-train subset converted (default: inferred)",
+    )
+    parser.add_argument(
+        "--target-instruction",
+        default=None,
+        help="the target instruction of the one MMEB-train subset converted (default: inferred)",
+    )
     add_shard_size_args(parser)
 
 
@@ -135,8 +172,10 @@ def _mmeb_files(root: Path, name: str, split: str) -> list[Path] | str:
     candidates = (
         sorted(folder.glob(f"{split}-*.parquet")),
         sorted((folder / split).glob("*.parquet")),
-        [folder / f"{split}.parquet"], [folder / f"{split}.jsonl"],
-        [root / f"{name}.parquet"], [root / f"{name}.jsonl"],
+        [folder / f"{split}.parquet"],
+        [folder / f"{split}.jsonl"],
+        [root / f"{name}.parquet"],
+        [root / f"{name}.jsonl"],
     )
     for files in candidates:
         if files and all(path.is_file() for path in files):
@@ -167,15 +206,21 @@ def _locate(subset: Subset, args: argparse.Namespace) -> _Input | str:
     for name in subset.annotations:
         if (args.video_annotations / name).is_file():
             if args.video_frames is None:
-                raise DataError(f"subset {subset.name}: --video-annotations is given but --video-frames is not; "
-                                "give the folder of frame folders")
+                raise DataError(
+                    f"subset {subset.name}: --video-annotations is given but --video-frames is not; "
+                    "give the folder of frame folders"
+                )
             return _Input(subset, [args.video_annotations / name], frames_root=args.video_frames)
     return f"no {' or '.join(subset.annotations)} in {args.video_annotations}"
 
 
 def _check_paths(args: argparse.Namespace) -> None:
-    for option, path in (("--mmeb-root", args.mmeb_root), ("--image-root", args.image_root),
-                         ("--video-annotations", args.video_annotations), ("--video-frames", args.video_frames)):
+    for option, path in (
+        ("--mmeb-root", args.mmeb_root),
+        ("--image-root", args.image_root),
+        ("--video-annotations", args.video_annotations),
+        ("--video-frames", args.video_frames),
+    ):
         if path is not None and not path.is_dir():
             raise DataError(f"{option} {str(path)!r} is not a directory")
     for option, path in (("--colpali", args.colpali), ("--visrag", args.visrag)):
@@ -200,15 +245,18 @@ def _plan(args: argparse.Namespace) -> list[_Input]:
             found.append(located)
     listed = "\n  ".join(f"{', '.join(names)}: {why}" for why, names in missing.items())
     if not found:
-        raise DataError("no input found for any subset; give --mmeb-root, --colpali, --visrag or "
-                        f"--video-annotations with --video-frames\n  {listed}")
+        raise DataError(
+            "no input found for any subset; give --mmeb-root, --colpali, --visrag or "
+            f"--video-annotations with --video-frames\n  {listed}"
+        )
     order = {subset.name: i for i, subset in enumerate(SUBSETS)}
     found.sort(key=lambda item: order[item.subset.name])
-    print(f"found {len(found)} subset{'s' if len(found) != 1 else ''}: "
-          f"{', '.join(item.subset.name for item in found)}")
+    print(f"found {len(found)} subset{'s' if len(found) != 1 else ''}: {', '.join(item.subset.name for item in found)}")
     if args.split != "original" and any(item.subset.kind == MMEB for item in found):
-        print(f"warning: --split {args.split}: instructions are inferred as one per subset and side, as in the "
-              "original split; a split that paraphrases them per row (diverse_instruction) leaves them in the texts")
+        print(
+            f"warning: --split {args.split}: instructions are inferred as one per subset and side, as in the "
+            "original split; a split that paraphrases them per row (diverse_instruction) leaves them in the texts"
+        )
     if missing:
         print(f"not found ({sum(map(len, missing.values()))}):\n  {listed}")
     return found
@@ -230,17 +278,21 @@ def _origin(args: argparse.Namespace) -> str:
 def _instructions(item: _Input, texts: SideTexts, args: argparse.Namespace) -> dict[str, str]:
     """The subset's query and target instruction: given, or inferred from every row's text."""
     chosen = {}
-    for side, given, side_texts in (("query", args.query_instruction, texts.query),
-                                    ("target", args.target_instruction, texts.target)):
+    for side, given, side_texts in (
+        ("query", args.query_instruction, texts.query),
+        ("target", args.target_instruction, texts.target),
+    ):
         if given is not None:
             chosen[side] = clean_text(given)
             continue
         try:
             chosen[side] = infer_instruction(side_texts)
         except AmbiguousInstruction:
-            raise DataError(f"{item.files[0]} holds a single row, which does not show "
-                            f"where its {side} instruction ends; convert it alone and pass --query-instruction "
-                            "and --target-instruction") from None
+            raise DataError(
+                f"{item.files[0]} holds a single row, which does not show "
+                f"where its {side} instruction ends; convert it alone and pass --query-instruction "
+                "and --target-instruction"
+            ) from None
     print(f"{item.subset.name}: instructions ({_origin(args)}): query {chosen['query']!r}, target {chosen['target']!r}")
     return chosen
 
@@ -264,8 +316,9 @@ def _validate(item: _Input, cap: int | None) -> int:
     return rows
 
 
-def _pairs(item: _Input, instructions: dict[str, str], num_frames: int, cap: int | None,
-           skips: Skips) -> Iterator[PairRow]:
+def _pairs(
+    item: _Input, instructions: dict[str, str], num_frames: int, cap: int | None, skips: Skips
+) -> Iterator[PairRow]:
     kind = item.subset.kind
     if kind == MMEB:
         rows = iter_rows(item.files, MMEB_REQUIRED, MMEB_OPTIONAL, limit=cap)
@@ -300,21 +353,37 @@ def _convert(item: _Input, args: argparse.Namespace, stale: list[Path]) -> dict[
     for old in stale:
         old.unlink(missing_ok=True)
     meta: dict[str, Any] = {
-        "split": "train", "source": "vlm2vec-v2", "subset": subset.name, "source_kind": subset.kind,
-        "inputs": [str(path.resolve()) for path in item.files], "weight": subset.weight, "row_cap": cap,
+        "split": "train",
+        "source": "vlm2vec-v2",
+        "subset": subset.name,
+        "source_kind": subset.kind,
+        "inputs": [str(path.resolve()) for path in item.files],
+        "weight": subset.weight,
+        "row_cap": cap,
         "rows": rows,
     }
     if subset.kind == MMEB:
-        meta.update(mmeb_split=args.split, query_instruction=instructions["query"],
-                    target_instruction=instructions["target"], instruction_origin=_origin(args))
+        meta.update(
+            mmeb_split=args.split,
+            query_instruction=instructions["query"],
+            target_instruction=instructions["target"],
+            instruction_origin=_origin(args),
+        )
     if subset.kind in VIDEO_KINDS:
         meta["num_frames"] = num_frames
     skips = Skips()
     split_dir = args.out / subset.name
     pairs = _pairs(item, instructions, num_frames, cap, skips)
     try:
-        manifest = write_pairs(pairs, split_dir, image_root=item.image_root, samples_per_shard=args.samples_per_shard,
-                               shard_bytes=args.shard_bytes, meta=meta, skips=skips)
+        manifest = write_pairs(
+            pairs,
+            split_dir,
+            image_root=item.image_root,
+            samples_per_shard=args.samples_per_shard,
+            shard_bytes=args.shard_bytes,
+            meta=meta,
+            skips=skips,
+        )
     except DataError as err:
         # Leave no half-written set behind for a later mixture to pick up.
         for partial in [*split_dir.glob("shard-*.tar"), split_dir / MANIFEST]:
@@ -324,8 +393,10 @@ def _convert(item: _Input, args: argparse.Namespace, stale: list[Path]) -> dict[
         first, _, rest = str(err).partition("\n")
         hint = f" (MMEB-train image paths are read from --image-root {str(item.image_root)!r})"
         raise DataError(f"{first}{hint}\n{rest}".rstrip()) from None
-    print(f"{subset.name}: {manifest['num_samples']} samples from {rows} rows in {len(manifest['shards'])} shards "
-          f"-> {split_dir} ({time.perf_counter() - start:.1f}s)")
+    print(
+        f"{subset.name}: {manifest['num_samples']} samples from {rows} rows in {len(manifest['shards'])} shards "
+        f"-> {split_dir} ({time.perf_counter() - start:.1f}s)"
+    )
     print(skips.report())
     return manifest
 
@@ -336,17 +407,21 @@ def mixture_overlay(written: list[Subset], out: Path) -> dict[str, Any]:
     Each set's ``shards`` is its folder name under ``mixture_root`` (``out``, absolute), as in
     ``configs/qwen2vl-2b/base.yaml``; moving the shards needs only a new ``mixture_root``.
     """
-    sets = [{"name": subset.name, "shards": subset.name, "weight": float(subset.weight), "homogeneous": True}
-            for subset in written]
+    sets = [
+        {"name": subset.name, "shards": subset.name, "weight": float(subset.weight), "homogeneous": True}
+        for subset in written
+    ]
     return {"data": {"init_args": {"train_shards": None, "mixture_root": str(out.resolve()), "train_mixture": sets}}}
 
 
 def _write_mixture(written: list[Subset], out: Path) -> None:
-    header = ("# VLM2Vec-V2's training mixture as converted by `tools/make_shards.py mmeb-train`: the subsets this\n"
-              "# run wrote, with VLM2Vec-V2's weights (a set supplies weight / sum of the samples) and whole batches\n"
-              "# per subset. Add it after the base and stage configs:\n"
-              f"#   lightning fit --config configs/qwen2vl-2b/base.yaml --config configs/qwen2vl-2b/stage2.yaml "
-              f"--config {out / MIXTURE_FILE}\n")
+    header = (
+        "# VLM2Vec-V2's training mixture as converted by `tools/make_shards.py mmeb-train`: the subsets this\n"
+        "# run wrote, with VLM2Vec-V2's weights (a set supplies weight / sum of the samples) and whole batches\n"
+        "# per subset. Add it after the base and stage configs:\n"
+        f"#   lightning fit --config configs/qwen2vl-2b/base.yaml --config configs/qwen2vl-2b/stage2.yaml "
+        f"--config {out / MIXTURE_FILE}\n"
+    )
     text = yaml.safe_dump(mixture_overlay(written, out), sort_keys=False, default_flow_style=False)
     (out / MIXTURE_FILE).write_text(header + text)
 
@@ -362,11 +437,18 @@ def run(args: argparse.Namespace) -> None:
             empty without ``--overwrite``, or subsets of which no row could be written.
     """
     _check_paths(args)
-    given = [opt for opt, value in (("--query-instruction", args.query_instruction),
-                                    ("--target-instruction", args.target_instruction)) if value is not None]
+    given = [
+        opt
+        for opt, value in (
+            ("--query-instruction", args.query_instruction),
+            ("--target-instruction", args.target_instruction),
+        )
+        if value is not None
+    ]
     if given and not (args.subsets and len(args.subsets) == 1 and SUBSET_BY_NAME[args.subsets[0]].kind == MMEB):
-        raise DataError(f"{given[0]} applies to one MMEB-train subset: pass --subsets NAME with a single "
-                        "MMEB-train subset")
+        raise DataError(
+            f"{given[0]} applies to one MMEB-train subset: pass --subsets NAME with a single MMEB-train subset"
+        )
     plan = _plan(args)
     stale = {item.subset.name: check_split_dir(args.out, item.subset.name, args.overwrite) for item in plan}
     written: list[Subset] = []
@@ -382,8 +464,11 @@ def run(args: argparse.Namespace) -> None:
     if written:
         _write_mixture(written, args.out)
         print(f"{args.out / MIXTURE_FILE}: a mixture of the {len(written)} subsets written")
-        others = sorted(p.name for p in args.out.iterdir() if p.is_dir() and (p / MANIFEST).is_file()
-                        and p.name not in {s.name for s in written})
+        others = sorted(
+            p.name
+            for p in args.out.iterdir()
+            if p.is_dir() and (p / MANIFEST).is_file() and p.name not in {s.name for s in written}
+        )
         if others:
             print(f"note: {args.out} also holds {', '.join(others)}, not in {MIXTURE_FILE} (written by another run)")
     if failed:

@@ -10,8 +10,22 @@ from typing import Any
 
 from lame_pl.data.shard_writer import MANIFEST, DataError
 
-_UNITS = {"": 1, "b": 1, "k": 10**3, "kb": 10**3, "m": 10**6, "mb": 10**6, "g": 10**9, "gb": 10**9,
-          "t": 10**12, "tb": 10**12, "kib": 2**10, "mib": 2**20, "gib": 2**30, "tib": 2**40}
+_UNITS = {
+    "": 1,
+    "b": 1,
+    "k": 10**3,
+    "kb": 10**3,
+    "m": 10**6,
+    "mb": 10**6,
+    "g": 10**9,
+    "gb": 10**9,
+    "t": 10**12,
+    "tb": 10**12,
+    "kib": 2**10,
+    "mib": 2**20,
+    "gib": 2**30,
+    "tib": 2**40,
+}
 
 
 def _checked(text: str, convert: Callable[[str], Any], ok: Callable[[Any], bool], expected: str) -> Any:
@@ -63,10 +77,15 @@ def parse_bytes(text: str) -> int:
 
 def add_shard_size_args(parser: argparse.ArgumentParser) -> None:
     """Add ``--samples-per-shard``, ``--shard-bytes`` and ``--overwrite`` to a (sub)command."""
-    parser.add_argument("--samples-per-shard", type=positive_int, default=1000,
-                        help="most samples per tar shard (default 1000)")
-    parser.add_argument("--shard-bytes", type=parse_bytes, default=None,
-                        help="most bytes per tar shard file, e.g. 500MB or 1GB (default: no limit)")
+    parser.add_argument(
+        "--samples-per-shard", type=positive_int, default=1000, help="most samples per tar shard (default 1000)"
+    )
+    parser.add_argument(
+        "--shard-bytes",
+        type=parse_bytes,
+        default=None,
+        help="most bytes per tar shard file, e.g. 500MB or 1GB (default: no limit)",
+    )
     parser.add_argument("--overwrite", action="store_true", help="replace shards already in the output folder")
 
 
@@ -90,7 +109,9 @@ def check_split_dir(out: Path, split: str, overwrite: bool) -> list[Path]:
         raise DataError(f"{str(split_dir)!r} exists and is not a directory")
     if split_dir.is_dir() and any(split_dir.iterdir()):
         if not overwrite:
-            raise DataError(f"--out {str(out)!r} already holds {str(split_dir)!r} and it is not empty; "
-                            "pass --overwrite to replace its shards")
+            raise DataError(
+                f"--out {str(out)!r} already holds {str(split_dir)!r} and it is not empty; "
+                "pass --overwrite to replace its shards"
+            )
         return [*split_dir.glob("shard-*.tar"), split_dir / MANIFEST]
     return []

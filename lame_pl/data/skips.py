@@ -12,14 +12,24 @@ from __future__ import annotations
 import logging
 from collections import Counter
 
-SKIP_REASONS = ("corrupt_tar", "bad_image", "empty_caption", "missing_image", "image_too_large", "bad_json",
-                "vision_token", "member_too_large", "tar_link", "empty_shard", "decoder_unseen_token")
+SKIP_REASONS = (
+    "corrupt_tar",
+    "bad_image",
+    "empty_caption",
+    "missing_image",
+    "image_too_large",
+    "bad_json",
+    "vision_token",
+    "member_too_large",
+    "tar_link",
+    "empty_shard",
+    "decoder_unseen_token",
+)
 # Skips in a row with no good sample before a pipeline gives up (data.max_consecutive_skips).
 DEFAULT_MAX_CONSECUTIVE_SKIPS = 1000
 SHARDS_NAMED = 5  # shards listed by name in an error; the rest are counted
 
 log = logging.getLogger(__name__)
-
 
 
 class BadSampleError(ValueError):

@@ -161,6 +161,7 @@ def table_files(path: Path, what: str, split: str = "train") -> list[Path]:
     chosen = [p for p in tables if p.name.startswith(split)]
     if not chosen:
         found = ", ".join(p.relative_to(path).as_posix() for p in tables[:5]) or "none"
-        raise DataError(f"{what} {str(path)!r}: no {split}*.parquet or {split}*.jsonl file in the folder "
-                        f"(tables found: {found})")
+        raise DataError(
+            f"{what} {str(path)!r}: no {split}*.parquet or {split}*.jsonl file in the folder (tables found: {found})"
+        )
     return chosen

@@ -52,7 +52,6 @@ VIDEO_REQUIRED = ("video", "conversations")
 VIDEO_OPTIONAL = ("id",)
 
 
-
 def _key(row: SourceRow) -> str:
     return f"{row.index:09d}"
 
@@ -88,8 +87,9 @@ def mmeb_texts(rows: Iterable[SourceRow]) -> SideTexts:
     return texts
 
 
-def mmeb_pairs(rows: Iterable[SourceRow], query_instruction: str, target_instruction: str,
-               skips: Skips) -> Iterator[PairRow]:
+def mmeb_pairs(
+    rows: Iterable[SourceRow], query_instruction: str, target_instruction: str, skips: Skips
+) -> Iterator[PairRow]:
     """MMEB-train rows as pairs, each side's instruction split off its text.
 
     Image paths stay as the table gives them, relative to the image root. A row whose text does
@@ -134,8 +134,10 @@ def _inline_image(row: SourceRow, name: str = "image") -> ImageSource | None:
     elif value is None or isinstance(value, str):
         data, path = None, value
     else:
-        raise DataError(f"{row.where}: field {name!r} must be an image (a bytes/path struct, bytes or a path), "
-                        f"got {type(value).__name__}")
+        raise DataError(
+            f"{row.where}: field {name!r} must be an image (a bytes/path struct, bytes or a path), "
+            f"got {type(value).__name__}"
+        )
     if data:
         if not isinstance(data, (bytes, bytearray)):
             raise DataError(f"{row.where}: field {name!r} holds 'bytes' of type {type(data).__name__}")
@@ -154,8 +156,12 @@ def vidore_pairs(rows: Iterable[SourceRow], skips: Skips) -> Iterator[PairRow]:
         if image is None:
             skips.add("missing_image", row.where)
             continue
-        yield PairRow(_key(row), PairSide("", row.text("query").strip(), image),
-                      PairSide("", row.text("answer").strip()), source={"row": row.where})
+        yield PairRow(
+            _key(row),
+            PairSide("", row.text("query").strip(), image),
+            PairSide("", row.text("answer").strip()),
+            source={"row": row.where},
+        )
 
 
 def visrag_pairs(rows: Iterable[SourceRow], skips: Skips) -> Iterator[PairRow]:
@@ -165,8 +171,12 @@ def visrag_pairs(rows: Iterable[SourceRow], skips: Skips) -> Iterator[PairRow]:
         if image is None:
             skips.add("missing_image", row.where)
             continue
-        yield PairRow(_key(row), PairSide(VISDOC_QUERY_INSTRUCTION, row.text("query").strip()),
-                      PairSide(VISDOC_PAGE_TEXT, "", image), source={"row": row.where})
+        yield PairRow(
+            _key(row),
+            PairSide(VISDOC_QUERY_INSTRUCTION, row.text("query").strip()),
+            PairSide(VISDOC_PAGE_TEXT, "", image),
+            source={"row": row.where},
+        )
 
 
 # --------------------------------------------------------------------------------- video
@@ -181,7 +191,9 @@ def conversation_turns(row: SourceRow) -> tuple[str, str]:
     for i, turn in enumerate(turns[:2]):
         value = turn.get("value") if isinstance(turn, dict) else None
         if not isinstance(value, str):
-            raise DataError(f"{row.where}: conversations[{i}] must be an object with a string 'value', got {turn!r:.80}")
+            raise DataError(
+                f"{row.where}: conversations[{i}] must be an object with a string 'value', got {turn!r:.80}"
+            )
         values.append(value.replace(LLAVA_VIDEO_PLACEHOLDER, "").strip())
     return values[0], values[1]
 
@@ -198,8 +210,9 @@ def video_folder_name(row: SourceRow) -> str:
     return video
 
 
-def video_pairs(rows: Iterable[SourceRow], kind: str, frames_root: Path, num_frames: int,
-                skips: Skips) -> Iterator[PairRow]:
+def video_pairs(
+    rows: Iterable[SourceRow], kind: str, frames_root: Path, num_frames: int, skips: Skips
+) -> Iterator[PairRow]:
     """LLaVA-Hound rows as pairs, in the mode ``kind`` names, each video as ``num_frames`` sampled frames.
 
     Args:

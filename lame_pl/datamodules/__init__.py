@@ -11,5 +11,11 @@ from lame_pl.datamodules.corpus import CorpusDataModule
 from lame_pl.datamodules.image_text import ImageTextDataModule
 from lame_pl.datamodules.pairs import InstructionPairDataModule
 
-__all__ = ["CorpusDataModule", "ImageTextDataModule", "InstructionCollator", "InstructionPairDataModule",
-           "PairCollator", "ShardDataModule"]
+__all__ = [
+    "CorpusDataModule",
+    "ImageTextDataModule",
+    "InstructionCollator",
+    "InstructionPairDataModule",
+    "PairCollator",
+    "ShardDataModule",
+]

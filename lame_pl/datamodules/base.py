@@ -115,11 +115,16 @@ class ShardDataModule(L.LightningDataModule):
         super().__init__()
         # Records the subclass's own arguments too: Lightning reads every __init__ frame of self.
         self.save_hyperparameters()
-        for key, value, low in (("batch_size", batch_size, 1), ("eval_batch_size", eval_batch_size, 1),
-                                ("num_workers", num_workers, 0), ("shuffle_buffer", shuffle_buffer, 1),
-                                ("samples_per_epoch", samples_per_epoch, 1), ("max_image_pixels", max_image_pixels, 1),
-                                ("max_consecutive_skips", max_consecutive_skips, 1),
-                                ("max_member_bytes", max_member_bytes, 1)):
+        for key, value, low in (
+            ("batch_size", batch_size, 1),
+            ("eval_batch_size", eval_batch_size, 1),
+            ("num_workers", num_workers, 0),
+            ("shuffle_buffer", shuffle_buffer, 1),
+            ("samples_per_epoch", samples_per_epoch, 1),
+            ("max_image_pixels", max_image_pixels, 1),
+            ("max_consecutive_skips", max_consecutive_skips, 1),
+            ("max_member_bytes", max_member_bytes, 1),
+        ):
             if value is not None and (not isinstance(value, int) or value < low):
                 raise ValueError(f"data.{key} must be an integer >= {low}, got {value!r}")
         self.batch_size = batch_size
@@ -138,8 +143,9 @@ class ShardDataModule(L.LightningDataModule):
         }
         self.mixture: list[tuple[ShardSet, list[str]]] | None = None
         if mixture_root is not None and train_mixture is None:
-            raise ValueError("data.mixture_root is set but data.train_mixture is not; it only resolves the "
-                             "mixture's relative paths")
+            raise ValueError(
+                "data.mixture_root is set but data.train_mixture is not; it only resolves the mixture's relative paths"
+            )
         if train_mixture is not None:
             if train_shards is not None:
                 raise ValueError("set data.train_shards or data.train_mixture, not both")
@@ -352,7 +358,9 @@ class ShardDataModule(L.LightningDataModule):
             dataset,
             self._start_epoch,
             self._took_batch,
-            f"data.train_mixture's shards {name_shards(urls)}" if self.mixture else f"data.train_shards {name_shards(urls)}",
+            f"data.train_mixture's shards {name_shards(urls)}"
+            if self.mixture
+            else f"data.train_shards {name_shards(urls)}",
             num_workers=self.num_workers,
             # Workers keep their pipeline; the epoch reaches them through the shared EpochState.
             persistent_workers=self.num_workers > 0,
@@ -369,12 +377,14 @@ class ShardDataModule(L.LightningDataModule):
         for i, (_, urls) in enumerate(self.mixture):
             seed = f"{self.seed}-set{i}"  # independent draws per set
             decode = self.decode_stage(skips)
-            streams.append(wds.DataPipeline(
-                EpochShards(urls, seed, state, rank, world_size, resampled=True),
-                TarSamples(skips, complete=decode.complete, max_member_bytes=self.max_member_bytes),
-                WorkerShuffle(buffer, seed, state, rank),
-                decode,
-            ))
+            streams.append(
+                wds.DataPipeline(
+                    EpochShards(urls, seed, state, rank, world_size, resampled=True),
+                    TarSamples(skips, complete=decode.complete, max_member_bytes=self.max_member_bytes),
+                    WorkerShuffle(buffer, seed, state, rank),
+                    decode,
+                )
+            )
         sets = [item for item, _ in self.mixture]
         return wds.DataPipeline(
             WeightedMixture(streams, sets, self.batch_size, self.seed, state, rank),

@@ -75,7 +75,9 @@ class CLIPImageTextDataModule(ShardDataModule):
     def build_processor(self, backbone: Any) -> CLIPProcessor:
         """open_clip's tokenizer and transform instead of a Qwen-VL processor."""
         if not isinstance(backbone, CLIPSpec):
-            raise ValueError(f"data.backbone must be a CLIP spec (model lame_pl.clip_anchor.CLIPAnchor), got {backbone!r}")
+            raise ValueError(
+                f"data.backbone must be a CLIP spec (model lame_pl.clip_anchor.CLIPAnchor), got {backbone!r}"
+            )
         return CLIPProcessor(backbone)
 
     def decode_stage(self, skips: SkipCounter) -> DecodePairs:

@@ -165,10 +165,17 @@ class CorpusDataModule(L.LightningDataModule):
         if max_text_length is None:  # the CLI sets the checkpoint's (lame_pl.cli) when predicting with one
             max_text_length = FALLBACK_MAX_TEXT_LENGTH
         if (images is None) == (texts is None):
-            raise ValueError("give data.images=FOLDER or data.texts=FILE" if images is None else
-                             f"give data.images or data.texts, not both (got {images} and {texts})")
-        for key, value, low in (("batch_size", batch_size, 1), ("num_workers", num_workers, 0),
-                                ("max_text_length", max_text_length, 1), ("max_image_pixels", max_image_pixels, 1)):
+            raise ValueError(
+                "give data.images=FOLDER or data.texts=FILE"
+                if images is None
+                else f"give data.images or data.texts, not both (got {images} and {texts})"
+            )
+        for key, value, low in (
+            ("batch_size", batch_size, 1),
+            ("num_workers", num_workers, 0),
+            ("max_text_length", max_text_length, 1),
+            ("max_image_pixels", max_image_pixels, 1),
+        ):
             if not isinstance(value, int) or value < low:
                 raise ValueError(f"data.{key} must be an integer >= {low}, got {value!r}")
         self.batch_size, self.num_workers = batch_size, num_workers
@@ -197,9 +204,15 @@ class CorpusDataModule(L.LightningDataModule):
     def corpus_info(self) -> dict[str, Any]:
         """What the embeddings writer records: corpus kind, source, instruction, item and blank counts."""
         # Absolute, so that a resumed run from another working directory sees the same corpus.
-        return {"corpus": self.corpus, "source": str(self.source.resolve()), "instruction": self.instruction,
-                "items": len(self.items), "blank_lines": self.blank_lines, "content": self.content_fingerprint(),
-                "max_text_length": self.collator.prompts.max_text_length}
+        return {
+            "corpus": self.corpus,
+            "source": str(self.source.resolve()),
+            "instruction": self.instruction,
+            "items": len(self.items),
+            "blank_lines": self.blank_lines,
+            "content": self.content_fingerprint(),
+            "max_text_length": self.collator.prompts.max_text_length,
+        }
 
     def content_fingerprint(self) -> str:
         """A digest of what the corpus holds now (the text file's bytes; each image's path, size and
@@ -224,5 +237,10 @@ class CorpusDataModule(L.LightningDataModule):
 
     def predict_dataloader(self) -> DataLoader:
         """The pending items in corpus order, ``batch_size`` a batch (the last one may be smaller)."""
-        return DataLoader(torch.utils.data.Subset(self.items, self.pending), batch_size=self.batch_size,
-                          shuffle=False, num_workers=self.num_workers, collate_fn=self.collator)
+        return DataLoader(
+            torch.utils.data.Subset(self.items, self.pending),
+            batch_size=self.batch_size,
+            shuffle=False,
+            num_workers=self.num_workers,
+            collate_fn=self.collator,
+        )

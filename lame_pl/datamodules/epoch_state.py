@@ -98,8 +98,9 @@ class EpochShards(torch.utils.data.IterableDataset):
         resampled: Draw with replacement rather than reading each shard once per epoch.
     """
 
-    def __init__(self, urls: list[str], seed: int, state: EpochState, rank: int, world_size: int,
-                 resampled: bool) -> None:
+    def __init__(
+        self, urls: list[str], seed: int, state: EpochState, rank: int, world_size: int, resampled: bool
+    ) -> None:
         super().__init__()
         self.urls = list(urls)
         self.seed = seed
@@ -233,8 +234,9 @@ class EpochLoader(DataLoader):
     the loader is the one moment both a Trainer and a plain loop go through.
     """
 
-    def __init__(self, dataset: Any, on_epoch: Callable[[], int], on_batch: Callable[[], None], what: str,
-                 **kwargs: Any) -> None:
+    def __init__(
+        self, dataset: Any, on_epoch: Callable[[], int], on_batch: Callable[[], None], what: str, **kwargs: Any
+    ) -> None:
         super().__init__(dataset, batch_size=None, shuffle=False, **kwargs)
         self._on_epoch = on_epoch
         self._on_batch = on_batch
@@ -255,4 +257,3 @@ class EpochLoader(DataLoader):
         if remaining and not taken:
             # Shards read once (data.resampled false) that held too few good samples for a batch.
             raise NoGoodSamplesError(f"{self.what}: the training epoch yielded no batch; see the skip warnings")
-

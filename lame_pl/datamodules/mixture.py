@@ -84,7 +84,10 @@ def _resolve(spec: str, root: str | None) -> str:
 
 
 def expand_mixture(
-    sets: list[ShardSet], root: str | None = None, key: str = "data.train_mixture", root_key: str = "data.mixture_root",
+    sets: list[ShardSet],
+    root: str | None = None,
+    key: str = "data.train_mixture",
+    root_key: str = "data.mixture_root",
     allow_missing: bool = False,
 ) -> list[tuple[ShardSet, list[str]]]:
     """Checks the sets (``check_mixture``), resolves their relative paths against ``root`` and lists their shards.
@@ -142,8 +145,15 @@ class WeightedMixture(torch.utils.data.IterableDataset):
         rank: This process's rank.
     """
 
-    def __init__(self, streams: list[Iterable[dict[str, Any]]], sets: list[ShardSet], batch_size: int,
-                 seed: int, state: EpochState, rank: int) -> None:
+    def __init__(
+        self,
+        streams: list[Iterable[dict[str, Any]]],
+        sets: list[ShardSet],
+        batch_size: int,
+        seed: int,
+        state: EpochState,
+        rank: int,
+    ) -> None:
         super().__init__()
         self.streams = streams
         self.sets = sets

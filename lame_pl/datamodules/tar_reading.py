@@ -70,7 +70,6 @@ def _split_name(name: str) -> tuple[str, str] | None:
     return (f"{folder}/{stem}" if folder else stem), ext.lower()
 
 
-
 class TarSamples(wds.PipelineStage):
     """Shard URLs to raw samples ``{"__key__", "__url__", ext: bytes}``, through damaged tar data.
 
@@ -92,8 +91,12 @@ class TarSamples(wds.PipelineStage):
         max_member_bytes: Largest member read into memory.
     """
 
-    def __init__(self, skips: SkipCounter, complete: Callable[[dict[str, Any]], bool] = image_text_complete,
-                 max_member_bytes: int = DEFAULT_MAX_MEMBER_BYTES) -> None:
+    def __init__(
+        self,
+        skips: SkipCounter,
+        complete: Callable[[dict[str, Any]], bool] = image_text_complete,
+        max_member_bytes: int = DEFAULT_MAX_MEMBER_BYTES,
+    ) -> None:
         self.skips = skips
         self.complete = complete
         self.max_member_bytes = max_member_bytes
@@ -156,8 +159,11 @@ class TarSamples(wds.PipelineStage):
                             sample = None
                         if sample is None:
                             if key in seen:
-                                log.warning("%s: the members of sample %r are not adjacent; write tars with "
-                                            "`tar --sort=name`", url, key)
+                                log.warning(
+                                    "%s: the members of sample %r are not adjacent; write tars with `tar --sort=name`",
+                                    url,
+                                    key,
+                                )
                             seen.add(key)
                             sample = {"__key__": key, "__url__": url}
                             if gap is not None:
@@ -167,21 +173,32 @@ class TarSamples(wds.PipelineStage):
                             continue
                         if linked:
                             kind = "hard" if info.islnk() else "symbolic"
-                            sample.setdefault("__skip__", (
-                                "tar_link", f"member {info.name!r} is a {kind} link to {info.linkname!r}; "
-                                "write shards with `tar --hard-dereference` (or tools/make_shards.py)"))
+                            sample.setdefault(
+                                "__skip__",
+                                (
+                                    "tar_link",
+                                    f"member {info.name!r} is a {kind} link to {info.linkname!r}; "
+                                    "write shards with `tar --hard-dereference` (or tools/make_shards.py)",
+                                ),
+                            )
                             continue
                         if info.size > self.max_member_bytes:
                             # Passed over unread: the stream reads past it in blocks, never whole.
-                            sample.setdefault("__skip__", (
-                                "member_too_large",
-                                f"member {info.name!r} has {info.size} bytes > data.max_member_bytes {self.max_member_bytes}"))
+                            sample.setdefault(
+                                "__skip__",
+                                (
+                                    "member_too_large",
+                                    f"member {info.name!r} has {info.size} bytes > data.max_member_bytes {self.max_member_bytes}",
+                                ),
+                            )
                             continue
                         reading = key
                         sample[ext] = tar.extractfile(info).read()
                         reading = None
                 if not stream.compressed and stream.data_end > expected:
-                    raise tarfile.ReadError("no valid tar header" if not expected else f"damaged data after byte {expected}")
+                    raise tarfile.ReadError(
+                        "no valid tar header" if not expected else f"damaged data after byte {expected}"
+                    )
                 read_cleanly = True
             except BadSampleError:
                 raise
@@ -190,7 +207,9 @@ class TarSamples(wds.PipelineStage):
                 if sample is not None and (reading == sample["__key__"] or not self.complete(sample)):
                     sample["__corrupt__"] = f"unreadable tar data: {exn}"
                 else:
-                    self._unexplained(url, None if sample is None else sample["__key__"], f"unreadable tar data ({exn})")
+                    self._unexplained(
+                        url, None if sample is None else sample["__key__"], f"unreadable tar data ({exn})"
+                    )
             if sample is not None:
                 yield self._close(sample, url)
         finally:
@@ -199,6 +218,7 @@ class TarSamples(wds.PipelineStage):
             except Exception as exn:  # a pipe: whose command failed reports it here
                 if read_cleanly:
                     self.skips.skip("corrupt_tar", url, None, f"closing the shard failed: {exn}")
+
 
 class CountedBatches(wds.PipelineStage):
     """Collated batches that carry ``skipped``: what this process skipped since its previous batch.
@@ -224,7 +244,9 @@ class CountedBatches(wds.PipelineStage):
         batch = self.collate(samples)
         for row, detail in batch.pop("decoder_unseen", ()):
             sample = samples[row]
-            self.skips.skip("decoder_unseen_token", sample.get("__url__", "?"), sample.get("key"), detail, dropped=False)
+            self.skips.skip(
+                "decoder_unseen_token", sample.get("__url__", "?"), sample.get("key"), detail, dropped=False
+            )
         batch["skipped"] = self.skips.drain()
         if "source" in samples[0]:  # the mixture set of each sample (lame_pl.datamodules.mixture)
             batch["sources"] = [s["source"] for s in samples]
@@ -243,6 +265,4 @@ class CountedBatches(wds.PipelineStage):
             yield {"skipped": self.skips.drain(), SKIPS_ONLY: True}
         elif self.skips.counts:
             # No batch is left to carry them: they ride on this process's next batch, if it has one.
-            log.warning("skipped %s at the end of a stream with no batch left to report them",
-                        dict(self.skips.counts))
-
+            log.warning("skipped %s at the end of a stream with no batch left to report them", dict(self.skips.counts))

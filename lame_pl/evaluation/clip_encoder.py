@@ -49,8 +49,13 @@ class CLIPEncoder:
         module: An already built ``CLIPAnchor`` instead of ``checkpoint`` (benchmarks, tests).
     """
 
-    def __init__(self, checkpoint: str | Path | None = None, device: str = "cpu", batch_size: int = 16,
-                 module: torch.nn.Module | None = None) -> None:
+    def __init__(
+        self,
+        checkpoint: str | Path | None = None,
+        device: str = "cpu",
+        batch_size: int = 16,
+        module: torch.nn.Module | None = None,
+    ) -> None:
         from lame_pl.clip_anchor import CLIPAnchor
         from lame_pl.datamodules.clip import CLIPProcessor
 
@@ -89,8 +94,10 @@ class CLIPEncoder:
 
     def _texts(self, items: Sequence[Item]) -> dict[int, torch.Tensor]:
         """Each item's text embedding, by row; an item with no text and no media embeds its instruction."""
-        texts = [(row, item.text or ("" if item.images or item.video else item.instruction))
-                 for row, item in enumerate(items)]
+        texts = [
+            (row, item.text or ("" if item.images or item.video else item.instruction))
+            for row, item in enumerate(items)
+        ]
         texts = [(row, text) for row, text in texts if text.strip()]
         out: dict[int, torch.Tensor] = {}
         for start in range(0, len(texts), self.batch_size):
@@ -101,9 +108,15 @@ class CLIPEncoder:
         return out
 
     @torch.inference_mode()
-    def embed(self, texts: Sequence[str] | None = None, images: Sequence[Any] | None = None,
-              instructions: str | Sequence[str] | None = None, batch_size: int | None = None,
-              device: str | torch.device | None = None, progress: bool = False) -> torch.Tensor:
+    def embed(
+        self,
+        texts: Sequence[str] | None = None,
+        images: Sequence[Any] | None = None,
+        instructions: str | Sequence[str] | None = None,
+        batch_size: int | None = None,
+        device: str | torch.device | None = None,
+        progress: bool = False,
+    ) -> torch.Tensor:
         """``(N, D)`` L2-normalised embeddings of rows given as texts, images (PIL or paths) or both.
 
         Takes rows as ``LaMEEmbedder.encode`` does: when both are given, row ``i`` is ``texts[i]``
@@ -122,7 +135,9 @@ class CLIPEncoder:
             raise ValueError("embed needs texts, images or both")
         given = [instructions] if isinstance(instructions, str) else list(instructions or [])
         if any(given):
-            raise ValueError("embed: the CLIP anchor is a dual encoder and embeds no instruction; leave instructions empty")
+            raise ValueError(
+                "embed: the CLIP anchor is a dual encoder and embeds no instruction; leave instructions empty"
+            )
         if device is not None:
             self.device = torch.device(device)
             self.module.to(self.device)

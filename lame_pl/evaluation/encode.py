@@ -75,8 +75,9 @@ class CheckpointEncoder:
             are cut as in training (``FALLBACK_MAX_TEXT_LENGTH`` when the checkpoint has none).
     """
 
-    def __init__(self, checkpoint: str | Path, device: str = "cpu", batch_size: int = 16,
-                 max_text_length: int | None = None):
+    def __init__(
+        self, checkpoint: str | Path, device: str = "cpu", batch_size: int = 16, max_text_length: int | None = None
+    ):
         from lame_pl.embedder import LaMEEmbedder
 
         path = Path(checkpoint)
@@ -93,8 +94,10 @@ class CheckpointEncoder:
         self.prompts = self.embedder.prompts
         stat = path.stat()
         # The prompt layout is part of the identity: embeddings cached under another are stale.
-        identity = (f"{path.resolve()}:{stat.st_size}:{stat.st_mtime_ns}:max_text_length={max_text_length}"
-                    f":layout={LAYOUT_VERSION}")
+        identity = (
+            f"{path.resolve()}:{stat.st_size}:{stat.st_mtime_ns}:max_text_length={max_text_length}"
+            f":layout={LAYOUT_VERSION}"
+        )
         self.fingerprint = hashlib.sha256(identity.encode()).hexdigest()
 
     def inputs(self, items: Sequence[Item]) -> dict[str, torch.Tensor]:

@@ -108,8 +108,14 @@ def read_pair_task(info: TaskInfo, rows: Sequence[Row], media: Media, media_fiel
 
     for row in rows:
         q_media = row.get(f"qry_{media_field}", str, required=False, default="")
-        queries.append(_item(_clean(row.text("qry_inst", required=False)), _clean(row.text("qry_text")),
-                             media(row, f"qry_{media_field}", q_media), video))
+        queries.append(
+            _item(
+                _clean(row.text("qry_inst", required=False)),
+                _clean(row.text("qry_text")),
+                media(row, f"qry_{media_field}", q_media),
+                video,
+            )
+        )
         texts = row.texts("tgt_text")
         if not texts:
             raise EvalDataError(f"{row.where}: field 'tgt_text' is an empty list (the gold candidate is its index 0)")
@@ -136,21 +142,41 @@ def read_pair_task(info: TaskInfo, rows: Sequence[Row], media: Media, media_fiel
         official_lists.append(listed)
     gold = [lst[0] for lst in official_lists]
     official = OfficialView(
-        "vlm2vec", queries, candidates, relevance=[{g: 1.0} for g in gold], labels=[[1.0] for _ in gold],
+        "vlm2vec",
+        queries,
+        candidates,
+        relevance=[{g: 1.0} for g in gold],
+        labels=[[1.0] for _ in gold],
         lists=official_lists if info.scope == "local" else None,
         order=list(range(len(candidates))) if info.scope == "global" else None,
     )
     return RetrievalTask(
-        name=info.name, modality=info.modality, group=info.group, main_metric=MAIN_METRIC[info.modality],
-        queries=queries, candidates=candidates, relevance=relevance, ideal_grades=[[1.0] for _ in queries],
-        local=local if info.scope == "local" else None, counted=info.counted, official=official,
+        name=info.name,
+        modality=info.modality,
+        group=info.group,
+        main_metric=MAIN_METRIC[info.modality],
+        queries=queries,
+        candidates=candidates,
+        relevance=relevance,
+        ideal_grades=[[1.0] for _ in queries],
+        local=local if info.scope == "local" else None,
+        counted=info.counted,
+        official=official,
     )
 
 
 # The row fields of an image or video task; another qry_/tgt_ column naming media is a misspelling
 # that would otherwise be read as "no media" (VLM2Vec's parsers stop on a missing field).
-PAIR_FIELDS = {"qry_inst", "qry_text", "qry_img_path", "qry_video_path", "tgt_inst", "tgt_text", "tgt_img_path",
-               "tgt_video_path"}
+PAIR_FIELDS = {
+    "qry_inst",
+    "qry_text",
+    "qry_img_path",
+    "qry_video_path",
+    "tgt_inst",
+    "tgt_text",
+    "tgt_img_path",
+    "tgt_video_path",
+}
 MEDIA_WORDS = ("img", "image", "video", "frame", "path")
 
 
@@ -164,9 +190,11 @@ def _check_media_columns(task: str, rows: Sequence[Row], media_field: str) -> No
                 continue
             if any(word in lowered for word in MEDIA_WORDS):
                 side = "qry" if lowered.startswith("qry") else "tgt"
-                raise EvalDataError(f"task {task}: {row.where}: column {column!r} is not a field of the layout; "
-                                    f"the media field is '{side}_{media_field}' (a misspelt column would be read "
-                                    f"as no media)")
+                raise EvalDataError(
+                    f"task {task}: {row.where}: column {column!r} is not a field of the layout; "
+                    f"the media field is '{side}_{media_field}' (a misspelt column would be read "
+                    f"as no media)"
+                )
 
 
 def _target_instructions(row: Row, n: int) -> list[str]:
@@ -234,8 +262,10 @@ def read_visdoc_task(
             log(f"{info.name}: {len(kept)} of {len(query_rows)} queries are in {info.language}, the rest are left out")
             query_rows = kept
         else:
-            log(f"warning: {info.name}: the queries have no 'language' column, so all of them are kept "
-                f"(the task keeps only its {info.language} queries)")
+            log(
+                f"warning: {info.name}: the queries have no 'language' column, so all of them are kept "
+                f"(the task keeps only its {info.language} queries)"
+            )
     qrels_files = find_table(folder, "qrels")
     grades = read_qrels(read_rows(qrels_files))
     _check_qrels_ids(info.name, qrels_files, grades, index)
@@ -256,18 +286,30 @@ def read_visdoc_task(
         ideal.append(list(positives.values()))
         named.update((index[d], None) for d in positives if d in index)
     if skipped:
-        log(f"{info.name}: {skipped} of {len(query_rows)} queries have no qrel with a score > 0 and are left out of "
-            f"both scorings (VLM2Vec's loader stops on such a query)")
+        log(
+            f"{info.name}: {skipped} of {len(query_rows)} queries have no qrel with a score > 0 and are left out of "
+            f"both scorings (VLM2Vec's loader stops on such a query)"
+        )
     order = [*named, *(i for i in range(len(candidates)) if i not in named)]
     official = OfficialView("vlm2vec", queries, candidates, relevance=relevance, labels=ideal, order=order)
     return RetrievalTask(
-        name=info.name, modality="visdoc", group=info.group, main_metric=MAIN_METRIC["visdoc"], queries=queries,
-        candidates=candidates, relevance=relevance, ideal_grades=ideal, skipped_queries=skipped,
-        counted=info.counted, official=official,
+        name=info.name,
+        modality="visdoc",
+        group=info.group,
+        main_metric=MAIN_METRIC["visdoc"],
+        queries=queries,
+        candidates=candidates,
+        relevance=relevance,
+        ideal_grades=ideal,
+        skipped_queries=skipped,
+        counted=info.counted,
+        official=official,
     )
 
 
-def _check_qrels_ids(task: str, files: Sequence[Path], grades: dict[str, dict[str, float]], index: dict[str, int]) -> None:
+def _check_qrels_ids(
+    task: str, files: Sequence[Path], grades: dict[str, dict[str, float]], index: dict[str, int]
+) -> None:
     """A qrel naming no corpus row is an error: VLM2Vec's loader stops on it (no page image to embed)."""
     missing = sorted({d for per_query in grades.values() for d in per_query if d not in index})
     if missing:
@@ -286,8 +328,10 @@ def _check_page_column(task: str, rows: Sequence[Row]) -> None:
         return
     odd = sorted(c for c in columns if any(w in c.casefold() for w in ("image", "img", "page")))
     if odd:
-        raise EvalDataError(f"task {task}: {rows[0].file}: column {odd[0]!r} is not read: the page image column is "
-                            f"'image' (without it the pages are looked for as <corpus-id>.png)")
+        raise EvalDataError(
+            f"task {task}: {rows[0].file}: column {odd[0]!r} is not read: the page image column is "
+            f"'image' (without it the pages are looked for as <corpus-id>.png)"
+        )
 
 
 def _page_image(row: Row, doc_id: str, page_root: Path, task: str) -> ImageRef:
@@ -324,17 +368,21 @@ def load_mmeb_tasks(
     root = require_dir(Path(data_root), "the MMEB-v2 data root")
     found, warnings = scan_tasks(root)
     if not found:
-        raise EvalDataError(f"no MMEB-v2 task folder under {root}: expected image/, video/ or visdoc/, or a "
-                            f"snapshot folder ({', '.join(sorted(KNOWN_TOP))}); see --list-tasks")
+        raise EvalDataError(
+            f"no MMEB-v2 task folder under {root}: expected image/, video/ or visdoc/, or a "
+            f"snapshot folder ({', '.join(sorted(KNOWN_TOP))}); see --list-tasks"
+        )
     for hits in found.values():
         for other in hits[1:]:
             warnings.append(f"warning: {other.path} is not read: task {other.info.name} is read from {hits[0].path}")
     for modality, media in MEDIA_ROOTS.items():
         present = [m for m in media[:1] if (root / m).is_dir()]
         if present and not any(f[0].info.modality == modality for f in found.values()):
-            warnings.append(f"warning: {root / present[0]} holds {modality} media but no {modality} task table was "
-                            f"found (looked in {', '.join(h + '/' for h in ANNOTATION_HOMES[modality])}): "
-                            f"no {modality} task is evaluated")
+            warnings.append(
+                f"warning: {root / present[0]} holds {modality} media but no {modality} task table was "
+                f"found (looked in {', '.join(h + '/' for h in ANNOTATION_HOMES[modality])}): "
+                f"no {modality} task is evaluated"
+            )
     for warning in warnings:
         log(warning)
     tasks = []
@@ -343,7 +391,9 @@ def load_mmeb_tasks(
             tasks.append(_read_found(root, hit, image_root, num_frames, log))
         except EvalDataError as error:  # every message names the task
             message = str(error)
-            raise EvalDataError(message if message.startswith("task ") else f"task {hit.info.name}: {message}") from None
+            raise EvalDataError(
+                message if message.startswith("task ") else f"task {hit.info.name}: {message}"
+            ) from None
     return tasks
 
 

@@ -58,52 +58,138 @@ class TaskInfo:
 
 def _tasks() -> dict[str, TaskInfo]:
     table: list[TaskInfo] = []
-    cls = ["ImageNet-1K", "N24News", "HatefulMemes", "VOC2007", "SUN397", "Place365", "ImageNet-A", "ImageNet-R",
-           "ObjectNet", "Country211"]
-    qa = ["OK-VQA", "A-OKVQA", "DocVQA", "InfographicsVQA", "ChartQA", "Visual7W", "ScienceQA", "VizWiz", "GQA",
-          "TextVQA"]
+    cls = [
+        "ImageNet-1K",
+        "N24News",
+        "HatefulMemes",
+        "VOC2007",
+        "SUN397",
+        "Place365",
+        "ImageNet-A",
+        "ImageNet-R",
+        "ObjectNet",
+        "Country211",
+    ]
+    qa = [
+        "OK-VQA",
+        "A-OKVQA",
+        "DocVQA",
+        "InfographicsVQA",
+        "ChartQA",
+        "Visual7W",
+        "ScienceQA",
+        "VizWiz",
+        "GQA",
+        "TextVQA",
+    ]
     table += [TaskInfo(n, "image", "CLS", "local", "text") for n in cls]
     table += [TaskInfo(n, "image", "QA", "local", "text") for n in qa]
-    ret = [("VisDial", "image"), ("CIRR", "image+text"), ("VisualNews_t2i", "image"), ("VisualNews_i2t", "text"),
-           ("MSCOCO_t2i", "image"), ("MSCOCO_i2t", "text"), ("NIGHTS", "image+text"), ("WebQA", "image"),
-           ("FashionIQ", "image+text"), ("Wiki-SS-NQ", "image"), ("OVEN", "image+text"), ("EDIS", "image")]
+    ret = [
+        ("VisDial", "image"),
+        ("CIRR", "image+text"),
+        ("VisualNews_t2i", "image"),
+        ("VisualNews_i2t", "text"),
+        ("MSCOCO_t2i", "image"),
+        ("MSCOCO_i2t", "text"),
+        ("NIGHTS", "image+text"),
+        ("WebQA", "image"),
+        ("FashionIQ", "image+text"),
+        ("Wiki-SS-NQ", "image"),
+        ("OVEN", "image+text"),
+        ("EDIS", "image"),
+    ]
     table += [TaskInfo(n, "image", "RET", "local", naming) for n, naming in ret]
-    table += [TaskInfo(n, "image", "VG", "local", "image+text")
-              for n in ["MSCOCO", "RefCOCO", "RefCOCO-Matching", "Visual7W-Pointing"]]
-    video = [("K700", "CLS", "global"), ("SmthSmthV2", "CLS", "local"), ("HMDB51", "CLS", "global"),
-             ("UCF101", "CLS", "global"), ("Breakfast", "CLS", "global"),
-             ("MVBench", "QA", "local"), ("Video-MME", "QA", "local"), ("NExTQA", "QA", "local"),
-             ("EgoSchema", "QA", "local"), ("ActivityNetQA", "QA", "local"),
-             ("DiDeMo", "RET", "global"), ("MSR-VTT", "RET", "global"), ("MSVD", "RET", "global"),
-             ("VATEX", "RET", "global"), ("YouCook2", "RET", "global"),
-             ("QVHighlight", "MRET", "local"), ("Charades-STA", "MRET", "local"), ("MomentSeeker", "MRET", "local")]
+    table += [
+        TaskInfo(n, "image", "VG", "local", "image+text")
+        for n in ["MSCOCO", "RefCOCO", "RefCOCO-Matching", "Visual7W-Pointing"]
+    ]
+    video = [
+        ("K700", "CLS", "global"),
+        ("SmthSmthV2", "CLS", "local"),
+        ("HMDB51", "CLS", "global"),
+        ("UCF101", "CLS", "global"),
+        ("Breakfast", "CLS", "global"),
+        ("MVBench", "QA", "local"),
+        ("Video-MME", "QA", "local"),
+        ("NExTQA", "QA", "local"),
+        ("EgoSchema", "QA", "local"),
+        ("ActivityNetQA", "QA", "local"),
+        ("DiDeMo", "RET", "global"),
+        ("MSR-VTT", "RET", "global"),
+        ("MSVD", "RET", "global"),
+        ("VATEX", "RET", "global"),
+        ("YouCook2", "RET", "global"),
+        ("QVHighlight", "MRET", "local"),
+        ("Charades-STA", "MRET", "local"),
+        ("MomentSeeker", "MRET", "local"),
+    ]
     table += [TaskInfo(n, "video", g, scope) for n, g, scope in video]
-    v1 = ["arxivqa", "docvqa", "infovqa", "tabfquad", "tatdqa", "shiftproject", "syntheticDocQA_artificial_intelligence",
-          "syntheticDocQA_energy", "syntheticDocQA_government_reports", "syntheticDocQA_healthcare_industry"]
+    v1 = [
+        "arxivqa",
+        "docvqa",
+        "infovqa",
+        "tabfquad",
+        "tatdqa",
+        "shiftproject",
+        "syntheticDocQA_artificial_intelligence",
+        "syntheticDocQA_energy",
+        "syntheticDocQA_government_reports",
+        "syntheticDocQA_healthcare_industry",
+    ]
     subsampled = {"arxivqa", "docvqa", "infovqa", "tabfquad"}
-    table += [TaskInfo(f"ViDoRe_{n}", "visdoc", "ViDoRe-v1", "global",
-                       folders=(f"{n}_test{'_subsampled' if n in subsampled else ''}_beir",)) for n in v1]
-    table.append(TaskInfo("ViDoRe_esg_reports_human_labeled_v2", "visdoc", "ViDoRe-v2", "global",
-                          folders=("esg_reports_human_labeled_v2",)))
+    table += [
+        TaskInfo(
+            f"ViDoRe_{n}",
+            "visdoc",
+            "ViDoRe-v1",
+            "global",
+            folders=(f"{n}_test{'_subsampled' if n in subsampled else ''}_beir",),
+        )
+        for n in v1
+    ]
+    table.append(
+        TaskInfo(
+            "ViDoRe_esg_reports_human_labeled_v2",
+            "visdoc",
+            "ViDoRe-v2",
+            "global",
+            folders=("esg_reports_human_labeled_v2",),
+        )
+    )
     for n in ["biomedical_lectures_v2", "economics_reports_v2", "esg_reports_v2"]:
         table.append(TaskInfo(f"ViDoRe_{n}", "visdoc", "ViDoRe-v2", "global", folders=(n,), language="english"))
-    table += [TaskInfo(f"ViDoRe_{n}_multilingual", "visdoc", "ViDoRe-v2", "global", counted=False,
-                       folders=(f"{n}_multilingual", n))
-              for n in ["biomedical_lectures_v2", "economics_reports_v2", "esg_reports_v2"]]
-    table += [TaskInfo(f"VisRAG_{n}", "visdoc", "VisRAG", "global", folders=(f"VisRAG-Ret-Test-{n}",))
-              for n in ["ArxivQA", "ChartQA", "MP-DocVQA", "SlideVQA", "InfoVQA", "PlotQA"]]
-    table += [TaskInfo("ViDoSeek-page", "visdoc", "OOD", "global", folders=("ViDoSeek-page-fixed",)),
-              TaskInfo("ViDoSeek-doc", "visdoc", "OOD", "global", folders=("ViDoSeek",)),
-              TaskInfo("MMLongBench-page", "visdoc", "OOD", "global", folders=("MMLongBench-page-fixed", "MMLongBench")),
-              TaskInfo("MMLongBench-doc", "visdoc", "OOD", "global")]
+    table += [
+        TaskInfo(
+            f"ViDoRe_{n}_multilingual", "visdoc", "ViDoRe-v2", "global", counted=False, folders=(f"{n}_multilingual", n)
+        )
+        for n in ["biomedical_lectures_v2", "economics_reports_v2", "esg_reports_v2"]
+    ]
+    table += [
+        TaskInfo(f"VisRAG_{n}", "visdoc", "VisRAG", "global", folders=(f"VisRAG-Ret-Test-{n}",))
+        for n in ["ArxivQA", "ChartQA", "MP-DocVQA", "SlideVQA", "InfoVQA", "PlotQA"]
+    ]
+    table += [
+        TaskInfo("ViDoSeek-page", "visdoc", "OOD", "global", folders=("ViDoSeek-page-fixed",)),
+        TaskInfo("ViDoSeek-doc", "visdoc", "OOD", "global", folders=("ViDoSeek",)),
+        TaskInfo("MMLongBench-page", "visdoc", "OOD", "global", folders=("MMLongBench-page-fixed", "MMLongBench")),
+        TaskInfo("MMLongBench-doc", "visdoc", "OOD", "global"),
+    ]
     return {t.name: t for t in table}
 
 
 TASKS: dict[str, TaskInfo] = _tasks()
 
-GROUP_NAMES = {"CLS": "classification", "QA": "question answering", "RET": "retrieval", "VG": "visual grounding",
-               "MRET": "moment retrieval", "ViDoRe-v1": "document retrieval", "ViDoRe-v2": "document retrieval",
-               "VisRAG": "document retrieval", "OOD": "document retrieval, out of domain"}
+GROUP_NAMES = {
+    "CLS": "classification",
+    "QA": "question answering",
+    "RET": "retrieval",
+    "VG": "visual grounding",
+    "MRET": "moment retrieval",
+    "ViDoRe-v1": "document retrieval",
+    "ViDoRe-v2": "document retrieval",
+    "VisRAG": "document retrieval",
+    "OOD": "document retrieval, out of domain",
+}
 
 
 def _folder_index() -> dict[str, list[TaskInfo]]:

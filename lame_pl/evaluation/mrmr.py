@@ -34,10 +34,20 @@ from lame_pl.evaluation.task import ImageRef, Item, RetrievalTask, image_path
 SUBSETS = ("knowledge", "theorem", "design", "traffic", "negation")
 # The kind of retrieval each subset asks for (our reading of MRMR's task instructions below: design,
 # traffic and negation ask for documents that the query violates or contradicts).
-CATEGORY = {"knowledge": "knowledge", "theorem": "theorem", "design": "contradiction", "traffic": "contradiction",
-            "negation": "contradiction"}
-MAIN_METRIC = {"knowledge": "ndcg@10", "theorem": "ndcg@10", "design": "ndcg@10", "traffic": "ndcg@10",
-               "negation": "recall@1"}
+CATEGORY = {
+    "knowledge": "knowledge",
+    "theorem": "theorem",
+    "design": "contradiction",
+    "traffic": "contradiction",
+    "negation": "contradiction",
+}
+MAIN_METRIC = {
+    "knowledge": "ndcg@10",
+    "theorem": "ndcg@10",
+    "design": "ndcg@10",
+    "traffic": "ndcg@10",
+    "negation": "recall@1",
+}
 QUERY_INSTRUCTIONS = {
     "knowledge": "Retrieve relevant documents that help answer the question.",
     "theorem": "Retrieve relevant theorems that are involved in solving the problem.",
@@ -56,7 +66,7 @@ def _stderr(message: str) -> None:
 
 def _image_order(column: str) -> tuple[int, str]:
     """``image`` first, then ``image 1``, ``image 2``, ... by number."""
-    suffix = column[len("image"):].strip()
+    suffix = column[len("image") :].strip()
     return (int(suffix) if suffix.isdigit() else -1 if not suffix else 10**6, column)
 
 
@@ -74,8 +84,10 @@ def _check_image_columns(task: str, rows: Sequence[Row]) -> None:
             if match is None or column == "image" or re.fullmatch(r"image [1-9]\d*", column):
                 continue
             layout = "image" + (f" {int(match.group(2))}" if match.group(2) else "")
-            raise EvalDataError(f"task {task}: {row.where}: column {column!r} is not an image column of the layout; "
-                                f"it is spelt {layout!r} there (a misspelt column would be read as no image)")
+            raise EvalDataError(
+                f"task {task}: {row.where}: column {column!r} is not an image column of the layout; "
+                f"it is spelt {layout!r} there (a misspelt column would be read as no image)"
+            )
 
 
 def _image_ref(row: Row, column: str, root: Path, task: str) -> ImageRef | None:
@@ -115,8 +127,10 @@ def _official_item(row: Row, instruction: str, root: Path, task: str, modality: 
         text = ""
     if not text and not images:
         wanted = "a 'text'" if modality == "text" else "an 'image'"
-        raise EvalDataError(f"{row.where}: MRMR embeds this record as modality {modality!r} but it has no {wanted} "
-                            f"value (the 'modality' column of a query is taken from the first query, as MRMR does)")
+        raise EvalDataError(
+            f"{row.where}: MRMR embeds this record as modality {modality!r} but it has no {wanted} "
+            f"value (the 'modality' column of a query is taken from the first query, as MRMR does)"
+        )
     return Item(instruction, text, images)
 
 
@@ -172,8 +186,10 @@ def read_mrmr_task(subset: str, folder: Path, image_root: Path | None = None, lo
             shared += own in index
             doc_ids.append(own)
         if shared:
-            log(f"warning: {task}: {shared} pin_p documents have the id of a corpus document; MRMR ranks one "
-                f"document per id, which the official scoring takes at the higher score")
+            log(
+                f"warning: {task}: {shared} pin_p documents have the id of a corpus document; MRMR ranks one "
+                f"document per id, which the official scoring takes at the higher score"
+            )
     qrels_files = find_table(folder, "qrels")
     qrels_rows = read_rows(qrels_files)
     grades = read_qrels(qrels_rows)
@@ -182,11 +198,15 @@ def read_mrmr_task(subset: str, folder: Path, image_root: Path | None = None, lo
     named = {d for per_query in official_grades.values() for d in per_query}
     missing = sorted(named - known)
     if missing and len(missing) == len(named):
-        raise EvalDataError(f"task {task}: {qrels_files[0]}: column 'corpus-id' names no document of the corpus "
-                            f"(e.g. {missing[0]!r}; corpus ids look like {doc_ids[0]!r})")
+        raise EvalDataError(
+            f"task {task}: {qrels_files[0]}: column 'corpus-id' names no document of the corpus "
+            f"(e.g. {missing[0]!r}; corpus ids look like {doc_ids[0]!r})"
+        )
     if missing:
-        log(f"warning: {task}: {len(missing)} of {len(named)} documents the qrels name are not in the corpus "
-            f"(e.g. {missing[0]!r}); both scorings count them as relevant and never retrieved")
+        log(
+            f"warning: {task}: {len(missing)} of {len(named)} documents the qrels name are not in the corpus "
+            f"(e.g. {missing[0]!r}); both scorings count them as relevant and never retrieved"
+        )
     query_rows = read_rows(find_table(folder, "query"))
     _check_image_columns(task, query_rows)
     instruction = QUERY_INSTRUCTIONS.get(subset, "")
@@ -194,8 +214,10 @@ def read_mrmr_task(subset: str, folder: Path, image_root: Path | None = None, lo
     query_modality = _modality(query_rows[0]) if query_rows else None
     differ = sum(1 for row in query_rows if _modality(row) != query_modality)
     if differ:
-        log(f"warning: {task}: {differ} queries have another modality than the first ({query_modality}); the "
-            f"official scoring embeds them as MRMR does, as {query_modality}")
+        log(
+            f"warning: {task}: {differ} queries have another modality than the first ({query_modality}); the "
+            f"official scoring embeds them as MRMR does, as {query_modality}"
+        )
     queries, relevance, ideal = [], [], []
     official_queries, official_qrels = [], []
     skipped = 0
@@ -213,14 +235,23 @@ def read_mrmr_task(subset: str, folder: Path, image_root: Path | None = None, lo
         ideal.append(list(positives.values()))
     zero_only = sum(1 for q in official_qrels if not any(g > 0 for g in q.values()))
     if skipped:
-        log(f"{task}: {skipped} of {len(query_rows)} queries have no qrel with a score > 0: strict leaves them "
-            f"out; official counts the {zero_only} of them that have qrels, as MRMR does (they score 0)")
+        log(
+            f"{task}: {skipped} of {len(query_rows)} queries have no qrel with a score > 0: strict leaves them "
+            f"out; official counts the {zero_only} of them that have qrels, as MRMR does (they score 0)"
+        )
     if not official_queries:
         raise EvalDataError(f"task {task}: {qrels_files[0]}: column 'query-id' names no query of the query table")
     official = OfficialView("trec_eval", official_queries, official_candidates, qrels=official_qrels, doc_ids=doc_ids)
     return RetrievalTask(
-        name=subset, modality="mrmr", group=subset, main_metric=MAIN_METRIC.get(subset, "ndcg@10"),
-        queries=queries, candidates=candidates, relevance=relevance, ideal_grades=ideal, skipped_queries=skipped,
+        name=subset,
+        modality="mrmr",
+        group=subset,
+        main_metric=MAIN_METRIC.get(subset, "ndcg@10"),
+        queries=queries,
+        candidates=candidates,
+        relevance=relevance,
+        ideal_grades=ideal,
+        skipped_queries=skipped,
         official=official,
     )
 
@@ -257,7 +288,9 @@ def _canonical(name: str, log: Log) -> str:
 
 
 def load_mrmr_tasks(
-    data_root: str | Path, names: Sequence[str] | None = None, image_root: str | Path | None = None,
+    data_root: str | Path,
+    names: Sequence[str] | None = None,
+    image_root: str | Path | None = None,
     log: Log = _stderr,
 ) -> list[RetrievalTask]:
     """Reads the MRMR subsets (all present ones, or ``names``) under ``data_root``, checking every record.
@@ -275,18 +308,23 @@ def load_mrmr_tasks(
     read_top = {f.relative_to(root).parts[0] for folders in found.values() for f in folders}
     for path in sorted(root.iterdir()):
         if path.is_dir() and not path.name.startswith(".") and path.name not in read_top:
-            log(f"warning: folder {path} is not read: it is not an MRMR subset ({', '.join(SUBSETS)}) "
-                f"nor MRMRbenchmark/<subset> (see --list-tasks)")
+            log(
+                f"warning: folder {path} is not read: it is not an MRMR subset ({', '.join(SUBSETS)}) "
+                f"nor MRMRbenchmark/<subset> (see --list-tasks)"
+            )
     if names is None:
         names = [s for s in SUBSETS if s in found]
         if not names:
-            raise EvalDataError(f"no MRMR subset folder under {root}: expected one of {', '.join(SUBSETS)} "
-                                f"(or MRMRbenchmark/<subset>)")
+            raise EvalDataError(
+                f"no MRMR subset folder under {root}: expected one of {', '.join(SUBSETS)} (or MRMRbenchmark/<subset>)"
+            )
     tasks = []
     for name in [_canonical(n, log) for n in names]:
         if name not in found:
-            raise EvalDataError(f"missing folder for MRMR subset {name!r}: looked for {root / name} and "
-                                f"{root / 'MRMRbenchmark' / name} (the corpus, query and qrels tables)")
+            raise EvalDataError(
+                f"missing folder for MRMR subset {name!r}: looked for {root / name} and "
+                f"{root / 'MRMRbenchmark' / name} (the corpus, query and qrels tables)"
+            )
         folder = found[name][0]
         log(f"{name}: tables {folder.relative_to(root)}")
         try:

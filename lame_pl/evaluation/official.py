@@ -122,8 +122,11 @@ def trec_order(scores: np.ndarray, id_rank: np.ndarray) -> np.ndarray:
 
 
 def score_official(
-    view: OfficialView, query_embeddings: torch.Tensor, candidate_embeddings: torch.Tensor,
-    ks: Sequence[int] = (1, 5, 10), chunk: int = 256,
+    view: OfficialView,
+    query_embeddings: torch.Tensor,
+    candidate_embeddings: torch.Tensor,
+    ks: Sequence[int] = (1, 5, 10),
+    chunk: int = 256,
 ) -> dict[str, float]:
     """Mean metrics of a task under its benchmark's own scorer (rows of the embeddings: ``view``'s items)."""
     q = query_embeddings.float().cpu().numpy()

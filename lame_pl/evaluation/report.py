@@ -40,7 +40,9 @@ def task_record(
         "strict_score": metrics[task.main_metric],
         "gap": gap,
         "gap_flagged": abs(gap) >= GAP_FLAG,
-        "scorer": SCORER_NAMES[task.official.scorer] if task.official is not None and official is not None else "strict",
+        "scorer": SCORER_NAMES[task.official.scorer]
+        if task.official is not None and official is not None
+        else "strict",
         "ranking": "local" if task.local is not None else "global",
         "num_queries": int(headline["num_queries"]),
         "num_candidates": int(headline["num_candidates"]),
@@ -111,7 +113,9 @@ def _pair(official: float, strict: float, flagged: bool) -> str:
 
 
 def format_table(
-    records: Sequence[dict[str, Any]], summary: dict[str, Any], modality_order: Sequence[str],
+    records: Sequence[dict[str, Any]],
+    summary: dict[str, Any],
+    modality_order: Sequence[str],
     group_order: dict[str, Sequence[str]],
 ) -> str:
     """A plain-text table: every task, then each group, modality and the overall score (x100), official and strict."""
@@ -134,19 +138,29 @@ def format_table(
     lines.append("")
     for modality, block in summary["modalities"].items():
         for group, g in block["groups"].items():
-            lines.append(f"{modality:<9} {group:<11} {_tasks(g['num_tasks']):<48} "
-                         f"{block['metric']:<9} {_pair(g['score'], g['strict'], g['gap_flagged'])}")
-        lines.append(f"{modality:<9} {'ALL':<11} {_tasks(block['num_tasks']):<48} "
-                     f"{block['metric']:<9} {_pair(block['score'], block['strict'], block['gap_flagged'])}")
+            lines.append(
+                f"{modality:<9} {group:<11} {_tasks(g['num_tasks']):<48} "
+                f"{block['metric']:<9} {_pair(g['score'], g['strict'], g['gap_flagged'])}"
+            )
+        lines.append(
+            f"{modality:<9} {'ALL':<11} {_tasks(block['num_tasks']):<48} "
+            f"{block['metric']:<9} {_pair(block['score'], block['strict'], block['gap_flagged'])}"
+        )
     overall = summary["overall"]
     if overall["score"] is not None:
-        lines.append(f"{'overall':<9} {'':<11} {_tasks(overall['num_tasks']):<48} "
-                     f"{'main':<9} {_pair(overall['score'], overall['strict'], overall['gap_flagged'])}")
-    lines.append("official: the benchmark's own scorer (quote this one); strict: ties against the query, duplicate "
-                 "candidates merged, queries without a positive qrel left out")
+        lines.append(
+            f"{'overall':<9} {'':<11} {_tasks(overall['num_tasks']):<48} "
+            f"{'main':<9} {_pair(overall['score'], overall['strict'], overall['gap_flagged'])}"
+        )
+    lines.append(
+        "official: the benchmark's own scorer (quote this one); strict: ties against the query, duplicate "
+        "candidates merged, queries without a positive qrel left out"
+    )
     if any(r["gap_flagged"] for r in records):
-        lines.append(f"! official and strict differ by {100 * GAP_FLAG:.0f} points or more: tied scores (a collapsed "
-                     "model?) or duplicate candidates decide the official figure; look before quoting it")
+        lines.append(
+            f"! official and strict differ by {100 * GAP_FLAG:.0f} points or more: tied scores (a collapsed "
+            "model?) or duplicate candidates decide the official figure; look before quoting it"
+        )
     if any(not r["counted"] for r in records):
         lines.append("* not part of the benchmark's task list: shown, not averaged")
     return "\n".join(lines)

@@ -29,21 +29,33 @@ def build_parser(benchmark: str) -> argparse.ArgumentParser:
     title = BENCHMARKS[benchmark]["title"]
     parser = argparse.ArgumentParser(description=f"Evaluate a LaME checkpoint on {title} from a local folder.")
     # Required unless --list-tasks, which needs neither a checkpoint nor data (checked in main).
-    parser.add_argument("--checkpoint",
-                        help="a .ckpt written by `lightning fit` (LaME or the CLIP anchor, told apart by its stored class)")
-    parser.add_argument("--data-root", help=f"the local {title} folder (layouts: README, lame_pl/evaluation/{benchmark}.py)")
-    parser.add_argument("--tasks", nargs="+", default=None,
-                        help="evaluate only these tasks (default: every one found; case is ignored)")
+    parser.add_argument(
+        "--checkpoint",
+        help="a .ckpt written by `lightning fit` (LaME or the CLIP anchor, told apart by its stored class)",
+    )
+    parser.add_argument(
+        "--data-root", help=f"the local {title} folder (layouts: README, lame_pl/evaluation/{benchmark}.py)"
+    )
+    parser.add_argument(
+        "--tasks", nargs="+", default=None, help="evaluate only these tasks (default: every one found; case is ignored)"
+    )
     parser.add_argument("--output-dir", help="where the per-task JSON files and summary.json go")
-    parser.add_argument("--list-tasks", action="store_true",
-                        help="print every task name this tool accepts, with its group and metric, and exit")
+    parser.add_argument(
+        "--list-tasks",
+        action="store_true",
+        help="print every task name this tool accepts, with its group and metric, and exit",
+    )
     parser.add_argument("--batch-size", type=int, default=16, help="items per forward pass")
     parser.add_argument("--device", default="cpu", help="torch device, e.g. cuda or cuda:1")
     parser.add_argument("--cache-dir", default=None, help="embedding cache (default: OUTPUT_DIR/cache)")
     parser.add_argument("--image-root", default=None, help="folder the records' image paths are relative to")
-    parser.add_argument("--max-text-length", type=int, default=None,
-                        help="most tokens per instruction and per text (default: the training run's "
-                             "data.max_text_length, read from the checkpoint)")
+    parser.add_argument(
+        "--max-text-length",
+        type=int,
+        default=None,
+        help="most tokens per instruction and per text (default: the training run's "
+        "data.max_text_length, read from the checkpoint)",
+    )
     if benchmark == "mmeb":
         parser.add_argument("--num-frames", type=int, default=8, help="frames sampled from each video")
     return parser
@@ -54,8 +66,10 @@ def list_tasks(benchmark: str) -> str:
     if benchmark == "mrmr":
         lines = [f"{'task':<12} {'group':<15} {'metric':<9} folder"]
         for subset in mrmr.SUBSETS:
-            lines.append(f"{subset:<12} {mrmr.CATEGORY[subset]:<15} {mrmr.MAIN_METRIC[subset]:<9} "
-                         f"{subset}/ or MRMRbenchmark/{subset}/")
+            lines.append(
+                f"{subset:<12} {mrmr.CATEGORY[subset]:<15} {mrmr.MAIN_METRIC[subset]:<9} "
+                f"{subset}/ or MRMRbenchmark/{subset}/"
+            )
         return "\n".join(lines)
     lines = [f"{'task':<45} {'modality':<8} {'group':<38} {'metric':<7} {'ranking':<7} other folder names"]
     for modality in mmeb_tasks.MODALITY_ORDER:
@@ -83,25 +97,32 @@ def evaluate(
         name = f"{task.modality}-{task.name}"
         # One pass over both sides: the task's cache file is read and written once.
         view = task.official
-        extra = [] if view is None or (view.queries is task.queries and view.candidates is task.candidates) else [
-            *view.queries, *view.candidates]
+        extra = (
+            []
+            if view is None or (view.queries is task.queries and view.candidates is task.candidates)
+            else [*view.queries, *view.candidates]
+        )
         embeddings, encoded = embed_items([*task.queries, *task.candidates, *extra], encoder, cache, name)
         nq, nc = len(task.queries), len(task.candidates)
         queries, candidates = embeddings[:nq], embeddings[nq : nq + nc]
         official = None
         if view is not None:
             if extra:  # the benchmark embeds other items (MRMR: its own media rules)
-                official = score_official(view, embeddings[nq + nc : nq + nc + len(view.queries)],
-                                          embeddings[nq + nc + len(view.queries) :])
+                official = score_official(
+                    view, embeddings[nq + nc : nq + nc + len(view.queries)], embeddings[nq + nc + len(view.queries) :]
+                )
             else:
                 official = score_official(view, queries, candidates)
         record = task_record(task, score_task(task, queries, candidates), official)
         record["seconds"] = round(time.perf_counter() - start, 3)
         record["encoded"] = encoded
         write_task_json(output_dir, record)
-        print(f"{task.name}: {record['main_metric']} official {record['main_score']:.4f}, strict "
-              f"{record['strict_score']:.4f} ({record['num_queries']} queries, {record['encoded']} items encoded, "
-              f"the rest from the cache)", file=sys.stderr)
+        print(
+            f"{task.name}: {record['main_metric']} official {record['main_score']:.4f}, strict "
+            f"{record['strict_score']:.4f} ({record['num_queries']} queries, {record['encoded']} items encoded, "
+            f"the rest from the cache)",
+            file=sys.stderr,
+        )
         records.append(record)
     return records
 
@@ -117,8 +138,10 @@ def checkpoint_encoder(args: argparse.Namespace) -> ItemEncoder:
         load_checkpoint_file(args.checkpoint, "--checkpoint")
     if is_clip_checkpoint(args.checkpoint):
         if args.max_text_length is not None:
-            print("--max-text-length is ignored for a CLIP checkpoint: texts are cut at its context length",
-                  file=sys.stderr)
+            print(
+                "--max-text-length is ignored for a CLIP checkpoint: texts are cut at its context length",
+                file=sys.stderr,
+            )
         return CLIPEncoder(args.checkpoint, args.device, args.batch_size)
     return CheckpointEncoder(args.checkpoint, args.device, args.batch_size, args.max_text_length)
 
@@ -142,8 +165,11 @@ def main(benchmark: str, argv: Sequence[str] | None = None, encoder: ItemEncoder
     if args.list_tasks:
         print(list_tasks(benchmark))
         raise SystemExit(0)
-    missing = [f"--{flag.replace('_', '-')}" for flag in ("checkpoint", "data_root", "output_dir")
-               if getattr(args, flag) is None]
+    missing = [
+        f"--{flag.replace('_', '-')}"
+        for flag in ("checkpoint", "data_root", "output_dir")
+        if getattr(args, flag) is None
+    ]
     if missing:
         parser.error(f"the following arguments are required: {', '.join(missing)}")
     for flag in ("batch_size", "max_text_length") + (("num_frames",) if benchmark == "mmeb" else ()):

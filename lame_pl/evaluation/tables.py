@@ -91,7 +91,9 @@ def read_table(path: Path) -> list[Row]:
                 try:
                     records.append(json.loads(line))
                 except json.JSONDecodeError as error:
-                    raise EvalDataError(f"{path} row {len(records)} (line {line_no + 1}): not valid JSON ({error.msg})") from None
+                    raise EvalDataError(
+                        f"{path} row {len(records)} (line {line_no + 1}): not valid JSON ({error.msg})"
+                    ) from None
     elif path.suffix == ".json":
         try:
             records = json.loads(path.read_text(encoding="utf-8"))
@@ -135,7 +137,9 @@ def find_table(folder: Path, name: str) -> list[Path]:
         if shards:
             return shards
         raise EvalDataError(f"folder {folder / name} holds no .jsonl, .json or .parquet file")
-    raise EvalDataError(f"missing table {name!r} in {folder} (looked for {name}.jsonl, {name}.parquet or folder {name}/)")
+    raise EvalDataError(
+        f"missing table {name!r} in {folder} (looked for {name}.jsonl, {name}.parquet or folder {name}/)"
+    )
 
 
 def read_rows(files: Iterable[Path]) -> list[Row]:

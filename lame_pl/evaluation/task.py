@@ -96,7 +96,9 @@ class RetrievalTask:
     def __post_init__(self) -> None:
         n = len(self.queries)
         if len(self.relevance) != n or len(self.ideal_grades) != n or (self.local is not None and len(self.local) != n):
-            raise ValueError(f"task {self.name}: queries, relevance, ideal_grades and local must have one entry per query")
+            raise ValueError(
+                f"task {self.name}: queries, relevance, ideal_grades and local must have one entry per query"
+            )
         if n == 0:
             raise EvalDataError(f"task {self.name}: no query to evaluate")
         if not self.candidates:

@@ -47,8 +47,12 @@ def text_config(backbone: nn.Module):
     return getattr(config, "text_config", config)
 
 
-def pooled(encoder: LaMEEncoder, embed_state: torch.Tensor, reason_states: torch.Tensor,
-           generated_ids: torch.Tensor | None = None) -> EncoderOutput:
+def pooled(
+    encoder: LaMEEncoder,
+    embed_state: torch.Tensor,
+    reason_states: torch.Tensor,
+    generated_ids: torch.Tensor | None = None,
+) -> EncoderOutput:
     """The encoder's output: [EMBED]'s state projected, then L2-normalised in float32 into the embedding.
 
     The projection runs in its own weights' dtype with autocast off, so a bf16 backbone gives the
@@ -140,8 +144,9 @@ def start_cached(encoder: LaMEEncoder, inputs: dict[str, Any]) -> tuple[torch.Te
     return hidden[:, -1], CachedSequence(cache, mask, next_position)
 
 
-def cached_step(encoder: LaMEEncoder, seq: CachedSequence, inputs_embeds: torch.Tensor,
-                real: torch.Tensor | None = None) -> torch.Tensor:
+def cached_step(
+    encoder: LaMEEncoder, seq: CachedSequence, inputs_embeds: torch.Tensor, real: torch.Tensor | None = None
+) -> torch.Tensor:
     """Runs ``(B, s, H)`` new input vectors over the cache and returns their final states.
 
     Args:

@@ -37,10 +37,14 @@ class TokenLayout:
         """``{"input", middle_name, "embed"}``: the positions of each span in a sequence of ``length``."""
         first = length - self.middle - 1
         if first < 0:
-            raise ValueError(f"a sequence of {length} positions cannot hold {self.middle} {self.middle_name} "
-                             "positions and [EMBED]")
-        return {"input": slice(0, first), self.middle_name: slice(first, length - 1),
-                "embed": slice(length - 1, length)}
+            raise ValueError(
+                f"a sequence of {length} positions cannot hold {self.middle} {self.middle_name} positions and [EMBED]"
+            )
+        return {
+            "input": slice(0, first),
+            self.middle_name: slice(first, length - 1),
+            "embed": slice(length - 1, length),
+        }
 
 
 @dataclass(frozen=True)
@@ -60,8 +64,14 @@ class EncodeSettings:
     cot_tokens: int | None = None
 
     @classmethod
-    def resolve(cls, encode_mode: str | None, num_reason_tokens: int, bottleneck_mask: bool = False,
-                cot_tokens: int | None = None, owner: str = "") -> EncodeSettings:
+    def resolve(
+        cls,
+        encode_mode: str | None,
+        num_reason_tokens: int,
+        bottleneck_mask: bool = False,
+        cot_tokens: int | None = None,
+        owner: str = "",
+    ) -> EncodeSettings:
         """Checks the settings against each other; the one place they are checked.
 
         ``encode_mode=None`` means ``lame`` when K > 0 and ``discriminative`` when K = 0 (what
@@ -87,8 +97,9 @@ class EncodeSettings:
         if bottleneck_mask and num_reason_tokens == 0:
             raise ValueError(f"{mask}=True needs {k} > 0: [EMBED] would see nothing")
         if encode_mode == "discriminative" and num_reason_tokens != 0:
-            raise ValueError(f"encode_mode 'discriminative' has no reason tokens, but {k} is {num_reason_tokens}; "
-                             f"set {k} to 0")
+            raise ValueError(
+                f"encode_mode 'discriminative' has no reason tokens, but {k} is {num_reason_tokens}; set {k} to 0"
+            )
         if encode_mode in ("lame", "latent_sequential") and num_reason_tokens == 0:
             raise ValueError(f"encode_mode {encode_mode!r} needs {k} > 0, got 0")
         if bottleneck_mask and encode_mode != "lame":

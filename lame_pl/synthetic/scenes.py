@@ -84,7 +84,9 @@ def caption_scene(groups: list[dict[str, Any]]) -> str:
     return ", ".join(phrases[:-1]) + " and " + phrases[-1]
 
 
-def _draw_shape(draw: ImageDraw.ImageDraw, shape: str, cx: float, cy: float, r: float, fill: tuple[int, int, int]) -> None:
+def _draw_shape(
+    draw: ImageDraw.ImageDraw, shape: str, cx: float, cy: float, r: float, fill: tuple[int, int, int]
+) -> None:
     if shape == "circle":
         draw.ellipse([cx - r, cy - r, cx + r, cy + r], fill=fill)
     elif shape == "square":
@@ -145,16 +147,27 @@ def scene_metadata(groups: list[dict[str, Any]], boxes: list[list[list[int]]], i
     for g, group_boxes in zip(groups, boxes, strict=True):
         row, col = divmod(g["cell"], 3)
         objects.append(
-            {"color": g["color"], "shape": g["shape"], "count": g["count"], "position": POSITIONS[g["cell"]][0],
-             "row": row, "col": col, "boxes": group_boxes}
+            {
+                "color": g["color"],
+                "shape": g["shape"],
+                "count": g["count"],
+                "position": POSITIONS[g["cell"]][0],
+                "row": row,
+                "col": col,
+                "boxes": group_boxes,
+            }
         )
         by_color[g["color"]] = by_color.get(g["color"], 0) + g["count"]
         by_shape[g["shape"]] = by_shape.get(g["shape"], 0) + g["count"]
     return {
         "image_size": image_size,
         "objects": objects,
-        "counts": {"total": sum(g["count"] for g in groups), "groups": len(groups),
-                   "by_color": by_color, "by_shape": by_shape},
+        "counts": {
+            "total": sum(g["count"] for g in groups),
+            "groups": len(groups),
+            "by_color": by_color,
+            "by_shape": by_shape,
+        },
     }
 
 

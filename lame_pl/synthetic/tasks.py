@@ -92,7 +92,10 @@ def _count_group(rng: random.Random) -> list[tuple[Layout, str, str]]:
     n_distractors = rng.randint(1, 2)
     others = [c for c in scenes.COLORS if c != color]
     distractors = [_obj(rng.choice(others), rng.choice(scenes.SHAPES), cell) for cell in cells[:n_distractors]]
-    targets = [_obj(color, rng.choice(scenes.SHAPES), cell) for cell in cells[n_distractors:n_distractors + len(NUMBER_WORDS)]]
+    targets = [
+        _obj(color, rng.choice(scenes.SHAPES), cell)
+        for cell in cells[n_distractors : n_distractors + len(NUMBER_WORDS)]
+    ]
     members = []
     for n, word in enumerate(NUMBER_WORDS, 1):
         text = f"{word} {color} shape" + ("s" if n > 1 else "")
