@@ -116,16 +116,6 @@ class LaMEEncoder(nn.Module):
         """K, the learnable reason vectors (``explicit_cot`` keeps but does not use them)."""
         return self.settings.num_reason_tokens
 
-    @property
-    def bottleneck_mask(self) -> bool:
-        """Whether [EMBED] attends only to the reason tokens."""
-        return self.settings.bottleneck_mask
-
-    @property
-    def cot_tokens(self) -> int | None:
-        """T, the tokens ``explicit_cot`` generates."""
-        return self.settings.cot_tokens
-
     def extend_inputs(
         self,
         input_ids: torch.Tensor,

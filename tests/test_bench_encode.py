@@ -27,36 +27,11 @@ KEYS = (
 
 def test_bench_encode_writes_every_figure(tmp_path, capsys):
     out = tmp_path / "bench.json"
-    argv = [
-        "--preset",
-        "tiny",
-        "--device",
-        "cpu",
-        "--image-size",
-        "56",
-        "--text-tokens",
-        "6",
-        "-K",
-        "3",
-        "-T",
-        "3",
-        "--batch-sizes",
-        "1,2",
-        "--warmup",
-        "0",
-        "--repeats",
-        "1",
-        "--train-steps",
-        "1",
-        "--train-batch-size",
-        "2",
-        "--decoder-preset",
-        "tiny",
-        "--clip-arch",
-        "none",
-        "--json",
-        str(out),
-    ]
+    options = (
+        "--preset tiny --device cpu --image-size 56 --text-tokens 6 -K 3 -T 3 --batch-sizes 1,2 --warmup 0"
+        " --repeats 1 --train-steps 1 --train-batch-size 2 --decoder-preset tiny --clip-arch none"
+    )
+    argv = [*options.split(), "--json", str(out)]
     assert bench_encode.main(argv) == 0
     report = json.loads(out.read_text())
     for key in KEYS:

@@ -250,32 +250,11 @@ def test_local_weights_load_into_the_anchor(tmp_path):
 
 def test_bench_encode_has_a_clip_row(tmp_path):
     out = tmp_path / "bench.json"
-    argv = [
-        "--preset",
-        "tiny",
-        "--device",
-        "cpu",
-        "--image-size",
-        "56",
-        "--text-tokens",
-        "6",
-        "-K",
-        "2",
-        "-T",
-        "2",
-        "--batch-sizes",
-        "2",
-        "--warmup",
-        "0",
-        "--repeats",
-        "1",
-        "--train-steps",
-        "0",
-        "--clip-arch",
-        "ViT-S-32",
-        "--json",
-        str(out),
-    ]
+    options = (
+        "--preset tiny --device cpu --image-size 56 --text-tokens 6 -K 2 -T 2 --batch-sizes 2 --warmup 0"
+        " --repeats 1 --train-steps 0 --clip-arch ViT-S-32"
+    )
+    argv = [*options.split(), "--json", str(out)]
     assert bench_encode.main(argv) == 0
     report = json.loads(out.read_text())
     row = report["encode"]["2"]["clip"]

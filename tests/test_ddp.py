@@ -16,39 +16,31 @@ LIGHTNING = Path(sys.executable).with_name("lightning")
 SIZES = (32, 10, 10, 5)
 
 
+def two_ranks(tmp_path: Path, subcommand: str, *args: str) -> subprocess.CompletedProcess:
+    """``lightning SUBCOMMAND`` with the tiny config on two gloo ranks, run in ``tmp_path``; fails on an error."""
+    run = subprocess.run(
+        [str(LIGHTNING), subcommand, f"--config={CONF}", "--trainer.devices=2", "--trainer.strategy=ddp",
+         f"--trainer.default_root_dir={tmp_path}", *args],
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )  # fmt: skip
+    assert run.returncode == 0, run.stderr[-3000:]
+    return run
+
+
 def test_two_process_fit_and_test(tmp_path, synthetic_shards):
     shards = synthetic_shards(*SIZES)
     common = [
-        f"--config={CONF}",
         *[f"--data.init_args.{s}_shards={shards / s}" for s in ("train", "val", "test")],
-        "--trainer.devices=2",
-        "--trainer.strategy=ddp",
         "--model.init_args.stage=2",
-        f"--trainer.default_root_dir={tmp_path}",
     ]
-    fit = subprocess.run(
-        [str(LIGHTNING), "fit", *common, "--trainer.max_steps=2", "--trainer.limit_val_batches=0"],
-        cwd=tmp_path,
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
-    assert fit.returncode == 0, fit.stderr[-3000:]
+    two_ranks(tmp_path, "fit", *common, "--trainer.max_steps=2", "--trainer.limit_val_batches=0")
     out = tmp_path / "metrics.json"
-    test = subprocess.run(
-        [
-            str(LIGHTNING),
-            "test",
-            *common,
-            "--trainer.callbacks+=callbacks.MetricsFile",
-            f"--trainer.callbacks.path={out}",
-        ],
-        cwd=tmp_path,
-        capture_output=True,
-        text=True,
-        timeout=300,
+    two_ranks(
+        tmp_path, "test", *common, "--trainer.callbacks+=callbacks.MetricsFile", f"--trainer.callbacks.path={out}"
     )
-    assert test.returncode == 0, test.stderr[-3000:]
     metrics = json.loads(out.read_text())
     # Each rank read one of the two test shards; the ranking saw all ten captions.
     assert metrics["test/num_candidates"] == 10
@@ -91,28 +83,17 @@ def test_two_process_fit_on_instruction_pairs_with_uneven_hard_negatives(tmp_pat
     from test_pairs import ROWS
 
     pair_shards(tmp_path, ROWS * 2, 3)
-    fit = subprocess.run(
-        [
-            str(LIGHTNING),
-            "fit",
-            f"--config={CONF}",
-            "--data=datamodules.InstructionPairDataModule",
-            f"--data.init_args.train_shards={tmp_path / 'pairs' / 'train'}",
-            "--data.init_args.batch_size=2",
-            "--data.init_args.num_workers=0",
-            "--trainer.devices=2",
-            "--trainer.strategy=ddp",
-            "--model.init_args.stage=2",
-            "--trainer.max_steps=3",
-            "--trainer.limit_val_batches=0",
-            f"--trainer.default_root_dir={tmp_path}",
-        ],
-        cwd=tmp_path,
-        capture_output=True,
-        text=True,
-        timeout=300,
+    two_ranks(
+        tmp_path,
+        "fit",
+        "--data=datamodules.InstructionPairDataModule",
+        f"--data.init_args.train_shards={tmp_path / 'pairs' / 'train'}",
+        "--data.init_args.batch_size=2",
+        "--data.init_args.num_workers=0",
+        "--model.init_args.stage=2",
+        "--trainer.max_steps=3",
+        "--trainer.limit_val_batches=0",
     )
-    assert fit.returncode == 0, fit.stderr[-3000:]
 
 
 def test_two_process_validation_diagnostics_match_one_process(tmp_path, monkeypatch, synthetic_shards):
@@ -132,7 +113,6 @@ def test_two_process_validation_diagnostics_match_one_process(tmp_path, monkeypa
 
     def args(name: str) -> list[str]:
         return [
-            f"--config={CONF}",
             f"--data.init_args.val_shards={shards / 'val'}",
             "--model.init_args.stage=2",
             "--trainer.logger=lightning.pytorch.loggers.TensorBoardLogger",
@@ -143,16 +123,9 @@ def test_two_process_validation_diagnostics_match_one_process(tmp_path, monkeypa
             f"--trainer.callbacks.path={tmp_path / name}.json",
         ]
 
-    two = subprocess.run(
-        [str(LIGHTNING), "validate", *args("two"), "--trainer.devices=2", "--trainer.strategy=ddp"],
-        cwd=tmp_path,
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
-    assert two.returncode == 0, two.stderr[-3000:]
+    two_ranks(tmp_path, "validate", *args("two"))
     monkeypatch.setattr(sys, "argv", ["lightning"])
-    build_cli(["validate", *args("one")])
+    build_cli(["validate", f"--config={CONF}", *args("one")])
     one, two = (json.loads((tmp_path / f"{name}.json").read_text()) for name in ("one", "two"))
     compared = [
         name
@@ -170,28 +143,17 @@ def test_two_process_validation_diagnostics_match_one_process(tmp_path, monkeypa
 def test_two_process_stage1_with_projection_and_learnable_temperature(tmp_path, synthetic_shards):
     """Stage 1 has no InfoNCE: [EMBED], the projection and the logit scale must not wait for gradients."""
     shards = synthetic_shards(*SIZES)
-    fit = subprocess.run(
-        [
-            str(LIGHTNING),
-            "fit",
-            f"--config={CONF}",
-            f"--data.init_args.train_shards={shards / 'train'}",
-            "--data.init_args.batch_size=2",
-            "--model.init_args.stage=1",
-            "--model.init_args.embed_dim=16",
-            "--model.init_args.learnable_temperature=true",
-            "--trainer.devices=2",
-            "--trainer.strategy=ddp",
-            "--trainer.max_steps=2",
-            "--trainer.limit_val_batches=0",
-            f"--trainer.default_root_dir={tmp_path}",
-        ],
-        cwd=tmp_path,
-        capture_output=True,
-        text=True,
-        timeout=300,
+    fit = two_ranks(
+        tmp_path,
+        "fit",
+        f"--data.init_args.train_shards={shards / 'train'}",
+        "--data.init_args.batch_size=2",
+        "--model.init_args.stage=1",
+        "--model.init_args.embed_dim=16",
+        "--model.init_args.learnable_temperature=true",
+        "--trainer.max_steps=2",
+        "--trainer.limit_val_batches=0",
     )
-    assert fit.returncode == 0, fit.stderr[-3000:]
     assert "`Trainer.fit` stopped: `max_steps=2` reached" in fit.stdout + fit.stderr
     assert "stage 1 trains" in fit.stdout + fit.stderr
 
@@ -203,27 +165,16 @@ def test_two_process_stage1_when_no_row_has_a_decoder_label(tmp_path):
     image_only = [row for row in ROWS if "target_text" not in row]
     assert len(image_only) == 2
     pair_shards(tmp_path, image_only * 4, 2)
-    fit = subprocess.run(
-        [
-            str(LIGHTNING),
-            "fit",
-            f"--config={CONF}",
-            "--data=datamodules.InstructionPairDataModule",
-            f"--data.init_args.train_shards={tmp_path / 'pairs' / 'train'}",
-            "--data.init_args.batch_size=2",
-            "--data.init_args.decoder_label=target_text",
-            "--data.init_args.num_workers=0",
-            "--trainer.devices=2",
-            "--trainer.strategy=ddp",
-            "--model.init_args.stage=1",
-            "--trainer.max_steps=2",
-            "--trainer.limit_val_batches=0",
-            f"--trainer.default_root_dir={tmp_path}",
-        ],
-        cwd=tmp_path,
-        capture_output=True,
-        text=True,
-        timeout=300,
+    fit = two_ranks(
+        tmp_path,
+        "fit",
+        "--data=datamodules.InstructionPairDataModule",
+        f"--data.init_args.train_shards={tmp_path / 'pairs' / 'train'}",
+        "--data.init_args.batch_size=2",
+        "--data.init_args.decoder_label=target_text",
+        "--data.init_args.num_workers=0",
+        "--model.init_args.stage=1",
+        "--trainer.max_steps=2",
+        "--trainer.limit_val_batches=0",
     )
-    assert fit.returncode == 0, fit.stderr[-3000:]
     assert "`Trainer.fit` stopped: `max_steps=2` reached" in fit.stdout + fit.stderr

@@ -207,7 +207,7 @@ def test_module_validates_and_passes_the_mode(tiny_spec, tiny_decoder):
     kept = LaMEModule(tiny_spec, tiny_decoder, num_reason_tokens=2, encode_mode="explicit_cot", cot_tokens=3)
     assert kept.decoder is not None and kept.encoder.encode_mode == "explicit_cot"
     module = LaMEModule(tiny_spec, None, num_reason_tokens=0, encode_mode="explicit_cot", cot_tokens=3, stage=2)
-    assert module.encoder.encode_mode == "explicit_cot" and module.encoder.cot_tokens == 3
+    assert module.encoder.encode_mode == "explicit_cot" and module.encoder.settings.cot_tokens == 3
     assert module.encoder.cot_stop_token_ids  # the tokenizer's end-of-text ids
     assert LaMEModule(tiny_spec, None, num_reason_tokens=0, stage=2).encoder.encode_mode == "discriminative"
 
@@ -286,6 +286,6 @@ def test_a_checkpoint_is_tested_in_the_encode_mode_given_for_the_run(shards, tmp
     sequential = build_cli([*common, "--model.init_args.encode_mode=latent_sequential"])
     assert sequential.model.encoder.encode_mode == "latent_sequential"
     cot = build_cli([*common, "--model.init_args.encode_mode=explicit_cot", "--model.init_args.cot_tokens=2"])
-    assert cot.model.encoder.encode_mode == "explicit_cot" and cot.model.encoder.cot_tokens == 2
+    assert cot.model.encoder.encode_mode == "explicit_cot" and cot.model.encoder.settings.cot_tokens == 2
     metrics = cot.trainer.callback_metrics
     assert "test/recall@1" in metrics and "test/loss/decoder" not in metrics

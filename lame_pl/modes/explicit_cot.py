@@ -22,7 +22,7 @@ if TYPE_CHECKING:
 
 @torch.no_grad()
 def encode_explicit_cot(encoder: LaMEEncoder, inputs: dict[str, Any]) -> EncoderOutput:
-    """Generates ``encoder.cot_tokens`` tokens greedily, then reads [EMBED]'s state.
+    """Generates ``encoder.settings.cot_tokens`` tokens greedily, then reads [EMBED]'s state.
 
     A row stops early at one of ``encoder.cot_stop_token_ids`` (the stop token is kept, the
     rest of the row is masked padding); with no stop ids every row gets exactly T tokens.
@@ -41,13 +41,14 @@ def encode_explicit_cot(encoder: LaMEEncoder, inputs: dict[str, Any]) -> Encoder
     stopped = torch.zeros(batch, dtype=torch.bool, device=state.device)
     generated = []
     embed = encoder.embed_embedding.to(state.dtype).expand(batch, -1).unsqueeze(1)
-    for t in range(encoder.cot_tokens):
+    steps = encoder.settings.cot_tokens
+    for t in range(steps):
         token = tied_logits(state, table.weight).argmax(dim=-1)
         real = ~stopped
         token = torch.where(real, token, torch.full_like(token, pad_id))
         generated.append(token)
         stopped = stopped | torch.isin(token, stop_ids)
-        if t == encoder.cot_tokens - 1 or bool(stopped.all()):
+        if t == steps - 1 or bool(stopped.all()):
             break
         state = cached_step(encoder, seq, table(token).unsqueeze(1), real.long().unsqueeze(1))[:, -1]
     last = table(generated[-1]).unsqueeze(1)

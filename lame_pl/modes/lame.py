@@ -16,7 +16,7 @@ if TYPE_CHECKING:
 def encode_lame(encoder: LaMEEncoder, inputs: dict[str, Any]) -> EncoderOutput:
     """``[input][REASON]×K[EMBED]`` in one pass (with the bottleneck mask if the encoder has it)."""
     latent = torch.cat([encoder.reason_embeddings, encoder.embed_embedding])
-    hidden, _, _ = full_pass(encoder, inputs, appended=latent, bottleneck=encoder.bottleneck_mask)
+    hidden, _, _ = full_pass(encoder, inputs, appended=latent, bottleneck=encoder.settings.bottleneck_mask)
     embed_state = hidden[:, -1]
     reason_states = hidden[:, encoder.settings.layout().spans(hidden.shape[1])["reason"]]
     return pooled(encoder, embed_state, reason_states)
