@@ -13,7 +13,8 @@ index of an image corpus (``datamodules.CorpusDataModule``), the instruction tha
 embedded with, so that an image finds itself. Prints the top-k keys, texts and scores, or JSON
 with ``--json``.
 
-``tools/search.py`` is the command line (``main``); the index and its recall: ``lame_pl.index``.
+``tools/search.py`` is the command line (``main``); the index and its recall: ``lame_pl.index``;
+the embeddings folder: ``lame_pl.embeddings_folder``.
 """
 
 from __future__ import annotations
@@ -27,7 +28,8 @@ from typing import Any
 
 import torch
 
-from lame_pl.index import EmbeddingsError, SearchIndex, index_recall, load_embeddings, load_index
+from lame_pl.embeddings_folder import EmbeddingsError, load_embeddings
+from lame_pl.index import SearchIndex, index_recall, load_index
 
 RECALL_AT = (1, 5, 10)
 

@@ -13,7 +13,7 @@ import torch.nn.functional as F
 from lame_pl.ablation.cli import main as ablate_modes
 from lame_pl.ablation.scoring import kind_metrics
 from lame_pl.ablation.spec import DEFAULT_ROWS, Row, parse_rows
-from lame_pl.index import load_embeddings
+from lame_pl.embeddings_folder import load_embeddings
 
 ROOT = Path(__file__).resolve().parents[1]
 

@@ -225,7 +225,7 @@ def test_bad_input_fails_with_a_message_naming_it(flag, message, shards, tmp_pat
 
 
 def test_predict_writes_keyed_embeddings(shards, tmp_path):
-    from lame_pl.index import load_embeddings
+    from lame_pl.embeddings_folder import load_embeddings
 
     out = tmp_path / "embeddings"
     build_cli(

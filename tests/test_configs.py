@@ -152,11 +152,11 @@ def test_backbone_loads_from_a_local_directory_with_its_weights(local_checkpoint
 def converted(module_tmp) -> Path:
     """MMEB-train-layout files (image, text-to-image and classification subsets) and LLaVA-Hound
     video rows, converted by `tools/make_shards.py mmeb-train` as the README says."""
-    from test_mmeb_train import _mmeb_root, _video
+    from mmeb_train_fixtures import mmeb_root, video
 
     tmp = module_tmp("mmeb")
-    mmeb = _mmeb_root(tmp)
-    sft, frames, _ = _video(tmp)
+    mmeb = mmeb_root(tmp)
+    sft, frames, _ = video(tmp)
     out = tmp / "shards"
     result = subprocess.run(
         [

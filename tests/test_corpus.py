@@ -15,7 +15,8 @@ from PIL import Image
 from safetensors.torch import load_file
 
 from lame_pl.cli import build_cli
-from lame_pl.index import SUMMARY_FILE, load_embeddings, load_index, shard_metadata
+from lame_pl.embeddings_folder import SUMMARY_FILE, load_embeddings, shard_metadata
+from lame_pl.index import load_index
 from lame_pl.module import LaMEModule
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -1,4 +1,4 @@
-"""tools/make_shards.py folder and manifest subcommands, shard sizing, bad input; tools/bench_data.py."""
+"""tools/make_shards.py folder and manifest subcommands, shard sizing, bad input, mmeb-train dispatch."""
 
 from __future__ import annotations
 
@@ -15,7 +15,6 @@ import webdataset as wds
 from conftest import load_tool
 from PIL import Image
 
-from lame_pl.benchmarks import data as bench_data
 from lame_pl.data.shard_args import parse_bytes
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -442,62 +441,6 @@ def test_non_empty_out_needs_overwrite(tmp_path: Path, capsys: pytest.CaptureFix
     _run(argv + ["--overwrite"])
     assert [s["num_samples"] for s in _manifest(tmp_path / "out" / "train")["shards"]] == [3]
     assert keep.exists()  # only the tool's own files are replaced
-
-
-# --- bench_data --------------------------------------------------------------------------------
-
-
-def test_bench_data_runs_end_to_end(tmp_path: Path) -> None:
-    _run(
-        [
-            "synthetic",
-            "--out",
-            str(tmp_path / "data"),
-            "--train",
-            "48",
-            "--val",
-            "1",
-            "--test",
-            "1",
-            "--image-size",
-            "56",
-            "--samples-per-shard",
-            "16",
-        ]
-    )
-    report = tmp_path / "bench.json"
-    assert (
-        bench_data.main(
-            [
-                "--shards",
-                str(tmp_path / "data" / "train"),
-                "--preset",
-                "tiny",
-                "--image-size",
-                "56",
-                "--batch-size",
-                "4",
-                "--batches",
-                "2",
-                "--warmup",
-                "1",
-                "--workers",
-                "0",
-                "--steps",
-                "1",
-                "--json",
-                str(report),
-            ]
-        )
-        == 0
-    )
-    figures = json.loads(report.read_text())
-    assert {"args", "machine", "step_time_s", "step_times_s", "results"} <= set(figures)
-    assert figures["step_time_s"] > 0 and len(figures["step_times_s"]) == 1
-    (row,) = figures["results"]
-    assert row["workers"] == 0
-    assert {"samples_per_s", "samples_per_s_per_worker", "data_time_per_batch_s", "data_to_step_ratio"} <= set(row)
-    assert row["samples_per_s"] > 0 and row["data_to_step_ratio"] > 0
 
 
 def test_mmeb_train_subcommand_dispatches_to_the_package(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:

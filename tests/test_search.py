@@ -13,14 +13,13 @@ import torch
 from conftest import load_tool
 
 from lame_pl.cli import build_cli
+from lame_pl.embeddings_folder import EmbeddingsError, load_embeddings
 from lame_pl.index import (
-    EmbeddingsError,
     SearchIndex,
     build_index,
     gold_ranks_from_hits,
     index_embeddings,
     index_recall,
-    load_embeddings,
     load_index,
     normalised,
 )
@@ -190,7 +189,7 @@ def test_index_ranks_ties_against_the_query_as_the_module_does():
 @pytest.mark.parametrize("kind", ["hnsw", "ivf"])
 def test_approximate_kinds_find_exact_neighbours_on_a_small_set(kind):
     vectors = torch.nn.functional.normalize(torch.randn(64, 16), dim=-1)
-    from lame_pl.index import Embeddings
+    from lame_pl.embeddings_folder import Embeddings
 
     index = index_embeddings(Embeddings([str(i) for i in range(64)], [None] * 64, vectors, vectors), kind=kind, nlist=4)
     if kind == "ivf":

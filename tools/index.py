@@ -7,7 +7,7 @@ Indexes one side of the embeddings folder with the key and text of each row besi
 (the captions) of a split of pairs, and to the one side written for a corpus of images (embedded
 as queries) or of texts (as targets).
 Inner product over L2-normalised rows; ``flat`` is exact, ``hnsw`` and ``ivf`` approximate.
-Formats: ``lame_pl/index.py``.
+Formats: ``lame_pl/embeddings_folder.py`` (what it reads), ``lame_pl/index.py`` (what it writes).
 """
 
 from __future__ import annotations
@@ -15,7 +15,8 @@ from __future__ import annotations
 import argparse
 import sys
 
-from lame_pl.index import KINDS, SIDES, EmbeddingsError, index_embeddings, load_embeddings
+from lame_pl.embeddings_folder import SIDES, EmbeddingsError, load_embeddings
+from lame_pl.index import KINDS, index_embeddings
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:

@@ -51,7 +51,7 @@ from lame_pl.ablation.report import write_results
 from lame_pl.ablation.runs import predict_row, time_encodes, train_row
 from lame_pl.ablation.scoring import kind_metrics
 from lame_pl.ablation.spec import DEFAULT_ROWS, ROOT, TASKS, Row, parse_rows
-from lame_pl.index import SUMMARY_FILE, load_embeddings
+from lame_pl.embeddings_folder import SUMMARY_FILE, load_embeddings
 
 
 def main(argv: list[str] | None = None) -> int:

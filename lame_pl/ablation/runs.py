@@ -71,7 +71,7 @@ def train_row(row: Row, data: Path, out: Path, steps: int, stage1_steps: int, se
 
 
 def predict_row(row: Row, checkpoint: Path, data: Path, out: Path, sets: list[str]) -> Path:
-    """``lightning predict`` over the test split; returns the embeddings folder (``lame_pl.index``)."""
+    """``lightning predict`` over the test split; returns the embeddings folder (``lame_pl.embeddings_folder``)."""
     path = out / row.name / "test_embeddings"
     run_cli(
         [

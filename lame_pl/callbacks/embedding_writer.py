@@ -13,7 +13,15 @@ from lightning import LightningModule, Trainer
 from lightning.pytorch.callbacks import BasePredictionWriter
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 
-from lame_pl.index import EMBEDDINGS_FORMAT, SIDES, SUMMARY_FILE, ShardInfo, scan_shards, shard_stem, write_shard
+from lame_pl.embeddings_folder import (
+    EMBEDDINGS_FORMAT,
+    SIDES,
+    SUMMARY_FILE,
+    ShardInfo,
+    scan_shards,
+    shard_stem,
+    write_shard,
+)
 
 # Lightning looks for the batch indices of a prediction writer's loader and warns that an iterable
 # dataset (the WebDataset loaders) has none; this writer orders rows by rank and row, not by them.
@@ -23,7 +31,7 @@ _EXAMPLES = 10  # skipped keys named in the summary
 
 
 class EmbeddingWriter(BasePredictionWriter):
-    """Writes the predict split's embeddings into a folder of shards (format: ``lame_pl.index``).
+    """Writes the predict split's embeddings into a folder of shards (format: ``lame_pl.embeddings_folder``).
 
     Each rank writes ``rank{R:03d}-{first_row:09d}.safetensors`` (float32 ``query`` and/or
     ``target``) and a ``.jsonl`` of ``{"key", "text"}`` beside it, one shard per
@@ -31,7 +39,7 @@ class EmbeddingWriter(BasePredictionWriter):
     to keep the predictions too). Items the data left out as unreadable are recorded in the
     shard metadata and counted; at the end ``embeddings.json`` sums the run up and one line says
     how many rows were written, kept and skipped. Read the folder with
-    ``lame_pl.index.load_embeddings``.
+    ``lame_pl.embeddings_folder.load_embeddings``.
 
     Without ``resume``, the shards of an earlier run in the folder are removed first (other files
     are left alone). With ``resume``, whole shards are kept and their items (written or skipped)
