@@ -31,9 +31,11 @@ class LaMEEncoder(nn.Module):
 
     Args:
         backbone: A Qwen-VL base model (``Qwen2VLModel`` and relatives) with ``language_model``.
-        num_reason_tokens: K; 0 gives the discriminative baseline (one pass, [EMBED] only).
+        num_reason_tokens: K (8 when not given); 0 gives the discriminative baseline (one pass,
+            [EMBED] only).
         bottleneck_mask: If True, [EMBED] attends only to the reason tokens and itself, so all
-            information about the input must pass through the K reason states (``lame`` only).
+            information about the input must pass through the K reason states (``lame`` only;
+            False when not given).
         embed_dim: Output width of a linear projection after [EMBED]; ``None`` keeps the hidden size.
         placeholder_token_id: Id written into ``input_ids`` at the appended positions.
         encode_mode: ``discriminative``, ``lame``, ``latent_sequential`` or ``explicit_cot``
@@ -49,8 +51,8 @@ class LaMEEncoder(nn.Module):
     def __init__(
         self,
         backbone: nn.Module,
-        num_reason_tokens: int = 8,
-        bottleneck_mask: bool = False,
+        num_reason_tokens: int | None = None,
+        bottleneck_mask: bool | None = None,
         embed_dim: int | None = None,
         placeholder_token_id: int = 0,
         encode_mode: EncodeMode | None = None,
@@ -59,9 +61,11 @@ class LaMEEncoder(nn.Module):
         settings: EncodeSettings | None = None,
     ) -> None:
         super().__init__()
+        one_by_one = (encode_mode, num_reason_tokens, bottleneck_mask, cot_tokens)
         if settings is None:
-            settings = EncodeSettings.resolve(encode_mode, num_reason_tokens, bottleneck_mask, cot_tokens)
-        elif (encode_mode, num_reason_tokens, bottleneck_mask, cot_tokens) != (None, 8, False, None):
+            k = 8 if num_reason_tokens is None else num_reason_tokens
+            settings = EncodeSettings.resolve(encode_mode, k, bool(bottleneck_mask), cot_tokens)
+        elif any(value is not None for value in one_by_one):
             # Two sources of one setting would leave one of them silently unused.
             raise TypeError("LaMEEncoder takes settings or the mode settings one by one, not both")
         self.settings = settings

@@ -289,3 +289,11 @@ def test_a_checkpoint_is_tested_in_the_encode_mode_given_for_the_run(shards, tmp
     assert cot.model.encoder.encode_mode == "explicit_cot" and cot.model.encoder.settings.cot_tokens == 2
     metrics = cot.trainer.callback_metrics
     assert "test/recall@1" in metrics and "test/loss/decoder" not in metrics
+
+
+def test_an_encoder_takes_its_mode_settings_from_one_source(backbone):
+    settings = EncodeSettings.resolve("latent_sequential", 2)
+    assert LaMEEncoder(backbone, settings=settings).settings is settings
+    assert LaMEEncoder(backbone).settings == EncodeSettings("lame", 8)  # the documented defaults
+    with pytest.raises(TypeError, match="not both"):
+        LaMEEncoder(backbone, num_reason_tokens=8, settings=settings)
