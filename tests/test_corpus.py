@@ -142,6 +142,21 @@ def test_the_loader_reports_unreadable_images_by_key_and_a_batch_of_them_alone_i
     assert load_embeddings(out).keys == sorted(IMAGES)
 
 
+def test_fewer_items_left_than_ranks_is_an_error_naming_both(corpus, tiny_spec):
+    from types import SimpleNamespace
+
+    from lame_pl.datamodules import CorpusDataModule
+
+    data = CorpusDataModule(tiny_spec, images=str(corpus["images"]), batch_size=2)
+    data.trainer = SimpleNamespace(world_size=2)
+    assert len(data.predict_dataloader()) == 3  # six items: every rank gets some
+    data.skip_predicted(set(data.items.keys[1:]))  # a resume with one item left
+    with pytest.raises(ValueError, match=r"1 item\(s\) of .* left to embed, fewer than the 2 ranks"):
+        data.predict_dataloader()
+    data.skip_predicted(set(data.items.keys))  # nothing left: an empty loader, as on one process
+    assert len(data.predict_dataloader()) == 0
+
+
 def test_an_image_corpus_indexes_its_side_and_an_image_finds_itself(image_embeddings, ckpt, corpus, capsys):
     out = image_embeddings.parent / "index"
     index_tool.main(["--embeddings", str(image_embeddings), "--out", str(out)])

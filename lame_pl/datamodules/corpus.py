@@ -236,7 +236,18 @@ class CorpusDataModule(L.LightningDataModule):
         return len(self.items) - len(self.pending)
 
     def predict_dataloader(self) -> DataLoader:
-        """The pending items in corpus order, ``batch_size`` a batch (the last one may be smaller)."""
+        """The pending items in corpus order, ``batch_size`` a batch (the last one may be smaller).
+
+        Raises:
+            ValueError: When fewer items are left to embed than there are ranks (Lightning's
+                predict sampler gives every rank at least one, and would stop on a bare assert).
+        """
+        ranks = getattr(self.trainer, "world_size", 1) if self.trainer is not None else 1
+        if 0 < len(self.pending) < ranks:
+            raise ValueError(
+                f"data: {len(self.pending)} item(s) of {self.source} left to embed, fewer than the {ranks} ranks "
+                f"(each rank needs one): run on {len(self.pending)} device(s) or one process"
+            )
         return DataLoader(
             torch.utils.data.Subset(self.items, self.pending),
             batch_size=self.batch_size,
