@@ -57,6 +57,7 @@ def part_of(name: str) -> str:
 
 def _local(t: torch.Tensor) -> torch.Tensor:
     """This rank's part of a sharded tensor (FSDP2's DTensor, ZeRO-3's partition), or the tensor itself."""
+    # Take it before detach(): a detached ZeRO-3 parameter no longer carries its partition (ds_tensor).
     if hasattr(t, "to_local"):
         return t.to_local()
     partition = getattr(t, "ds_tensor", None)  # ZeRO-3 leaves an empty placeholder in the parameter
@@ -176,7 +177,7 @@ class NonFiniteGuard:
         for (name, p), norm in zip(named, norms, strict=True):
             part = part_of(name)
             grad_norm[part] = math.hypot(grad_norm.get(part, 0.0), float(norm))
-            peak, seen = float(_local(p.detach()).abs().max()), weight.get(part, 0.0)
+            peak, seen = float(_local(p).detach().abs().max()), weight.get(part, 0.0)
             weight[part] = seen if not math.isfinite(seen) or seen >= peak else peak  # NaN sticks
 
         def largest(values: dict[str, float]) -> str:  # non-finite first, then the largest
@@ -204,7 +205,7 @@ def check_finite_weights(module: nn.Module, step: int) -> None:
     if not named:
         return
     # The largest magnitude of each tensor: NaN propagates through max, inf is inf.
-    norms = torch._foreach_norm([_local(t.detach()) for _, t in named], ord=math.inf)
+    norms = torch._foreach_norm([_local(t).detach() for _, t in named], ord=math.inf)
     peaks = torch.stack([n.float().to(norms[0].device) for n in norms])
     finite = torch.isfinite(peaks)
     if bool(_any_rank((~finite.all()).float().reshape(1)).item()):

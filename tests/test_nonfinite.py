@@ -13,7 +13,7 @@ from lightning import Callback, Trainer
 
 from lame_pl import LaMEModule
 from lame_pl.datamodules.collate import PairCollator
-from lame_pl.nonfinite import NonFiniteError, NonFiniteGuard, part_of
+from lame_pl.nonfinite import NonFiniteError, NonFiniteGuard, check_finite_weights, part_of
 
 
 @pytest.fixture(scope="module")
@@ -385,3 +385,17 @@ def test_init_from_keeps_the_configured_temperature_over_another_configured_one(
     lines.clear()
     LaMEModule(tiny_spec, tiny_decoder, num_reason_tokens=2, stage=2, temperature=0.05, init_from=str(path))
     assert not [line for line in lines if "temperature" in line]  # nothing overridden, nothing said
+
+
+def test_a_zero3_partitioned_weight_is_checked_through_its_partition():
+    """ZeRO-3 leaves an empty placeholder in each parameter and the rank's part in ``ds_tensor``;
+    ``detach()`` drops that attribute, so the partition must be taken first (a checkpoint save
+    under ZeRO-3 failed on the empty placeholder, found by tests/test_deepspeed.py)."""
+    layer = torch.nn.Linear(2, 2)
+    for p in layer.parameters():
+        p.ds_tensor = p.data.clone().flatten()  # this rank's partition
+        p.data = torch.empty(0)  # the placeholder
+    check_finite_weights(layer, step=3)  # finite partitions: nothing to say
+    layer.weight.ds_tensor[1] = float("nan")
+    with pytest.raises(NonFiniteError, match="at step 3: weight is not finite"):
+        check_finite_weights(layer, step=3)
