@@ -19,6 +19,7 @@ from torch import nn
 from lame_pl.clip_spec import CLIPSpec, build_clip
 from lame_pl.distributed import world_size
 from lame_pl.evaluated_step import EvaluatedStep
+from lame_pl.losses import MAX_LOGIT_SCALE
 from lame_pl.retrieval_metric import SplitRetrieval
 
 # Written into every checkpoint, so that the evaluators pick the CLIP encoder for it.
@@ -107,7 +108,7 @@ class CLIPAnchor(EvaluatedStep, LightningModule):
     @property
     def logit_scale(self) -> torch.Tensor:
         """``1 / temperature``, capped at 100 as in CLIP."""
-        return self.clip.logit_scale.exp().clamp(max=100.0)
+        return self.clip.logit_scale.exp().clamp(max=MAX_LOGIT_SCALE)
 
     @property
     def embedding_dim(self) -> int:

@@ -310,8 +310,11 @@ class LaMEEmbedder:
         """
         from lame_pl.latent_text import decode_reason_states
 
-        if self.num_reason_tokens == 0:
-            raise ValueError("explain: this model has no reason tokens (K = 0)")
+        if not self.encoder.settings.has_reason_states:
+            raise ValueError(
+                f"explain: encode_mode {self.encode_mode!r} with K = {self.num_reason_tokens} yields no reason states "
+                "(a model with K > 0, encoded in lame or latent_sequential, has them)"
+            )
         decoder = self.load_decoder()
         rows = self.sides(texts, images, instructions)
         out: list[str] = []

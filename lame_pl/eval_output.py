@@ -13,6 +13,7 @@ if TYPE_CHECKING:
     from lame_pl.decoder import LatentDecoder
     from lame_pl.losses import LaMELoss
     from lame_pl.model import LaMEEncoder
+    from lame_pl.stages import StageSpec
 
 
 @dataclass(frozen=True)
@@ -50,6 +51,7 @@ class DiagnosedModule(Protocol):
         criterion: The loss object (the decoder's cross-entropy).
         backbone_spec: Where the backbone and its processor come from.
         stage: The stage in force, 1 or 2.
+        stage_spec: That stage's spec (its loss weights).
         logit_scale: ``1 / temperature``.
     """
 
@@ -58,6 +60,9 @@ class DiagnosedModule(Protocol):
     criterion: LaMELoss
     backbone_spec: Any
     stage: int
+
+    @property
+    def stage_spec(self) -> StageSpec: ...
 
     @property
     def logit_scale(self) -> torch.Tensor: ...

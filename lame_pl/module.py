@@ -34,7 +34,7 @@ from lame_pl.modes import EncodeMode, EncodeSettings
 from lame_pl.nonfinite import NONFINITE_KEY, ZERO_GRADIENT_KEY, NonFiniteGuard, check_finite_weights
 from lame_pl.optimization import check_resumable, configure_adamw
 from lame_pl.optimizer_steps import OptimizerSteps
-from lame_pl.restoring import RestoredFromFile, restoring
+from lame_pl.restoring import RestoredFromFile, is_restoring
 from lame_pl.retrieval_metric import SplitRetrieval
 from lame_pl.row_chunks import first_row
 from lame_pl.sharding import check_evaluation, check_strategy, lockstep, shard, uniform_submodules
@@ -115,12 +115,12 @@ class LaMEModule(OptimizerSteps, RestoredFromFile, EvaluatedStep, LightningModul
         super().__init__()
         if stage not in (1, 2):
             raise ValueError(f"model.stage must be 1 or 2, got {stage!r}")
-        # The mode's settings, checked once here (named as config keys) and handed to the encoder.
-        self.encode_settings = EncodeSettings.resolve(
-            encode_mode, num_reason_tokens, bottleneck_mask, cot_tokens, owner="model."
-        )
+        # The mode's settings, checked once here (named as config keys); encoder.settings from then on.
+        settings = EncodeSettings.resolve(encode_mode, num_reason_tokens, bottleneck_mask, cot_tokens, owner="model.")
         if decoder is not None and num_reason_tokens == 0:
-            raise ValueError("model.decoder is set but num_reason_tokens is 0: the decoder reads the reason states")
+            raise ValueError(
+                "model.decoder is set but model.num_reason_tokens is 0: the decoder reads the reason states"
+            )
         if gradcache_chunk_size is not None and gradcache_chunk_size < 1:
             raise ValueError(f"model.gradcache_chunk_size must be >= 1 (or null), got {gradcache_chunk_size}")
         if not temperature > 0:
@@ -146,7 +146,7 @@ class LaMEModule(OptimizerSteps, RestoredFromFile, EvaluatedStep, LightningModul
         self.stages: dict[int, StageSpec] = {1: stage1 or Stage1Spec(), 2: stage2 or Stage2Spec()}
         self.stage = stage
         self._summarised_stage: int | None = None
-        self.configure_models()
+        self.configure_models(settings)
         self.configure_losses()
         self.configure_metrics()
         self._nonfinite = NonFiniteGuard(max_nonfinite_steps)
@@ -156,12 +156,12 @@ class LaMEModule(OptimizerSteps, RestoredFromFile, EvaluatedStep, LightningModul
 
     # ----------------------------------------------------------------------------- building
 
-    def configure_models(self) -> None:
+    def configure_models(self, settings: EncodeSettings) -> None:
         """Builds the encoder (backbone + latent tokens), the decoder and the logit scale."""
         hp = self.hparams
-        pretrained = not restoring()
+        pretrained = not is_restoring()
         backbone = build_backbone(self.backbone_spec, pretrained=pretrained)
-        self.encoder = build_encoder(backbone, embed_dim=hp.embed_dim, settings=self.encode_settings)
+        self.encoder = build_encoder(backbone, embed_dim=hp.embed_dim, settings=settings)
         self.decoder = None
         if self.decoder_spec is not None:
             language_model = build_decoder(self.decoder_spec, self.backbone_spec.attn_implementation, pretrained)

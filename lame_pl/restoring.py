@@ -6,9 +6,11 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from contextvars import ContextVar
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 from lame_pl.checkpoint import read_checkpoint
+
+_Module = TypeVar("_Module", bound="RestoredFromFile")  # the class it is called on: LaMEModule
 
 # True while load_from_checkpoint builds a module whose state dict then supplies every weight:
 # the backbone and decoder are built from their configs, without reading (or needing) the
@@ -17,13 +19,14 @@ from lame_pl.checkpoint import read_checkpoint
 _RESTORING: ContextVar[bool] = ContextVar("lame_restoring", default=False)
 
 
-def restoring() -> bool:
+def is_restoring() -> bool:
     """Whether the module being built will take every weight from a checkpoint (skip pretrained weights)."""
     return _RESTORING.get()
 
 
 @contextmanager
-def _restoring() -> Iterator[None]:
+def restoring_from_file() -> Iterator[None]:
+    """Within the block, modules being built are restored from a checkpoint (``is_restoring``)."""
     token = _RESTORING.set(True)
     try:
         yield
@@ -36,14 +39,14 @@ class RestoredFromFile:
 
     @classmethod
     def load_from_checkpoint(
-        cls,
+        cls: type[_Module],
         checkpoint_path: str | Path,
         map_location: Any = None,
         hparams_file: Any = None,
         strict: bool | None = None,
         weights_only: bool | None = True,
         **kwargs: Any,
-    ) -> Any:
+    ) -> _Module:
         """Lightning's ``load_from_checkpoint``, reading no file beside the checkpoint.
 
         ``init_from`` (weights already in the checkpoint) is not re-read, and the decoder takes
@@ -60,7 +63,7 @@ class RestoredFromFile:
         # A missing folder is replaced only where the caller gives no spec of their own.
         folders = [name for name in ("backbone", "decoder") if name not in kwargs]
         overrides = read_checkpoint(checkpoint_path).restore_overrides(folders)
-        with _restoring():
+        with restoring_from_file():
             # weights_only by default: a user-given file must not run code.
             return super().load_from_checkpoint(
                 checkpoint_path,

@@ -40,9 +40,10 @@ def test_rows_parse_and_bad_rows_are_named():
     for text, message in [
         ("lame", "not MODE:K"),
         ("lame:x", "not MODE:K"),
-        ("plume:8", "unknown mode 'plume'"),
-        ("discriminative:4", "K=0"),
-        ("lame:0", "K>0"),
+        ("plume:8", "encode_mode 'plume' is unknown"),
+        ("discriminative:4", "set num_reason_tokens to 0"),
+        ("lame:0", "needs num_reason_tokens > 0"),
+        ("explicit_cot:2", "cannot be trained"),
         ("lame:8,lame:8", "twice"),
     ]:
         with pytest.raises(ValueError, match=message):
@@ -107,7 +108,7 @@ def test_kind_metrics_names_a_key_missing_from_the_shards():
 
 def test_bad_arguments_exit_with_a_message(capsys):
     for argv, message in [
-        (["--rows", "plume:8"], "unknown mode"),
+        (["--rows", "plume:8"], "'plume' is unknown"),
         (["--steps", "0"], "--steps"),
         (["--steps", "10", "--stage1-steps", "10"], "--stage1-steps"),
         (["--set", "--trainer.max_steps=3"], "KEY=VALUE"),

@@ -10,7 +10,8 @@ from pathlib import Path
 import pytest
 
 from lame_pl.benchmarks import encode as bench_encode
-from lame_pl.benchmarks.encode_timing import ENCODE_MODES, HF_GENERATE
+from lame_pl.benchmarks.encode_timing import HF_GENERATE
+from lame_pl.modes import MODES
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -40,7 +41,7 @@ def test_bench_encode_writes_every_figure(tmp_path, capsys):
     assert n == 4 + 2 + 6  # 56x56 image = 4 merged patches, vision start/end, 6 text tokens
     assert report["flop_floor_lame_over_discriminative"] == pytest.approx((n + 3 + 1) / (n + 1))
     for size in ("1", "2"):
-        for mode in (*ENCODE_MODES, HF_GENERATE):
+        for mode in (*MODES, HF_GENERATE):
             row = report["encode"][size][mode]
             assert row["batch_size"] == int(size) and row["ms_per_sample"] > 0 and row["peak_memory_mib"] is None
     for size in ("1", "2"):

@@ -210,7 +210,7 @@ def test_test_runs_a_checkpoint_from_another_directory(shards, tmp_path, monkeyp
     ("flag", "message"),
     [
         ("--model.init_args.backbone.path=/no/such/backbone", "backbone.path '/no/such/backbone' is not a directory"),
-        ("--model.init_args.num_reason_tokens=-1", "num_reason_tokens must be >= 0, got -1"),
+        ("--model.init_args.num_reason_tokens=-1", "num_reason_tokens must be an integer >= 0, got -1"),
         ("--model.init_args.stage=3", "model.stage must be 1 or 2, got 3"),
         ("--data.init_args.train_shards=/no/such/shard-{000..009}.tar", "matches no shard file"),
     ],

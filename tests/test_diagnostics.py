@@ -206,6 +206,27 @@ def test_attention_shares_follow_each_modes_layout(backbone, make_batch, mode, s
         assert torch.equal(shares["reason"], torch.zeros(3, dtype=total.dtype))
 
 
+def test_the_layout_holds_for_latent_sequential_recomputed_and_explicit_cot_stopping_at_once(backbone, make_batch):
+    """The recomputed latent chain's last pass, and an explicit_cot whose every row stops at its first token."""
+    from lame_pl.modes.latent_sequential import encode_latent_sequential
+
+    inputs = make_batch(3)["query"]
+    length = inputs["input_ids"].shape[1]
+    sequential = LaMEEncoder(backbone, encode_mode="latent_sequential", num_reason_tokens=3).eval()
+    with torch.no_grad(), last_layer_attention(backbone) as records:
+        encode_latent_sequential(sequential, inputs, use_cache=False)
+    assert records[-1].shape[-1] == length + sequential.settings.layout().middle + 1
+    every_id = range(backbone.get_input_embeddings().num_embeddings)
+    cot = LaMEEncoder(backbone, encode_mode="explicit_cot", num_reason_tokens=0, cot_tokens=5,
+                      cot_stop_token_ids=every_id).eval()  # fmt: skip
+    with torch.no_grad(), last_layer_attention(backbone) as records:
+        output = cot(**inputs)
+    layout = cot.settings.layout(output)
+    assert layout.middle == 1 and records[-1].shape[-1] == length + 2
+    shares = embed_attention_shares(records[-1], layout)
+    assert torch.allclose(sum(shares.values()), torch.ones(3, dtype=torch.float64), atol=1e-6)
+
+
 def test_explicit_cots_layout_needs_its_output():
     from lame_pl.modes import EncodeSettings
 
@@ -213,6 +234,8 @@ def test_explicit_cots_layout_needs_its_output():
         EncodeSettings.resolve("explicit_cot", 0, cot_tokens=2).layout()
     with pytest.raises(ValueError, match="cannot hold 4 reason positions"):
         TokenLayout(4).spans(4)
+    with pytest.raises(ValueError, match="'discriminative' has no reason tokens"):
+        EncodeSettings("discriminative", 3)  # built directly, still checked
 
 
 def test_the_module_offers_what_the_callbacks_read(tiny_spec):

@@ -225,6 +225,9 @@ def test_explain_decodes_the_reason_states_with_the_checkpoints_decoder(trained,
     # The same weights as the module's decoder (a one-step model writes much the same text for every input).
     module_state = {k: v for k, v in module.decoder.state_dict().items()}
     assert all(torch.equal(v, module_state[k]) for k, v in decoder.state_dict().items())
+    embedder.set_encode_mode("explicit_cot", cot_tokens=2)  # K = 2, but no reason states in this mode
+    with pytest.raises(ValueError, match="encode_mode 'explicit_cot' with K = 2 yields no reason states"):
+        embedder.explain(**rows)
 
 
 def test_rows_are_laid_out_as_the_training_collator_lays_them_out(trained, processor):

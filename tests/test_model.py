@@ -119,7 +119,23 @@ def test_zero_reason_tokens_is_the_discriminative_baseline(backbone, make_batch)
 
 
 def test_bad_values(backbone):
-    with pytest.raises(ValueError, match="num_reason_tokens must be >= 0, got -1"):
+    with pytest.raises(ValueError, match="num_reason_tokens must be an integer >= 0, got -1"):
         LaMEEncoder(backbone, num_reason_tokens=-1)
     with pytest.raises(ValueError, match="bottleneck_mask"):
         LaMEEncoder(backbone, num_reason_tokens=0, bottleneck_mask=True)
+
+
+def test_the_module_overrides_the_lightning_hooks_it_did_before_it_was_split():
+    """LaMEModule's hooks live in mixins (optimizer_steps, restoring, evaluated_step): Lightning must still see them."""
+    from lightning import LightningModule
+    from lightning.pytorch.utilities.model_helpers import is_overridden
+
+    from lame_pl import LaMEModule
+
+    hooks = ("transfer_batch_to_device", "on_before_optimizer_step", "optimizer_zero_grad", "configure_optimizers",
+             "configure_model", "setup", "on_fit_start", "on_train_batch_start", "on_train_batch_end",
+             "on_validation_start", "on_test_start", "on_predict_start", "on_validation_epoch_end",
+             "on_test_epoch_end", "on_save_checkpoint", "on_load_checkpoint", "training_step", "validation_step",
+             "test_step", "predict_step")  # fmt: skip
+    assert [hook for hook in hooks if not is_overridden(hook, LaMEModule, LightningModule)] == []
+    assert LaMEModule.load_from_checkpoint.__func__.__qualname__ == "RestoredFromFile.load_from_checkpoint"

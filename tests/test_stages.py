@@ -88,7 +88,7 @@ def test_learnable_temperature_moves(build, make_batch):
 def test_bad_stage_and_k(tiny_spec, tiny_decoder):
     with pytest.raises(ValueError, match="model.stage must be 1 or 2, got 3"):
         LaMEModule(tiny_spec, tiny_decoder, stage=3)
-    with pytest.raises(ValueError, match="model.num_reason_tokens must be >= 0, got -2"):
+    with pytest.raises(ValueError, match="model.num_reason_tokens must be an integer >= 0, got -2"):
         LaMEModule(tiny_spec, tiny_decoder, num_reason_tokens=-2)
     with pytest.raises(ValueError, match="decoder is set but num_reason_tokens is 0"):
         LaMEModule(tiny_spec, tiny_decoder, num_reason_tokens=0)

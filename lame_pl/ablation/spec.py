@@ -5,12 +5,13 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
+from lame_pl.modes import EncodeSettings
+
 # The ablation runs from a checkout: its configs and tools/make_shards.py are the repository's.
 ROOT = Path(__file__).resolve().parents[2]
 
 CONFIG = ROOT / "configs" / "ablation" / "train.yaml"
 WARMUP_CONFIG = ROOT / "configs" / "ablation" / "warmup.yaml"
-MODES = ("discriminative", "lame", "latent_sequential", "explicit_cot")
 DEFAULT_ROWS = "discriminative:0,lame:1,lame:4,lame:8,lame:16,latent_sequential:8"
 TASKS = "caption,count,relation,binding"
 KS = (1, 5)
@@ -33,8 +34,9 @@ def parse_rows(text: str) -> list[Row]:
     """``"discriminative:0,lame:8"`` -> rows.
 
     Raises:
-        ValueError: For an item that is not ``mode:K``, an unknown mode, a negative K, K>0 with
-            ``discriminative``, K=0 with another mode, or a repeated row; the message names it.
+        ValueError: For an item that is not ``mode:K``, ``explicit_cot`` (it generates text and
+            does not train), settings the mode refuses (``lame_pl.modes.EncodeSettings``), or a
+            repeated row; the message names it.
     """
     rows = []
     for item in (part.strip() for part in text.split(",")):
@@ -42,10 +44,12 @@ def parse_rows(text: str) -> list[Row]:
         if not sep or not k_text.strip().lstrip("-").isdigit():
             raise ValueError(f"row {item!r} is not MODE:K (e.g. lame:8)")
         k = int(k_text)
-        if mode not in MODES:
-            raise ValueError(f"row {item!r}: unknown mode {mode!r}; choose from {', '.join(MODES)}")
-        if k < 0 or (mode == "discriminative") != (k == 0):
-            raise ValueError(f"row {item!r}: discriminative takes K=0 and every other mode K>0")
+        if mode == "explicit_cot":
+            raise ValueError(f"row {item!r}: explicit_cot generates text and cannot be trained")
+        try:
+            EncodeSettings(mode, k)
+        except ValueError as err:
+            raise ValueError(f"row {item!r}: {err}") from None
         row = Row(mode, k)
         if row in rows:
             raise ValueError(f"row {item!r} is given twice")

@@ -51,7 +51,6 @@ from lame_pl.benchmarks.common import encode_inputs, machine, prompt_text, synth
 from lame_pl.benchmarks.encode_timing import (
     CLIP,
     DTYPES,
-    ENCODE_MODES,
     HF_GENERATE,
     build_runners,
     clip_inputs,
@@ -61,6 +60,7 @@ from lame_pl.benchmarks.encode_timing import (
     time_training,
 )
 from lame_pl.benchmarks.process_memory import lifetime_peak_rss_mib
+from lame_pl.modes import MODES
 
 
 def _positive_int(text: str) -> int:
@@ -228,7 +228,7 @@ def print_table(report: dict[str, Any]) -> None:
         HF_GENERATE: f"{cfg['T']} seq",
         CLIP: "dual",
     }
-    for name in (*ENCODE_MODES, HF_GENERATE, *([CLIP] if CLIP in head else [])):
+    for name in (*MODES, HF_GENERATE, *([CLIP] if CLIP in head else [])):
         cells = "".join(
             f" {report['encode'][str(b)][name]['ms_per_sample']:>14.1f} | {report['encode'][str(b)][name]['samples_per_s']:>13.2f} |"
             for b in sizes

@@ -20,9 +20,8 @@ from PIL import Image
 from lame_pl import BackboneSpec, DecoderSpec, LaMEModule
 from lame_pl.benchmarks.common import synchronize
 from lame_pl.model import LaMEEncoder
-from lame_pl.modes import hf_generation_model
+from lame_pl.modes import MODES, hf_generation_model
 
-ENCODE_MODES = ("discriminative", "lame", "latent_sequential", "explicit_cot")
 HF_GENERATE = "hf_generate"
 CLIP = "clip"
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
@@ -52,7 +51,7 @@ def build_runners(backbone: torch.nn.Module, args: argparse.Namespace) -> dict[s
         "explicit_cot": dict(num_reason_tokens=0, cot_tokens=T),
     }
     runners: dict[str, Callable[[dict], Any]] = {}
-    for mode in ENCODE_MODES:
+    for mode in MODES:
         encoder = LaMEEncoder(backbone, encode_mode=mode, **settings[mode]).to(args.device, dtype).eval()
         runners[mode] = encoder
     generator = hf_generation_model(backbone)

@@ -15,7 +15,7 @@ from lame_pl.callbacks.space_stats import (
     uniformity,
 )
 from lame_pl.callbacks.validation_subset import ValidationSubsetCallback
-from lame_pl.eval_output import EvalOutput
+from lame_pl.eval_output import DiagnosedModule, EvalOutput
 
 SIDES = ("query", "target")
 
@@ -51,7 +51,7 @@ class EmbeddingHealth(ValidationSubsetCallback):
         self.collapse_threshold = collapse_threshold
         self.warned = False
 
-    def collect(self, pl_module: LightningModule, outputs: EvalOutput, batch: dict[str, Any]) -> None:
+    def collect(self, pl_module: DiagnosedModule, outputs: EvalOutput, batch: dict[str, Any]) -> None:
         columns = {}
         for side in SIDES:
             out = getattr(outputs, side)
@@ -59,7 +59,7 @@ class EmbeddingHealth(ValidationSubsetCallback):
             columns[f"{side}_norm"] = out.projected.float().norm(dim=-1)
         self.rows.add(**columns)
 
-    def statistics(self, pl_module: LightningModule) -> dict[str, float]:
+    def statistics(self, pl_module: DiagnosedModule) -> dict[str, float]:
         """The statistics of the collected subset, keyed by metric name."""
         query, target = self.rows.tensor("query"), self.rows.tensor("target")
         positive, hardest = positive_and_hardest_negative(query, target)

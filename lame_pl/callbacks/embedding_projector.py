@@ -10,7 +10,7 @@ from lightning import LightningModule, Trainer
 from lame_pl.callbacks.tensorboard_writer import logged_step, summary_writer
 from lame_pl.callbacks.thumbnails import side_thumbnails
 from lame_pl.callbacks.validation_subset import ValidationSubsetCallback
-from lame_pl.eval_output import EvalOutput
+from lame_pl.eval_output import DiagnosedModule, EvalOutput
 
 TAG = "val_subset"
 HEADER = ["side", "key", "text"]
@@ -44,7 +44,7 @@ class EmbeddingProjector(ValidationSubsetCallback):
             )
         self.thumbnail_size = thumbnail_size
 
-    def collect(self, pl_module: LightningModule, outputs: EvalOutput, batch: dict[str, Any]) -> None:
+    def collect(self, pl_module: DiagnosedModule, outputs: EvalOutput, batch: dict[str, Any]) -> None:
         rows = len(outputs.keys)
         texts = outputs.texts or [""] * rows
         columns: dict[str, Any] = {

@@ -160,10 +160,10 @@ class EmbeddingWriter(BasePredictionWriter):
             differs = [key for key in wanted if shard.metadata.get(key, "") != wanted[key]]
             if differs:
                 found = {key: shard.metadata.get(key, "(none)") for key in differs}
+                here = {key: wanted[key] for key in differs}
                 raise ValueError(
                     f"EmbeddingWriter.resume: {shard.path} was embedded with other {', '.join(differs)} "
-                    f"({found} here: { ({key: wanted[key] for key in differs}) }); give another path "
-                    "or resume false"
+                    f"({found} here: {here}); give another path or resume false"
                 )
 
     def _clean(self, whole: list[ShardInfo], broken: list[Path], keep: bool, datamodule: Any) -> None:

@@ -93,7 +93,7 @@ class ReasonDiagnostics(ValidationSubsetCallback):
         self.rows.add(**columns)
 
     def _add_information(
-        self, pl_module: LightningModule, states: torch.Tensor, decoder_batch: dict[str, torch.Tensor]
+        self, pl_module: DiagnosedModule, states: torch.Tensor, decoder_batch: dict[str, torch.Tensor]
     ) -> None:
         """Adds the decoder's loss on the rows that enter the subset, with their own states and rolled by one."""
         room = self.rows.room
@@ -110,7 +110,7 @@ class ReasonDiagnostics(ValidationSubsetCallback):
         self._information[1] += float(pl_module.criterion.decoder(other)) * tokens
         self._information[2] += tokens
 
-    def _labels(self, pl_module: LightningModule, decoder_batch: dict[str, torch.Tensor]) -> list[str | None]:
+    def _labels(self, pl_module: DiagnosedModule, decoder_batch: dict[str, torch.Tensor]) -> list[str | None]:
         """Each row's decoder label as text (what the decoder is trained to write); ``None`` where unlabelled."""
         if self._tokenizer is None:
             from lame_pl.backbone import build_processor
@@ -127,7 +127,7 @@ class ReasonDiagnostics(ValidationSubsetCallback):
                 labels.append(self._tokenizer.decode(ids[mask.bool()].tolist(), skip_special_tokens=True).strip())
         return labels
 
-    def latent_texts(self, pl_module: LightningModule) -> tuple[list[str], list[str]]:
+    def latent_texts(self, pl_module: DiagnosedModule) -> tuple[list[str], list[str]]:
         """The decoder's greedy texts for the first ``num_texts`` labelled rows, and their labels."""
         from lame_pl.latent_text import decode_reason_states
 

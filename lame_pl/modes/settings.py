@@ -1,7 +1,7 @@
 """An encode mode's settings, checked in one place, and the token layout each mode produces.
 
-Every mode ends a left-padded sequence the same way: ``[input][middle]×n[EMBED]``, where the
-middle positions are the K reason tokens (``lame``, ``latent_sequential``), the T generated
+Every mode ends a left-padded sequence the same way: ``[input][middle × n][EMBED]``, where the
+n middle positions are the K reason tokens (``lame``, ``latent_sequential``), the T generated
 tokens (``explicit_cot``) or nothing (``discriminative``). ``TokenLayout`` says where those
 spans sit; the bottleneck mask, the reason states' slice and the attention probe all read it.
 """
@@ -47,9 +47,42 @@ class TokenLayout:
         }
 
 
+def settings_problem(mode: str, k: int, bottleneck_mask: bool, cot_tokens: int | None, owner: str = "") -> str | None:
+    """What is wrong with these mode settings, in one line naming the setting; ``None`` when they fit.
+
+    Args:
+        mode: The encode mode (``None`` already replaced by its default).
+        k: K, the number of reason tokens.
+        bottleneck_mask: Whether [EMBED] may see only the reason tokens.
+        cot_tokens: T for ``explicit_cot``.
+        owner: Prefix of the settings' names (``"model."`` for a config's keys).
+    """
+    name_k, name_t, name_mask, name_mode = (
+        f"{owner}{n}" for n in ("num_reason_tokens", "cot_tokens", "bottleneck_mask", "encode_mode")
+    )
+    if isinstance(k, bool) or not isinstance(k, int) or k < 0:
+        return f"{name_k} must be an integer >= 0, got {k!r}"
+    if mode not in MODES:
+        return f"{name_mode} {mode!r} is unknown; choose one of {sorted(MODES)}"
+    if bottleneck_mask and k == 0:
+        return f"{name_mask}=True needs {name_k} > 0: [EMBED] would see nothing"
+    if mode == "discriminative" and k != 0:
+        return f"{name_mode} 'discriminative' has no reason tokens, but {name_k} is {k}; set {name_k} to 0"
+    if mode in ("lame", "latent_sequential") and k == 0:
+        return f"{name_mode} {mode!r} needs {name_k} > 0, got 0"
+    if bottleneck_mask and mode != "lame":
+        return f"{name_mask} applies to {name_mode} 'lame' only, not {mode!r}"
+    if mode == "explicit_cot":
+        if isinstance(cot_tokens, bool) or not isinstance(cot_tokens, int) or cot_tokens < 1:
+            return f"{name_mode} 'explicit_cot' needs {name_t} >= 1 (tokens to generate), got {cot_tokens}"
+    elif cot_tokens is not None:
+        return f"{name_t} is set ({cot_tokens}) but only {name_mode} 'explicit_cot' generates tokens"
+    return None
+
+
 @dataclass(frozen=True)
 class EncodeSettings:
-    """The encode mode in force and the settings it needs, valid by construction (``resolve``).
+    """The encode mode in force and the settings it needs, checked when built (``settings_problem``).
 
     Attributes:
         mode: ``discriminative``, ``lame``, ``latent_sequential`` or ``explicit_cot``.
@@ -63,6 +96,11 @@ class EncodeSettings:
     bottleneck_mask: bool = False
     cot_tokens: int | None = None
 
+    def __post_init__(self) -> None:
+        problem = settings_problem(self.mode, self.num_reason_tokens, self.bottleneck_mask, self.cot_tokens)
+        if problem:
+            raise ValueError(problem)
+
     @classmethod
     def resolve(
         cls,
@@ -72,7 +110,7 @@ class EncodeSettings:
         cot_tokens: int | None = None,
         owner: str = "",
     ) -> EncodeSettings:
-        """Checks the settings against each other; the one place they are checked.
+        """The settings a config asks for: ``encode_mode=None`` filled in, errors named as ``owner``'s keys.
 
         ``encode_mode=None`` means ``lame`` when K > 0 and ``discriminative`` when K = 0 (what
         configs without an ``encode_mode`` have always meant).
@@ -87,28 +125,11 @@ class EncodeSettings:
         Raises:
             ValueError: Naming the setting that does not fit.
         """
-        k, t, mask = f"{owner}num_reason_tokens", f"{owner}cot_tokens", f"{owner}bottleneck_mask"
-        if isinstance(num_reason_tokens, bool) or not isinstance(num_reason_tokens, int) or num_reason_tokens < 0:
-            raise ValueError(f"{k} must be >= 0, got {num_reason_tokens!r}")
-        if encode_mode is None:
+        if encode_mode is None and isinstance(num_reason_tokens, int):
             encode_mode = "lame" if num_reason_tokens > 0 else "discriminative"
-        if encode_mode not in MODES:
-            raise ValueError(f"{owner}encode_mode {encode_mode!r} is unknown; choose one of {sorted(MODES)}")
-        if bottleneck_mask and num_reason_tokens == 0:
-            raise ValueError(f"{mask}=True needs {k} > 0: [EMBED] would see nothing")
-        if encode_mode == "discriminative" and num_reason_tokens != 0:
-            raise ValueError(
-                f"encode_mode 'discriminative' has no reason tokens, but {k} is {num_reason_tokens}; set {k} to 0"
-            )
-        if encode_mode in ("lame", "latent_sequential") and num_reason_tokens == 0:
-            raise ValueError(f"encode_mode {encode_mode!r} needs {k} > 0, got 0")
-        if bottleneck_mask and encode_mode != "lame":
-            raise ValueError(f"{mask} applies to encode_mode 'lame' only, not {encode_mode!r}")
-        if encode_mode == "explicit_cot":
-            if isinstance(cot_tokens, bool) or not isinstance(cot_tokens, int) or cot_tokens < 1:
-                raise ValueError(f"encode_mode 'explicit_cot' needs {t} >= 1 (tokens to generate), got {cot_tokens}")
-        elif cot_tokens is not None:
-            raise ValueError(f"{t} is set ({cot_tokens}) but only encode_mode 'explicit_cot' generates tokens")
+        problem = settings_problem(encode_mode, num_reason_tokens, bool(bottleneck_mask), cot_tokens, owner)
+        if problem:
+            raise ValueError(problem)
         return cls(encode_mode, num_reason_tokens, bool(bottleneck_mask), cot_tokens)
 
     def with_mode(self, encode_mode: str, cot_tokens: int | None = None) -> EncodeSettings:
