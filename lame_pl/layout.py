@@ -89,10 +89,22 @@ def module_summary(root: Path, path: str) -> str:
     try:
         docstring = ast.get_docstring(ast.parse((root / path).read_text(encoding="utf-8"), filename=path))
     except SyntaxError as error:
-        raise LayoutError(f"{path}: not valid Python ({error.msg}, line {error.lineno})") from error
+        raise LayoutError(f"{path}: not valid Python ({error.msg}, line {error.lineno})") from None
     if not docstring or not docstring.strip():
         raise LayoutError(f"{path} has no module docstring")
     return summary_of(docstring)
+
+
+def script_summary(path: Path) -> str:
+    """The summary of a script's first comment block after the shebang, or ``""``."""
+    comment = []
+    for line in path.read_text(encoding="utf-8").splitlines():
+        if line.startswith("#!"):
+            continue
+        if not line.startswith("#"):
+            break
+        comment.append(line.lstrip("#").strip())
+    return summary_of("\n".join(comment)) if comment else ""
 
 
 def _folders_of(files: list[str]) -> set[str]:
@@ -120,7 +132,10 @@ def _code_entries(root: Path, files: list[str]) -> list[Entry]:
         entries.append(Entry(folder, summary(init) if init in files else ""))
         here = [p for p in files if p.rsplit("/", 1)[0] + "/" == folder and p != init]
         for path in here:
-            entries.append(Entry(path, summary(path) if path.endswith(".py") else ""))
+            if path.endswith(".py"):
+                entries.append(Entry(path, summary(path)))
+            else:  # a script: its first comment line after the shebang
+                entries.append(Entry(path, script_summary(root / path)))
         for sub in sorted(f for f in _folders_of(files) if f.rsplit("/", 2)[0] + "/" == folder and f != folder):
             walk(sub)
 
@@ -128,9 +143,7 @@ def _code_entries(root: Path, files: list[str]) -> list[Entry]:
     for top in tops:
         walk(top + "/")
     if missing:
-        raise LayoutError(
-            "every listed module needs a docstring whose first line says what it is for: " + "; ".join(missing)
-        )
+        raise LayoutError("every listed module needs a docstring that says what it is for: " + "; ".join(missing))
     return entries
 
 
@@ -160,6 +173,8 @@ def layout_entries(root: Path) -> list[Entry]:
     root = Path(root)
     code = [p for p in tree_files(root, CODE_FOLDERS) if "/" in p]
     listed = [p for p in tree_files(root, LISTED_FOLDERS) if "/" in p]
+    if not code:
+        raise LayoutError(f"{root}: no file under {', '.join(CODE_FOLDERS)} (not a checkout of this repository?)")
     return _code_entries(root, code) + _listed_entries(listed)
 
 
@@ -201,6 +216,8 @@ def difference(root: Path, readme_path: Path | None = None) -> str:
     """A unified diff from README.md's block to the generated one; empty when they agree."""
     root = Path(root)
     readme_path = readme_path or root / "README.md"
+    if not readme_path.is_file():
+        raise LayoutError(f"{readme_path} is not a file")
     current = readme_block(readme_path.read_text(encoding="utf-8"))
     wanted = generate(root)
     return "".join(

@@ -1,6 +1,8 @@
 #!/usr/bin/env bash
-# The GPU figures docs/results.md still lacks, in one run on a lent GPU machine (about 15 minutes of
-# device time per task, all tries together): the encode benchmark on the qwen2vl-2b-shape preset
+# The prepared GPU run: the figures docs/results.md still lacks.
+#
+# One run on a lent GPU machine (about 15 minutes of device time per task, all tries together):
+# the encode benchmark on the qwen2vl-2b-shape preset
 # in bf16 with SDPA and, when flash-attn is importable there, with flash_attention_2; its
 # stage-2 training section times a few bf16 steps of lame (with the Qwen3-0.6B-shape decoder)
 # against discriminative; then the 2B-shape training benchmark (plain step against GradCache at

@@ -35,6 +35,8 @@ def main(argv: list[str] | None = None) -> int:
             print(f"{readme}: the layout block matches the tree")
         elif args.write:
             block = generate(args.root)
+            if not readme.is_file():
+                raise LayoutError(f"{readme} is not a file")
             text = readme.read_text(encoding="utf-8")
             updated = replace_block(text, block)
             if updated != text:

@@ -3,13 +3,12 @@
 from __future__ import annotations
 
 import json
-import subprocess
-import sys
 from pathlib import Path
 from typing import Any
 
-from lame_pl.ablation.spec import ROOT, TASKS
+from lame_pl.ablation.spec import TASKS
 from lame_pl.data.shard_writer import MANIFEST
+from lame_pl.data.shards_cli import main as make_shards
 from lame_pl.decoder_vocab import write_decoder_vocab
 
 
@@ -26,12 +25,12 @@ def ensure_data(data: Path, train: int, val: int, test: int, seed: int, image_si
         ):
             print(f"data: reusing {data}")
             return
-    # The shards are written by the documented command line, as a user writes them; 48 samples a
+    # The shards are written by make_shards' own command line, as a user writes them; 48 samples a
     # shard: batches of 32 straddle shards, so they vary by epoch.
     options = {**sizes, "seed": seed, "image-size": image_size, "samples-per-shard": 48}
-    command = [sys.executable, str(ROOT / "tools" / "make_shards.py"), "synthetic", "--tasks", TASKS]
-    command += ["--out", str(data), "--overwrite", *(f"--{name}={value}" for name, value in options.items())]
-    subprocess.run(command, check=True)
+    argv = ["synthetic", "--tasks", TASKS, "--out", str(data), "--overwrite"]
+    if make_shards([*argv, *(f"--{name}={value}" for name, value in options.items())]) != 0:
+        raise RuntimeError(f"make_shards {' '.join(argv)} failed (its message is above)")
     ids = write_decoder_vocab([data / s for s in sizes], data / "decoder_vocab.json")
     print(f"{len(ids)} token ids -> {data / 'decoder_vocab.json'}")
 
