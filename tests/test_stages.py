@@ -90,7 +90,7 @@ def test_bad_stage_and_k(tiny_spec, tiny_decoder):
         LaMEModule(tiny_spec, tiny_decoder, stage=3)
     with pytest.raises(ValueError, match="model.num_reason_tokens must be an integer >= 0, got -2"):
         LaMEModule(tiny_spec, tiny_decoder, num_reason_tokens=-2)
-    with pytest.raises(ValueError, match="decoder is set but num_reason_tokens is 0"):
+    with pytest.raises(ValueError, match="decoder is set but model.num_reason_tokens is 0"):
         LaMEModule(tiny_spec, tiny_decoder, num_reason_tokens=0)
     with pytest.raises(ValueError, match="stage 1 trains only the decoder loss"):
         LaMEModule(tiny_spec, None, num_reason_tokens=0, stage=1)
