@@ -135,26 +135,19 @@ def data(module_tmp) -> Path:
 SIZES = ["--train", "32", "--val", "8", "--test", "32", "--image-size", "56"]
 
 
+def _tiny_run(rows: str, data: Path, out: Path, *options: str) -> list[str]:
+    """The ablation's arguments for ``rows`` on the tiny preset, one timing repeat on one thread."""
+    tiny = [a for item in TINY for a in ("--set", item)]
+    return ["--rows", rows, *options, "--data", str(data), "--out", str(out), *SIZES, "--repeats", "1",
+            "--threads", "1", *tiny]  # fmt: skip
+
+
 def test_two_rows_end_to_end_on_the_tiny_preset(data, tmp_path, monkeypatch, capsys, _restore_threads):
     """Writes the set, trains two rows through the CLI for a few steps, predicts, scores and times."""
     monkeypatch.setattr(sys, "argv", ["ablate_modes.py"])
     out = tmp_path / "runs"
-    argv = [
-        "--rows",
-        "discriminative:0,lame:2",
-        "--steps",
-        "2",
-        "--data",
-        str(data),
-        "--out",
-        str(out),
-        *SIZES,
-        "--repeats",
-        "1",
-        "--threads",
-        "1",
-    ]
-    assert ablate_modes(argv + [a for item in TINY for a in ("--set", item)]) == 0
+    argv = _tiny_run("discriminative:0,lame:2", data, out, "--steps", "2")
+    assert ablate_modes(argv) == 0
     saved = json.loads((out / "results.json").read_text())
     rows = saved["results"]
     assert [(r["mode"], r["k"]) for r in rows] == [("discriminative", 0), ("lame", 2)]
@@ -176,7 +169,7 @@ def test_two_rows_end_to_end_on_the_tiny_preset(data, tmp_path, monkeypatch, cap
     assert "| discriminative | 0 |" in table and "| lame | 2 |" in table and "| chance |" in table
     # --reuse scores the saved runs again without training: the same figures, timed afresh.
     capsys.readouterr()
-    assert ablate_modes(argv + ["--reuse"] + [a for item in TINY for a in ("--set", item)]) == 0
+    assert ablate_modes([*argv, "--reuse"]) == 0
     assert "reusing" in capsys.readouterr().out  # the data set, then each row
     again = json.loads((out / "results.json").read_text())["results"]
     assert all(r["reused"] for r in again) and "reused" not in rows[0]
@@ -188,24 +181,7 @@ def test_stage1_warmup_then_stage2_from_its_weights(data, tmp_path, monkeypatch,
     """--stage1-steps: a decoder-only warm-up, then stage 2 started from it, the steps adding up to --steps."""
     monkeypatch.setattr(sys, "argv", ["ablate_modes.py"])
     out = tmp_path / "runs"
-    argv = [
-        "--rows",
-        "lame:2",
-        "--steps",
-        "3",
-        "--stage1-steps",
-        "1",
-        "--data",
-        str(data),
-        "--out",
-        str(out),
-        *SIZES,
-        "--repeats",
-        "1",
-        "--threads",
-        "1",
-    ]
-    assert ablate_modes(argv + [a for item in TINY for a in ("--set", item)]) == 0
+    assert ablate_modes(_tiny_run("lame:2", data, out, "--steps", "3", "--stage1-steps", "1")) == 0
     warm = torch.load(out / "lame-k2" / "stage1" / "last.ckpt", weights_only=True)
     joint = torch.load(out / "lame-k2" / "checkpoints" / "last.ckpt", weights_only=True)
     assert warm["global_step"] == 1 and warm["lame_stage"] == 1

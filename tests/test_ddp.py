@@ -47,42 +47,11 @@ def test_two_process_fit_and_test(tmp_path, synthetic_shards):
     assert abs(metrics["chance/recall@1"] - 0.1) < 1e-6
 
 
-def pair_shards(tmp_path: Path, rows: list[dict], samples_per_shard: int) -> Path:
-    """``rows`` (``test_pairs.ROWS``-shaped, images from ``test_pairs.SIDES``) as instruction-pair shards."""
-    import random
-
-    from PIL import Image
-    from test_pairs import SIDES
-
-    src = tmp_path / "src"
-    src.mkdir()
-    rng = random.Random(0)
-    for name, side in SIDES.items():
-        Image.frombytes("RGB", (side, side), bytes(rng.getrandbits(8) for _ in range(side * side * 3))).save(src / name)
-    (src / "pairs.jsonl").write_text("".join(json.dumps(row) + "\n" for row in rows))
-    subprocess.run(
-        [
-            sys.executable,
-            str(ROOT / "tools" / "make_shards.py"),
-            "manifest",
-            "--manifest",
-            str(src / "pairs.jsonl"),
-            "--out",
-            str(tmp_path / "pairs"),
-            "--samples-per-shard",
-            str(samples_per_shard),
-        ],
-        check=True,
-        capture_output=True,
-    )
-    return tmp_path / "pairs" / "train"
-
-
 def test_two_process_fit_on_instruction_pairs_with_uneven_hard_negatives(tmp_path):
     """Ranks draw batches with different numbers of hard negatives (or none); the gather copes."""
-    from test_pairs import ROWS
+    from test_pairs import ROWS, write_pair_shards
 
-    pair_shards(tmp_path, ROWS * 2, 3)
+    write_pair_shards(tmp_path / "src", tmp_path / "pairs", ROWS * 2, 3)
     two_ranks(
         tmp_path,
         "fit",
@@ -160,11 +129,11 @@ def test_two_process_stage1_with_projection_and_learnable_temperature(tmp_path, 
 
 def test_two_process_stage1_when_no_row_has_a_decoder_label(tmp_path):
     """Image-only targets: every batch's decoder loss is the connected zero, and DDP still reduces."""
-    from test_pairs import ROWS
+    from test_pairs import ROWS, write_pair_shards
 
     image_only = [row for row in ROWS if "target_text" not in row]
     assert len(image_only) == 2
-    pair_shards(tmp_path, image_only * 4, 2)
+    write_pair_shards(tmp_path / "src", tmp_path / "pairs", image_only * 4, 2)
     fit = two_ranks(
         tmp_path,
         "fit",

@@ -59,7 +59,7 @@ class Record(Callback):
         self.adam.append({id(p): {k: v.clone() for k, v in s.items()} for p, s in state.items()})
 
 
-def fit(module: LaMEModule, batches: list[dict], **options) -> Record:
+def fit(module: LaMEModule, batches: list[dict], ckpt_path: str | None = None, **options) -> Record:
     record = Record()
     callbacks = [record, *options.pop("callbacks", [])]
     trainer = Trainer(
@@ -74,7 +74,7 @@ def fit(module: LaMEModule, batches: list[dict], **options) -> Record:
         **options,
     )
     loader = torch.utils.data.DataLoader(batches, batch_size=None, collate_fn=lambda b: b)
-    trainer.fit(module, loader)
+    trainer.fit(module, loader, ckpt_path=ckpt_path)
     return record
 
 
@@ -234,16 +234,8 @@ def test_parts_are_top_level_modules():
 
 def test_a_checkpoint_of_non_finite_weights_is_refused_naming_the_parameter(tiny_spec, tiny_decoder, batch, tmp_path):
     module = build(tiny_spec, tiny_decoder, None)
-    trainer = Trainer(
-        accelerator="cpu",
-        devices=1,
-        max_steps=1,
-        logger=False,
-        enable_checkpointing=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-    )
-    trainer.fit(module, torch.utils.data.DataLoader([batch], batch_size=None, collate_fn=lambda b: b))
+    fit(module, [batch])
+    trainer = module.trainer
     trainer.save_checkpoint(tmp_path / "good.ckpt")  # finite: written
     with torch.no_grad():
         module.decoder.projector[2].bias[3] = math.nan
@@ -264,21 +256,8 @@ def test_the_count_survives_a_resume(tiny_spec, tiny_decoder, batch, tmp_path):
     module.trainer.save_checkpoint(tmp_path / "a.ckpt")
     assert torch.load(tmp_path / "a.ckpt", weights_only=True)["lame_nonfinite_steps"] == 1
     resumed = build(tiny_spec, tiny_decoder, None)
-    trainer = Trainer(
-        accelerator="cpu",
-        devices=1,
-        max_steps=3,
-        logger=False,
-        enable_checkpointing=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-    )
-    trainer.fit(
-        resumed,
-        torch.utils.data.DataLoader([batch] * 3, batch_size=None, collate_fn=lambda b: b),
-        ckpt_path=tmp_path / "a.ckpt",
-    )
-    assert float(trainer.callback_metrics["train/nonfinite_steps"]) == 1.0
+    fit(resumed, [batch] * 3, ckpt_path=tmp_path / "a.ckpt")
+    assert float(resumed.trainer.callback_metrics["train/nonfinite_steps"]) == 1.0
 
 
 # ----------------------------------------------------------------------------- configuration
@@ -308,18 +287,9 @@ def learned(tiny_spec, tiny_decoder, batch, module_tmp) -> tuple[str, float]:
     module = LaMEModule(
         tiny_spec, tiny_decoder, num_reason_tokens=2, stage=2, learnable_temperature=True, temperature=0.05, lr=0.05
     )
-    trainer = Trainer(
-        accelerator="cpu",
-        devices=1,
-        max_steps=2,
-        logger=False,
-        enable_checkpointing=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-    )
-    trainer.fit(module, torch.utils.data.DataLoader([batch] * 2, batch_size=None, collate_fn=lambda b: b))
+    fit(module, [batch] * 2)
     path = str(module_tmp("learned") / "stage.ckpt")
-    trainer.save_checkpoint(path)
+    module.trainer.save_checkpoint(path)
     temperature = 1.0 / module.logit_scale.item()
     assert temperature != pytest.approx(0.05, rel=1e-3)
     return path, temperature

@@ -52,33 +52,32 @@ def _negatives(row: dict) -> list[dict]:
     return [{"text": n} if isinstance(n, str) else n for n in row.get("negatives", [])]
 
 
-@pytest.fixture(scope="module")
-def pairs_dir(module_tmp) -> Path:
-    src = module_tmp("pairs_src")
+def write_pair_shards(src: Path, out: Path, rows: list[dict], samples_per_shard: int, split: str = "train") -> Path:
+    """``rows`` (``ROWS``-shaped, images from ``SIDES`` written to ``src``) as instruction-pair shards of ``split``."""
+    src.mkdir(parents=True, exist_ok=True)
     rng = random.Random(0)
     for name, side in SIDES.items():
         Image.frombytes("RGB", (side, side), bytes(rng.getrandbits(8) for _ in range(side * side * 3))).save(src / name)
-    (src / "pairs.jsonl").write_text("".join(json.dumps(row) + "\n" for row in ROWS))
-    out = module_tmp("pairs")
+    (src / "pairs.jsonl").write_text("".join(json.dumps(row) + "\n" for row in rows))
+    manifest = ["manifest", "--manifest", str(src / "pairs.jsonl"), "--out", str(out), "--split-name", split]
     subprocess.run(
         [
             sys.executable,
             str(ROOT / "tools" / "make_shards.py"),
-            "manifest",
-            "--manifest",
-            str(src / "pairs.jsonl"),
-            "--out",
-            str(out),
-            "--split-name",
-            "val",
+            *manifest,
             "--samples-per-shard",
-            "4",
+            str(samples_per_shard),
         ],
         check=True,
         capture_output=True,
         text=True,
     )
-    return out / "val"
+    return out / split
+
+
+@pytest.fixture(scope="module")
+def pairs_dir(module_tmp) -> Path:
+    return write_pair_shards(module_tmp("pairs_src"), module_tmp("pairs"), ROWS, 4, split="val")
 
 
 def _datamodule(shards: str | list[str], **kwargs) -> InstructionPairDataModule:
