@@ -20,6 +20,7 @@ from lame_pl.clip_spec import CLIPSpec, build_clip
 from lame_pl.distributed import world_size
 from lame_pl.evaluated_step import EvaluatedStep
 from lame_pl.losses import MAX_LOGIT_SCALE
+from lame_pl.optimization import with_schedule
 from lame_pl.retrieval_metric import SplitRetrieval
 
 # Written into every checkpoint, so that the evaluators pick the CLIP encoder for it.
@@ -207,14 +208,7 @@ class CLIPAnchor(EvaluatedStep, LightningModule):
         optimizer = torch.optim.AdamW(
             [{"params": decay, "weight_decay": hp.weight_decay}, {"params": rest, "weight_decay": 0.0}], lr=hp.lr
         )
-        if hp.lr_schedule == "constant" and hp.warmup_steps == 0:
-            return optimizer
-        from transformers import get_scheduler
-
-        name = "constant_with_warmup" if hp.lr_schedule == "constant" else hp.lr_schedule
-        remaining = max(1, int(self.trainer.estimated_stepping_batches) - self.global_step)
-        scheduler = get_scheduler(name, optimizer, num_warmup_steps=hp.warmup_steps, num_training_steps=remaining)
-        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
+        return with_schedule(self, optimizer)
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         checkpoint[ENCODER_KIND_KEY] = ENCODER_KIND

@@ -36,6 +36,14 @@ def configure_adamw(module: Any) -> Any:
     # optimiser's gradients under mixed precision, so AMP runs fall back to foreach.
     amp = module._trainer is not None and isinstance(module.trainer.precision_plugin, MixedPrecision)
     optimizer = torch.optim.AdamW(param_groups(module), lr=hp.lr, weight_decay=hp.weight_decay, fused=not amp)
+    return with_schedule(module, optimizer)
+
+
+def with_schedule(module: Any, optimizer: torch.optim.Optimizer) -> Any:
+    """``optimizer`` under the module's ``warmup_steps`` and ``lr_schedule`` (transformers' schedulers),
+    stepped every optimiser step over the steps left to train; the optimiser alone when the
+    schedule is constant without warm-up."""
+    hp = module.hparams
     if hp.lr_schedule == "constant" and hp.warmup_steps == 0:
         return optimizer
     from transformers import get_scheduler
